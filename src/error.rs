@@ -1,0 +1,244 @@
+//! The errors the store returns.
+//!
+//! Invariants: every failure is a distinct variant naming what was wrong; messages show keys
+//! only as their short hash ([`KeyName`]); no path through the store turns bad bytes, a bad
+//! key or a storage failure into a panic or into a silent re-run of the caller's closure.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::KeyName;
+
+/// What went wrong in the store itself (as opposed to the caller's operation).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The key is empty. Nothing was written.
+    #[error("idempotency key is empty")]
+    EmptyKey,
+
+    /// The key is longer than the store's `max_key_bytes`. Nothing was written.
+    #[error("idempotency key is {len} bytes, over the limit of {limit}")]
+    KeyTooLong {
+        /// Length of the key in bytes.
+        len: usize,
+        /// The configured limit.
+        limit: usize,
+    },
+
+    /// A later call with this key carried a different request fingerprint than the one the
+    /// record holds. Nothing ran and nothing changed.
+    #[error("{key} was used for a different request (fingerprint mismatch)")]
+    FingerprintMismatch {
+        /// The key.
+        key: KeyName,
+    },
+
+    /// Another call in this process is running the operation for this key, and it did not
+    /// finish within the wait timeout. Retry later.
+    #[error("{key} is in progress in another call (waited {waited:?})")]
+    InProgress {
+        /// The key.
+        key: KeyName,
+        /// How long this call waited.
+        waited: Duration,
+    },
+
+    /// An earlier run of this key was interrupted (its process died, or its outcome could not
+    /// be recorded) and the orphan policy is `Report`: the side effect may or may not have
+    /// happened. Reconcile, then re-run with `OrphanPolicy::Rerun` on the call or remove the key.
+    #[error(
+        "{key} was interrupted in an earlier run (attempt {attempts}); reconcile before re-running"
+    )]
+    Interrupted {
+        /// The key.
+        key: KeyName,
+        /// Attempts recorded so far, including the interrupted one.
+        attempts: u32,
+    },
+
+    /// The operation ran, but its outcome could not be recorded because the record changed
+    /// under the final write (it was removed or taken over). The store did not overwrite it.
+    #[error("{key}: the operation ran but its outcome was not recorded: the record changed while it ran")]
+    OutcomeNotRecorded {
+        /// The key.
+        key: KeyName,
+    },
+
+    /// The operation's result (or permanent error), encoded, exceeds `max_result_bytes`.
+    /// The operation ran; the record remembers that it completed, so it will not run again
+    /// for this key, and every later call gets this error too.
+    #[error("{key}: the recorded outcome is {size} bytes encoded, over the limit of {limit}")]
+    ResultTooLarge {
+        /// The key.
+        key: KeyName,
+        /// Encoded size in bytes.
+        size: u64,
+        /// The configured limit at the time it was recorded.
+        limit: u64,
+    },
+
+    /// The operation's outcome could not be serialized. The operation ran; as with
+    /// [`Error::ResultTooLarge`] the record remembers that, and every later call gets this error.
+    #[error("{key}: could not encode the operation's outcome: {message}")]
+    ResultNotEncodable {
+        /// The key.
+        key: KeyName,
+        /// The serializer's message.
+        message: String,
+    },
+
+    /// A request value given for fingerprinting or key derivation could not be serialized.
+    #[error("could not encode the {what}: {message}")]
+    Encode {
+        /// What was being encoded.
+        what: &'static str,
+        /// The serializer's message.
+        message: String,
+    },
+
+    /// The stored outcome does not decode as the type this call asked for (the result type
+    /// changed since it was recorded). Nothing ran.
+    #[error("{key}: the stored {what} does not decode as the requested type: {message}")]
+    Decode {
+        /// The key.
+        key: KeyName,
+        /// `"result"` or `"error"`.
+        what: &'static str,
+        /// The decoder's message.
+        message: String,
+    },
+
+    /// A permanent error is recorded for this key, but this call declared no permanent errors
+    /// (see `Call::permanent_if`) and so cannot decode it. Nothing ran.
+    #[error("{key}: a permanent error is recorded, and this call has no way to decode it")]
+    PermanentErrorRecorded {
+        /// The key.
+        key: KeyName,
+    },
+
+    /// The bytes stored for this key are not a valid record. Nothing ran; other keys are
+    /// unaffected; remove the key to reuse it.
+    #[error("{key}: stored record is corrupt: {reason}")]
+    CorruptRecord {
+        /// The key.
+        key: KeyName,
+        /// What was wrong with the bytes.
+        reason: &'static str,
+    },
+
+    /// The record for this key was written by a newer version of idemstore.
+    #[error(
+        "{key}: stored record has format version {version}, newer than this idemstore supports"
+    )]
+    UnsupportedRecordVersion {
+        /// The key.
+        key: KeyName,
+        /// The version byte found.
+        version: u8,
+    },
+
+    /// Another process holds the database at this path open.
+    #[error("store at {path:?} is locked by another process")]
+    Locked {
+        /// The database directory.
+        path: PathBuf,
+    },
+
+    /// The path exists but is not an idemstore database.
+    #[error("{path:?} is not an idemstore database: {reason}")]
+    NotAStore {
+        /// The path given to open.
+        path: PathBuf,
+        /// Why it was refused.
+        reason: &'static str,
+    },
+
+    /// The database was written by a newer version of idemstore.
+    #[error("store at {path:?} has format version {found}, newer than this idemstore supports")]
+    UnsupportedStoreVersion {
+        /// The database directory.
+        path: PathBuf,
+        /// The version found.
+        found: u32,
+    },
+
+    /// A configuration value is out of range.
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(&'static str),
+
+    /// The storage engine failed (I/O error such as a full disk, or detected corruption).
+    /// When this is returned before the operation ran, it did not run.
+    #[error("storage error: {0}")]
+    Storage(#[from] sled::Error),
+
+    /// An I/O error outside the storage engine (inspecting the store's path).
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl Error {
+    /// The key this error concerns, if it concerns one.
+    pub fn key(&self) -> Option<&KeyName> {
+        match self {
+            Error::FingerprintMismatch { key }
+            | Error::InProgress { key, .. }
+            | Error::Interrupted { key, .. }
+            | Error::OutcomeNotRecorded { key }
+            | Error::ResultTooLarge { key, .. }
+            | Error::ResultNotEncodable { key, .. }
+            | Error::Decode { key, .. }
+            | Error::PermanentErrorRecorded { key }
+            | Error::CorruptRecord { key, .. }
+            | Error::UnsupportedRecordVersion { key, .. } => Some(key),
+            _ => None,
+        }
+    }
+}
+
+/// The error of [`Store::execute_once`](crate::Store::execute_once): the operation's own error,
+/// or the store's.
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let dir = tempfile::tempdir()?;
+/// use idemstore::{ExecuteError, Store};
+/// let store = Store::open(dir.path().join("db"))?;
+/// let res = store.execute_once("k", || Err::<u32, _>(std::io::Error::other("timeout")));
+/// assert!(matches!(res, Err(ExecuteError::Operation { replayed: false, .. })));
+/// # Ok(()) }
+/// ```
+#[derive(Debug, thiserror::Error)]
+pub enum ExecuteError<E> {
+    /// The operation returned this error: just now, or (when `replayed`) in an earlier call
+    /// that recorded it as permanent.
+    #[error("the operation failed{}", if *replayed { " (recorded earlier, replayed)" } else { "" })]
+    Operation {
+        /// The operation's error.
+        #[source]
+        error: E,
+        /// Whether this error was recorded by an earlier call rather than returned just now.
+        replayed: bool,
+    },
+    /// The store could not keep its contract for this call; see [`Error`].
+    #[error(transparent)]
+    Store(#[from] Error),
+}
+
+impl<E> ExecuteError<E> {
+    /// The operation's error, if this is one.
+    pub fn into_operation_error(self) -> Option<E> {
+        match self {
+            ExecuteError::Operation { error, .. } => Some(error),
+            ExecuteError::Store(_) => None,
+        }
+    }
+
+    /// The store's error, if this is one.
+    pub fn store_error(&self) -> Option<&Error> {
+        match self {
+            ExecuteError::Store(e) => Some(e),
+            ExecuteError::Operation { .. } => None,
+        }
+    }
+}

@@ -1,0 +1,475 @@
+//! The record state machine: what one `execute_once` call does, per DESIGN.md's table.
+//!
+//! Invariants:
+//! - the closure runs only in a call that is the key's registry leader *and* whose claim
+//!   (compare-and-swap to Pending) succeeded and passed the durability barrier; after a claim
+//!   the call always returns, so the closure runs at most once per call;
+//! - the outcome is written with compare-and-swap against the exact Pending bytes of this
+//!   claim, so a record removed or taken over while the closure ran is never overwritten;
+//! - a recorded outcome is returned only once it is durable: the leader releases the registry
+//!   after its barrier, and a reader that finds a terminal record while the key's leader is
+//!   still running waits for that leader before replaying;
+//! - an expired record reads as absent; a Pending record that no call in this process runs is
+//!   an orphan (its process died, or its outcome write failed) and is handled by policy;
+//! - bad bytes yield an error naming the key; they never cause a run.
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use crate::call::{CallOptions, ErrorPolicy};
+use crate::clock::millis;
+use crate::codec::{self, EncodeFailure};
+use crate::key::KeyHash;
+use crate::record::{self, ClaimToken, DecodeError, Header, OutcomeKind, Record, RecordState};
+use crate::registry::{Entry, Flight};
+use crate::stats::Counters;
+use crate::storage::Storage;
+use crate::store::Shared;
+use crate::{Error, ExecuteError, KeyName, OrphanPolicy, Outcome, RecordInfo};
+
+/// Runs `f` once for `key`, or replays its recorded outcome.
+pub(crate) fn execute<S, T, E, P, F>(
+    shared: &Shared<S>,
+    key: &[u8],
+    options: &CallOptions,
+    policy: &P,
+    f: F,
+) -> Result<Outcome<T>, ExecuteError<E>>
+where
+    S: Storage,
+    T: Serialize + DeserializeOwned,
+    P: ErrorPolicy<E>,
+    F: FnOnce() -> Result<T, E>,
+{
+    shared.check_key(key)?;
+    let mut waiting = Waiting::new(shared, options);
+    loop {
+        // Fast path: a live terminal record is replayed without touching the registry's map
+        // for writing.
+        let now = shared.clock.now_millis();
+        let stored = shared.storage.get(key)?;
+        if let Some(rec) = live(key, stored.as_ref().map(AsRef::as_ref), now)? {
+            check_fingerprint(shared, key, &rec, options)?;
+            if is_terminal(rec.header.state) {
+                if shared.settings.immediate {
+                    if let Some(flight) = shared.registry.running(key) {
+                        // Its writer may still be waiting for the flush: replay once durable.
+                        waiting.wait(key, &flight)?;
+                        continue;
+                    }
+                }
+                return replay(shared, key, &rec, policy);
+            }
+        }
+
+        let leader = match shared.registry.enter(key) {
+            Entry::Leader(leader) => leader,
+            Entry::Follower(flight) => {
+                waiting.wait(key, &flight)?;
+                continue;
+            }
+        };
+
+        // As leader nothing else in this process claims the key; look again.
+        let now = shared.clock.now_millis();
+        let stored = shared.storage.get(key)?;
+        let stored = stored.as_ref().map(AsRef::as_ref);
+        let (attempts, created_ms, previous_fingerprint) = match live(key, stored, now)? {
+            None => (1, now, None),
+            Some(rec) => {
+                check_fingerprint(shared, key, &rec, options)?;
+                let h = rec.header;
+                match h.state {
+                    // Written by a leader that has finished, so durable.
+                    RecordState::Completed | RecordState::FailedPermanent => {
+                        return replay(shared, key, &rec, policy)
+                    }
+                    RecordState::FailedRetryable => {
+                        (h.attempts.saturating_add(1), h.created_ms, h.fingerprint)
+                    }
+                    RecordState::Pending => {
+                        let policy = options
+                            .orphan_policy
+                            .unwrap_or(shared.settings.orphan_policy);
+                        if policy == OrphanPolicy::Report {
+                            Counters::bump(&shared.counters.orphans_reported);
+                            tracing::warn!(key = %KeyHash(key), attempts = h.attempts, "interrupted run reported");
+                            return Err(Error::Interrupted {
+                                key: KeyName::new(key),
+                                attempts: h.attempts,
+                            }
+                            .into());
+                        }
+                        Counters::bump(&shared.counters.orphans_recovered);
+                        tracing::warn!(
+                            key = %KeyHash(key),
+                            attempts = h.attempts,
+                            orphan_epoch = h.claim.epoch,
+                            "re-running an interrupted run"
+                        );
+                        (h.attempts.saturating_add(1), h.created_ms, h.fingerprint)
+                    }
+                }
+            }
+        };
+
+        let ttl_ms = millis(options.ttl.unwrap_or(shared.settings.default_ttl));
+        let pending_header = Header {
+            state: RecordState::Pending,
+            outcome: OutcomeKind::None,
+            attempts,
+            created_ms,
+            updated_ms: now,
+            expires_ms: now.saturating_add(ttl_ms),
+            claim: ClaimToken {
+                epoch: shared.epoch,
+                sequence: shared.next_claim.fetch_add(1, Ordering::Relaxed) + 1,
+            },
+            fingerprint: options.fingerprint.or(previous_fingerprint),
+        };
+        let pending = record::encode(&pending_header, &[]);
+        // The index entry goes first, so a durable record always has one.
+        shared
+            .storage
+            .index_expiry(pending_header.expires_ms, key)?;
+        if !shared
+            .storage
+            .compare_and_swap(key, stored, Some(pending.clone()))?
+        {
+            // Changed between our read and the claim (removed, or swept): look again.
+            drop(leader);
+            continue;
+        }
+        if let Err(e) = shared.storage.barrier() {
+            // The claim may not be durable: do not run. Put the record back as it was.
+            let _ =
+                shared
+                    .storage
+                    .compare_and_swap(key, Some(&pending), stored.map(<[u8]>::to_vec));
+            return Err(e.into());
+        }
+
+        Counters::bump(&shared.counters.executions);
+        tracing::debug!(key = %KeyHash(key), attempts, "running operation");
+        // Invariant: this point is reached once per call (every path below returns), so the
+        // closure is called at most once.
+        let ran = panic::catch_unwind(AssertUnwindSafe(f));
+        let result = record_outcome(shared, key, &pending_header, &pending, ttl_ms, policy, ran);
+        drop(leader);
+        return match result {
+            Finished::Returned(r) => r,
+            Finished::Panicked(payload) => panic::resume_unwind(payload),
+        };
+    }
+}
+
+enum Finished<T, E> {
+    Returned(Result<Outcome<T>, ExecuteError<E>>),
+    Panicked(Box<dyn std::any::Any + Send>),
+}
+
+/// What the run produced, before it is recorded.
+enum Reply<T, E> {
+    Value(T),
+    Error(ExecuteError<E>),
+    Panic(Box<dyn std::any::Any + Send>),
+}
+
+/// Writes the outcome of a run over its Pending record and waits for it to be durable.
+fn record_outcome<S, T, E, P>(
+    shared: &Shared<S>,
+    key: &[u8],
+    pending_header: &Header,
+    pending: &[u8],
+    ttl_ms: u64,
+    policy: &P,
+    ran: std::thread::Result<Result<T, E>>,
+) -> Finished<T, E>
+where
+    S: Storage,
+    T: Serialize,
+    P: ErrorPolicy<E>,
+{
+    let limit = shared.settings.max_result_bytes;
+    let (state, outcome, payload, reply) = match ran {
+        Ok(Ok(value)) => match codec::encode(&value, limit) {
+            Ok(bytes) => (
+                RecordState::Completed,
+                OutcomeKind::Stored,
+                bytes,
+                Reply::Value(value),
+            ),
+            Err(failure) => {
+                let (kind, payload, err) = unstorable(key, failure, limit);
+                (
+                    RecordState::Completed,
+                    kind,
+                    payload,
+                    Reply::Error(err.into()),
+                )
+            }
+        },
+        Ok(Err(error)) if policy.is_permanent(&error) => match policy.encode(&error, limit) {
+            Ok(bytes) => (
+                RecordState::FailedPermanent,
+                OutcomeKind::Stored,
+                bytes,
+                Reply::Error(ExecuteError::Operation {
+                    error,
+                    replayed: false,
+                }),
+            ),
+            Err(failure) => {
+                let (kind, payload, err) = unstorable(key, failure, limit);
+                (
+                    RecordState::FailedPermanent,
+                    kind,
+                    payload,
+                    Reply::Error(err.into()),
+                )
+            }
+        },
+        Ok(Err(error)) => (
+            RecordState::FailedRetryable,
+            OutcomeKind::None,
+            Vec::new(),
+            Reply::Error(ExecuteError::Operation {
+                error,
+                replayed: false,
+            }),
+        ),
+        Err(panic) => (
+            RecordState::FailedRetryable,
+            OutcomeKind::None,
+            Vec::new(),
+            Reply::Panic(panic),
+        ),
+    };
+
+    let now = shared.clock.now_millis();
+    let mut header = Header {
+        state,
+        outcome,
+        updated_ms: now,
+        ..*pending_header
+    };
+    let written = (|| {
+        if header.is_expired(now) {
+            // The run outlived its TTL: keep the outcome for a full TTL from now.
+            header.expires_ms = now.saturating_add(ttl_ms);
+            shared.storage.index_expiry(header.expires_ms, key)?;
+        }
+        let bytes = record::encode(&header, &payload);
+        if !shared
+            .storage
+            .compare_and_swap(key, Some(pending), Some(bytes))?
+        {
+            return Err(Error::OutcomeNotRecorded {
+                key: KeyName::new(key),
+            });
+        }
+        shared.storage.barrier()
+    })();
+    match (written, reply) {
+        (written, Reply::Panic(panic)) => {
+            if let Err(e) = written {
+                tracing::error!(key = %KeyHash(key), error = %e, "could not record a panicked run");
+            }
+            Finished::Panicked(panic)
+        }
+        (Err(e), _) => {
+            tracing::error!(key = %KeyHash(key), error = %e, "outcome not recorded");
+            Finished::Returned(Err(e.into()))
+        }
+        (Ok(()), Reply::Value(value)) => Finished::Returned(Ok(Outcome::new(
+            value,
+            false,
+            RecordInfo::new(&header, payload.len()),
+        ))),
+        (Ok(()), Reply::Error(e)) => Finished::Returned(Err(e)),
+    }
+}
+
+/// How an outcome that cannot be stored is recorded, and the error every call then gets.
+fn unstorable(key: &[u8], failure: EncodeFailure, limit: usize) -> (OutcomeKind, Vec<u8>, Error) {
+    let key = KeyName::new(key);
+    match failure {
+        EncodeFailure::TooLarge { size } => {
+            let limit = limit as u64;
+            let mut payload = size.to_le_bytes().to_vec();
+            payload.extend_from_slice(&limit.to_le_bytes());
+            (
+                OutcomeKind::TooLarge,
+                payload,
+                Error::ResultTooLarge { key, size, limit },
+            )
+        }
+        EncodeFailure::Serializer(message) => {
+            let mut cut = message.len().min(1024);
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            let payload = message.as_bytes()[..cut].to_vec();
+            (
+                OutcomeKind::NotEncodable,
+                payload,
+                Error::ResultNotEncodable { key, message },
+            )
+        }
+    }
+}
+
+/// Returns a terminal record's outcome to the caller.
+fn replay<S, T, E, P>(
+    shared: &Shared<S>,
+    key: &[u8],
+    rec: &Record<'_>,
+    policy: &P,
+) -> Result<Outcome<T>, ExecuteError<E>>
+where
+    T: DeserializeOwned,
+    P: ErrorPolicy<E>,
+{
+    Counters::bump(&shared.counters.replays);
+    tracing::trace!(key = %KeyHash(key), "replaying recorded outcome");
+    let name = || KeyName::new(key);
+    let h = &rec.header;
+    match (h.state, h.outcome) {
+        (_, OutcomeKind::TooLarge) => {
+            let (size, limit) = rec
+                .payload
+                .split_first_chunk::<8>()
+                .and_then(|(size, rest)| Some((*size, <[u8; 8]>::try_from(rest).ok()?)))
+                .ok_or_else(|| Error::CorruptRecord {
+                    key: name(),
+                    reason: "bad size note",
+                })?;
+            Err(Error::ResultTooLarge {
+                key: name(),
+                size: u64::from_le_bytes(size),
+                limit: u64::from_le_bytes(limit),
+            }
+            .into())
+        }
+        (_, OutcomeKind::NotEncodable) => Err(Error::ResultNotEncodable {
+            key: name(),
+            message: String::from_utf8_lossy(rec.payload).into_owned(),
+        }
+        .into()),
+        (RecordState::Completed, OutcomeKind::Stored) => match codec::decode::<T>(rec.payload) {
+            Ok(value) => Ok(Outcome::new(
+                value,
+                true,
+                RecordInfo::new(h, rec.payload.len()),
+            )),
+            Err(message) => Err(Error::Decode {
+                key: name(),
+                what: "result",
+                message,
+            }
+            .into()),
+        },
+        (RecordState::FailedPermanent, OutcomeKind::Stored) => match policy.decode(rec.payload) {
+            Some(Ok(error)) => Err(ExecuteError::Operation {
+                error,
+                replayed: true,
+            }),
+            Some(Err(message)) => Err(Error::Decode {
+                key: name(),
+                what: "error",
+                message,
+            }
+            .into()),
+            None => Err(Error::PermanentErrorRecorded { key: name() }.into()),
+        },
+        // record::decode admits no other terminal combination.
+        _ => Err(Error::CorruptRecord {
+            key: name(),
+            reason: "outcome kind does not match state",
+        }
+        .into()),
+    }
+}
+
+fn is_terminal(state: RecordState) -> bool {
+    matches!(state, RecordState::Completed | RecordState::FailedPermanent)
+}
+
+/// The record stored for `key` if it is live at `now_ms`; expired records read as absent.
+fn live<'a>(key: &[u8], bytes: Option<&'a [u8]>, now_ms: u64) -> Result<Option<Record<'a>>, Error> {
+    let Some(bytes) = bytes else { return Ok(None) };
+    let rec = record::decode(bytes).map_err(|e| decode_error(key, e))?;
+    Ok((!rec.header.is_expired(now_ms)).then_some(rec))
+}
+
+pub(crate) fn decode_error(key: &[u8], e: DecodeError) -> Error {
+    match e {
+        DecodeError::Corrupt(reason) => Error::CorruptRecord {
+            key: KeyName::new(key),
+            reason,
+        },
+        DecodeError::FutureVersion(version) => Error::UnsupportedRecordVersion {
+            key: KeyName::new(key),
+            version,
+        },
+    }
+}
+
+fn check_fingerprint<S>(
+    shared: &Shared<S>,
+    key: &[u8],
+    rec: &Record<'_>,
+    options: &CallOptions,
+) -> Result<(), Error> {
+    match (options.fingerprint, rec.header.fingerprint) {
+        (Some(given), Some(stored)) if given != stored => {
+            Counters::bump(&shared.counters.fingerprint_mismatches);
+            tracing::debug!(key = %KeyHash(key), "fingerprint mismatch");
+            Err(Error::FingerprintMismatch {
+                key: KeyName::new(key),
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// One call's waiting budget, shared by every wait it makes.
+struct Waiting<'a, S> {
+    shared: &'a Shared<S>,
+    timeout: std::time::Duration,
+    deadline: Option<Option<Instant>>,
+}
+
+impl<'a, S> Waiting<'a, S> {
+    fn new(shared: &'a Shared<S>, options: &CallOptions) -> Self {
+        Self {
+            shared,
+            timeout: options.wait_timeout.unwrap_or(shared.settings.wait_timeout),
+            deadline: None,
+        }
+    }
+
+    /// Waits for the running call; `InProgress` once this call's budget is spent.
+    fn wait(&mut self, key: &[u8], flight: &Flight) -> Result<(), Error> {
+        let deadline = match self.deadline {
+            Some(deadline) => deadline,
+            None => {
+                Counters::bump(&self.shared.counters.waits);
+                let deadline = Instant::now().checked_add(self.timeout);
+                self.deadline = Some(deadline);
+                deadline
+            }
+        };
+        if flight.wait_until(deadline) {
+            return Ok(());
+        }
+        Counters::bump(&self.shared.counters.in_progress_rejections);
+        Err(Error::InProgress {
+            key: KeyName::new(key),
+            waited: self.timeout,
+        })
+    }
+}

@@ -1,0 +1,140 @@
+//! The in-process registry of running calls: who runs a key now, and how others wait for it.
+//!
+//! Invariants: at most one [`Leader`] exists per key at a time in this process; the entry is
+//! inserted before its leader reads or claims the record, and removed (waking every waiter)
+//! only when the leader is done with the record (outcome written and, in `Immediate` mode,
+//! durable), including when the leader unwinds from a panic. Because one process owns the
+//! database, "this key has an entry" is exactly "a call in this process is running it".
+//! Waiting blocks on a condition variable: no spinning, no polling sleeps. Keys hash to one of
+//! [`SHARDS`] maps, so different keys rarely share a lock and never wait on each other.
+
+use parking_lot::{Condvar, Mutex};
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+use std::time::Instant;
+
+const SHARDS: usize = 64;
+
+/// Running keys of one shard.
+type Shard = Mutex<HashMap<Box<[u8]>, Arc<Flight>>>;
+
+/// The registry: one map of running keys per shard.
+pub(crate) struct Registry {
+    shards: Box<[Shard]>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+/// One running call, as its waiters see it.
+pub(crate) struct Flight {
+    done: Mutex<bool>,
+    finished: Condvar,
+}
+
+impl Flight {
+    /// Blocks until the leader finishes or `deadline` passes (None: no deadline); true if it
+    /// finished.
+    pub(crate) fn wait_until(&self, deadline: Option<Instant>) -> bool {
+        let mut done = self.done.lock();
+        while !*done {
+            match deadline {
+                Some(deadline) => {
+                    if self.finished.wait_until(&mut done, deadline).timed_out() {
+                        return *done;
+                    }
+                }
+                None => self.finished.wait(&mut done),
+            }
+        }
+        true
+    }
+}
+
+/// The result of entering the registry for a key.
+pub(crate) enum Entry<'r> {
+    /// This call now runs the key; dropping the guard releases it and wakes waiters.
+    Leader(Leader<'r>),
+    /// Another call runs the key; wait on it, then look again.
+    Follower(Arc<Flight>),
+}
+
+/// Proof of leadership for one key.
+pub(crate) struct Leader<'r> {
+    registry: &'r Registry,
+    key: Box<[u8]>,
+    flight: Arc<Flight>,
+}
+
+impl Registry {
+    pub(crate) fn new() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: std::collections::hash_map::RandomState::new(),
+        }
+    }
+
+    fn shard(&self, key: &[u8]) -> &Shard {
+        let mut h = self.hasher.build_hasher();
+        h.write(key);
+        // Invariant: the modulus keeps the index below SHARDS = shards.len().
+        &self.shards[(h.finish() as usize) % SHARDS]
+    }
+
+    /// Becomes the key's leader, or returns the running flight to wait on.
+    pub(crate) fn enter(&self, key: &[u8]) -> Entry<'_> {
+        let mut map = self.shard(key).lock();
+        if let Some(flight) = map.get(key) {
+            return Entry::Follower(Arc::clone(flight));
+        }
+        let flight = Arc::new(Flight {
+            done: Mutex::new(false),
+            finished: Condvar::new(),
+        });
+        map.insert(key.into(), Arc::clone(&flight));
+        Entry::Leader(Leader {
+            registry: self,
+            key: key.into(),
+            flight,
+        })
+    }
+
+    /// The flight running `key`, if any.
+    pub(crate) fn running(&self, key: &[u8]) -> Option<Arc<Flight>> {
+        self.shard(key).lock().get(key).cloned()
+    }
+}
+
+impl Drop for Leader<'_> {
+    fn drop(&mut self) {
+        self.registry.shard(&self.key).lock().remove(&self.key);
+        *self.flight.done.lock() = true;
+        self.flight.finished.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn one_leader_per_key_and_release_wakes_waiters() {
+        let reg = Registry::new();
+        let leader = match reg.enter(b"k") {
+            Entry::Leader(l) => l,
+            Entry::Follower(_) => panic!("first entry must lead"),
+        };
+        assert!(matches!(reg.enter(b"other"), Entry::Leader(_)));
+        let flight = match reg.enter(b"k") {
+            Entry::Follower(f) => f,
+            Entry::Leader(_) => panic!("second entry must follow"),
+        };
+        assert!(!flight.wait_until(Some(Instant::now() + Duration::from_millis(1))));
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| flight.wait_until(None));
+            drop(leader);
+            assert!(waiter.join().unwrap());
+        });
+        assert!(reg.running(b"k").is_none());
+    }
+}

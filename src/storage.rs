@@ -1,0 +1,255 @@
+//! The narrow storage interface the state machine is written against, and its sled engine.
+//!
+//! Invariants:
+//! - one process owns a database directory (sled's file lock), so the in-process registry
+//!   sees every running call;
+//! - records live in tree `idemstore/records` (key → record bytes); the expiry index lives in
+//!   `idemstore/expiry` (expires_ms big-endian ++ key → empty), ordered by time, so the
+//!   entries due by `now` are a prefix of the tree; `idemstore/meta` holds the format marker
+//!   and the open epoch;
+//! - the epoch is incremented and flushed at every open, before any claim can use it, so claim
+//!   tokens grow across restarts and a claim from an earlier open is recognisable;
+//! - `barrier` returns only when every write applied before it is on disk (`Immediate`), or at
+//!   once (`Periodic`, where sled's own timer flushes).
+
+use std::path::{Path, PathBuf};
+
+use crate::flusher::{self, FlushQueue, FlusherThread};
+use crate::stats::Counters;
+use crate::Error;
+use std::sync::Arc;
+
+const RECORDS_TREE: &[u8] = b"idemstore/records";
+const EXPIRY_TREE: &[u8] = b"idemstore/expiry";
+const META_TREE: &[u8] = b"idemstore/meta";
+const FORMAT_KEY: &[u8] = b"format";
+const EPOCH_KEY: &[u8] = b"epoch";
+const FORMAT_MAGIC: &[u8] = b"idemstore";
+/// The database format this build writes.
+const STORE_FORMAT: u32 = 1;
+
+/// What the state machine needs from a storage engine.
+pub(crate) trait Storage: Send + Sync {
+    /// Owned stored bytes.
+    type Bytes: AsRef<[u8]>;
+
+    /// The record stored for `key`.
+    fn get(&self, key: &[u8]) -> Result<Option<Self::Bytes>, Error>;
+
+    /// Replaces `key`'s record with `new` (None: removes it) if it is still `expected`
+    /// (None: absent). Returns whether it swapped.
+    fn compare_and_swap(
+        &self,
+        key: &[u8],
+        expected: Option<&[u8]>,
+        new: Option<Vec<u8>>,
+    ) -> Result<bool, Error>;
+
+    /// Adds an expiry index entry pointing at `key`.
+    fn index_expiry(&self, expires_ms: u64, key: &[u8]) -> Result<(), Error>;
+
+    /// Up to `limit` expiry index entries due at `now_ms` (expires_ms <= now_ms), oldest first.
+    fn due_expiries(&self, now_ms: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, Error>;
+
+    /// Removes one expiry index entry.
+    fn unindex_expiry(&self, expires_ms: u64, key: &[u8]) -> Result<(), Error>;
+
+    /// Returns when every write applied before the call is durable (per the durability mode).
+    fn barrier(&self) -> Result<(), Error>;
+}
+
+/// The sled engine.
+pub(crate) struct SledStorage {
+    pub(crate) db: sled::Db,
+    pub(crate) records: sled::Tree,
+    expiry: sled::Tree,
+    /// Some in `Immediate` mode: the group-commit queue.
+    flush: Option<FlushQueue>,
+}
+
+/// An opened engine plus what opening it learned.
+pub(crate) struct Opened {
+    pub storage: SledStorage,
+    pub epoch: u64,
+    pub flusher: Option<FlusherThread>,
+}
+
+/// Opens (or creates) the database at `path`.
+pub(crate) fn open(
+    path: &Path,
+    config: sled::Config,
+    immediate: bool,
+    counters: Arc<Counters>,
+) -> Result<Opened, Error> {
+    check_path(path)?;
+    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()));
+    let db = match opened {
+        Ok(Ok(db)) => db,
+        Ok(Err(e)) => return Err(map_open_error(path, e)),
+        Err(_) => {
+            return Err(Error::NotAStore {
+                path: path.into(),
+                reason: "the storage engine could not read its files",
+            })
+        }
+    };
+    let epoch = init_meta(path, &db)?;
+    let records = db.open_tree(RECORDS_TREE)?;
+    let expiry = db.open_tree(EXPIRY_TREE)?;
+    let (flush, flusher) = if immediate {
+        let (queue, thread) = flusher::start(db.clone(), counters)?;
+        (Some(queue), Some(thread))
+    } else {
+        (None, None)
+    };
+    Ok(Opened {
+        storage: SledStorage {
+            db,
+            records,
+            expiry,
+            flush,
+        },
+        epoch,
+        flusher,
+    })
+}
+
+/// Refuses a path that is a file, or a non-empty directory without a sled database in it.
+fn check_path(path: &Path) -> Result<(), Error> {
+    let not_a_store = |reason| Error::NotAStore {
+        path: PathBuf::from(path),
+        reason,
+    };
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::Io(e)),
+        Ok(meta) if !meta.is_dir() => Err(not_a_store("it is not a directory")),
+        Ok(_) => {
+            let has_db = path.join("db").is_file() && path.join("conf").is_file();
+            if has_db || std::fs::read_dir(path)?.next().is_none() {
+                Ok(())
+            } else {
+                Err(not_a_store(
+                    "the directory holds other files and no database",
+                ))
+            }
+        }
+    }
+}
+
+fn map_open_error(path: &Path, e: sled::Error) -> Error {
+    match &e {
+        sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+            Error::Locked { path: path.into() }
+        }
+        sled::Error::Corruption { .. } | sled::Error::Unsupported(_) => Error::NotAStore {
+            path: path.into(),
+            reason: "the storage engine found its files corrupt or foreign",
+        },
+        _ => Error::Storage(e),
+    }
+}
+
+/// Checks or writes the format marker, then bumps and flushes the open epoch.
+fn init_meta(path: &Path, db: &sled::Db) -> Result<u64, Error> {
+    let not_a_store = |reason| Error::NotAStore {
+        path: path.into(),
+        reason,
+    };
+    let is_new = !db.tree_names().iter().any(|n| n == META_TREE);
+    if is_new && (db.tree_names().len() > 1 || !db.is_empty()) {
+        return Err(not_a_store(
+            "it is a sled database that idemstore did not create",
+        ));
+    }
+    let meta = db.open_tree(META_TREE)?;
+    match meta.get(FORMAT_KEY)? {
+        None if is_new || meta.is_empty() => {
+            let mut marker = FORMAT_MAGIC.to_vec();
+            marker.extend_from_slice(&STORE_FORMAT.to_le_bytes());
+            meta.insert(FORMAT_KEY, marker)?;
+        }
+        None => return Err(not_a_store("its format marker is missing")),
+        Some(marker) => {
+            let version = marker
+                .strip_prefix(FORMAT_MAGIC)
+                .and_then(|v| <[u8; 4]>::try_from(v).ok())
+                .map(u32::from_le_bytes)
+                .ok_or_else(|| not_a_store("its format marker is not idemstore's"))?;
+            if version > STORE_FORMAT {
+                return Err(Error::UnsupportedStoreVersion {
+                    path: path.into(),
+                    found: version,
+                });
+            }
+        }
+    }
+    let previous = match meta.get(EPOCH_KEY)? {
+        None => 0,
+        Some(bytes) => <[u8; 8]>::try_from(bytes.as_ref())
+            .map(u64::from_le_bytes)
+            .map_err(|_| not_a_store("its epoch counter is corrupt"))?,
+    };
+    let epoch = previous + 1;
+    meta.insert(EPOCH_KEY, &epoch.to_le_bytes())?;
+    db.flush()?;
+    Ok(epoch)
+}
+
+fn expiry_key(expires_ms: u64, key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(8 + key.len());
+    k.extend_from_slice(&expires_ms.to_be_bytes());
+    k.extend_from_slice(key);
+    k
+}
+
+impl Storage for SledStorage {
+    type Bytes = sled::IVec;
+
+    fn get(&self, key: &[u8]) -> Result<Option<sled::IVec>, Error> {
+        Ok(self.records.get(key)?)
+    }
+
+    fn compare_and_swap(
+        &self,
+        key: &[u8],
+        expected: Option<&[u8]>,
+        new: Option<Vec<u8>>,
+    ) -> Result<bool, Error> {
+        Ok(self.records.compare_and_swap(key, expected, new)?.is_ok())
+    }
+
+    fn index_expiry(&self, expires_ms: u64, key: &[u8]) -> Result<(), Error> {
+        self.expiry.insert(expiry_key(expires_ms, key), &[])?;
+        Ok(())
+    }
+
+    fn due_expiries(&self, now_ms: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, Error> {
+        let end = now_ms.saturating_add(1).to_be_bytes();
+        let mut due = Vec::new();
+        for entry in self.expiry.range(..end.as_slice()).take(limit) {
+            let (k, _) = entry?;
+            // Entries shorter than the 8-byte time prefix cannot come from index_expiry;
+            // they are dropped rather than trusted.
+            match k.split_first_chunk::<8>() {
+                Some((time, key)) => due.push((u64::from_be_bytes(*time), key.to_vec())),
+                None => {
+                    self.expiry.remove(&k)?;
+                }
+            }
+        }
+        Ok(due)
+    }
+
+    fn unindex_expiry(&self, expires_ms: u64, key: &[u8]) -> Result<(), Error> {
+        self.expiry.remove(expiry_key(expires_ms, key))?;
+        Ok(())
+    }
+
+    fn barrier(&self) -> Result<(), Error> {
+        match &self.flush {
+            Some(queue) => Ok(queue.wait_durable()?),
+            None => Ok(()),
+        }
+    }
+}

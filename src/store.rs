@@ -1,0 +1,378 @@
+//! The public `Store`: opening, `execute_once`, inspection and shutdown.
+//!
+//! Invariants: a `Store` owns its background threads; dropping it (or [`Store::close`]) stops
+//! and joins the sweeper, then the flusher (which answers queued callers and flushes), then
+//! flushes the database once more. `Store` is `Send + Sync`: every method takes `&self` and
+//! shares state only through the storage engine, the registry and atomics.
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::path::Path;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::call::{AllRetryable, Call, CallOptions};
+use crate::clock::Clock;
+use crate::flusher::FlusherThread;
+use crate::machine::decode_error;
+use crate::record::{self, RecordState};
+use crate::registry::Registry;
+use crate::stats::{Counters, Stats};
+use crate::storage::{self, SledStorage, Storage};
+use crate::sweeper::{self, SweeperThread};
+use crate::{Durability, Error, ExecuteError, OrphanPolicy, Outcome, RecordInfo, StoreBuilder};
+
+/// Settings the state machine reads on every call.
+pub(crate) struct Settings {
+    pub default_ttl: Duration,
+    pub wait_timeout: Duration,
+    pub orphan_policy: OrphanPolicy,
+    pub max_key_bytes: usize,
+    pub max_result_bytes: usize,
+    /// `Durability::Immediate`: replays wait for a running writer's flush.
+    pub immediate: bool,
+}
+
+/// State shared by callers and background threads.
+pub(crate) struct Shared<S> {
+    pub storage: S,
+    pub registry: Registry,
+    pub clock: Arc<dyn Clock>,
+    pub counters: Arc<Counters>,
+    pub settings: Settings,
+    /// This open's epoch (persisted; grows on every open).
+    pub epoch: u64,
+    /// The last claim sequence number handed out in this epoch.
+    pub next_claim: AtomicU64,
+}
+
+impl<S> Shared<S> {
+    pub(crate) fn check_key(&self, key: &[u8]) -> Result<(), Error> {
+        if key.is_empty() {
+            return Err(Error::EmptyKey);
+        }
+        if key.len() > self.settings.max_key_bytes {
+            return Err(Error::KeyTooLong {
+                len: key.len(),
+                limit: self.settings.max_key_bytes,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// An embedded, durable idempotency store.
+///
+/// Wrap a side effect in [`execute_once`](Self::execute_once): the first call with a key runs
+/// it and durably records its outcome; later calls with that key get the recorded outcome back
+/// without running it, across threads, retries and restarts, until the record expires.
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let dir = tempfile::tempdir()?;
+/// # let charge = |cents: u64| Ok::<String, std::io::Error>(format!("receipt for {cents}"));
+/// let store = idemstore::Store::open(dir.path().join("idem-db"))?;
+/// let receipt = store.execute_once("order-7f3a", || charge(4200))?; // runs
+/// let again = store.execute_once("order-7f3a", || charge(4200))?; // replayed, no charge
+/// assert_eq!(*receipt, *again);
+/// assert!(again.is_replayed());
+/// # Ok(()) }
+/// ```
+pub struct Store {
+    shared: Arc<Shared<SledStorage>>,
+    sweeper: Option<SweeperThread>,
+    flusher: Option<FlusherThread>,
+    closed: bool,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("epoch", &self.shared.epoch)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens (or creates) a store at `path` with the default settings
+    /// (see [`StoreBuilder`]).
+    ///
+    /// # Errors
+    /// As [`StoreBuilder::open`].
+    pub fn open(path: impl AsRef<Path>) -> Result<Store, Error> {
+        Self::builder(path).open()
+    }
+
+    /// A builder to configure the store before opening it.
+    pub fn builder(path: impl AsRef<Path>) -> StoreBuilder {
+        StoreBuilder::new(path.as_ref().to_path_buf())
+    }
+
+    pub(crate) fn open_with(b: StoreBuilder) -> Result<Store, Error> {
+        let immediate = b.durability == Durability::Immediate;
+        let flush_every_ms = match b.durability {
+            Durability::Immediate => None,
+            Durability::Periodic(interval) => Some(crate::clock::millis(interval).max(1)),
+        };
+        let config = sled::Config::new()
+            .path(&b.path)
+            .cache_capacity(b.cache_bytes)
+            .flush_every_ms(flush_every_ms);
+        let counters = Arc::new(Counters::default());
+        let opened = storage::open(&b.path, config, immediate, Arc::clone(&counters))?;
+        let shared = Arc::new(Shared {
+            storage: opened.storage,
+            registry: Registry::new(),
+            clock: b.clock,
+            counters,
+            settings: Settings {
+                default_ttl: b.default_ttl,
+                wait_timeout: b.wait_timeout,
+                orphan_policy: b.orphan_policy,
+                max_key_bytes: b.max_key_bytes,
+                max_result_bytes: b.max_result_bytes,
+                immediate,
+            },
+            epoch: opened.epoch,
+            next_claim: AtomicU64::new(0),
+        });
+        let sweeper = match b.sweep_interval {
+            Some(interval) => Some(sweeper::start(Arc::clone(&shared), interval)?),
+            None => None,
+        };
+        tracing::debug!(epoch = opened.epoch, "idemstore opened");
+        Ok(Store {
+            shared,
+            sweeper,
+            flusher: opened.flusher,
+            closed: false,
+        })
+    }
+
+    /// Runs `f` once for `key` and records its outcome; later calls with the same key, until
+    /// the record expires, return that outcome without running `f`.
+    ///
+    /// | the key's record | what happens |
+    /// |---|---|
+    /// | absent, expired, or failed with a retryable error | claim it (durably), run `f`, record the outcome (durably), return it |
+    /// | completed | return the recorded value with [`Outcome::is_replayed`] true; `f` does not run |
+    /// | failed with a permanent error | return it as [`ExecuteError::Operation`] with `replayed: true` |
+    /// | running in another call of this process | wait for it (up to the wait timeout), then as above |
+    /// | left Pending by a run that died | by [`OrphanPolicy`]: run `f` again, or [`Error::Interrupted`] |
+    ///
+    /// An `Err` from `f` is retryable here (use [`Store::call`] and
+    /// [`Call::permanent_if`] to record permanent errors); a panic in `f` leaves the record
+    /// retryable, wakes waiters and continues to the caller.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// let store = idemstore::Store::open(dir.path().join("db"))?;
+    /// let mut runs = 0;
+    /// for _ in 0..3 {
+    ///     let id = store.execute_once("create-order-1", || {
+    ///         runs += 1;
+    ///         Ok::<_, std::io::Error>(1001u64)
+    ///     })?;
+    ///     assert_eq!(*id, 1001);
+    /// }
+    /// assert_eq!(runs, 1);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`ExecuteError::Operation`]: `f`'s error, now or replayed. [`ExecuteError::Store`]:
+    /// [`Error::EmptyKey`] / [`Error::KeyTooLong`] (nothing written);
+    /// [`Error::InProgress`]; [`Error::Interrupted`]; [`Error::CorruptRecord`] /
+    /// [`Error::UnsupportedRecordVersion`] / [`Error::Decode`] (nothing ran);
+    /// [`Error::PermanentErrorRecorded`]; [`Error::ResultTooLarge`] /
+    /// [`Error::ResultNotEncodable`] (`f` ran; it will not run again for this key);
+    /// [`Error::OutcomeNotRecorded`]; [`Error::Storage`] (before the claim is durable: `f` did
+    /// not run; after: `f` ran and its outcome may not be durable).
+    pub fn execute_once<T, E, F>(
+        &self,
+        key: impl AsRef<[u8]>,
+        f: F,
+    ) -> Result<Outcome<T>, ExecuteError<E>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Result<T, E>,
+    {
+        crate::machine::execute(
+            &self.shared,
+            key.as_ref(),
+            &CallOptions::default(),
+            &AllRetryable,
+            f,
+        )
+    }
+
+    /// Starts configuring one call (fingerprint, TTL, wait, orphan policy, permanent errors);
+    /// finish with [`Call::run`].
+    pub fn call<'k, K: AsRef<[u8]> + ?Sized>(&self, key: &'k K) -> Call<'_, 'k> {
+        Call {
+            store: self,
+            key: key.as_ref(),
+            options: CallOptions::default(),
+            policy: AllRetryable,
+        }
+    }
+
+    pub(crate) fn shared(&self) -> &Shared<SledStorage> {
+        &self.shared
+    }
+
+    /// The metadata of `key`'s record, or `None` if it is absent or expired.
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// use idemstore::{RecordState, Store};
+    /// let store = Store::open(dir.path().join("db")).unwrap();
+    /// store.execute_once("k", || Ok::<_, std::io::Error>("done")).unwrap();
+    /// let info = store.record("k").unwrap().unwrap();
+    /// assert_eq!((info.state, info.attempts), (RecordState::Completed, 1));
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::CorruptRecord`] / [`Error::UnsupportedRecordVersion`] for bad bytes;
+    /// [`Error::Storage`] for I/O failures.
+    pub fn record(&self, key: impl AsRef<[u8]>) -> Result<Option<RecordInfo>, Error> {
+        let key = key.as_ref();
+        let Some(bytes) = self.shared.storage.get(key)? else {
+            return Ok(None);
+        };
+        let rec = record::decode(&bytes).map_err(|e| decode_error(key, e))?;
+        let now = self.shared.clock.now_millis();
+        Ok((!rec.header.is_expired(now)).then(|| RecordInfo::new(&rec.header, rec.payload.len())))
+    }
+
+    /// Removes `key`'s record (whatever its state or bytes); returns whether there was one.
+    /// The next call with the key runs its operation. In `Immediate` mode the removal is
+    /// durable when this returns. A call running the key meanwhile will report
+    /// [`Error::OutcomeNotRecorded`] rather than overwrite.
+    ///
+    /// # Errors
+    /// [`Error::Storage`] for I/O failures.
+    pub fn remove(&self, key: impl AsRef<[u8]>) -> Result<bool, Error> {
+        let removed = self.shared.storage.records.remove(key.as_ref())?.is_some();
+        self.shared.storage.barrier()?;
+        Ok(removed)
+    }
+
+    /// Iterates over live (unexpired) records in key order. Items for corrupt records are
+    /// errors naming the key; iteration continues after them.
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// let store = idemstore::Store::open(dir.path().join("db")).unwrap();
+    /// store.execute_once("a", || Ok::<_, std::io::Error>(1)).unwrap();
+    /// let keys: Vec<Vec<u8>> = store.records().map(|r| r.unwrap().0).collect();
+    /// assert_eq!(keys, vec![b"a".to_vec()]);
+    /// ```
+    pub fn records(&self) -> Records<'_> {
+        Records {
+            iter: self.shared.storage.records.iter(),
+            now_ms: self.shared.clock.now_millis(),
+            state: None,
+            _store: self,
+        }
+    }
+
+    /// Iterates over live records in `state`; see [`Store::records`].
+    pub fn records_in_state(&self, state: RecordState) -> Records<'_> {
+        Records {
+            state: Some(state),
+            ..self.records()
+        }
+    }
+
+    /// Removes every expired record now; returns how many. The background sweeper does the
+    /// same every `sweep_interval`.
+    ///
+    /// # Errors
+    /// [`Error::Storage`] for I/O failures.
+    pub fn sweep_now(&self) -> Result<u64, Error> {
+        sweeper::sweep(&self.shared, self.shared.clock.now_millis())
+    }
+
+    /// A snapshot of the store's counters.
+    pub fn stats(&self) -> Stats {
+        self.shared.counters.snapshot()
+    }
+
+    /// This open's epoch: 1 for a new store, one more on every open.
+    pub fn epoch(&self) -> u64 {
+        self.shared.epoch
+    }
+
+    /// Makes every write so far durable (useful in `Periodic` mode before a planned exit).
+    ///
+    /// # Errors
+    /// [`Error::Storage`] if the flush fails.
+    pub fn flush(&self) -> Result<(), Error> {
+        self.shared.storage.db.flush()?;
+        Ok(())
+    }
+
+    /// Stops the background threads, flushes, and reports whether the final flush succeeded.
+    /// Dropping the store does the same but can only log a failure.
+    ///
+    /// # Errors
+    /// [`Error::Storage`] if the final flush fails.
+    pub fn close(mut self) -> Result<(), Error> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> Result<(), Error> {
+        self.closed = true;
+        drop(self.sweeper.take());
+        drop(self.flusher.take());
+        self.shared.storage.db.flush()?;
+        Ok(())
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if !self.closed {
+            if let Err(e) = self.shutdown() {
+                tracing::error!(error = %e, "final flush failed while closing the store");
+            }
+        }
+    }
+}
+
+/// Iterator over records; see [`Store::records`].
+pub struct Records<'s> {
+    iter: sled::Iter,
+    now_ms: u64,
+    state: Option<RecordState>,
+    _store: &'s Store,
+}
+
+impl Iterator for Records<'_> {
+    type Item = Result<(Vec<u8>, RecordInfo), Error>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            let (key, bytes) = match self.iter.next()? {
+                Ok(kv) => kv,
+                Err(e) => return Some(Err(e.into())),
+            };
+            let rec = match record::decode(&bytes) {
+                Ok(rec) => rec,
+                Err(e) => return Some(Err(decode_error(&key, e))),
+            };
+            if rec.header.is_expired(self.now_ms)
+                || self.state.is_some_and(|s| s != rec.header.state)
+            {
+                continue;
+            }
+            return Some(Ok((
+                key.to_vec(),
+                RecordInfo::new(&rec.header, rec.payload.len()),
+            )));
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! Removal of expired records through the time-ordered expiry index.
+//!
+//! Invariants: correctness never depends on sweeping (expired records already read as
+//! absent); a pass reads only index entries that are due, so it costs O(entries due), not
+//! O(records stored); a record is removed only by compare-and-swap against the exact bytes
+//! that were checked to be expired, so a record refreshed or re-claimed meanwhile survives;
+//! a Pending record whose call is still running in this process is never removed (its index
+//! entry is kept, so a later pass looks again). Entries are processed in batches of [`BATCH`]
+//! and no lock is held across a batch, so callers are never blocked by a sweep.
+
+use crossbeam_channel::{RecvTimeoutError, Sender};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::key::KeyHash;
+use crate::record::{self, RecordState};
+use crate::storage::Storage;
+use crate::store::Shared;
+use crate::Error;
+
+const BATCH: usize = 512;
+
+/// Removes every record expired at `now_ms`; returns how many it removed.
+pub(crate) fn sweep<S: Storage>(shared: &Shared<S>, now_ms: u64) -> Result<u64, Error> {
+    let mut swept = 0;
+    loop {
+        let due = shared.storage.due_expiries(now_ms, BATCH)?;
+        let mut kept = 0;
+        for (expires_ms, key) in &due {
+            let mut keep_entry = false;
+            if let Some(bytes) = shared.storage.get(key)? {
+                match record::decode(bytes.as_ref()) {
+                    Ok(rec) if rec.header.is_expired(now_ms) => {
+                        if rec.header.state == RecordState::Pending
+                            && shared.registry.running(key).is_some()
+                        {
+                            keep_entry = true;
+                        } else if shared.storage.compare_and_swap(
+                            key,
+                            Some(bytes.as_ref()),
+                            None,
+                        )? {
+                            swept += 1;
+                        }
+                    }
+                    // Live under a later expiry (which has its own entry): this entry is stale.
+                    Ok(_) => {}
+                    // Corrupt bytes are the operator's to inspect; the sweeper leaves them.
+                    Err(_) => {
+                        tracing::warn!(key = %KeyHash(key), "sweeper skipped a corrupt record")
+                    }
+                }
+            }
+            if keep_entry {
+                kept += 1;
+            } else {
+                shared.storage.unindex_expiry(*expires_ms, key)?;
+            }
+        }
+        // A full batch of entries kept for running calls would repeat forever: stop there.
+        if due.len() < BATCH || kept == due.len() {
+            break;
+        }
+    }
+    shared
+        .counters
+        .records_swept
+        .fetch_add(swept, Ordering::Relaxed);
+    if swept > 0 {
+        tracing::debug!(swept, "swept expired records");
+    }
+    Ok(swept)
+}
+
+/// The background sweeper: stops and is joined when dropped.
+pub(crate) struct SweeperThread {
+    shutdown: Option<Sender<()>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+/// Starts a thread that sweeps every `interval`.
+pub(crate) fn start<S: Storage + 'static>(
+    shared: Arc<Shared<S>>,
+    interval: Duration,
+) -> std::io::Result<SweeperThread> {
+    let (shutdown, stop) = crossbeam_channel::bounded::<()>(0);
+    let handle = std::thread::Builder::new()
+        .name("idemstore-sweeper".into())
+        .spawn(move || {
+            // A timeout is the signal to sweep; a message or disconnection, to stop.
+            while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(interval) {
+                if let Err(e) = sweep(&shared, shared.clock.now_millis()) {
+                    tracing::warn!(error = %e, "sweep failed; will retry next interval");
+                }
+            }
+        })?;
+    Ok(SweeperThread {
+        shutdown: Some(shutdown),
+        handle: Some(handle),
+    })
+}
+
+impl Drop for SweeperThread {
+    fn drop(&mut self) {
+        drop(self.shutdown.take());
+        if let Some(handle) = self.handle.take() {
+            if handle.join().is_err() {
+                tracing::error!("idemstore sweeper thread panicked");
+            }
+        }
+    }
+}

@@ -1,0 +1,225 @@
+//! Same-key storms, waiting, timeouts and panics across real threads.
+
+mod common;
+
+use common::{Scratch, ServiceError};
+use idemstore::{Error, ExecuteError};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Barrier;
+use std::time::Duration;
+
+#[test]
+fn many_threads_one_key_run_once_and_all_get_the_same_outcome() {
+    let s = Scratch::new();
+    let store = s.open();
+    const THREADS: usize = 32;
+    for round in 0..5 {
+        let key = format!("storm-{round}");
+        let runs = AtomicUsize::new(0);
+        let start = Barrier::new(THREADS);
+        let results: Vec<(u64, bool)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..THREADS)
+                .map(|t| {
+                    let (store, runs, start, key) = (&store, &runs, &start, &key);
+                    scope.spawn(move || {
+                        start.wait();
+                        let out = store
+                            .execute_once(key, || {
+                                runs.fetch_add(1, Ordering::SeqCst);
+                                std::thread::sleep(Duration::from_millis(2));
+                                Ok::<_, ServiceError>(t as u64)
+                            })
+                            .unwrap();
+                        (*out, out.is_replayed())
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "round {round}");
+        let winner = results[0].0;
+        assert!(results.iter().all(|(v, _)| *v == winner));
+        assert_eq!(results.iter().filter(|(_, replayed)| !replayed).count(), 1);
+    }
+    let stats = store.stats();
+    assert_eq!(stats.executions, 5);
+    assert_eq!(stats.replays, 5 * 31);
+}
+
+#[test]
+fn waiter_gives_up_with_in_progress_and_then_gets_the_outcome() {
+    let s = Scratch::new();
+    let store = s
+        .builder()
+        .wait_timeout(Duration::from_millis(20))
+        .open()
+        .unwrap();
+    let (release, hold) = crossbeam_channel::unbounded::<()>();
+    let (started_tx, started) = crossbeam_channel::unbounded::<()>();
+    std::thread::scope(|scope| {
+        let leader = scope.spawn(|| {
+            store.execute_once("slow", || {
+                started_tx.send(()).unwrap();
+                hold.recv().unwrap();
+                Ok::<_, ServiceError>(7u32)
+            })
+        });
+        started.recv().unwrap();
+        let runs = AtomicUsize::new(0);
+        let r = store.execute_once("slow", || {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, ServiceError>(8u32)
+        });
+        match r {
+            Err(ExecuteError::Store(Error::InProgress { waited, .. })) => {
+                assert_eq!(waited, Duration::from_millis(20))
+            }
+            other => panic!("{other:?}"),
+        }
+        // Zero wait: refused at once.
+        let r = store
+            .call("slow")
+            .wait_timeout(Duration::ZERO)
+            .run(|| Ok::<_, ServiceError>(8u32));
+        assert!(matches!(
+            r,
+            Err(ExecuteError::Store(Error::InProgress { .. }))
+        ));
+        assert_eq!(runs.load(Ordering::SeqCst), 0);
+        release.send(()).unwrap();
+        assert_eq!(*leader.join().unwrap().unwrap(), 7);
+    });
+    let out = store
+        .execute_once("slow", || Ok::<_, ServiceError>(9u32))
+        .unwrap();
+    assert_eq!((*out, out.is_replayed()), (7, true));
+    assert_eq!(store.stats().in_progress_rejections, 2);
+}
+
+#[test]
+fn waiter_wakes_when_the_leader_finishes() {
+    let s = Scratch::new();
+    let store = s
+        .builder()
+        .wait_timeout(Duration::from_secs(600))
+        .open()
+        .unwrap();
+    let (release, hold) = crossbeam_channel::unbounded::<()>();
+    let (started_tx, started) = crossbeam_channel::unbounded::<()>();
+    std::thread::scope(|scope| {
+        let leader = scope.spawn(|| {
+            store.execute_once("k", || {
+                started_tx.send(()).unwrap();
+                hold.recv().unwrap();
+                Ok::<_, ServiceError>(1u32)
+            })
+        });
+        started.recv().unwrap();
+        let waiter = scope.spawn(|| store.execute_once("k", || Ok::<_, ServiceError>(2u32)));
+        while store.stats().waits == 0 {
+            std::thread::yield_now();
+        }
+        release.send(()).unwrap();
+        assert!(!leader.join().unwrap().unwrap().is_replayed());
+        let w = waiter.join().unwrap().unwrap();
+        assert_eq!((*w, w.is_replayed()), (1, true));
+    });
+}
+
+#[test]
+fn different_keys_never_wait_on_each_other() {
+    let s = Scratch::new();
+    let store = s.builder().wait_timeout(Duration::ZERO).open().unwrap();
+    let (release, hold) = crossbeam_channel::unbounded::<()>();
+    let (started_tx, started) = crossbeam_channel::unbounded::<()>();
+    std::thread::scope(|scope| {
+        let blocked = scope.spawn(|| {
+            store.execute_once("key-a", || {
+                started_tx.send(()).unwrap();
+                hold.recv().unwrap();
+                Ok::<_, ServiceError>(1u32)
+            })
+        });
+        started.recv().unwrap();
+        // While key-a's operation is blocked, other keys complete (with zero wait allowed).
+        for i in 0..100 {
+            let out = store
+                .execute_once(format!("key-b{i}"), || Ok::<_, ServiceError>(2u32))
+                .unwrap();
+            assert!(!out.is_replayed());
+        }
+        release.send(()).unwrap();
+        blocked.join().unwrap().unwrap();
+    });
+    assert_eq!(store.stats().waits, 0);
+}
+
+#[test]
+fn panic_wakes_waiters_and_one_of_them_runs_the_operation() {
+    let s = Scratch::new();
+    let store = s
+        .builder()
+        .wait_timeout(Duration::from_secs(600))
+        .open()
+        .unwrap();
+    let (release, hold) = crossbeam_channel::unbounded::<()>();
+    let (started_tx, started) = crossbeam_channel::unbounded::<()>();
+    let runs = AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        let leader = scope.spawn(|| {
+            store.execute_once("k", || -> Result<u32, ServiceError> {
+                started_tx.send(()).unwrap();
+                hold.recv().unwrap();
+                panic!("operation crashed");
+            })
+        });
+        started.recv().unwrap();
+        let waiters: Vec<_> = (0..4)
+            .map(|_| {
+                scope.spawn(|| {
+                    store.execute_once("k", || {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        Ok::<_, ServiceError>(5u32)
+                    })
+                })
+            })
+            .collect();
+        while store.stats().waits < 4 {
+            std::thread::yield_now();
+        }
+        release.send(()).unwrap();
+        assert!(
+            leader.join().is_err(),
+            "the panic reaches the leader's caller"
+        );
+        for w in waiters {
+            assert_eq!(*w.join().unwrap().unwrap(), 5);
+        }
+    });
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    let info = store.record("k").unwrap().unwrap();
+    assert_eq!(info.attempts, 2);
+}
+
+#[test]
+fn concurrent_callers_share_flushes() {
+    let s = Scratch::new();
+    let store = s.open();
+    let before = store.stats().flush_batches;
+    std::thread::scope(|scope| {
+        for t in 0..16 {
+            let store = &store;
+            scope.spawn(move || {
+                for i in 0..20 {
+                    store
+                        .execute_once(format!("t{t}-{i}"), || Ok::<_, ServiceError>(i))
+                        .unwrap();
+                }
+            });
+        }
+    });
+    let flushes = store.stats().flush_batches - before;
+    // Each call needs two durable points (claim, outcome): 640 without sharing.
+    assert!(flushes < 640, "{flushes} flushes for 640 durable points");
+    assert_eq!(store.stats().executions, 320);
+}

@@ -1,0 +1,222 @@
+//! Real child processes killed with SIGKILL: orphans, durability of returned outcomes, locks.
+//!
+//! The parent re-executes this test binary running the ignored `child_process` test, which
+//! acts as directed by environment variables and reports progress on stdout.
+
+mod common;
+
+use common::{Scratch, ServiceError};
+use idemstore::{Error, ExecuteError, OrphanPolicy, RecordState, Store};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::Duration;
+
+const PATH_VAR: &str = "IDEMSTORE_CRASH_PATH";
+const MODE_VAR: &str = "IDEMSTORE_CRASH_MODE";
+
+struct ChildRun {
+    child: Child,
+    lines: std::io::Lines<BufReader<ChildStdout>>,
+}
+
+impl ChildRun {
+    fn spawn(path: &Path, mode: &str) -> Self {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--ignored",
+                "--exact",
+                "child_process",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(PATH_VAR, path)
+            .env(MODE_VAR, mode)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn child");
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        Self { child, lines }
+    }
+
+    /// Reads the child's stdout up to a line holding `prefix`; returns it from `prefix` on.
+    fn wait_for(&mut self, prefix: &str) -> String {
+        for line in &mut self.lines {
+            let line = line.expect("child stdout");
+            // libtest may print its own "test child_process ... " before the first line.
+            if let Some(at) = line.find(prefix) {
+                return line[at..].to_string();
+            }
+        }
+        panic!("child exited before printing {prefix:?}");
+    }
+
+    fn kill(mut self) {
+        self.child.kill().expect("SIGKILL child");
+        let status = self.child.wait().unwrap();
+        assert!(!status.success());
+    }
+}
+
+fn say(line: String) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}").unwrap();
+    out.flush().unwrap();
+}
+
+/// The child's side: never returns in the modes that wait to be killed.
+#[test]
+#[ignore = "run as a child process by the crash tests"]
+fn child_process() {
+    let (Ok(path), Ok(mode)) = (std::env::var(PATH_VAR), std::env::var(MODE_VAR)) else {
+        panic!("child_process runs only under the crash tests");
+    };
+    let store = Store::builder(&path).sweep_interval(None).open().unwrap();
+    match mode.as_str() {
+        "hang-in-operation" => {
+            let _ = store.execute_once("order-1", || -> Result<u32, ServiceError> {
+                say("RUNNING".into());
+                loop {
+                    std::thread::sleep(Duration::from_secs(60));
+                }
+            });
+        }
+        "complete-many" => {
+            std::thread::scope(|scope| {
+                for t in 0..4 {
+                    let store = &store;
+                    scope.spawn(move || {
+                        for i in 0.. {
+                            let key = format!("t{t}-{i}");
+                            let out = store
+                                .execute_once(&key, || {
+                                    Ok::<_, ServiceError>(format!("value-{key}"))
+                                })
+                                .unwrap();
+                            say(format!("DONE {key} {}", *out));
+                        }
+                    });
+                }
+            });
+        }
+        "hold-open" => {
+            say("READY".into());
+            loop {
+                std::thread::sleep(Duration::from_secs(60));
+            }
+        }
+        other => panic!("unknown mode {other}"),
+    }
+}
+
+#[test]
+fn orphan_left_by_a_killed_process_is_rerun_by_default() {
+    let s = Scratch::new();
+    let mut child = ChildRun::spawn(&s.path(), "hang-in-operation");
+    child.wait_for("RUNNING");
+    child.kill();
+
+    let store = s.open();
+    // Recognised at once: no lease to wait out.
+    let info = store.record("order-1").unwrap().unwrap();
+    assert_eq!(
+        (info.state, info.attempts, info.claim.epoch),
+        (RecordState::Pending, 1, 1)
+    );
+    let out = store
+        .execute_once("order-1", || Ok::<_, ServiceError>(42u32))
+        .unwrap();
+    assert_eq!(
+        (*out, out.is_replayed(), out.record().attempts),
+        (42, false, 2)
+    );
+    assert_eq!(store.stats().orphans_recovered, 1);
+    assert!(store
+        .execute_once("order-1", || Ok::<_, ServiceError>(0u32))
+        .unwrap()
+        .is_replayed());
+}
+
+#[test]
+fn orphan_is_reported_under_the_report_policy_until_the_caller_reconciles() {
+    let s = Scratch::new();
+    let mut child = ChildRun::spawn(&s.path(), "hang-in-operation");
+    child.wait_for("RUNNING");
+    child.kill();
+
+    let store = s
+        .builder()
+        .orphan_policy(OrphanPolicy::Report)
+        .open()
+        .unwrap();
+    for _ in 0..2 {
+        let r = store.execute_once("order-1", || Ok::<_, ServiceError>(1u32));
+        match r {
+            Err(ExecuteError::Store(Error::Interrupted { attempts: 1, .. })) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(store.stats().executions, 0);
+    assert_eq!(store.stats().orphans_reported, 2);
+    // The caller reconciled (say, the charge did not go through) and re-runs explicitly.
+    let out = store
+        .call("order-1")
+        .orphan_policy(OrphanPolicy::Rerun)
+        .run(|| Ok::<_, ServiceError>(2u32))
+        .unwrap();
+    assert_eq!((*out, out.record().attempts), (2, 2));
+}
+
+#[test]
+fn every_outcome_returned_before_sigkill_survives() {
+    for round in 0..3 {
+        let s = Scratch::new();
+        let mut child = ChildRun::spawn(&s.path(), "complete-many");
+        let mut returned = Vec::new();
+        // Kill at a different point each round, while the child keeps writing.
+        for _ in 0..(40 + round * 37) {
+            let line = child.wait_for("DONE ");
+            let mut parts = line.split(' ').skip(1);
+            returned.push((
+                parts.next().unwrap().to_string(),
+                parts.next().unwrap().to_string(),
+            ));
+        }
+        child.kill();
+
+        let store = s.open();
+        for (key, value) in &returned {
+            let out = store
+                .execute_once(key, || Ok::<_, ServiceError>(String::from("re-run!")))
+                .unwrap();
+            assert!(out.is_replayed(), "round {round}: {key} was lost");
+            assert_eq!(&*out, value);
+        }
+        // Whatever else the child left decodes, and Pending ones are orphans of the dead child.
+        for item in store.records() {
+            let (_, info) = item.unwrap();
+            if info.state == RecordState::Pending {
+                assert!(info.claim.epoch < store.epoch());
+            }
+        }
+    }
+}
+
+#[test]
+fn a_second_process_cannot_open_a_store_in_use() {
+    let s = Scratch::new();
+    s.open().close().unwrap();
+    let mut child = ChildRun::spawn(&s.path(), "hold-open");
+    child.wait_for("READY");
+    match Store::open(s.path()) {
+        Err(Error::Locked { path }) => assert_eq!(path, s.path()),
+        other => panic!("expected Locked, got {other:?}"),
+    }
+    child.kill();
+    let store = s.open();
+    store
+        .execute_once("k", || Ok::<_, ServiceError>(1u32))
+        .unwrap();
+}

@@ -535,7 +535,8 @@ fn corrupt_and_foreign_bytes_are_errors_for_that_key_only() {
     flipped[mid] ^= 0x40;
     let mut future = original.clone();
     future[1] = 200;
-    let cases: Vec<(Vec<u8>, fn(&Error) -> bool)> = vec![
+    type IsExpected = fn(&Error) -> bool;
+    let cases: Vec<(Vec<u8>, IsExpected)> = vec![
         (b"{\"json\": true}".to_vec(), |e| {
             matches!(e, Error::CorruptRecord { .. })
         }),

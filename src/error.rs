@@ -154,6 +154,18 @@ pub enum Error {
         reason: &'static str,
     },
 
+    /// The directory was an idemstore database, but the storage engine no longer finds its
+    /// data (its files were damaged or replaced). Opening it as new would forget every
+    /// recorded outcome, so the store refuses; restore the directory from a backup, or remove
+    /// it to start empty.
+    #[error("store at {path:?} is damaged: {reason}")]
+    Damaged {
+        /// The database directory.
+        path: PathBuf,
+        /// What is missing.
+        reason: &'static str,
+    },
+
     /// The database was written by a newer version of idemstore.
     #[error("store at {path:?} has format version {found}, newer than this idemstore supports")]
     UnsupportedStoreVersion {

@@ -27,6 +27,9 @@ const EPOCH_KEY: &[u8] = b"epoch";
 const FORMAT_MAGIC: &[u8] = b"idemstore";
 /// The database format this build writes.
 const STORE_FORMAT: u32 = 1;
+/// A file beside the engine's, written once the store's metadata is durable: if it exists
+/// but the metadata does not, the engine lost the data.
+const SIDECAR: &str = "idemstore.format";
 
 /// What the state machine needs from a storage engine.
 pub(crate) trait Storage: Send + Sync {
@@ -94,6 +97,12 @@ pub(crate) fn open(
         }
     };
     let epoch = init_meta(path, &db)?;
+    let sidecar = path.join(SIDECAR);
+    if !sidecar.exists() {
+        let file = std::fs::File::create(&sidecar)?;
+        std::io::Write::write_all(&mut &file, format!("idemstore {STORE_FORMAT}\n").as_bytes())?;
+        file.sync_all()?;
+    }
     let records = db.open_tree(RECORDS_TREE)?;
     let expiry = db.open_tree(EXPIRY_TREE)?;
     let (flush, flusher) = if immediate {
@@ -126,6 +135,12 @@ fn check_path(path: &Path) -> Result<(), Error> {
         Ok(meta) if !meta.is_dir() => Err(not_a_store("it is not a directory")),
         Ok(_) => {
             let has_db = path.join("db").is_file() && path.join("conf").is_file();
+            if !has_db && path.join(SIDECAR).exists() {
+                return Err(Error::Damaged {
+                    path: path.into(),
+                    reason: "its database files are missing",
+                });
+            }
             if has_db || std::fs::read_dir(path)?.next().is_none() {
                 Ok(())
             } else {
@@ -163,7 +178,14 @@ fn init_meta(path: &Path, db: &sled::Db) -> Result<u64, Error> {
         ));
     }
     let meta = db.open_tree(META_TREE)?;
-    match meta.get(FORMAT_KEY)? {
+    let marker = meta.get(FORMAT_KEY)?;
+    if marker.is_none() && path.join(SIDECAR).exists() {
+        return Err(Error::Damaged {
+            path: path.into(),
+            reason: "its metadata is gone although it was written durably before",
+        });
+    }
+    match marker {
         None if is_new || meta.is_empty() => {
             let mut marker = FORMAT_MAGIC.to_vec();
             marker.extend_from_slice(&STORE_FORMAT.to_le_bytes());

@@ -1,0 +1,147 @@
+//! Opening: paths that are not stores, foreign or newer databases, and clean shutdown.
+
+mod common;
+
+use common::{Scratch, ServiceError};
+use idemstore::{Error, Store};
+
+fn not_a_store(r: Result<Store, Error>) -> &'static str {
+    match r {
+        Err(Error::NotAStore { reason, .. }) => reason,
+        other => panic!("expected NotAStore, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_regular_file_is_not_a_store() {
+    let s = Scratch::new();
+    std::fs::write(s.path(), b"hello").unwrap();
+    not_a_store(Store::open(s.path()));
+    assert_eq!(
+        std::fs::read(s.path()).unwrap(),
+        b"hello",
+        "the file is left alone"
+    );
+}
+
+#[test]
+fn a_directory_of_other_files_is_not_a_store() {
+    let s = Scratch::new();
+    std::fs::create_dir(s.path()).unwrap();
+    std::fs::write(s.path().join("notes.txt"), b"mine").unwrap();
+    not_a_store(Store::open(s.path()));
+    let entries: Vec<_> = std::fs::read_dir(s.path()).unwrap().collect();
+    assert_eq!(
+        entries.len(),
+        1,
+        "nothing was created beside the user's file"
+    );
+}
+
+#[test]
+fn an_empty_directory_becomes_a_store() {
+    let s = Scratch::new();
+    std::fs::create_dir(s.path()).unwrap();
+    let store = Store::open(s.path()).unwrap();
+    store
+        .execute_once("k", || Ok::<_, ServiceError>(1u8))
+        .unwrap();
+}
+
+#[test]
+fn a_sled_database_idemstore_did_not_create_is_refused() {
+    let s = Scratch::new();
+    {
+        let db = sled::open(s.path()).unwrap();
+        db.insert(b"someone else's", b"data").unwrap();
+        db.flush().unwrap();
+    }
+    not_a_store(Store::open(s.path()));
+    let db = sled::open(s.path()).unwrap();
+    assert_eq!(db.get(b"someone else's").unwrap().unwrap(), b"data");
+}
+
+#[test]
+fn garbage_in_the_database_files_is_an_error_not_a_panic() {
+    let s = Scratch::new();
+    s.open().close().unwrap();
+    let db_file = s.path().join("db");
+    let len = std::fs::metadata(&db_file).unwrap().len() as usize;
+    let mut noise = Vec::with_capacity(len.max(4096));
+    let mut x: u32 = 0x9E37_79B9;
+    for _ in 0..len.max(4096) {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        noise.push(x as u8);
+    }
+    std::fs::write(&db_file, noise).unwrap();
+    // Whether or not the engine notices, the store must not start over as if new.
+    match Store::open(s.path()) {
+        Err(Error::Damaged { .. } | Error::NotAStore { .. } | Error::Storage(_)) => {}
+        other => panic!("expected a typed refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_store_whose_engine_files_vanished_is_damaged_not_new() {
+    let s = Scratch::new();
+    s.open().close().unwrap();
+    for name in ["db", "conf"] {
+        std::fs::remove_file(s.path().join(name)).unwrap();
+    }
+    for entry in std::fs::read_dir(s.path()).unwrap() {
+        let p = entry.unwrap().path();
+        if p.file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("snap.")
+        {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+    assert!(matches!(Store::open(s.path()), Err(Error::Damaged { .. })));
+}
+
+#[test]
+fn a_store_from_a_newer_version_is_refused() {
+    let s = Scratch::new();
+    s.open().close().unwrap();
+    {
+        let db = sled::open(s.path()).unwrap();
+        let meta = db.open_tree("idemstore/meta").unwrap();
+        let mut marker = b"idemstore".to_vec();
+        marker.extend_from_slice(&99u32.to_le_bytes());
+        meta.insert("format", marker).unwrap();
+        db.flush().unwrap();
+    }
+    match Store::open(s.path()) {
+        Err(Error::UnsupportedStoreVersion { found: 99, .. }) => {}
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn the_same_path_cannot_be_opened_twice() {
+    let s = Scratch::new();
+    let first = s.open();
+    assert!(matches!(Store::open(s.path()), Err(Error::Locked { .. })));
+    first
+        .execute_once("k", || Ok::<_, ServiceError>(1u8))
+        .unwrap();
+    first.close().unwrap();
+    let second = s.open();
+    assert!(second
+        .execute_once("k", || Ok::<_, ServiceError>(2u8))
+        .unwrap()
+        .is_replayed());
+}
+
+#[test]
+fn epoch_grows_on_every_open() {
+    let s = Scratch::new();
+    for expected in 1..=4 {
+        let store = s.open();
+        assert_eq!(store.epoch(), expected);
+    }
+}

@@ -229,7 +229,7 @@ impl Store {
     /// # let dir = tempfile::tempdir().unwrap();
     /// use idemstore::{RecordState, Store};
     /// let store = Store::open(dir.path().join("db")).unwrap();
-    /// store.execute_once("k", || Ok::<_, std::io::Error>("done")).unwrap();
+    /// store.execute_once("k", || Ok::<_, std::io::Error>(String::from("done"))).unwrap();
     /// let info = store.record("k").unwrap().unwrap();
     /// assert_eq!((info.state, info.attempts), (RecordState::Completed, 1));
     /// ```

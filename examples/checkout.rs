@@ -1,0 +1,280 @@
+//! A checkout service's payment step, wrapped in idemstore.
+//!
+//! The "payment gateway" here is a ledger file outside the store (appended and fsynced per
+//! charge), so the demo counts real charges, across threads and across a process that is
+//! killed with SIGKILL in the middle of a charge.
+//!
+//! Run: `cargo run --example checkout`
+
+use idemstore::{Error, ExecuteError, Fingerprint, OrphanPolicy, Store};
+use serde::{Deserialize, Serialize};
+use std::fs::OpenOptions;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Receipt {
+    charge_id: String,
+    cents: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize, thiserror::Error)]
+enum PaymentError {
+    #[error("card declined: {0}")]
+    Declined(String),
+    #[error("gateway timed out")]
+    GatewayTimeout,
+}
+
+/// The simulated payment provider: one fsynced ledger line per charge.
+struct Gateway {
+    ledger: PathBuf,
+    fail_next_with_timeout: AtomicU32,
+}
+
+impl Gateway {
+    fn charge(&self, order: &str, card: &str, cents: u64) -> Result<Receipt, PaymentError> {
+        if card == "tok_declined" {
+            return Err(PaymentError::Declined("insufficient funds".into()));
+        }
+        if self.fail_next_with_timeout.load(Ordering::SeqCst) > 0 {
+            self.fail_next_with_timeout.fetch_sub(1, Ordering::SeqCst);
+            return Err(PaymentError::GatewayTimeout);
+        }
+        let charge_id = format!("ch_{}_{}", order, self.charges(order) + 1);
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.ledger)
+            .expect("ledger");
+        writeln!(f, "{order} {charge_id} {cents}").expect("ledger write");
+        f.sync_all().expect("ledger sync");
+        Ok(Receipt { charge_id, cents })
+    }
+
+    /// How many times `order` was charged, by the ledger.
+    fn charges(&self, order: &str) -> usize {
+        self.lookup(order).len()
+    }
+
+    fn lookup(&self, order: &str) -> Vec<Receipt> {
+        let Ok(text) = std::fs::read_to_string(&self.ledger) else {
+            return Vec::new();
+        };
+        text.lines()
+            .filter_map(|l| {
+                let mut p = l.split(' ');
+                (p.next()? == order).then(|| Receipt {
+                    charge_id: p.next().unwrap_or_default().to_string(),
+                    cents: p.next().and_then(|c| c.parse().ok()).unwrap_or(0),
+                })
+            })
+            .collect()
+    }
+}
+
+#[derive(Serialize)]
+struct ChargeRequest<'a> {
+    card: &'a str,
+    cents: u64,
+}
+
+/// The service's handler: what a POST /orders/{key}/pay would call.
+fn pay(
+    store: &Store,
+    gateway: &Gateway,
+    key: &str,
+    card: &str,
+    cents: u64,
+) -> Result<idemstore::Outcome<Receipt>, ExecuteError<PaymentError>> {
+    let fingerprint =
+        Fingerprint::of(&ChargeRequest { card, cents }).map_err(ExecuteError::Store)?;
+    store
+        .call(key)
+        .fingerprint(fingerprint)
+        .permanent_if(|e: &PaymentError| matches!(e, PaymentError::Declined(_)))
+        .run(|| gateway.charge(key, card, cents))
+}
+
+fn show(label: &str, r: &Result<idemstore::Outcome<Receipt>, ExecuteError<PaymentError>>) {
+    match r {
+        Ok(out) => println!(
+            "  {label}: {} for {} cents (Idempotent-Replayed: {}, attempt {})",
+            out.charge_id,
+            out.cents,
+            out.is_replayed(),
+            out.record().attempts
+        ),
+        Err(ExecuteError::Operation { error, replayed }) => {
+            println!("  {label}: payment error: {error} (Idempotent-Replayed: {replayed})")
+        }
+        Err(ExecuteError::Store(e)) => println!("  {label}: store error: {e}"),
+    }
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    if let [_, flag, dir] = args.as_slice() {
+        if flag == "--worker" {
+            return worker(Path::new(dir));
+        }
+    }
+    let dir = tempfile::tempdir()?;
+    let gateway = Gateway {
+        ledger: dir.path().join("gateway-ledger.txt"),
+        fail_next_with_timeout: AtomicU32::new(0),
+    };
+    let store = Store::open(dir.path().join("idem-db"))?;
+    println!(
+        "idemstore checkout demo (store in {})",
+        dir.path().display()
+    );
+
+    println!("\n1. A client pays for order-7f3a, times out, and retries with the same key");
+    show(
+        "first call",
+        &pay(&store, &gateway, "order-7f3a", "tok_visa", 4200),
+    );
+    show(
+        "retry     ",
+        &pay(&store, &gateway, "order-7f3a", "tok_visa", 4200),
+    );
+    println!(
+        "  gateway charged order-7f3a {} time(s)",
+        gateway.charges("order-7f3a")
+    );
+
+    println!("\n2. The same key reused for a different amount is refused");
+    match pay(&store, &gateway, "order-7f3a", "tok_visa", 9900) {
+        Err(ExecuteError::Store(e @ Error::FingerprintMismatch { .. })) => {
+            println!("  refused: {e}")
+        }
+        other => println!("  unexpected: {other:?}"),
+    }
+
+    println!("\n3. Eight retries of order-91b2 arrive at once, on eight threads");
+    let replays = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|_| s.spawn(|| pay(&store, &gateway, "order-91b2", "tok_visa", 1500)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .expect("thread")
+                    .map(|o| o.is_replayed())
+                    .unwrap_or(false)
+            })
+            .filter(|replayed| *replayed)
+            .count()
+    });
+    println!(
+        "  gateway charged order-91b2 {} time(s); {replays} of 8 callers got the replayed receipt",
+        gateway.charges("order-91b2")
+    );
+
+    println!("\n4. A declined card is a permanent error: recorded, and replayed on retry");
+    show(
+        "first call",
+        &pay(&store, &gateway, "order-dec1", "tok_declined", 700),
+    );
+    show(
+        "retry     ",
+        &pay(&store, &gateway, "order-dec1", "tok_declined", 700),
+    );
+
+    println!("\n5. A gateway timeout is retryable: the retry calls the gateway again");
+    gateway.fail_next_with_timeout.store(1, Ordering::SeqCst);
+    show(
+        "first call",
+        &pay(&store, &gateway, "order-tmo1", "tok_visa", 2500),
+    );
+    show(
+        "retry     ",
+        &pay(&store, &gateway, "order-tmo1", "tok_visa", 2500),
+    );
+    println!(
+        "  gateway charged order-tmo1 {} time(s)",
+        gateway.charges("order-tmo1")
+    );
+
+    println!("\n6. A worker process is killed (SIGKILL) after the gateway charged, before the outcome was recorded");
+    store.close()?;
+    let mut child = Command::new(std::env::current_exe()?)
+        .arg("--worker")
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut lines = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
+    while let Some(line) = lines.next().transpose()? {
+        if line == "CHARGED" {
+            break;
+        }
+    }
+    child.kill()?;
+    child.wait()?;
+    println!(
+        "  worker killed; gateway shows {} charge(s) for order-c0de",
+        gateway.charges("order-c0de")
+    );
+
+    let store = Store::builder(dir.path().join("idem-db"))
+        .orphan_policy(OrphanPolicy::Report)
+        .open()?;
+    let info = store.record("order-c0de")?.ok_or("record missing")?;
+    println!(
+        "  after restart the record is {:?} (attempt {}, claimed in epoch {}; this is epoch {})",
+        info.state,
+        info.attempts,
+        info.claim.epoch,
+        store.epoch()
+    );
+    match pay(&store, &gateway, "order-c0de", "tok_visa", 3100) {
+        Err(ExecuteError::Store(e @ Error::Interrupted { .. })) => println!("  retry refused: {e}"),
+        other => show("retry", &other),
+    }
+    // Reconcile: ask the gateway instead of charging again, and record what it says.
+    let reconciled = store
+        .call("order-c0de")
+        .orphan_policy(OrphanPolicy::Rerun)
+        .run(|| match gateway.lookup("order-c0de").pop() {
+            Some(receipt) => Ok(receipt),
+            None => gateway.charge("order-c0de", "tok_visa", 3100),
+        });
+    show("reconciled", &reconciled);
+    show(
+        "retry     ",
+        &pay(&store, &gateway, "order-c0de", "tok_visa", 3100),
+    );
+    println!(
+        "  gateway charged order-c0de {} time(s)",
+        gateway.charges("order-c0de")
+    );
+
+    let stats = store.stats();
+    println!(
+        "\nafter restart: {} executions, {} replays, {} interrupted runs reported",
+        stats.executions, stats.replays, stats.orphans_reported
+    );
+    Ok(())
+}
+
+/// The killed worker: charges order-c0de, then hangs before its outcome can be recorded.
+fn worker(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    let gateway = Gateway {
+        ledger: dir.join("gateway-ledger.txt"),
+        fail_next_with_timeout: AtomicU32::new(0),
+    };
+    let store = Store::open(dir.join("idem-db"))?;
+    let _ = store.execute_once("order-c0de", || {
+        let receipt = gateway.charge("order-c0de", "tok_visa", 3100);
+        println!("CHARGED");
+        std::io::stdout().flush().ok();
+        std::thread::sleep(Duration::from_secs(3600));
+        receipt
+    });
+    Ok(())
+}

@@ -153,16 +153,28 @@ where
         }
 
         Counters::bump(&shared.counters.executions);
-        tracing::debug!(key = %KeyHash(key), attempts, "running operation");
+        let span = tracing::debug_span!("idemstore.execute", key = %KeyHash(key), attempts);
+        let _entered = span.enter();
+        tracing::debug!("running operation");
         // Invariant: this point is reached once per call (every path below returns), so the
         // closure is called at most once.
         let ran = panic::catch_unwind(AssertUnwindSafe(f));
         let result = record_outcome(shared, key, &pending_header, &pending, ttl_ms, policy, ran);
+        tracing::debug!(state = ?result_state(&result), "outcome recorded");
         drop(leader);
         return match result {
             Finished::Returned(r) => r,
             Finished::Panicked(payload) => panic::resume_unwind(payload),
         };
+    }
+}
+
+fn result_state<T, E>(f: &Finished<T, E>) -> &'static str {
+    match f {
+        Finished::Returned(Ok(_)) => "completed",
+        Finished::Returned(Err(ExecuteError::Operation { .. })) => "failed",
+        Finished::Returned(Err(ExecuteError::Store(_))) => "store error",
+        Finished::Panicked(_) => "panicked",
     }
 }
 

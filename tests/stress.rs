@@ -69,7 +69,7 @@ fn recorded_outcomes_come_from_exactly_one_execution_and_everyone_sees_it() {
             let (store, next_execution, executions, received) =
                 (&store, &next_execution, &executions, &received);
             scope.spawn(move || {
-                let mut rng = XorShift(0x9E37_79B9_7F4A_7C15 ^ (t + 1) * 0x1234_5678);
+                let mut rng = XorShift(0x9E37_79B9_7F4A_7C15 ^ ((t + 1) * 0x1234_5678));
                 for i in 0..calls_per_thread {
                     let key = (i / 10) * KEYS + rng.next() % KEYS;
                     let roll = rng.next() % 100;

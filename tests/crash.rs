@@ -73,6 +73,13 @@ fn child_process() {
     let (Ok(path), Ok(mode)) = (std::env::var(PATH_VAR), std::env::var(MODE_VAR)) else {
         panic!("child_process runs only under the crash tests");
     };
+    if mode == "try-open" {
+        match Store::open(&path) {
+            Err(Error::Locked { .. }) => say("LOCKED".into()),
+            other => say(format!("UNEXPECTED {other:?}")),
+        }
+        return;
+    }
     let store = Store::builder(&path).sweep_interval(None).open().unwrap();
     match mode.as_str() {
         "hang-in-operation" => {
@@ -219,4 +226,27 @@ fn a_second_process_cannot_open_a_store_in_use() {
     store
         .execute_once("k", || Ok::<_, ServiceError>(1u32))
         .unwrap();
+}
+
+#[test]
+fn the_first_process_keeps_working_when_a_second_one_is_refused() {
+    let s = Scratch::new();
+    let store = s.open();
+    store
+        .execute_once("before", || Ok::<_, ServiceError>(1u32))
+        .unwrap();
+    let mut child = ChildRun::spawn(&s.path(), "try-open");
+    let line = child.wait_for("LOCKED");
+    assert_eq!(line, "LOCKED");
+    assert!(child.child.wait().unwrap().success());
+    assert!(store
+        .execute_once("before", || Ok::<_, ServiceError>(2u32))
+        .unwrap()
+        .is_replayed());
+    assert_eq!(
+        *store
+            .execute_once("after", || Ok::<_, ServiceError>(3u32))
+            .unwrap(),
+        3
+    );
 }

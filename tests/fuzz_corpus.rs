@@ -6,7 +6,9 @@ mod reference;
 use std::path::Path;
 
 fn corpus(target: &str) -> Vec<Vec<u8>> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus").join(target);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/corpus")
+        .join(target);
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .map(|e| e.unwrap().path())
@@ -49,20 +51,28 @@ fn write_decode_seeds() {
     let db = dir.path().join("db");
     {
         let store = Store::open(&db).unwrap();
-        store.execute_once("ok", || Ok::<_, std::io::Error>(String::from("receipt"))).unwrap();
+        store
+            .execute_once("ok", || Ok::<_, std::io::Error>(String::from("receipt")))
+            .unwrap();
         let _ = store.execute_once("retry", || Err::<u8, _>(std::io::Error::other("x")));
         let _ = store
             .call("perm")
             .fingerprint(idemstore::Fingerprint::of_bytes(b"req"))
             .permanent_if(|_: &String| true)
             .run(|| Err::<u8, _>(String::from("declined")));
-        let _ = store.call("big").run(|| Ok::<_, std::io::Error>(vec![1u8; 2 << 20]));
+        let _ = store
+            .call("big")
+            .run(|| Ok::<_, std::io::Error>(vec![1u8; 2 << 20]));
     }
     let raw = sled::open(&db).unwrap();
     let records = raw.open_tree("idemstore/records").unwrap();
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/decode_record");
     for item in records.iter() {
         let (k, v) = item.unwrap();
-        std::fs::write(out.join(format!("seed-{}", String::from_utf8_lossy(&k))), &v).unwrap();
+        std::fs::write(
+            out.join(format!("seed-{}", String::from_utf8_lossy(&k))),
+            &v,
+        )
+        .unwrap();
     }
 }

@@ -138,8 +138,8 @@ pub enum Error {
         version: u8,
     },
 
-    /// Another process holds the database at this path open.
-    #[error("store at {path:?} is locked by another process")]
+    /// Another process (or another open `Store` in this process) holds the database open.
+    #[error("store at {path:?} is locked: another process (or another open Store in this process) has it open")]
     Locked {
         /// The database directory.
         path: PathBuf,

@@ -7,7 +7,7 @@
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
@@ -80,16 +80,18 @@ impl<S> Shared<S> {
 /// # Ok(()) }
 /// ```
 pub struct Store {
-    shared: Arc<Shared<SledStorage>>,
+    /// Invariant: `Some` from open until shutdown, which only `close` and `drop` call.
+    shared: Option<Arc<Shared<SledStorage>>>,
     sweeper: Option<SweeperThread>,
     flusher: Option<FlusherThread>,
-    closed: bool,
+    /// The engine's data file, whose lock shutdown waits to see released.
+    lock_file: PathBuf,
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
-            .field("epoch", &self.shared.epoch)
+            .field("epoch", &self.shared().epoch)
             .finish_non_exhaustive()
     }
 }
@@ -143,10 +145,10 @@ impl Store {
         };
         tracing::debug!(epoch = opened.epoch, "idemstore opened");
         Ok(Store {
-            shared,
+            shared: Some(shared),
             sweeper,
             flusher: opened.flusher,
-            closed: false,
+            lock_file: b.path.join("db"),
         })
     }
 
@@ -200,7 +202,7 @@ impl Store {
         F: FnOnce() -> Result<T, E>,
     {
         crate::machine::execute(
-            &self.shared,
+            self.shared(),
             key.as_ref(),
             &CallOptions::default(),
             &AllRetryable,
@@ -220,7 +222,9 @@ impl Store {
     }
 
     pub(crate) fn shared(&self) -> &Shared<SledStorage> {
-        &self.shared
+        // Invariant: only shutdown takes `shared`, and it runs in `close(self)` or `drop`,
+        // after which no method can be called.
+        self.shared.as_deref().expect("store is open")
     }
 
     /// The metadata of `key`'s record, or `None` if it is absent or expired.
@@ -239,11 +243,11 @@ impl Store {
     /// [`Error::Storage`] for I/O failures.
     pub fn record(&self, key: impl AsRef<[u8]>) -> Result<Option<RecordInfo>, Error> {
         let key = key.as_ref();
-        let Some(bytes) = self.shared.storage.get(key)? else {
+        let Some(bytes) = self.shared().storage.get(key)? else {
             return Ok(None);
         };
         let rec = record::decode(&bytes).map_err(|e| decode_error(key, e))?;
-        let now = self.shared.clock.now_millis();
+        let now = self.shared().clock.now_millis();
         Ok((!rec.header.is_expired(now)).then(|| RecordInfo::new(&rec.header, rec.payload.len())))
     }
 
@@ -255,8 +259,13 @@ impl Store {
     /// # Errors
     /// [`Error::Storage`] for I/O failures.
     pub fn remove(&self, key: impl AsRef<[u8]>) -> Result<bool, Error> {
-        let removed = self.shared.storage.records.remove(key.as_ref())?.is_some();
-        self.shared.storage.barrier()?;
+        let removed = self
+            .shared()
+            .storage
+            .records
+            .remove(key.as_ref())?
+            .is_some();
+        self.shared().storage.barrier()?;
         Ok(removed)
     }
 
@@ -272,8 +281,8 @@ impl Store {
     /// ```
     pub fn records(&self) -> Records<'_> {
         Records {
-            iter: self.shared.storage.records.iter(),
-            now_ms: self.shared.clock.now_millis(),
+            iter: self.shared().storage.records.iter(),
+            now_ms: self.shared().clock.now_millis(),
             state: None,
             _store: self,
         }
@@ -293,17 +302,17 @@ impl Store {
     /// # Errors
     /// [`Error::Storage`] for I/O failures.
     pub fn sweep_now(&self) -> Result<u64, Error> {
-        sweeper::sweep(&self.shared, self.shared.clock.now_millis())
+        sweeper::sweep(self.shared(), self.shared().clock.now_millis())
     }
 
     /// A snapshot of the store's counters.
     pub fn stats(&self) -> Stats {
-        self.shared.counters.snapshot()
+        self.shared().counters.snapshot()
     }
 
     /// This open's epoch: 1 for a new store, one more on every open.
     pub fn epoch(&self) -> u64 {
-        self.shared.epoch
+        self.shared().epoch
     }
 
     /// Makes every write so far durable (useful in `Periodic` mode before a planned exit).
@@ -311,7 +320,7 @@ impl Store {
     /// # Errors
     /// [`Error::Storage`] if the flush fails.
     pub fn flush(&self) -> Result<(), Error> {
-        self.shared.storage.db.flush()?;
+        self.shared().storage.db.flush()?;
         Ok(())
     }
 
@@ -325,20 +334,50 @@ impl Store {
     }
 
     fn shutdown(&mut self) -> Result<(), Error> {
-        self.closed = true;
+        let Some(shared) = self.shared.take() else {
+            return Ok(());
+        };
         drop(self.sweeper.take());
         drop(self.flusher.take());
-        self.shared.storage.db.flush()?;
+        let flushed = shared.storage.db.flush();
+        drop(shared);
+        wait_for_engine_release(&self.lock_file);
+        flushed?;
         Ok(())
+    }
+}
+
+/// Waits (bounded) until the engine has let go of its data file's lock.
+///
+/// sled hands some writes to a global thread pool whose tasks hold the engine alive for a
+/// moment after the last handle drops; the file lock goes with it. Waiting here means a store
+/// closed by this process can be opened again at once, instead of failing with `Locked`.
+fn wait_for_engine_release(lock_file: &Path) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let Ok(file) = std::fs::File::open(lock_file) else {
+        return;
+    };
+    loop {
+        match file.try_lock() {
+            Ok(()) => {
+                let _ = file.unlock();
+                return;
+            }
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the storage engine still holds its lock after close");
+                return;
+            }
+        }
     }
 }
 
 impl Drop for Store {
     fn drop(&mut self) {
-        if !self.closed {
-            if let Err(e) = self.shutdown() {
-                tracing::error!(error = %e, "final flush failed while closing the store");
-            }
+        if let Err(e) = self.shutdown() {
+            tracing::error!(error = %e, "final flush failed while closing the store");
         }
     }
 }

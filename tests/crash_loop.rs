@@ -98,7 +98,7 @@ fn crash_loop_child() {
                 let (mut effects, mut returned) = (log("effects"), log("returned"));
                 let mut rng = XorShift((seed + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (t + 7));
                 for n in 0.. {
-                    let ttl_key = rng.next() % 6 == 0;
+                    let ttl_key = rng.next().is_multiple_of(6);
                     let key = if ttl_key {
                         format!("ttl{}", rng.next() % TTL_KEYS)
                     } else {
@@ -213,7 +213,7 @@ fn crash_loop(policy: &str, kills: u64) -> Summary {
             .unwrap();
         let mut child = Killed(child);
         // One kill in eight lands during open/recovery; the rest while the workload runs.
-        if rng.next() % 8 != 0 {
+        if !rng.next().is_multiple_of(8) {
             let stdout = child.0.stdout.take().unwrap();
             for line in BufReader::new(stdout).lines() {
                 if line.unwrap().contains("OPEN") {

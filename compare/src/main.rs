@@ -1,0 +1,522 @@
+//! idemstore against what users would pick instead, on this machine, in one run.
+//!
+//! Every system does the same idempotency protocol for a new key: look up, claim, durable
+//! point, record the completion, durable point. Replay is one lookup of a completed key. Each
+//! figure is operations per second over a fixed time; ratios are to idemstore's figure in the
+//! same row group, so they compare systems measured minutes apart on the same disk.
+//!
+//! Run: `cargo run --release -p idemstore-compare [-- --seconds 3 --out target/compare]`
+
+use idemstore::{Durability, Store};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+const VALUE: &[u8] = b"receipt:ch_1N8vJkLq2eZvKYlo2C0fG8yZ"; // a small, typical result
+
+struct Settings {
+    seconds: f64,
+    out: PathBuf,
+    threads: Vec<usize>,
+}
+
+fn settings() -> Settings {
+    let mut s = Settings {
+        seconds: 2.0,
+        out: PathBuf::from("target/compare"),
+        threads: vec![1, 4, 16, 64],
+    };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < args.len() {
+        match (args[i].as_str(), args.get(i + 1)) {
+            ("--seconds", Some(v)) => s.seconds = v.parse().expect("--seconds takes a number"),
+            ("--out", Some(v)) => s.out = PathBuf::from(v),
+            ("--threads", Some(v)) => {
+                s.threads = v
+                    .split(',')
+                    .map(|t| t.parse().expect("--threads 1,4,16"))
+                    .collect()
+            }
+            (other, _) => {
+                panic!("unknown argument {other}; use --seconds N --out DIR --threads 1,4")
+            }
+        }
+        i += 2;
+    }
+    s
+}
+
+/// Runs `op(thread, n)` on `threads` threads for `seconds`; returns operations per second.
+fn measure<F>(threads: usize, seconds: f64, op: F) -> f64
+where
+    F: Fn(usize, u64) + Sync,
+{
+    let stop = AtomicBool::new(false);
+    let done = AtomicU64::new(0);
+    let start = Instant::now();
+    std::thread::scope(|scope| {
+        for t in 0..threads {
+            let (stop, done, op) = (&stop, &done, &op);
+            scope.spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    op(t, n);
+                    n += 1;
+                }
+                done.fetch_add(n, Ordering::Relaxed);
+            });
+        }
+        std::thread::sleep(Duration::from_secs_f64(seconds));
+        stop.store(true, Ordering::Relaxed);
+    });
+    done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+}
+
+fn key(t: usize, n: u64) -> String {
+    format!("order-{t}-{n}")
+}
+
+// ---- idemstore ----
+
+fn idemstore_new_keys(dir: &Path, durability: Durability, threads: usize, secs: f64) -> f64 {
+    let store = Store::builder(dir.join("idem"))
+        .durability(durability)
+        .open()
+        .unwrap();
+    let r = measure(threads, secs, |t, n| {
+        store
+            .execute_once(key(t, n), || Ok::<_, std::io::Error>(VALUE.to_vec()))
+            .unwrap();
+    });
+    drop(store);
+    r
+}
+
+fn idemstore_replay(dir: &Path, threads: usize, secs: f64, value: &[u8]) -> f64 {
+    let store = Store::builder(dir.join("idem-replay")).open().unwrap();
+    for i in 0..1000u64 {
+        store
+            .execute_once(format!("k{i}"), || Ok::<_, std::io::Error>(value.to_vec()))
+            .unwrap();
+    }
+    let keys: Vec<String> = (0..1000).map(|i| format!("k{i}")).collect();
+    measure(threads, secs, |_, n| {
+        let out = store
+            .execute_once(
+                &keys[(n % 1000) as usize],
+                || -> Result<Vec<u8>, std::io::Error> {
+                    unreachable!("replay must not run the operation")
+                },
+            )
+            .unwrap();
+        std::hint::black_box(out);
+    })
+}
+
+// ---- raw sled, the same protocol by hand ----
+
+fn raw_sled_new_keys(dir: &Path, flush: bool, threads: usize, secs: f64) -> f64 {
+    let db = sled::Config::new()
+        .path(dir.join("raw-sled"))
+        .flush_every_ms(if flush { None } else { Some(500) })
+        .open()
+        .unwrap();
+    let tree = db.open_tree("records").unwrap();
+    measure(threads, secs, |t, n| {
+        let k = key(t, n);
+        let found = tree.get(&k).unwrap();
+        assert!(found.is_none());
+        tree.compare_and_swap(&k, None::<&[u8]>, Some(&b"pending"[..]))
+            .unwrap()
+            .unwrap();
+        if flush {
+            db.flush().unwrap();
+        }
+        let mut done = b"completed:".to_vec();
+        done.extend_from_slice(VALUE);
+        tree.compare_and_swap(&k, Some(&b"pending"[..]), Some(done))
+            .unwrap()
+            .unwrap();
+        if flush {
+            db.flush().unwrap();
+        }
+    })
+}
+
+fn raw_sled_get(dir: &Path, threads: usize, secs: f64, value: &[u8]) -> f64 {
+    let db = sled::open(dir.join("raw-sled-get")).unwrap();
+    let tree = db.open_tree("records").unwrap();
+    let keys: Vec<String> = (0..1000).map(|i| format!("k{i}")).collect();
+    for k in &keys {
+        tree.insert(k, value).unwrap();
+    }
+    measure(threads, secs, |_, n| {
+        std::hint::black_box(tree.get(&keys[(n % 1000) as usize]).unwrap());
+    })
+}
+
+// ---- SQLite, WAL mode, the same protocol as a table ----
+
+fn sqlite_open(path: &Path, synchronous: &str) -> rusqlite::Connection {
+    let c = rusqlite::Connection::open(path).unwrap();
+    c.busy_timeout(Duration::from_secs(60)).unwrap();
+    c.pragma_update(None, "journal_mode", "WAL").unwrap();
+    c.pragma_update(None, "synchronous", synchronous).unwrap();
+    c.execute_batch(
+        "CREATE TABLE IF NOT EXISTS idem (key TEXT PRIMARY KEY, state INTEGER NOT NULL, value BLOB)",
+    )
+    .unwrap();
+    c
+}
+
+fn sqlite_new_keys(dir: &Path, synchronous: &str, threads: usize, secs: f64) -> f64 {
+    let path = dir.join(format!("sqlite-{synchronous}.db"));
+    drop(sqlite_open(&path, synchronous));
+    let conns: Vec<parking_lot_free::Slot> = (0..threads)
+        .map(|_| parking_lot_free::Slot::new(sqlite_open(&path, synchronous)))
+        .collect();
+    measure(threads, secs, |t, n| {
+        let c = conns[t].get();
+        let k = key(t, n);
+        let existing: Option<i64> = {
+            let mut q = c
+                .prepare_cached("SELECT state FROM idem WHERE key = ?1")
+                .unwrap();
+            let mut rows = q.query([&k]).unwrap();
+            rows.next().unwrap().map(|r| r.get(0).unwrap())
+        };
+        assert!(existing.is_none());
+        let claimed = c
+            .prepare_cached("INSERT INTO idem (key, state) VALUES (?1, 0) ON CONFLICT DO NOTHING")
+            .unwrap()
+            .execute([&k])
+            .unwrap();
+        assert_eq!(claimed, 1);
+        let completed = c
+            .prepare_cached("UPDATE idem SET state = 1, value = ?1 WHERE key = ?2 AND state = 0")
+            .unwrap()
+            .execute(rusqlite::params![VALUE, k])
+            .unwrap();
+        assert_eq!(completed, 1);
+    })
+}
+
+fn sqlite_replay(dir: &Path, threads: usize, secs: f64, value: &[u8]) -> f64 {
+    let path = dir.join("sqlite-replay.db");
+    {
+        let c = sqlite_open(&path, "NORMAL");
+        for i in 0..1000 {
+            c.execute(
+                "INSERT INTO idem (key, state, value) VALUES (?1, 1, ?2)",
+                rusqlite::params![format!("k{i}"), value],
+            )
+            .unwrap();
+        }
+    }
+    let keys: Vec<String> = (0..1000).map(|i| format!("k{i}")).collect();
+    let conns: Vec<parking_lot_free::Slot> = (0..threads)
+        .map(|_| parking_lot_free::Slot::new(sqlite_open(&path, "NORMAL")))
+        .collect();
+    measure(threads, secs, |t, n| {
+        let c = conns[t].get();
+        let mut q = c
+            .prepare_cached("SELECT state, value FROM idem WHERE key = ?1")
+            .unwrap();
+        let row: (i64, Vec<u8>) = q
+            .query_row([&keys[(n % 1000) as usize]], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap();
+        std::hint::black_box(row);
+    })
+}
+
+/// One SQLite connection per thread (connections are Send but not Sync).
+mod parking_lot_free {
+    pub struct Slot(std::sync::Mutex<rusqlite::Connection>);
+    impl Slot {
+        pub fn new(c: rusqlite::Connection) -> Self {
+            Self(std::sync::Mutex::new(c))
+        }
+        /// Uncontended: each thread locks only its own slot.
+        pub fn get(&self) -> std::sync::MutexGuard<'_, rusqlite::Connection> {
+            self.0.lock().unwrap()
+        }
+    }
+}
+
+// ---- the disk's limit ----
+
+fn fdatasync_rate(dir: &Path, secs: f64) -> f64 {
+    use std::os::unix::fs::FileExt;
+    use std::os::unix::io::AsRawFd;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(dir.join("fsync.bin"))
+        .unwrap();
+    let block = vec![0x5Au8; 4096];
+    measure(1, secs, |_, n| {
+        f.write_all_at(&block, (n % 1024) * 4096).unwrap();
+        // SAFETY-free: fdatasync on a file descriptor we own.
+        let rc = unsafe_free_fdatasync(f.as_raw_fd());
+        assert_eq!(rc, 0);
+    })
+}
+
+fn unsafe_free_fdatasync(fd: i32) -> i32 {
+    // libc::fdatasync is an FFI call; it only reads the descriptor.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::fdatasync(fd)
+    }
+}
+
+// ---- report ----
+
+struct Row {
+    group: &'static str,
+    system: String,
+    threads: usize,
+    ops: f64,
+}
+
+fn main() {
+    let s = settings();
+    std::fs::create_dir_all(&s.out).unwrap();
+    let mut rows: Vec<Row> = Vec::new();
+    let mut push = |group, system: &str, threads, ops: f64| {
+        eprintln!("{group:<28} {system:<26} {threads:>3} threads {ops:>12.0} ops/s");
+        rows.push(Row {
+            group,
+            system: system.to_string(),
+            threads,
+            ops,
+        });
+    };
+    let fresh = || tempfile::tempdir_in(std::env::current_dir().unwrap()).unwrap();
+
+    for value in [VALUE.to_vec(), vec![7u8; 4096]] {
+        let group = if value.len() > 1000 {
+            "replay, 4 KiB result"
+        } else {
+            "replay, small result"
+        };
+        let d = fresh();
+        push(
+            group,
+            "idemstore",
+            1,
+            idemstore_replay(d.path(), 1, s.seconds, &value),
+        );
+        push(
+            group,
+            "raw sled get",
+            1,
+            raw_sled_get(d.path(), 1, s.seconds, &value),
+        );
+        push(
+            group,
+            "SQLite SELECT",
+            1,
+            sqlite_replay(d.path(), 1, s.seconds, &value),
+        );
+    }
+    for &t in &s.threads {
+        let d = fresh();
+        let group = "new key, durable";
+        push(
+            group,
+            "idemstore Immediate",
+            t,
+            idemstore_new_keys(d.path(), Durability::Immediate, t, s.seconds),
+        );
+        push(
+            group,
+            "raw sled + 2 flushes",
+            t,
+            raw_sled_new_keys(d.path(), true, t, s.seconds),
+        );
+        push(
+            group,
+            "SQLite WAL FULL",
+            t,
+            sqlite_new_keys(d.path(), "FULL", t, s.seconds),
+        );
+    }
+    for &t in &s.threads[..1] {
+        let d = fresh();
+        let group = "new key, not durable";
+        push(
+            group,
+            "idemstore Periodic(500ms)",
+            t,
+            idemstore_new_keys(
+                d.path(),
+                Durability::Periodic(Duration::from_millis(500)),
+                t,
+                s.seconds,
+            ),
+        );
+        push(
+            group,
+            "raw sled, no flush",
+            t,
+            raw_sled_new_keys(d.path(), false, t, s.seconds),
+        );
+        push(
+            group,
+            "SQLite WAL NORMAL",
+            t,
+            sqlite_new_keys(d.path(), "NORMAL", t, s.seconds),
+        );
+    }
+    {
+        let d = fresh();
+        push(
+            "disk ceiling",
+            "write 4 KiB + fdatasync",
+            1,
+            fdatasync_rate(d.path(), s.seconds),
+        );
+    }
+
+    let table = render_table(&rows);
+    println!("{table}");
+    std::fs::write(s.out.join("results.md"), &table).unwrap();
+    std::fs::write(s.out.join("durable-threads.svg"), render_svg(&rows)).unwrap();
+    let mut csv = std::fs::File::create(s.out.join("results.csv")).unwrap();
+    writeln!(csv, "group,system,threads,ops_per_sec").unwrap();
+    for r in &rows {
+        writeln!(csv, "{},{},{},{:.0}", r.group, r.system, r.threads, r.ops).unwrap();
+    }
+    eprintln!(
+        "wrote {}/results.md, results.csv, durable-threads.svg",
+        s.out.display()
+    );
+}
+
+fn render_table(rows: &[Row]) -> String {
+    let mut out = String::from(
+        "| workload | system | threads | ops/s | idemstore ÷ system |\n|---|---|---:|---:|---:|\n",
+    );
+    for r in rows {
+        let base = rows
+            .iter()
+            .find(|b| {
+                b.group == r.group && b.threads == r.threads && b.system.starts_with("idemstore")
+            })
+            .map(|b| b.ops);
+        let ratio = match base {
+            Some(b) if !r.system.starts_with("idemstore") => format!("{:.2}×", b / r.ops),
+            _ => "—".to_string(),
+        };
+        out.push_str(&format!(
+            "| {} | {} | {} | {:.0} | {} |\n",
+            r.group, r.system, r.threads, r.ops, ratio
+        ));
+    }
+    out
+}
+
+/// A log-scale line chart of durable new-key throughput against threads.
+fn render_svg(rows: &[Row]) -> String {
+    let series: Vec<(&str, &str)> = vec![
+        ("idemstore Immediate", "#1f77b4"),
+        ("raw sled + 2 flushes", "#ff7f0e"),
+        ("SQLite WAL FULL", "#2ca02c"),
+    ];
+    let points: Vec<(&str, Vec<(usize, f64)>)> = series
+        .iter()
+        .map(|(name, _)| {
+            (
+                *name,
+                rows.iter()
+                    .filter(|r| r.group == "new key, durable" && r.system == *name)
+                    .map(|r| (r.threads, r.ops))
+                    .collect(),
+            )
+        })
+        .collect();
+    let all: Vec<f64> = points
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|(_, o)| *o))
+        .collect();
+    let (lo, hi) = (
+        all.iter()
+            .cloned()
+            .fold(f64::MAX, f64::min)
+            .max(1.0)
+            .log10()
+            .floor(),
+        all.iter().cloned().fold(1.0, f64::max).log10().ceil(),
+    );
+    let threads: Vec<usize> = points
+        .first()
+        .map(|(_, p)| p.iter().map(|(t, _)| *t).collect())
+        .unwrap_or_default();
+    let (w, h, left, right, top, bottom) = (720.0, 420.0, 80.0, 200.0, 40.0, 60.0);
+    let x = |i: usize| left + (w - left - right) * i as f64 / (threads.len().max(2) - 1) as f64;
+    let y = |ops: f64| {
+        top + (h - top - bottom) * (1.0 - (ops.max(1.0).log10() - lo) / (hi - lo).max(1.0))
+    };
+    let mut svg = format!(
+        "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-family='sans-serif' font-size='12'>\
+         <rect width='100%' height='100%' fill='white'/>\
+         <text x='{}' y='22' font-size='15' text-anchor='middle'>New key, durable: ops/s against threads (log scale)</text>",
+        w / 2.0
+    );
+    let mut decade = lo;
+    while decade <= hi {
+        let v = 10f64.powf(decade);
+        svg += &format!(
+            "<line x1='{left}' x2='{}' y1='{y0}' y2='{y0}' stroke='#ddd'/><text x='{}' y='{}' text-anchor='end'>{v:.0}</text>",
+            w - right,
+            left - 6.0,
+            y(v) + 4.0,
+            y0 = y(v)
+        );
+        decade += 1.0;
+    }
+    for (i, t) in threads.iter().enumerate() {
+        svg += &format!(
+            "<text x='{}' y='{}' text-anchor='middle'>{t}</text>",
+            x(i),
+            h - bottom + 18.0
+        );
+    }
+    svg += &format!(
+        "<text x='{}' y='{}' text-anchor='middle'>threads</text>",
+        (left + w - right) / 2.0,
+        h - 18.0
+    );
+    for (k, ((name, color), (_, pts))) in series.iter().zip(&points).enumerate() {
+        let path: Vec<String> = pts
+            .iter()
+            .enumerate()
+            .map(|(i, (_, o))| format!("{:.1},{:.1}", x(i), y(*o)))
+            .collect();
+        svg += &format!(
+            "<polyline fill='none' stroke='{color}' stroke-width='2.5' points='{}'/>",
+            path.join(" ")
+        );
+        for (i, (_, o)) in pts.iter().enumerate() {
+            svg += &format!(
+                "<circle cx='{:.1}' cy='{:.1}' r='3.5' fill='{color}'/>",
+                x(i),
+                y(*o)
+            );
+        }
+        let ly = top + 20.0 + 22.0 * k as f64;
+        svg += &format!(
+            "<line x1='{}' x2='{}' y1='{ly}' y2='{ly}' stroke='{color}' stroke-width='3'/><text x='{}' y='{}'>{name}</text>",
+            w - right + 12.0,
+            w - right + 36.0,
+            w - right + 42.0,
+            ly + 4.0
+        );
+    }
+    svg + "</svg>\n"
+}

@@ -49,10 +49,12 @@ where
     loop {
         // Fast path: a live terminal record is replayed without touching the registry's map
         // for writing.
-        let now = shared.clock.now_millis();
-        let stored = shared.storage.get(key)?;
+        let mut now = shared.clock.now_millis();
+        let mut stored = shared.storage.get(key)?;
+        let mut saw_pending = false;
         if let Some(rec) = live(key, stored.as_ref().map(AsRef::as_ref), now)? {
             check_fingerprint(shared, key, &rec, options)?;
+            saw_pending = rec.header.state == RecordState::Pending;
             if is_terminal(rec.header.state) {
                 if shared.settings.immediate {
                     if let Some(flight) = shared.registry.running(key) {
@@ -73,9 +75,13 @@ where
             }
         };
 
-        // As leader nothing else in this process claims the key; look again.
-        let now = shared.clock.now_millis();
-        let stored = shared.storage.get(key)?;
+        // As leader nothing else in this process claims the key. A Pending record seen before
+        // leading may have finished since: look again before calling it an orphan. Any other
+        // state is re-checked by the claim's compare-and-swap, which fails if it changed.
+        if saw_pending {
+            now = shared.clock.now_millis();
+            stored = shared.storage.get(key)?;
+        }
         let stored = stored.as_ref().map(AsRef::as_ref);
         let (attempts, created_ms, previous_fingerprint) = match live(key, stored, now)? {
             None => (1, now, None),

@@ -1,98 +1,55 @@
-//! Group commit: one thread makes writes durable for every caller waiting on it.
+//! Group commit: concurrent callers share each flush; no thread hand-off on the way.
 //!
-//! Invariants: a caller takes a ticket *after* its write is applied, and the flusher starts a
-//! flush only after receiving that ticket, so a flush that completes for ticket `t` covers
-//! every write whose ticket is at most `t` (tickets come from one counter, so their order is
-//! consistent with the order in which writers took them). Every ticket received before a flush
-//! starts is answered by that flush: concurrent callers share one fsync. A failed flush fails
-//! exactly the tickets it was meant to cover that no later flush covered. When the store shuts
-//! down, the flusher answers what is queued, flushes once more and exits; a barrier after that
-//! flushes on the caller's thread.
+//! Invariants: a caller takes a ticket *after* its write is applied. The first caller that
+//! finds no flush running becomes the leader: it reads the highest ticket handed out so far
+//! (every write with a ticket up to it is applied, since tickets come from one atomic counter
+//! taken after the write), flushes, and marks everything up to that ticket durable. Callers
+//! that arrive during a flush wait on a condition variable and are covered by the next flush,
+//! which one of them leads. So one flush answers every caller that was waiting when it
+//! started, and a lone caller flushes on its own thread with no hand-off. A failed flush fails
+//! exactly the tickets it was meant to cover that no later flush covered.
 
-use crossbeam_channel::{Receiver, Sender};
 use parking_lot::{Condvar, Mutex};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use crate::stats::Counters;
 
-/// The caller-side handle: take a ticket, wait for a flush that covers it.
-pub(crate) struct FlushQueue {
+/// The durability barrier for `Immediate` mode.
+pub(crate) struct GroupCommit {
     db: sled::Db,
-    requests: Sender<u64>,
     next_ticket: AtomicU64,
-    progress: Arc<Progress>,
-}
-
-struct Progress {
     state: Mutex<FlushState>,
-    changed: Condvar,
+    flushed: Condvar,
+    counters: Arc<Counters>,
 }
 
 #[derive(Default)]
 struct FlushState {
     /// Every write with a ticket at most this is durable.
     durable: u64,
+    /// A caller is flushing now.
+    flushing: bool,
     /// Tickets up to this (and above `durable`) were covered by a flush that failed.
     failed_through: u64,
     last_error: Option<sled::Error>,
-    /// The flusher thread has exited.
-    stopped: bool,
 }
 
-/// Owner of the flusher thread: dropping the shutdown sender stops it.
-pub(crate) struct FlusherThread {
-    shutdown: Option<Sender<()>>,
-    handle: Option<JoinHandle<()>>,
-}
-
-/// Starts the flusher thread for `db`.
-pub(crate) fn start(
-    db: sled::Db,
-    counters: Arc<Counters>,
-) -> std::io::Result<(FlushQueue, FlusherThread)> {
-    let (requests, request_rx) = crossbeam_channel::unbounded();
-    let (shutdown, shutdown_rx) = crossbeam_channel::bounded(0);
-    let progress = Arc::new(Progress {
-        state: Mutex::new(FlushState::default()),
-        changed: Condvar::new(),
-    });
-    let thread_db = db.clone();
-    let thread_progress = Arc::clone(&progress);
-    let handle = std::thread::Builder::new()
-        .name("idemstore-flusher".into())
-        .spawn(move || {
-            run(
-                &thread_db,
-                &request_rx,
-                &shutdown_rx,
-                &thread_progress,
-                &counters,
-            )
-        })?;
-    Ok((
-        FlushQueue {
+impl GroupCommit {
+    pub(crate) fn new(db: sled::Db, counters: Arc<Counters>) -> Self {
+        Self {
             db,
-            requests,
             next_ticket: AtomicU64::new(0),
-            progress,
-        },
-        FlusherThread {
-            shutdown: Some(shutdown),
-            handle: Some(handle),
-        },
-    ))
-}
+            state: Mutex::new(FlushState::default()),
+            flushed: Condvar::new(),
+            counters,
+        }
+    }
 
-impl FlushQueue {
     /// Returns once every write this thread applied before the call is durable.
     pub(crate) fn wait_durable(&self) -> Result<(), sled::Error> {
         let ticket = self.next_ticket.fetch_add(1, Ordering::SeqCst) + 1;
-        if self.requests.send(ticket).is_err() {
-            return self.db.flush().map(|_| ());
-        }
-        let mut state = self.progress.state.lock();
+        let mut state = self.state.lock();
         loop {
             if state.durable >= ticket {
                 return Ok(());
@@ -103,66 +60,31 @@ impl FlushQueue {
                     .clone()
                     .unwrap_or_else(|| sled::Error::ReportableBug("flush failed".into())));
             }
-            if state.stopped {
-                drop(state);
-                return self.db.flush().map(|_| ());
+            if state.flushing {
+                self.flushed.wait(&mut state);
+                continue;
             }
-            self.progress.changed.wait(&mut state);
-        }
-    }
-}
-
-fn run(
-    db: &sled::Db,
-    requests: &Receiver<u64>,
-    shutdown: &Receiver<()>,
-    progress: &Progress,
-    counters: &Counters,
-) {
-    loop {
-        let first = crossbeam_channel::select! {
-            recv(requests) -> t => t.ok(),
-            recv(shutdown) -> _ => None,
-        };
-        let Some(first) = first else { break };
-        let target = requests.try_iter().fold(first, u64::max);
-        let result = db.flush();
-        counters.flush_batches.fetch_add(1, Ordering::Relaxed);
-        let mut state = progress.state.lock();
-        match result {
-            Ok(_) => state.durable = state.durable.max(target),
-            Err(e) => {
-                tracing::error!(error = %e, "group commit flush failed");
-                state.failed_through = state.failed_through.max(target);
-                state.last_error = Some(e);
+            state.flushing = true;
+            let result = parking_lot::MutexGuard::unlocked(&mut state, || {
+                if self.next_ticket.load(Ordering::SeqCst) > ticket {
+                    // Others are on their way: let them apply their writes and join this flush.
+                    std::thread::yield_now();
+                }
+                let target = self.next_ticket.load(Ordering::SeqCst);
+                (target, self.db.flush())
+            });
+            let (target, result) = (result.0, result.1);
+            self.counters.flush_batches.fetch_add(1, Ordering::Relaxed);
+            state.flushing = false;
+            match result {
+                Ok(_) => state.durable = state.durable.max(target),
+                Err(e) => {
+                    tracing::error!(error = %e, "group commit flush failed");
+                    state.failed_through = state.failed_through.max(target);
+                    state.last_error = Some(e);
+                }
             }
-        }
-        drop(state);
-        progress.changed.notify_all();
-    }
-    // Shutting down: answer whatever is still queued with one last flush.
-    let target = requests.try_iter().fold(0, u64::max);
-    let result = db.flush();
-    let mut state = progress.state.lock();
-    match result {
-        Ok(_) => state.durable = state.durable.max(target),
-        Err(e) => {
-            state.failed_through = state.failed_through.max(target);
-            state.last_error = Some(e);
-        }
-    }
-    state.stopped = true;
-    drop(state);
-    progress.changed.notify_all();
-}
-
-impl Drop for FlusherThread {
-    fn drop(&mut self) {
-        drop(self.shutdown.take());
-        if let Some(handle) = self.handle.take() {
-            if handle.join().is_err() {
-                tracing::error!("idemstore flusher thread panicked");
-            }
+            self.flushed.notify_all();
         }
     }
 }

@@ -7,10 +7,15 @@
 //! database, "this key has an entry" is exactly "a call in this process is running it".
 //! Waiting blocks on a condition variable: no spinning, no polling sleeps. Keys hash to one of
 //! [`SHARDS`] maps, so different keys rarely share a lock and never wait on each other.
+//!
+//! `leaders` counts live leaders (incremented before the entry is inserted, decremented after
+//! it is removed), so `running` can answer "none" without a lock when nothing runs: a reader
+//! that saw a leader's write and then reads zero knows that leader has finished.
 
 use parking_lot::{Condvar, Mutex};
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -22,6 +27,7 @@ type Shard = Mutex<HashMap<Box<[u8]>, Arc<Flight>>>;
 /// The registry: one map of running keys per shard.
 pub(crate) struct Registry {
     shards: Box<[Shard]>,
+    leaders: AtomicUsize,
     hasher: std::collections::hash_map::RandomState,
 }
 
@@ -69,6 +75,7 @@ impl Registry {
     pub(crate) fn new() -> Self {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            leaders: AtomicUsize::new(0),
             hasher: std::collections::hash_map::RandomState::new(),
         }
     }
@@ -90,6 +97,7 @@ impl Registry {
             done: Mutex::new(false),
             finished: Condvar::new(),
         });
+        self.leaders.fetch_add(1, Ordering::SeqCst);
         map.insert(key.into(), Arc::clone(&flight));
         Entry::Leader(Leader {
             registry: self,
@@ -100,6 +108,9 @@ impl Registry {
 
     /// The flight running `key`, if any.
     pub(crate) fn running(&self, key: &[u8]) -> Option<Arc<Flight>> {
+        if self.leaders.load(Ordering::SeqCst) == 0 {
+            return None;
+        }
         self.shard(key).lock().get(key).cloned()
     }
 }
@@ -107,6 +118,7 @@ impl Registry {
 impl Drop for Leader<'_> {
     fn drop(&mut self) {
         self.registry.shard(&self.key).lock().remove(&self.key);
+        self.registry.leaders.fetch_sub(1, Ordering::SeqCst);
         *self.flight.done.lock() = true;
         self.flight.finished.notify_all();
     }

@@ -49,7 +49,7 @@ pub struct Stats {
     pub orphans_reported: u64,
     /// Expired records removed by sweeping.
     pub records_swept: u64,
-    /// Flushes the group-commit thread made (each covers every caller waiting at the time).
+    /// Flushes made for `Immediate` durability (each covers every caller waiting at the time).
     pub flush_batches: u64,
 }
 

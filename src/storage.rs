@@ -14,7 +14,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::flusher::{self, FlushQueue, FlusherThread};
+use crate::flusher::GroupCommit;
 use crate::stats::Counters;
 use crate::Error;
 use std::sync::Arc;
@@ -66,15 +66,14 @@ pub(crate) struct SledStorage {
     pub(crate) db: sled::Db,
     pub(crate) records: sled::Tree,
     expiry: sled::Tree,
-    /// Some in `Immediate` mode: the group-commit queue.
-    flush: Option<FlushQueue>,
+    /// Some in `Immediate` mode.
+    flush: Option<GroupCommit>,
 }
 
 /// An opened engine plus what opening it learned.
 pub(crate) struct Opened {
     pub storage: SledStorage,
     pub epoch: u64,
-    pub flusher: Option<FlusherThread>,
 }
 
 /// Opens (or creates) the database at `path`.
@@ -105,12 +104,7 @@ pub(crate) fn open(
     }
     let records = db.open_tree(RECORDS_TREE)?;
     let expiry = db.open_tree(EXPIRY_TREE)?;
-    let (flush, flusher) = if immediate {
-        let (queue, thread) = flusher::start(db.clone(), counters)?;
-        (Some(queue), Some(thread))
-    } else {
-        (None, None)
-    };
+    let flush = immediate.then(|| GroupCommit::new(db.clone(), counters));
     Ok(Opened {
         storage: SledStorage {
             db,
@@ -119,7 +113,6 @@ pub(crate) fn open(
             flush,
         },
         epoch,
-        flusher,
     })
 }
 

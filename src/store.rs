@@ -1,8 +1,8 @@
 //! The public `Store`: opening, `execute_once`, inspection and shutdown.
 //!
-//! Invariants: a `Store` owns its background threads; dropping it (or [`Store::close`]) stops
-//! and joins the sweeper, then the flusher (which answers queued callers and flushes), then
-//! flushes the database once more. `Store` is `Send + Sync`: every method takes `&self` and
+//! Invariants: a `Store` owns its background thread; dropping it (or [`Store::close`]) stops
+//! and joins the sweeper, flushes the database, and returns only once the engine has released
+//! the database's lock, so the path can be opened again at once. `Store` is `Send + Sync`: every method takes `&self` and
 //! shares state only through the storage engine, the registry and atomics.
 
 use serde::de::DeserializeOwned;
@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use crate::call::{AllRetryable, Call, CallOptions};
 use crate::clock::Clock;
-use crate::flusher::FlusherThread;
 use crate::machine::decode_error;
 use crate::record::{self, RecordState};
 use crate::registry::Registry;
@@ -83,7 +82,6 @@ pub struct Store {
     /// Invariant: `Some` from open until shutdown, which only `close` and `drop` call.
     shared: Option<Arc<Shared<SledStorage>>>,
     sweeper: Option<SweeperThread>,
-    flusher: Option<FlusherThread>,
     /// The engine's data file, whose lock shutdown waits to see released.
     lock_file: PathBuf,
 }
@@ -147,7 +145,6 @@ impl Store {
         Ok(Store {
             shared: Some(shared),
             sweeper,
-            flusher: opened.flusher,
             lock_file: b.path.join("db"),
         })
     }
@@ -338,7 +335,6 @@ impl Store {
             return Ok(());
         };
         drop(self.sweeper.take());
-        drop(self.flusher.take());
         let flushed = shared.storage.db.flush();
         drop(shared);
         wait_for_engine_release(&self.lock_file);

@@ -15,8 +15,27 @@ use std::time::{Duration, Instant};
 
 const VALUE: &[u8] = b"receipt:ch_1N8vJkLq2eZvKYlo2C0fG8yZ"; // a small, typical result
 
+/// The result idemstore records: a small receipt, or a 4 KiB response body.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Receipt {
+    charge_id: String,
+    amount: u64,
+    currency: String,
+    body: String,
+}
+
+fn receipt(value: &[u8]) -> Receipt {
+    Receipt {
+        charge_id: "ch_1N8vJkLq2eZvKYlo2C0fG8yZ".into(),
+        amount: 4200,
+        currency: "eur".into(),
+        body: String::from_utf8_lossy(value.get(35..).unwrap_or_default()).into_owned(),
+    }
+}
+
 struct Settings {
     seconds: f64,
+    only: Option<String>,
     out: PathBuf,
     threads: Vec<usize>,
 }
@@ -24,6 +43,7 @@ struct Settings {
 fn settings() -> Settings {
     let mut s = Settings {
         seconds: 2.0,
+        only: None,
         out: PathBuf::from("target/compare"),
         threads: vec![1, 4, 16, 64],
     };
@@ -33,6 +53,7 @@ fn settings() -> Settings {
         match (args[i].as_str(), args.get(i + 1)) {
             ("--seconds", Some(v)) => s.seconds = v.parse().expect("--seconds takes a number"),
             ("--out", Some(v)) => s.out = PathBuf::from(v),
+            ("--only", Some(v)) => s.only = Some(v.clone()),
             ("--threads", Some(v)) => {
                 s.threads = v
                     .split(',')
@@ -40,7 +61,7 @@ fn settings() -> Settings {
                     .collect()
             }
             (other, _) => {
-                panic!("unknown argument {other}; use --seconds N --out DIR --threads 1,4")
+                panic!("unknown argument {other}; use --seconds N --out DIR --threads 1,4 --only WORKLOAD")
             }
         }
         i += 2;
@@ -87,9 +108,16 @@ fn idemstore_new_keys(dir: &Path, durability: Durability, threads: usize, secs: 
         .unwrap();
     let r = measure(threads, secs, |t, n| {
         store
-            .execute_once(key(t, n), || Ok::<_, std::io::Error>(VALUE.to_vec()))
+            .execute_once(key(t, n), || Ok::<_, std::io::Error>(receipt(VALUE)))
             .unwrap();
     });
+    let stats = store.stats();
+    if stats.flush_batches > 0 {
+        eprintln!(
+            "  ({} durable points per flush)",
+            (2 * stats.executions) as f64 / stats.flush_batches as f64
+        );
+    }
     drop(store);
     r
 }
@@ -98,7 +126,7 @@ fn idemstore_replay(dir: &Path, threads: usize, secs: f64, value: &[u8]) -> f64 
     let store = Store::builder(dir.join("idem-replay")).open().unwrap();
     for i in 0..1000u64 {
         store
-            .execute_once(format!("k{i}"), || Ok::<_, std::io::Error>(value.to_vec()))
+            .execute_once(format!("k{i}"), || Ok::<_, std::io::Error>(receipt(value)))
             .unwrap();
     }
     let keys: Vec<String> = (0..1000).map(|i| format!("k{i}")).collect();
@@ -106,7 +134,7 @@ fn idemstore_replay(dir: &Path, threads: usize, secs: f64, value: &[u8]) -> f64 
         let out = store
             .execute_once(
                 &keys[(n % 1000) as usize],
-                || -> Result<Vec<u8>, std::io::Error> {
+                || -> Result<Receipt, std::io::Error> {
                     unreachable!("replay must not run the operation")
                 },
             )
@@ -297,90 +325,95 @@ fn main() {
         });
     };
     let fresh = || tempfile::tempdir_in(std::env::current_dir().unwrap()).unwrap();
-
-    for value in [VALUE.to_vec(), vec![7u8; 4096]] {
-        let group = if value.len() > 1000 {
-            "replay, 4 KiB result"
-        } else {
-            "replay, small result"
-        };
-        let d = fresh();
-        push(
+    // `--only TEXT` keeps the measurements whose "group: system" contains TEXT.
+    let wanted = |group: &str, system: &str| {
+        s.only
+            .as_ref()
+            .is_none_or(|o| format!("{group}: {system}").contains(o.as_str()))
+    };
+    type Measure<'a> = Box<dyn Fn(&Path) -> f64 + 'a>;
+    let secs = s.seconds;
+    let mut plan: Vec<(&'static str, &'static str, usize, Measure)> = Vec::new();
+    let small = VALUE.to_vec();
+    let large = vec![7u8; 4096];
+    for (group, value) in [
+        ("replay, small result", small),
+        ("replay, 4 KiB result", large),
+    ] {
+        let v = value.clone();
+        plan.push((
             group,
             "idemstore",
             1,
-            idemstore_replay(d.path(), 1, s.seconds, &value),
-        );
-        push(
+            Box::new(move |d| idemstore_replay(d, 1, secs, &v)),
+        ));
+        let v = value.clone();
+        plan.push((
             group,
             "raw sled get",
             1,
-            raw_sled_get(d.path(), 1, s.seconds, &value),
-        );
-        push(
+            Box::new(move |d| raw_sled_get(d, 1, secs, &v)),
+        ));
+        plan.push((
             group,
             "SQLite SELECT",
             1,
-            sqlite_replay(d.path(), 1, s.seconds, &value),
-        );
+            Box::new(move |d| sqlite_replay(d, 1, secs, &value)),
+        ));
     }
     for &t in &s.threads {
-        let d = fresh();
         let group = "new key, durable";
-        push(
+        plan.push((
             group,
             "idemstore Immediate",
             t,
-            idemstore_new_keys(d.path(), Durability::Immediate, t, s.seconds),
-        );
-        push(
+            Box::new(move |d| idemstore_new_keys(d, Durability::Immediate, t, secs)),
+        ));
+        plan.push((
             group,
             "raw sled + 2 flushes",
             t,
-            raw_sled_new_keys(d.path(), true, t, s.seconds),
-        );
-        push(
+            Box::new(move |d| raw_sled_new_keys(d, true, t, secs)),
+        ));
+        plan.push((
             group,
             "SQLite WAL FULL",
             t,
-            sqlite_new_keys(d.path(), "FULL", t, s.seconds),
-        );
+            Box::new(move |d| sqlite_new_keys(d, "FULL", t, secs)),
+        ));
     }
-    for &t in &s.threads[..1] {
-        let d = fresh();
-        let group = "new key, not durable";
-        push(
-            group,
-            "idemstore Periodic(500ms)",
-            t,
-            idemstore_new_keys(
-                d.path(),
-                Durability::Periodic(Duration::from_millis(500)),
-                t,
-                s.seconds,
-            ),
-        );
-        push(
-            group,
-            "raw sled, no flush",
-            t,
-            raw_sled_new_keys(d.path(), false, t, s.seconds),
-        );
-        push(
-            group,
-            "SQLite WAL NORMAL",
-            t,
-            sqlite_new_keys(d.path(), "NORMAL", t, s.seconds),
-        );
-    }
-    {
-        let d = fresh();
-        push(
-            "disk ceiling",
-            "write 4 KiB + fdatasync",
-            1,
-            fdatasync_rate(d.path(), s.seconds),
-        );
+    let group = "new key, not durable";
+    let periodic = Durability::Periodic(Duration::from_millis(500));
+    plan.push((
+        group,
+        "idemstore Periodic(500ms)",
+        1,
+        Box::new(move |d| idemstore_new_keys(d, periodic, 1, secs)),
+    ));
+    plan.push((
+        group,
+        "raw sled, no flush",
+        1,
+        Box::new(move |d| raw_sled_new_keys(d, false, 1, secs)),
+    ));
+    plan.push((
+        group,
+        "SQLite WAL NORMAL",
+        1,
+        Box::new(move |d| sqlite_new_keys(d, "NORMAL", 1, secs)),
+    ));
+    plan.push((
+        "disk ceiling",
+        "write 4 KiB + fdatasync",
+        1,
+        Box::new(move |d| fdatasync_rate(d, secs)),
+    ));
+
+    for (group, system, threads, measure) in plan {
+        if wanted(group, system) {
+            let dir = fresh();
+            push(group, system, threads, measure(dir.path()));
+        }
     }
 
     let table = render_table(&rows);

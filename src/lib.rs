@@ -33,7 +33,7 @@ mod codec;
 mod config;
 mod error;
 mod fingerprint;
-mod flusher;
+mod group_commit;
 mod key;
 mod machine;
 mod outcome;

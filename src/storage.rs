@@ -14,7 +14,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::flusher::GroupCommit;
+use crate::group_commit::GroupCommit;
 use crate::stats::Counters;
 use crate::Error;
 use std::sync::Arc;
@@ -54,8 +54,8 @@ pub(crate) trait Storage: Send + Sync {
     /// Up to `limit` expiry index entries due at `now_ms` (expires_ms <= now_ms), oldest first.
     fn due_expiries(&self, now_ms: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, Error>;
 
-    /// Removes one expiry index entry.
-    fn unindex_expiry(&self, expires_ms: u64, key: &[u8]) -> Result<(), Error>;
+    /// Removes expiry index entries.
+    fn unindex_expiries(&self, entries: &[(u64, Vec<u8>)]) -> Result<(), Error>;
 
     /// Returns when every write applied before the call is durable (per the durability mode).
     fn barrier(&self) -> Result<(), Error>;
@@ -256,8 +256,12 @@ impl Storage for SledStorage {
         Ok(due)
     }
 
-    fn unindex_expiry(&self, expires_ms: u64, key: &[u8]) -> Result<(), Error> {
-        self.expiry.remove(expiry_key(expires_ms, key))?;
+    fn unindex_expiries(&self, entries: &[(u64, Vec<u8>)]) -> Result<(), Error> {
+        // One removal at a time: sled's `apply_batch` takes a database-wide write lock that
+        // would stall every caller's read for the whole batch.
+        for (expires_ms, key) in entries {
+            self.expiry.remove(expiry_key(*expires_ms, key))?;
+        }
         Ok(())
     }
 

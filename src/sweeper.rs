@@ -26,41 +26,26 @@ const BATCH: usize = 512;
 pub(crate) fn sweep<S: Storage>(shared: &Shared<S>, now_ms: u64) -> Result<u64, Error> {
     let mut swept = 0;
     loop {
-        let due = shared.storage.due_expiries(now_ms, BATCH)?;
+        let mut due = shared.storage.due_expiries(now_ms, BATCH)?;
+        let fetched = due.len();
+        // Visit records in key order: neighbours share the engine's tree pages.
+        due.sort_unstable_by(|a, b| a.1.cmp(&b.1));
         let mut kept = 0;
-        for (expires_ms, key) in &due {
-            let mut keep_entry = false;
-            if let Some(bytes) = shared.storage.get(key)? {
-                match record::decode(bytes.as_ref()) {
-                    Ok(rec) if rec.header.is_expired(now_ms) => {
-                        if rec.header.state == RecordState::Pending
-                            && shared.registry.running(key).is_some()
-                        {
-                            keep_entry = true;
-                        } else if shared.storage.compare_and_swap(
-                            key,
-                            Some(bytes.as_ref()),
-                            None,
-                        )? {
-                            swept += 1;
-                        }
-                    }
-                    // Live under a later expiry (which has its own entry): this entry is stale.
-                    Ok(_) => {}
-                    // Corrupt bytes are the operator's to inspect; the sweeper leaves them.
-                    Err(_) => {
-                        tracing::warn!(key = %KeyHash(key), "sweeper skipped a corrupt record")
-                    }
+        let mut done = Vec::with_capacity(due.len());
+        for (expires_ms, key) in due {
+            match sweep_one(shared, &key, now_ms)? {
+                Swept::Removed => swept += 1,
+                Swept::Running => {
+                    kept += 1;
+                    continue;
                 }
+                Swept::Skipped => {}
             }
-            if keep_entry {
-                kept += 1;
-            } else {
-                shared.storage.unindex_expiry(*expires_ms, key)?;
-            }
+            done.push((expires_ms, key));
         }
+        shared.storage.unindex_expiries(&done)?;
         // A full batch of entries kept for running calls would repeat forever: stop there.
-        if due.len() < BATCH || kept == due.len() {
+        if fetched < BATCH || kept == fetched {
             break;
         }
     }
@@ -72,6 +57,42 @@ pub(crate) fn sweep<S: Storage>(shared: &Shared<S>, now_ms: u64) -> Result<u64, 
         tracing::debug!(swept, "swept expired records");
     }
     Ok(swept)
+}
+
+enum Swept {
+    Removed,
+    /// A Pending record whose call is running: its entry stays for a later pass.
+    Running,
+    /// Nothing to remove: gone, live under a later expiry (a stale entry), or corrupt.
+    Skipped,
+}
+
+/// Removes `key`'s record if it is expired at `now_ms` and not running.
+fn sweep_one<S: Storage>(shared: &Shared<S>, key: &[u8], now_ms: u64) -> Result<Swept, Error> {
+    let Some(bytes) = shared.storage.get(key)? else {
+        return Ok(Swept::Skipped);
+    };
+    match record::decode(bytes.as_ref()) {
+        Ok(rec) if rec.header.is_expired(now_ms) => {
+            if rec.header.state == RecordState::Pending && shared.registry.running(key).is_some() {
+                Ok(Swept::Running)
+            } else if shared
+                .storage
+                .compare_and_swap(key, Some(bytes.as_ref()), None)?
+            {
+                Ok(Swept::Removed)
+            } else {
+                // Changed since the read (re-claimed): it has its own, later entry.
+                Ok(Swept::Skipped)
+            }
+        }
+        Ok(_) => Ok(Swept::Skipped),
+        // Corrupt bytes are the operator's to inspect; the sweeper leaves them.
+        Err(_) => {
+            tracing::warn!(key = %KeyHash(key), "sweeper skipped a corrupt record");
+            Ok(Swept::Skipped)
+        }
+    }
 }
 
 /// The background sweeper: stops and is joined when dropped.

@@ -104,7 +104,7 @@ fn child(records: u64, cache_mb: u64) {
                         let key = format!("order-{i:08}");
                         let call = store.call(&key);
                         // Every tenth record expires in an hour, the rest in a day.
-                        let call = if i % 10 == 0 {
+                        let call = if i.is_multiple_of(10) {
                             call.ttl(Duration::from_secs(3600))
                         } else {
                             call
@@ -136,7 +136,7 @@ fn child(records: u64, cache_mb: u64) {
             let mut n = 1u64;
             while !stop.load(Ordering::Relaxed) {
                 n = (n + 7) % records;
-                if n % 10 == 0 {
+                if n.is_multiple_of(10) {
                     continue;
                 }
                 let t = Instant::now();

@@ -10,7 +10,7 @@ use serde::Serialize;
 use std::time::Duration;
 
 use crate::codec::{self, EncodeFailure};
-use crate::{ExecuteError, Fingerprint, OrphanPolicy, Outcome, Store};
+use crate::{Context, ExecuteError, Fingerprint, OrphanPolicy, Outcome, Store};
 
 /// Options of one call, as the state machine reads them.
 #[derive(Debug, Clone, Copy, Default)]
@@ -19,6 +19,8 @@ pub(crate) struct CallOptions {
     pub ttl: Option<Duration>,
     pub wait_timeout: Option<Duration>,
     pub orphan_policy: Option<OrphanPolicy>,
+    /// The operation records steps (`run_with`).
+    pub with_steps: bool,
 }
 
 /// One call being configured: made by [`Store::call`], run by [`Call::run`].
@@ -112,6 +114,52 @@ impl<'s, 'k, P> Call<'s, 'k, P> {
         F: FnOnce() -> Result<T, E>,
         P: ErrorPolicy<E>,
     {
+        crate::machine::execute(
+            self.store.shared(),
+            self.key,
+            &self.options,
+            &self.policy,
+            |_| f(),
+        )
+    }
+
+    /// As [`run`](Self::run), with the operation's writes to `trees` committed in one
+    /// transaction with its outcome; see [`Store::execute_once_in_tx`].
+    ///
+    /// # Errors
+    /// As [`Store::execute_once_in_tx`].
+    pub fn run_in_tx<T, E, F>(
+        self,
+        trees: &[&sled::Tree],
+        f: F,
+    ) -> Result<Outcome<T>, ExecuteError<E>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: Fn(&[sled::transaction::TransactionalTree]) -> crate::TxResult<T, E>,
+        P: ErrorPolicy<E>,
+    {
+        crate::tx::execute_in_tx(
+            self.store.shared(),
+            self.key,
+            &self.options,
+            &self.policy,
+            trees,
+            f,
+        )
+    }
+
+    /// As [`run`](Self::run), for an operation made of named steps; see
+    /// [`Store::execute_once_with`].
+    ///
+    /// # Errors
+    /// As [`Store::execute_once_with`].
+    pub fn run_with<T, E, F>(mut self, f: F) -> Result<Outcome<T>, ExecuteError<E>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce(&mut Context<'_>) -> Result<T, E>,
+        P: ErrorPolicy<E>,
+    {
+        self.options.with_steps = true;
         crate::machine::execute(
             self.store.shared(),
             self.key,

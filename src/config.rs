@@ -2,7 +2,7 @@
 //!
 //! Invariants: every value is checked when the store opens ([`StoreBuilder::open`] returns
 //! [`Error::InvalidConfig`] for an out-of-range one), so the rest of the crate trusts them:
-//! TTLs are at least 1 ms, key limits between 1 and 64 KiB, result limits at most 16 MiB.
+//! TTLs are at least 1 ms, key limits between 1 and 65535 bytes, result limits at most 16 MiB.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -133,7 +133,7 @@ impl StoreBuilder {
         self
     }
 
-    /// The longest key accepted, in bytes (1 to 65536).
+    /// The longest key accepted, in bytes (1 to 65535).
     pub fn max_key_bytes(mut self, limit: usize) -> Self {
         self.max_key_bytes = limit;
         self
@@ -180,9 +180,9 @@ impl StoreBuilder {
         if self.default_ttl < Duration::from_millis(1) {
             return Err(Error::InvalidConfig("default_ttl must be at least 1 ms"));
         }
-        if !(1..=65536).contains(&self.max_key_bytes) {
+        if !(1..=65535).contains(&self.max_key_bytes) {
             return Err(Error::InvalidConfig(
-                "max_key_bytes must be between 1 and 65536",
+                "max_key_bytes must be between 1 and 65535",
             ));
         }
         if self.max_result_bytes > MAX_RESULT_LIMIT {

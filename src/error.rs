@@ -138,6 +138,46 @@ pub enum Error {
         version: u8,
     },
 
+    /// A retry of a multi-step operation asked for a different step than the one recorded at
+    /// this position: step names must be deterministic across attempts. Nothing ran.
+    #[error(
+        "{key}: step {index} was recorded as {recorded:?}, this attempt asked for {requested:?}"
+    )]
+    StepSequenceChanged {
+        /// The key.
+        key: KeyName,
+        /// The step's position (0-based).
+        index: u32,
+        /// The name recorded by an earlier attempt.
+        recorded: String,
+        /// The name this attempt used.
+        requested: String,
+    },
+
+    /// A step name was used twice in one run, or is empty or over 1 KiB. Nothing ran.
+    #[error("{key}: step name {name:?} is used twice in one run, or is empty or too long")]
+    InvalidStep {
+        /// The key.
+        key: KeyName,
+        /// The step name.
+        name: String,
+    },
+
+    /// The bytes recorded for a step are corrupt. Nothing ran.
+    #[error("{key}: recorded step {index} is corrupt: {reason}")]
+    CorruptStep {
+        /// The key.
+        key: KeyName,
+        /// The step's position (0-based).
+        index: u32,
+        /// What was wrong.
+        reason: &'static str,
+    },
+
+    /// A name for a user tree was refused: names starting with `idemstore/` are the store's.
+    #[error("tree name {0:?} is reserved for the store")]
+    ReservedTreeName(String),
+
     /// Another process (or another open `Store` in this process) holds the database open.
     #[error("store at {path:?} is locked: another process (or another open Store in this process) has it open")]
     Locked {
@@ -202,7 +242,10 @@ impl Error {
             | Error::Decode { key, .. }
             | Error::PermanentErrorRecorded { key }
             | Error::CorruptRecord { key, .. }
-            | Error::UnsupportedRecordVersion { key, .. } => Some(key),
+            | Error::UnsupportedRecordVersion { key, .. }
+            | Error::StepSequenceChanged { key, .. }
+            | Error::InvalidStep { key, .. }
+            | Error::CorruptStep { key, .. } => Some(key),
             _ => None,
         }
     }

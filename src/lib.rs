@@ -31,6 +31,7 @@ mod call;
 mod clock;
 mod codec;
 mod config;
+mod context;
 mod error;
 mod fingerprint;
 mod group_commit;
@@ -40,20 +41,28 @@ mod outcome;
 mod record;
 mod registry;
 mod stats;
+mod step;
 mod storage;
 mod store;
 mod sweeper;
+mod tx;
 
 pub use call::{AllRetryable, Call, ErrorPolicy, PermanentIf};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{Durability, OrphanPolicy, StoreBuilder};
+pub use context::{Context, RetryPolicy, StepError};
 pub use error::{Error, ExecuteError};
 pub use fingerprint::{derive_key, Fingerprint};
 pub use key::{key_hash, KeyName};
 pub use outcome::{Outcome, RecordInfo};
 pub use record::{ClaimToken, RecordState};
 pub use stats::Stats;
-pub use store::{Records, Store};
+pub use store::{Records, StepInfo, Store};
+
+/// What the operation of [`Store::execute_once_in_tx`] returns: its value, or
+/// `ConflictableTransactionError::Abort(e)` (see `sled::transaction::abort`) to abort with
+/// its error `e`. Errors of the transactional views convert with `?`.
+pub type TxResult<T, E> = sled::transaction::ConflictableTransactionResult<T, E>;
 
 /// Decodes arbitrary bytes as a stored record; for the fuzz targets and their corpus tests.
 /// Returns the record's metadata or the error a call would get for these bytes.

@@ -28,7 +28,7 @@ use crate::registry::{Entry, Flight};
 use crate::stats::Counters;
 use crate::storage::Storage;
 use crate::store::Shared;
-use crate::{Error, ExecuteError, KeyName, OrphanPolicy, Outcome, RecordInfo};
+use crate::{Context, Error, ExecuteError, KeyName, OrphanPolicy, Outcome, RecordInfo};
 
 /// Runs `f` once for `key`, or replays its recorded outcome.
 pub(crate) fn execute<S, T, E, P, F>(
@@ -42,7 +42,7 @@ where
     S: Storage,
     T: Serialize + DeserializeOwned,
     P: ErrorPolicy<E>,
-    F: FnOnce() -> Result<T, E>,
+    F: FnOnce(&mut Context<'_>) -> Result<T, E>,
 {
     shared.check_key(key)?;
     let mut waiting = Waiting::new(shared, options);
@@ -83,8 +83,15 @@ where
             stored = shared.storage.get(key)?;
         }
         let stored = stored.as_ref().map(AsRef::as_ref);
-        let (attempts, created_ms, previous_fingerprint) = match live(key, stored, now)? {
-            None => (1, now, None),
+        let current = match stored {
+            Some(bytes) => Some(record::decode(bytes).map_err(|e| decode_error(key, e))?),
+            None => None,
+        };
+        let live_record = current.filter(|r| !r.header.is_expired(now));
+        // Steps left by an earlier, expired life of this key must not be replayed.
+        let stale_steps = current.is_some_and(|r| r.header.has_steps) && live_record.is_none();
+        let (attempts, created_ms, previous_fingerprint, had_steps) = match live_record {
+            None => (1, now, None, false),
             Some(rec) => {
                 check_fingerprint(shared, key, &rec, options)?;
                 let h = rec.header;
@@ -93,9 +100,12 @@ where
                     RecordState::Completed | RecordState::FailedPermanent => {
                         return replay(shared, key, &rec, policy)
                     }
-                    RecordState::FailedRetryable => {
-                        (h.attempts.saturating_add(1), h.created_ms, h.fingerprint)
-                    }
+                    RecordState::FailedRetryable => (
+                        h.attempts.saturating_add(1),
+                        h.created_ms,
+                        h.fingerprint,
+                        h.has_steps,
+                    ),
                     RecordState::Pending => {
                         let policy = options
                             .orphan_policy
@@ -116,7 +126,12 @@ where
                             orphan_epoch = h.claim.epoch,
                             "re-running an interrupted run"
                         );
-                        (h.attempts.saturating_add(1), h.created_ms, h.fingerprint)
+                        (
+                            h.attempts.saturating_add(1),
+                            h.created_ms,
+                            h.fingerprint,
+                            h.has_steps,
+                        )
                     }
                 }
             }
@@ -135,7 +150,11 @@ where
                 sequence: shared.next_claim.fetch_add(1, Ordering::Relaxed) + 1,
             },
             fingerprint: options.fingerprint.or(previous_fingerprint),
+            has_steps: options.with_steps || had_steps,
         };
+        if stale_steps {
+            shared.storage.remove_steps(key)?;
+        }
         let pending = record::encode(&pending_header, &[]);
         // The index entry goes first, so a durable record always has one.
         shared
@@ -164,8 +183,21 @@ where
         tracing::debug!("running operation");
         // Invariant: this point is reached once per call (every path below returns), so the
         // closure is called at most once.
-        let ran = panic::catch_unwind(AssertUnwindSafe(f));
-        let result = record_outcome(shared, key, &pending_header, &pending, ttl_ms, policy, ran);
+        let mut context = Context::new(
+            &shared.storage,
+            key,
+            attempts,
+            pending_header.claim,
+            shared.settings.max_result_bytes,
+        );
+        let ran = panic::catch_unwind(AssertUnwindSafe(|| f(&mut context)));
+        let step_failure = context.take_failure();
+        let claim = Claim {
+            header: &pending_header,
+            bytes: &pending,
+            ttl_ms,
+        };
+        let result = record_outcome(shared, key, &claim, policy, ran, step_failure);
         tracing::debug!(state = ?result_state(&result), "outcome recorded");
         drop(leader);
         return match result {
@@ -184,6 +216,13 @@ fn result_state<T, E>(f: &Finished<T, E>) -> &'static str {
     }
 }
 
+/// The Pending record a run was claimed with.
+struct Claim<'a> {
+    header: &'a Header,
+    bytes: &'a [u8],
+    ttl_ms: u64,
+}
+
 enum Finished<T, E> {
     Returned(Result<Outcome<T>, ExecuteError<E>>),
     Panicked(Box<dyn std::any::Any + Send>),
@@ -200,11 +239,10 @@ enum Reply<T, E> {
 fn record_outcome<S, T, E, P>(
     shared: &Shared<S>,
     key: &[u8],
-    pending_header: &Header,
-    pending: &[u8],
-    ttl_ms: u64,
+    claim: &Claim<'_>,
     policy: &P,
     ran: std::thread::Result<Result<T, E>>,
+    step_failure: Option<Error>,
 ) -> Finished<T, E>
 where
     S: Storage,
@@ -212,59 +250,68 @@ where
     P: ErrorPolicy<E>,
 {
     let limit = shared.settings.max_result_bytes;
-    let (state, outcome, payload, reply) = match ran {
-        Ok(Ok(value)) => match codec::encode(&value, limit) {
-            Ok(bytes) => (
-                RecordState::Completed,
-                OutcomeKind::Stored,
-                bytes,
-                Reply::Value(value),
-            ),
-            Err(failure) => {
-                let (kind, payload, err) = unstorable(key, failure, limit);
-                (
+    let (state, outcome, payload, reply) = match (ran, step_failure) {
+        // A step the store could not record or replay fails the run, whatever it returned.
+        (Ok(_), Some(failure)) => (
+            RecordState::FailedRetryable,
+            OutcomeKind::None,
+            Vec::new(),
+            Reply::Error(failure.into()),
+        ),
+        (ran, _) => match ran {
+            Ok(Ok(value)) => match codec::encode(&value, limit) {
+                Ok(bytes) => (
                     RecordState::Completed,
-                    kind,
-                    payload,
-                    Reply::Error(err.into()),
-                )
-            }
-        },
-        Ok(Err(error)) if policy.is_permanent(&error) => match policy.encode(&error, limit) {
-            Ok(bytes) => (
-                RecordState::FailedPermanent,
-                OutcomeKind::Stored,
-                bytes,
+                    OutcomeKind::Stored,
+                    bytes,
+                    Reply::Value(value),
+                ),
+                Err(failure) => {
+                    let (kind, payload, err) = unstorable(key, failure, limit);
+                    (
+                        RecordState::Completed,
+                        kind,
+                        payload,
+                        Reply::Error(err.into()),
+                    )
+                }
+            },
+            Ok(Err(error)) if policy.is_permanent(&error) => match policy.encode(&error, limit) {
+                Ok(bytes) => (
+                    RecordState::FailedPermanent,
+                    OutcomeKind::Stored,
+                    bytes,
+                    Reply::Error(ExecuteError::Operation {
+                        error,
+                        replayed: false,
+                    }),
+                ),
+                Err(failure) => {
+                    let (kind, payload, err) = unstorable(key, failure, limit);
+                    (
+                        RecordState::FailedPermanent,
+                        kind,
+                        payload,
+                        Reply::Error(err.into()),
+                    )
+                }
+            },
+            Ok(Err(error)) => (
+                RecordState::FailedRetryable,
+                OutcomeKind::None,
+                Vec::new(),
                 Reply::Error(ExecuteError::Operation {
                     error,
                     replayed: false,
                 }),
             ),
-            Err(failure) => {
-                let (kind, payload, err) = unstorable(key, failure, limit);
-                (
-                    RecordState::FailedPermanent,
-                    kind,
-                    payload,
-                    Reply::Error(err.into()),
-                )
-            }
+            Err(panic) => (
+                RecordState::FailedRetryable,
+                OutcomeKind::None,
+                Vec::new(),
+                Reply::Panic(panic),
+            ),
         },
-        Ok(Err(error)) => (
-            RecordState::FailedRetryable,
-            OutcomeKind::None,
-            Vec::new(),
-            Reply::Error(ExecuteError::Operation {
-                error,
-                replayed: false,
-            }),
-        ),
-        Err(panic) => (
-            RecordState::FailedRetryable,
-            OutcomeKind::None,
-            Vec::new(),
-            Reply::Panic(panic),
-        ),
     };
 
     let now = shared.clock.now_millis();
@@ -272,18 +319,18 @@ where
         state,
         outcome,
         updated_ms: now,
-        ..*pending_header
+        ..*claim.header
     };
     let written = (|| {
         if header.is_expired(now) {
             // The run outlived its TTL: keep the outcome for a full TTL from now.
-            header.expires_ms = now.saturating_add(ttl_ms);
+            header.expires_ms = now.saturating_add(claim.ttl_ms);
             shared.storage.index_expiry(header.expires_ms, key)?;
         }
         let bytes = record::encode(&header, &payload);
         if !shared
             .storage
-            .compare_and_swap(key, Some(pending), Some(bytes))?
+            .compare_and_swap(key, Some(claim.bytes), Some(bytes))?
         {
             return Err(Error::OutcomeNotRecorded {
                 key: KeyName::new(key),
@@ -341,7 +388,7 @@ fn unstorable(key: &[u8], failure: EncodeFailure, limit: usize) -> (OutcomeKind,
 }
 
 /// Returns a terminal record's outcome to the caller.
-fn replay<S, T, E, P>(
+pub(crate) fn replay<S, T, E, P>(
     shared: &Shared<S>,
     key: &[u8],
     rec: &Record<'_>,
@@ -412,12 +459,16 @@ where
     }
 }
 
-fn is_terminal(state: RecordState) -> bool {
+pub(crate) fn is_terminal(state: RecordState) -> bool {
     matches!(state, RecordState::Completed | RecordState::FailedPermanent)
 }
 
 /// The record stored for `key` if it is live at `now_ms`; expired records read as absent.
-fn live<'a>(key: &[u8], bytes: Option<&'a [u8]>, now_ms: u64) -> Result<Option<Record<'a>>, Error> {
+pub(crate) fn live<'a>(
+    key: &[u8],
+    bytes: Option<&'a [u8]>,
+    now_ms: u64,
+) -> Result<Option<Record<'a>>, Error> {
     let Some(bytes) = bytes else { return Ok(None) };
     let rec = record::decode(bytes).map_err(|e| decode_error(key, e))?;
     Ok((!rec.header.is_expired(now_ms)).then_some(rec))
@@ -436,7 +487,7 @@ pub(crate) fn decode_error(key: &[u8], e: DecodeError) -> Error {
     }
 }
 
-fn check_fingerprint<S>(
+pub(crate) fn check_fingerprint<S>(
     shared: &Shared<S>,
     key: &[u8],
     rec: &Record<'_>,
@@ -455,14 +506,14 @@ fn check_fingerprint<S>(
 }
 
 /// One call's waiting budget, shared by every wait it makes.
-struct Waiting<'a, S> {
+pub(crate) struct Waiting<'a, S> {
     shared: &'a Shared<S>,
     timeout: std::time::Duration,
     deadline: Option<Option<Instant>>,
 }
 
 impl<'a, S> Waiting<'a, S> {
-    fn new(shared: &'a Shared<S>, options: &CallOptions) -> Self {
+    pub(crate) fn new(shared: &'a Shared<S>, options: &CallOptions) -> Self {
         Self {
             shared,
             timeout: options.wait_timeout.unwrap_or(shared.settings.wait_timeout),
@@ -471,7 +522,7 @@ impl<'a, S> Waiting<'a, S> {
     }
 
     /// Waits for the running call; `InProgress` once this call's budget is spent.
-    fn wait(&mut self, key: &[u8], flight: &Flight) -> Result<(), Error> {
+    pub(crate) fn wait(&mut self, key: &[u8], flight: &Flight) -> Result<(), Error> {
         let deadline = match self.deadline {
             Some(deadline) => deadline,
             None => {

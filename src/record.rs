@@ -5,7 +5,7 @@
 //! ```text
 //! 0   magic 0x1D            1   version (1)          2  state        3  outcome kind
 //! 4   attempts u32          8   created_ms u64       16 updated_ms   24 expires_ms
-//! 32  claim epoch u64       40  claim sequence u64   48 has_fingerprint u8 (0|1)
+//! 32  claim epoch u64       40  claim sequence u64   48 flags (bit 0 fingerprint, bit 1 steps)
 //! 49  fingerprint [32]      81  payload length u32   85 payload …    then crc32 of all before
 //! ```
 //!
@@ -120,7 +120,12 @@ pub(crate) struct Header {
     pub expires_ms: u64,
     pub claim: ClaimToken,
     pub fingerprint: Option<Fingerprint>,
+    /// The operation may have recorded steps (in the steps tree) that go with this record.
+    pub has_steps: bool,
 }
+
+const FLAG_FINGERPRINT: u8 = 1;
+const FLAG_STEPS: u8 = 2;
 
 impl Header {
     /// Whether the record reads as absent at `now_ms`.
@@ -160,13 +165,14 @@ pub(crate) fn encode(header: &Header, payload: &[u8]) -> Vec<u8> {
     out.extend_from_slice(&header.expires_ms.to_le_bytes());
     out.extend_from_slice(&header.claim.epoch.to_le_bytes());
     out.extend_from_slice(&header.claim.sequence.to_le_bytes());
+    let steps = if header.has_steps { FLAG_STEPS } else { 0 };
     match header.fingerprint {
         Some(fp) => {
-            out.push(1);
+            out.push(FLAG_FINGERPRINT | steps);
             out.extend_from_slice(fp.as_bytes());
         }
         None => {
-            out.push(0);
+            out.push(steps);
             out.extend_from_slice(&[0; 32]);
         }
     }
@@ -204,15 +210,15 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Record<'_>, DecodeError> {
     }
     let state = RecordState::from_byte(body[2]).ok_or(corrupt("unknown state"))?;
     let outcome = OutcomeKind::from_byte(body[3]).ok_or(corrupt("unknown outcome kind"))?;
-    let fingerprint = match body[48] {
-        0 => None,
-        1 => {
-            let mut fp = [0; 32];
-            fp.copy_from_slice(&body[49..81]);
-            Some(Fingerprint::from_bytes(fp))
-        }
-        _ => return Err(corrupt("bad fingerprint flag")),
-    };
+    let flags = body[48];
+    if flags & !(FLAG_FINGERPRINT | FLAG_STEPS) != 0 {
+        return Err(corrupt("unknown flags"));
+    }
+    let fingerprint = (flags & FLAG_FINGERPRINT != 0).then(|| {
+        let mut fp = [0; 32];
+        fp.copy_from_slice(&body[49..81]);
+        Fingerprint::from_bytes(fp)
+    });
     let consistent = match state {
         RecordState::Pending | RecordState::FailedRetryable => outcome == OutcomeKind::None,
         RecordState::Completed | RecordState::FailedPermanent => outcome != OutcomeKind::None,
@@ -232,6 +238,7 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Record<'_>, DecodeError> {
             sequence: u64_at(body, 40),
         },
         fingerprint,
+        has_steps: flags & FLAG_STEPS != 0,
     };
     Ok(Record {
         header,
@@ -268,6 +275,7 @@ mod tests {
                 sequence: 5,
             },
             fingerprint: Some(Fingerprint::of_bytes(b"req")),
+            has_steps: true,
         }
     }
 

@@ -22,6 +22,9 @@ use std::sync::Arc;
 const RECORDS_TREE: &[u8] = b"idemstore/records";
 const EXPIRY_TREE: &[u8] = b"idemstore/expiry";
 const META_TREE: &[u8] = b"idemstore/meta";
+const STEPS_TREE: &[u8] = b"idemstore/steps";
+/// Tree names starting with this are the store's own; user trees may not use it.
+pub(crate) const RESERVED_PREFIX: &str = "idemstore/";
 const FORMAT_KEY: &[u8] = b"format";
 const EPOCH_KEY: &[u8] = b"epoch";
 const FORMAT_MAGIC: &[u8] = b"idemstore";
@@ -59,13 +62,23 @@ pub(crate) trait Storage: Send + Sync {
 
     /// Returns when every write applied before the call is durable (per the durability mode).
     fn barrier(&self) -> Result<(), Error>;
+
+    /// The recorded steps of `key`'s operation, in step order.
+    fn steps(&self, key: &[u8]) -> Result<Vec<Self::Bytes>, Error>;
+
+    /// Records step `index` of `key`'s operation.
+    fn put_step(&self, key: &[u8], index: u32, step: Vec<u8>) -> Result<(), Error>;
+
+    /// Removes every recorded step of `key`'s operation.
+    fn remove_steps(&self, key: &[u8]) -> Result<(), Error>;
 }
 
 /// The sled engine.
 pub(crate) struct SledStorage {
     pub(crate) db: sled::Db,
     pub(crate) records: sled::Tree,
-    expiry: sled::Tree,
+    pub(crate) expiry: sled::Tree,
+    steps: sled::Tree,
     /// Some in `Immediate` mode.
     flush: Option<GroupCommit>,
 }
@@ -95,7 +108,15 @@ pub(crate) fn open(
             })
         }
     };
-    let epoch = init_meta(path, &db)?;
+    let epoch = match init_meta(path, &db) {
+        Ok(epoch) => epoch,
+        Err(e) => {
+            // Refused: let go of the database fully, so the caller can act on it at once.
+            drop(db);
+            wait_for_engine_release(&path.join("db"));
+            return Err(e);
+        }
+    };
     let sidecar = path.join(SIDECAR);
     if !sidecar.exists() {
         let file = std::fs::File::create(&sidecar)?;
@@ -104,16 +125,45 @@ pub(crate) fn open(
     }
     let records = db.open_tree(RECORDS_TREE)?;
     let expiry = db.open_tree(EXPIRY_TREE)?;
+    let steps = db.open_tree(STEPS_TREE)?;
     let flush = immediate.then(|| GroupCommit::new(db.clone(), counters));
     Ok(Opened {
         storage: SledStorage {
             db,
             records,
             expiry,
+            steps,
             flush,
         },
         epoch,
     })
+}
+
+/// Waits (bounded) until the engine has let go of its data file's lock.
+///
+/// sled hands some writes to a global thread pool whose tasks hold the engine alive for a
+/// moment after the last handle drops; the file lock goes with it. Waiting here means a store
+/// closed by this process can be opened again at once, instead of failing with `Locked`.
+pub(crate) fn wait_for_engine_release(lock_file: &Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let Ok(file) = std::fs::File::open(lock_file) else {
+        return;
+    };
+    loop {
+        match file.try_lock() {
+            Ok(()) => {
+                let _ = file.unlock();
+                return;
+            }
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the storage engine still holds its lock after close");
+                return;
+            }
+        }
+    }
 }
 
 /// Refuses a path that is a file, or a non-empty directory without a sled database in it.
@@ -211,7 +261,17 @@ fn init_meta(path: &Path, db: &sled::Db) -> Result<u64, Error> {
     Ok(epoch)
 }
 
-fn expiry_key(expires_ms: u64, key: &[u8]) -> Vec<u8> {
+/// The steps of one key sort together: key length (u16, big-endian), key, step index.
+fn steps_prefix(key: &[u8]) -> Vec<u8> {
+    // Invariant: keys are at most 65535 bytes (config caps max_key_bytes), so the length
+    // fits in u16 and no key's prefix is a prefix of another key's.
+    let mut p = Vec::with_capacity(2 + key.len() + 4);
+    p.extend_from_slice(&(key.len() as u16).to_be_bytes());
+    p.extend_from_slice(key);
+    p
+}
+
+pub(crate) fn expiry_key(expires_ms: u64, key: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(8 + key.len());
     k.extend_from_slice(&expires_ms.to_be_bytes());
     k.extend_from_slice(key);
@@ -261,6 +321,28 @@ impl Storage for SledStorage {
         // would stall every caller's read for the whole batch.
         for (expires_ms, key) in entries {
             self.expiry.remove(expiry_key(*expires_ms, key))?;
+        }
+        Ok(())
+    }
+
+    fn steps(&self, key: &[u8]) -> Result<Vec<sled::IVec>, Error> {
+        self.steps
+            .scan_prefix(steps_prefix(key))
+            .map(|kv| kv.map(|(_, v)| v).map_err(Error::from))
+            .collect()
+    }
+
+    fn put_step(&self, key: &[u8], index: u32, step: Vec<u8>) -> Result<(), Error> {
+        let mut k = steps_prefix(key);
+        k.extend_from_slice(&index.to_be_bytes());
+        self.steps.insert(k, step)?;
+        Ok(())
+    }
+
+    fn remove_steps(&self, key: &[u8]) -> Result<(), Error> {
+        for kv in self.steps.scan_prefix(steps_prefix(key)) {
+            let (k, _) = kv?;
+            self.steps.remove(k)?;
         }
         Ok(())
     }

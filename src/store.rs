@@ -20,7 +20,9 @@ use crate::registry::Registry;
 use crate::stats::{Counters, Stats};
 use crate::storage::{self, SledStorage, Storage};
 use crate::sweeper::{self, SweeperThread};
-use crate::{Durability, Error, ExecuteError, OrphanPolicy, Outcome, RecordInfo, StoreBuilder};
+use crate::{
+    Context, Durability, Error, ExecuteError, OrphanPolicy, Outcome, RecordInfo, StoreBuilder,
+};
 
 /// Settings the state machine reads on every call.
 pub(crate) struct Settings {
@@ -203,8 +205,155 @@ impl Store {
             key.as_ref(),
             &CallOptions::default(),
             &AllRetryable,
+            |_| f(),
+        )
+    }
+
+    /// As [`execute_once`](Self::execute_once), for an operation made of named steps
+    /// (recovery points). Each [`Context::step`] records its outcome durably when it finishes;
+    /// when a later attempt runs (after a retryable error, a panic or a crash), finished steps
+    /// return their recorded outcome without running, so a checkout whose charge succeeded
+    /// and whose confirmation failed retries only the confirmation.
+    ///
+    /// Step names must be unique within a run and the same, in the same order, on every
+    /// attempt; a retry that asks for a different step than the one recorded at that position
+    /// fails with [`Error::StepSequenceChanged`]. Steps live and expire with their key, show in
+    /// [`Store::steps`], and go with [`Store::remove`].
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// use idemstore::{StepError, Store};
+    /// let store = Store::open(dir.path().join("db"))?;
+    /// let (mut charges, mut mails) = (0, 0);
+    /// for attempt in 1..=2 {
+    ///     let r = store.execute_once_with("checkout-91", |ctx| {
+    ///         let charge = ctx.step("charge", || { charges += 1; Ok::<_, std::io::Error>(4200u64) })?;
+    ///         ctx.step("confirm", || {
+    ///             mails += 1;
+    ///             if attempt == 1 { Err(std::io::Error::other("smtp down")) } else { Ok(()) }
+    ///         })?;
+    ///         Ok::<_, StepError<std::io::Error>>(charge)
+    ///     });
+    ///     assert_eq!(r.is_ok(), attempt == 2);
+    /// }
+    /// assert_eq!((charges, mails), (1, 2)); // charged once, confirmed on the retry
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`execute_once`](Self::execute_once); a store error inside a step fails the run with
+    /// that error.
+    pub fn execute_once_with<T, E, F>(
+        &self,
+        key: impl AsRef<[u8]>,
+        f: F,
+    ) -> Result<Outcome<T>, ExecuteError<E>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce(&mut Context<'_>) -> Result<T, E>,
+    {
+        let options = CallOptions {
+            with_steps: true,
+            ..CallOptions::default()
+        };
+        crate::machine::execute(self.shared(), key.as_ref(), &options, &AllRetryable, f)
+    }
+
+    /// The recorded steps of `key`'s operation, in order (empty if none, or if the key is
+    /// absent or expired).
+    ///
+    /// # Errors
+    /// [`Error::CorruptStep`] for bad step bytes; [`Error::Storage`] for I/O failures.
+    pub fn steps(&self, key: impl AsRef<[u8]>) -> Result<Vec<StepInfo>, Error> {
+        let key = key.as_ref();
+        if self.record(key)?.is_none() {
+            return Ok(Vec::new());
+        }
+        let mut steps = Vec::new();
+        for (index, bytes) in self.shared().storage.steps(key)?.iter().enumerate() {
+            let index = index as u32;
+            let step = crate::step::decode(bytes).map_err(|reason| Error::CorruptStep {
+                key: crate::KeyName::new(key),
+                index,
+                reason,
+            })?;
+            steps.push(StepInfo {
+                index,
+                name: step.name.to_owned(),
+                outcome_bytes: step.payload.len(),
+            });
+        }
+        Ok(steps)
+    }
+
+    /// Runs `f` exactly once for `key`, with its writes to `trees` and the Completed record
+    /// committed in one transaction: after any crash, either both are durable or neither is.
+    /// For effects on local state (decrement stock, append to a ledger, mark an order paid).
+    /// Replays, fingerprints, TTLs and waiting behave as in [`execute_once`](Self::execute_once);
+    /// no Pending record is ever visible.
+    ///
+    /// `f` gets one transactional view per tree, in order. It **may run more than once** (the
+    /// engine re-runs a transaction on conflict; only the run that commits applies anything),
+    /// so it must touch nothing but those views: no I/O, no calls to the store (sled 0.34 holds
+    /// a database-wide lock while `f` runs; calling the store from `f` deadlocks). `f` aborts
+    /// with `sled::transaction::abort(e)`: its writes are discarded and `e` is recorded as
+    /// retryable (or permanent, see [`Call::permanent_if`] with [`Call::run_in_tx`]).
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// let store = idemstore::Store::open(dir.path().join("db"))?;
+    /// let stock = store.tree("stock")?;
+    /// stock.insert("sku-1", &10u64.to_be_bytes())?;
+    /// for _ in 0..3 {
+    ///     store.execute_once_in_tx("reserve:order-7", &[&stock], |t| {
+    ///         let left = t[0].get("sku-1")?.map_or(0, |v| u64::from_be_bytes(v.as_ref().try_into().unwrap()));
+    ///         if left == 0 {
+    ///             return sled::transaction::abort("out of stock");
+    ///         }
+    ///         t[0].insert("sku-1", &(left - 1).to_be_bytes())?;
+    ///         Ok(left - 1)
+    ///     })
+    ///     .unwrap();
+    /// }
+    /// assert_eq!(stock.get("sku-1")?.unwrap().as_ref(), &9u64.to_be_bytes()); // applied once
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`execute_once`](Self::execute_once); [`Error::ResultTooLarge`] and
+    /// [`Error::ResultNotEncodable`] here abort the transaction, so nothing was applied.
+    pub fn execute_once_in_tx<T, E, F>(
+        &self,
+        key: impl AsRef<[u8]>,
+        trees: &[&sled::Tree],
+        f: F,
+    ) -> Result<Outcome<T>, ExecuteError<E>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: Fn(&[sled::transaction::TransactionalTree]) -> crate::TxResult<T, E>,
+    {
+        crate::tx::execute_in_tx(
+            self.shared(),
+            key.as_ref(),
+            &CallOptions::default(),
+            &AllRetryable,
+            trees,
             f,
         )
+    }
+
+    /// Opens (creating if needed) a tree of your own in the store's database, for effects that
+    /// must commit together with an outcome (see [`execute_once_in_tx`](Self::execute_once_in_tx)).
+    ///
+    /// # Errors
+    /// [`Error::ReservedTreeName`] for names starting with `idemstore/`; [`Error::Storage`].
+    pub fn tree(&self, name: &str) -> Result<sled::Tree, Error> {
+        if name.starts_with(crate::storage::RESERVED_PREFIX) {
+            return Err(Error::ReservedTreeName(name.to_owned()));
+        }
+        Ok(self.shared().storage.db.open_tree(name)?)
     }
 
     /// Starts configuring one call (fingerprint, TTL, wait, orphan policy, permanent errors);
@@ -256,13 +405,10 @@ impl Store {
     /// # Errors
     /// [`Error::Storage`] for I/O failures.
     pub fn remove(&self, key: impl AsRef<[u8]>) -> Result<bool, Error> {
-        let removed = self
-            .shared()
-            .storage
-            .records
-            .remove(key.as_ref())?
-            .is_some();
-        self.shared().storage.barrier()?;
+        let storage = &self.shared().storage;
+        let removed = storage.records.remove(key.as_ref())?.is_some();
+        storage.remove_steps(key.as_ref())?;
+        storage.barrier()?;
         Ok(removed)
     }
 
@@ -337,36 +483,9 @@ impl Store {
         drop(self.sweeper.take());
         let flushed = shared.storage.db.flush();
         drop(shared);
-        wait_for_engine_release(&self.lock_file);
+        storage::wait_for_engine_release(&self.lock_file);
         flushed?;
         Ok(())
-    }
-}
-
-/// Waits (bounded) until the engine has let go of its data file's lock.
-///
-/// sled hands some writes to a global thread pool whose tasks hold the engine alive for a
-/// moment after the last handle drops; the file lock goes with it. Waiting here means a store
-/// closed by this process can be opened again at once, instead of failing with `Locked`.
-fn wait_for_engine_release(lock_file: &Path) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let Ok(file) = std::fs::File::open(lock_file) else {
-        return;
-    };
-    loop {
-        match file.try_lock() {
-            Ok(()) => {
-                let _ = file.unlock();
-                return;
-            }
-            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "the storage engine still holds its lock after close");
-                return;
-            }
-        }
     }
 }
 
@@ -376,6 +495,18 @@ impl Drop for Store {
             tracing::error!(error = %e, "final flush failed while closing the store");
         }
     }
+}
+
+/// One recorded step of a multi-step operation; see [`Store::steps`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StepInfo {
+    /// Position in the run (0-based).
+    pub index: u32,
+    /// The step's name.
+    pub name: String,
+    /// Size of its recorded outcome in bytes.
+    pub outcome_bytes: usize,
 }
 
 /// Iterator over records; see [`Store::records`].

@@ -4,8 +4,9 @@
 //! absent); a pass reads only index entries that are due, so it costs O(entries due), not
 //! O(records stored); a record is removed only by compare-and-swap against the exact bytes
 //! that were checked to be expired, so a record refreshed or re-claimed meanwhile survives;
-//! a Pending record whose call is still running in this process is never removed (its index
-//! entry is kept, so a later pass looks again). Entries are processed in batches of [`BATCH`]
+//! the sweeper leads the key in the in-process registry while it removes a record and its
+//! steps, so a record whose call is running is never removed (its index entry is kept, so a
+//! later pass looks again) and no new claim can slip between the two removals. Entries are processed in batches of [`BATCH`]
 //! and no lock is held across a batch, so callers are never blocked by a sweep.
 
 use crossbeam_channel::{RecvTimeoutError, Sender};
@@ -15,7 +16,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::key::KeyHash;
-use crate::record::{self, RecordState};
+use crate::record;
+use crate::registry::Entry;
 use crate::storage::Storage;
 use crate::store::Shared;
 use crate::Error;
@@ -61,30 +63,36 @@ pub(crate) fn sweep<S: Storage>(shared: &Shared<S>, now_ms: u64) -> Result<u64, 
 
 enum Swept {
     Removed,
-    /// A Pending record whose call is running: its entry stays for a later pass.
+    /// A call in this process is running the key: its entry stays for a later pass.
     Running,
     /// Nothing to remove: gone, live under a later expiry (a stale entry), or corrupt.
     Skipped,
 }
 
-/// Removes `key`'s record if it is expired at `now_ms` and not running.
+/// Removes `key`'s record (and its steps) if it is expired at `now_ms` and not running.
+///
+/// The sweeper leads the key in the registry while it removes, so no call in this process
+/// claims the key between the record's removal and its steps' removal.
 fn sweep_one<S: Storage>(shared: &Shared<S>, key: &[u8], now_ms: u64) -> Result<Swept, Error> {
+    let Entry::Leader(_leading) = shared.registry.enter(key) else {
+        return Ok(Swept::Running);
+    };
     let Some(bytes) = shared.storage.get(key)? else {
         return Ok(Swept::Skipped);
     };
     match record::decode(bytes.as_ref()) {
         Ok(rec) if rec.header.is_expired(now_ms) => {
-            if rec.header.state == RecordState::Pending && shared.registry.running(key).is_some() {
-                Ok(Swept::Running)
-            } else if shared
+            if !shared
                 .storage
                 .compare_and_swap(key, Some(bytes.as_ref()), None)?
             {
-                Ok(Swept::Removed)
-            } else {
                 // Changed since the read (re-claimed): it has its own, later entry.
-                Ok(Swept::Skipped)
+                return Ok(Swept::Skipped);
             }
+            if rec.header.has_steps {
+                shared.storage.remove_steps(key)?;
+            }
+            Ok(Swept::Removed)
         }
         Ok(_) => Ok(Swept::Skipped),
         // Corrupt bytes are the operator's to inspect; the sweeper leaves them.

@@ -51,14 +51,10 @@ fn an_empty_directory_becomes_a_store() {
 #[test]
 fn a_sled_database_idemstore_did_not_create_is_refused() {
     let s = Scratch::new();
-    {
-        let db = sled::open(s.path()).unwrap();
-        db.insert(b"someone else's", b"data").unwrap();
-        db.flush().unwrap();
-    }
+    s.with_raw_db(|db| db.insert(b"someone else's", b"data").unwrap());
     not_a_store(Store::open(s.path()));
-    let db = sled::open(s.path()).unwrap();
-    assert_eq!(db.get(b"someone else's").unwrap().unwrap(), b"data");
+    let kept = s.with_raw_db(|db| db.get(b"someone else's").unwrap());
+    assert_eq!(kept.unwrap(), b"data");
 }
 
 #[test]
@@ -107,14 +103,12 @@ fn a_store_whose_engine_files_vanished_is_damaged_not_new() {
 fn a_store_from_a_newer_version_is_refused() {
     let s = Scratch::new();
     s.open().close().unwrap();
-    {
-        let db = sled::open(s.path()).unwrap();
+    s.with_raw_db(|db| {
         let meta = db.open_tree("idemstore/meta").unwrap();
         let mut marker = b"idemstore".to_vec();
         marker.extend_from_slice(&99u32.to_le_bytes());
         meta.insert("format", marker).unwrap();
-        db.flush().unwrap();
-    }
+    });
     match Store::open(s.path()) {
         Err(Error::UnsupportedStoreVersion { found: 99, .. }) => {}
         other => panic!("{other:?}"),

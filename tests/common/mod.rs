@@ -36,20 +36,45 @@ impl Scratch {
         self.builder().open().expect("open store")
     }
 
+    /// Runs `f` on the raw sled database while no store has it open, and returns once sled
+    /// has let go of its lock (its thread pool may hold it a moment after the drop).
+    pub fn with_raw_db<R>(&self, f: impl FnOnce(&sled::Db) -> R) -> R {
+        let db = sled::open(self.path()).expect("open raw sled");
+        let out = f(&db);
+        db.flush().expect("flush");
+        drop(db);
+        let lock = std::fs::File::open(self.path().join("db")).expect("db file");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while lock.try_lock().is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "sled never released its lock"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        out
+    }
+
     /// Overwrites the stored bytes of `key`'s record with `bytes`, through sled directly,
     /// while no store has the database open.
     pub fn poke_record(&self, key: &[u8], bytes: &[u8]) {
-        let db = sled::open(self.path()).expect("open raw sled");
-        let tree = db.open_tree("idemstore/records").expect("records tree");
-        tree.insert(key, bytes).expect("insert");
-        db.flush().expect("flush");
+        self.with_raw_db(|db| {
+            let tree = db.open_tree("idemstore/records").expect("records tree");
+            tree.insert(key, bytes).expect("insert");
+        })
     }
 
     /// The raw stored bytes of `key`'s record, while no store has the database open.
     pub fn peek_record(&self, key: &[u8]) -> Option<Vec<u8>> {
-        let db = sled::open(self.path()).expect("open raw sled");
-        let tree = db.open_tree("idemstore/records").expect("records tree");
-        tree.get(key).expect("get").map(|v| v.to_vec())
+        self.with_raw_db(|db| {
+            let tree = db.open_tree("idemstore/records").expect("records tree");
+            tree.get(key).expect("get").map(|v| v.to_vec())
+        })
+    }
+
+    /// How many step records the database holds, while no store has it open.
+    pub fn count_steps(&self) -> usize {
+        self.with_raw_db(|db| db.open_tree("idemstore/steps").expect("steps tree").len())
     }
 }
 

@@ -1,0 +1,289 @@
+//! Exactly-once local effects: the operation's writes and its Completed record commit in one
+//! sled transaction.
+//!
+//! Invariants:
+//! - no Pending record is ever written: the record goes from absent / expired / retryable
+//!   straight to Completed in the same transaction as the operation's writes, so after any
+//!   crash either both are durable or neither is, and the operation applies exactly once;
+//! - the engine may run the closure again (a conflict); only the run that commits applies
+//!   anything, because every write goes through the transaction's views;
+//! - an `Err` from the operation aborts the transaction, so its writes never apply; the error
+//!   is then recorded (permanent or retryable) with an ordinary compare-and-swap;
+//! - calls for one key in this process are serialised by the registry, as in `machine`, and a
+//!   committed outcome is replayed only once it is durable.
+//!
+//! sled 0.34 runs every transaction under a database-wide write lock: the operation must be
+//! short, must only touch the views it is given, and must not call the store.
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use sled::transaction::{
+    ConflictableTransactionError, TransactionError, Transactional, TransactionalTree,
+};
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
+
+use crate::call::{CallOptions, ErrorPolicy};
+use crate::clock::millis;
+use crate::codec::{self, EncodeFailure};
+use crate::machine::{check_fingerprint, decode_error, is_terminal, live, replay, Waiting};
+use crate::record::{self, ClaimToken, Header, OutcomeKind, RecordState};
+use crate::registry::Entry;
+use crate::stats::Counters;
+use crate::storage::{self, SledStorage, Storage};
+use crate::store::Shared;
+use crate::{Error, ExecuteError, KeyName, OrphanPolicy, Outcome, RecordInfo, TxResult};
+
+/// Why a transaction did not commit.
+enum Abort<E> {
+    Operation(E),
+    Store(Error),
+}
+
+/// What a committed transaction did.
+enum Committed<T> {
+    Ran {
+        value: T,
+        header: Header,
+        payload_len: usize,
+    },
+    Replay(Vec<u8>),
+}
+
+fn abort<E>(e: Error) -> ConflictableTransactionError<Abort<E>> {
+    ConflictableTransactionError::Abort(Abort::Store(e))
+}
+
+/// Runs `f` over `trees` in one transaction with `key`'s record, or replays its outcome.
+pub(crate) fn execute_in_tx<T, E, P, F>(
+    shared: &Shared<SledStorage>,
+    key: &[u8],
+    options: &CallOptions,
+    policy: &P,
+    trees: &[&sled::Tree],
+    f: F,
+) -> Result<Outcome<T>, ExecuteError<E>>
+where
+    T: Serialize + DeserializeOwned,
+    P: ErrorPolicy<E>,
+    F: Fn(&[TransactionalTree]) -> TxResult<T, E>,
+{
+    shared.check_key(key)?;
+    let mut waiting = Waiting::new(shared, options);
+    let leader = loop {
+        let now = shared.clock.now_millis();
+        let stored = shared.storage.get(key)?;
+        if let Some(rec) = live(key, stored.as_ref().map(AsRef::as_ref), now)? {
+            check_fingerprint(shared, key, &rec, options)?;
+            if is_terminal(rec.header.state) {
+                match shared.registry.running(key) {
+                    Some(flight) if shared.settings.immediate => {
+                        waiting.wait(key, &flight)?;
+                        continue;
+                    }
+                    _ => return replay(shared, key, &rec, policy),
+                }
+            }
+        }
+        match shared.registry.enter(key) {
+            Entry::Leader(leader) => break leader,
+            Entry::Follower(flight) => waiting.wait(key, &flight)?,
+        }
+    };
+
+    let storage = &shared.storage;
+    let ttl_ms = millis(options.ttl.unwrap_or(shared.settings.default_ttl));
+    let claim = ClaimToken {
+        epoch: shared.epoch,
+        sequence: shared.next_claim.fetch_add(1, Ordering::Relaxed) + 1,
+    };
+    let orphan_policy = options
+        .orphan_policy
+        .unwrap_or(shared.settings.orphan_policy);
+    let limit = shared.settings.max_result_bytes;
+    let mut all: Vec<&sled::Tree> = vec![&storage.records, &storage.expiry];
+    all.extend_from_slice(trees);
+
+    let ran = panic::catch_unwind(AssertUnwindSafe(|| {
+        all.as_slice().transaction(|views| {
+            let (records, expiry, user) = (&views[0], &views[1], &views[2..]);
+            let now = shared.clock.now_millis();
+            let current = records.get(key)?;
+            let rec = match current.as_deref() {
+                Some(bytes) => {
+                    Some(record::decode(bytes).map_err(|e| abort(decode_error(key, e)))?)
+                }
+                None => None,
+            };
+            let (attempts, created_ms, fingerprint) =
+                match rec.filter(|r| !r.header.is_expired(now)) {
+                    None => (1, now, options.fingerprint),
+                    Some(r) => {
+                        check_fingerprint(shared, key, &r, options).map_err(abort)?;
+                        let h = r.header;
+                        match h.state {
+                            RecordState::Completed | RecordState::FailedPermanent => {
+                                return Ok(Committed::Replay(
+                                    current.as_deref().unwrap_or_default().to_vec(),
+                                ))
+                            }
+                            RecordState::Pending if orphan_policy == OrphanPolicy::Report => {
+                                return Err(abort(Error::Interrupted {
+                                    key: KeyName::new(key),
+                                    attempts: h.attempts,
+                                }))
+                            }
+                            RecordState::Pending | RecordState::FailedRetryable => (
+                                h.attempts.saturating_add(1),
+                                h.created_ms,
+                                options.fingerprint.or(h.fingerprint),
+                            ),
+                        }
+                    }
+                };
+            let value = f(user).map_err(|e| match e {
+                ConflictableTransactionError::Abort(e) => {
+                    ConflictableTransactionError::Abort(Abort::Operation(e))
+                }
+                ConflictableTransactionError::Storage(e) => {
+                    ConflictableTransactionError::Storage(e)
+                }
+                // Conflicts go back to the engine, which runs the transaction again.
+                _ => ConflictableTransactionError::Conflict,
+            })?;
+            let payload = match codec::encode(&value, limit) {
+                Ok(p) => p,
+                // Aborting discards the operation's writes: as if it never ran.
+                Err(EncodeFailure::TooLarge { size }) => {
+                    return Err(abort(Error::ResultTooLarge {
+                        key: KeyName::new(key),
+                        size,
+                        limit: limit as u64,
+                    }))
+                }
+                Err(EncodeFailure::Serializer(message)) => {
+                    return Err(abort(Error::ResultNotEncodable {
+                        key: KeyName::new(key),
+                        message,
+                    }))
+                }
+            };
+            let header = Header {
+                state: RecordState::Completed,
+                outcome: OutcomeKind::Stored,
+                attempts,
+                created_ms,
+                updated_ms: now,
+                expires_ms: now.saturating_add(ttl_ms),
+                claim,
+                fingerprint,
+                has_steps: false,
+            };
+            expiry.insert(storage::expiry_key(header.expires_ms, key), &[][..])?;
+            records.insert(key, record::encode(&header, &payload))?;
+            Ok(Committed::Ran {
+                value,
+                header,
+                payload_len: payload.len(),
+            })
+        })
+    }));
+
+    let result = match ran {
+        Err(panic) => {
+            // The transaction did not commit; record the attempt as retryable, then unwind.
+            if let Err(e) = record_failure(shared, key, options, ttl_ms, claim, None::<(&E, &P)>) {
+                tracing::error!(key = %crate::key::KeyHash(key), error = %e, "could not record a panicked run");
+            }
+            drop(leader);
+            panic::resume_unwind(panic);
+        }
+        Ok(result) => result,
+    };
+    let reply = match result {
+        Ok(Committed::Ran {
+            value,
+            header,
+            payload_len,
+        }) => {
+            Counters::bump(&shared.counters.executions);
+            storage.barrier()?;
+            Ok(Outcome::new(
+                value,
+                false,
+                RecordInfo::new(&header, payload_len),
+            ))
+        }
+        Ok(Committed::Replay(bytes)) => {
+            let rec = record::decode(&bytes).map_err(|e| decode_error(key, e))?;
+            replay(shared, key, &rec, policy)
+        }
+        Err(TransactionError::Abort(Abort::Operation(error))) => {
+            Counters::bump(&shared.counters.executions);
+            record_failure(shared, key, options, ttl_ms, claim, Some((&error, policy)))?;
+            Err(ExecuteError::Operation {
+                error,
+                replayed: false,
+            })
+        }
+        Err(TransactionError::Abort(Abort::Store(e))) => Err(e.into()),
+        Err(TransactionError::Storage(e)) => Err(Error::Storage(e).into()),
+    };
+    drop(leader);
+    reply
+}
+
+/// Records a failed attempt (permanent if `error` is one, else retryable) over whatever the
+/// record is now. The caller leads the key, so nothing else writes it meanwhile.
+fn record_failure<E, P: ErrorPolicy<E>>(
+    shared: &Shared<SledStorage>,
+    key: &[u8],
+    options: &CallOptions,
+    ttl_ms: u64,
+    claim: ClaimToken,
+    error: Option<(&E, &P)>,
+) -> Result<(), Error> {
+    let now = shared.clock.now_millis();
+    let stored = shared.storage.get(key)?;
+    let previous = live(key, stored.as_ref().map(AsRef::as_ref), now)?;
+    let (attempts, created_ms, fingerprint) = match previous {
+        Some(r) => (
+            r.header.attempts.saturating_add(1),
+            r.header.created_ms,
+            options.fingerprint.or(r.header.fingerprint),
+        ),
+        None => (1, now, options.fingerprint),
+    };
+    let (state, outcome, payload) = match error {
+        Some((e, policy)) if policy.is_permanent(e) => {
+            match policy.encode(e, shared.settings.max_result_bytes) {
+                Ok(bytes) => (RecordState::FailedPermanent, OutcomeKind::Stored, bytes),
+                // An unstorable permanent error stays retryable: nothing was applied.
+                Err(_) => (RecordState::FailedRetryable, OutcomeKind::None, Vec::new()),
+            }
+        }
+        _ => (RecordState::FailedRetryable, OutcomeKind::None, Vec::new()),
+    };
+    let header = Header {
+        state,
+        outcome,
+        attempts,
+        created_ms,
+        updated_ms: now,
+        expires_ms: now.saturating_add(ttl_ms),
+        claim,
+        fingerprint,
+        has_steps: false,
+    };
+    shared.storage.index_expiry(header.expires_ms, key)?;
+    let expected = stored.as_ref().map(AsRef::as_ref);
+    if !shared
+        .storage
+        .compare_and_swap(key, expected, Some(record::encode(&header, &payload)))?
+    {
+        return Err(Error::OutcomeNotRecorded {
+            key: KeyName::new(key),
+        });
+    }
+    shared.storage.barrier()
+}

@@ -1,0 +1,253 @@
+//! Multi-step operations (recovery points), fencing tokens and downstream keys.
+
+mod common;
+
+use common::Scratch;
+use idemstore::{Error, ExecuteError, RetryPolicy, StepError};
+use std::cell::Cell;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+enum CheckoutError {
+    #[error("payment: {0}")]
+    Payment(String),
+    #[error("mail: {0}")]
+    Mail(String),
+    #[error(transparent)]
+    Store(#[from] Error),
+}
+
+impl<E: Into<CheckoutError>> From<StepError<E>> for CheckoutError {
+    fn from(e: StepError<E>) -> Self {
+        match e {
+            StepError::Failed(e) => e.into(),
+            StepError::Store(e) => CheckoutError::Store(e),
+        }
+    }
+}
+
+#[test]
+fn a_retry_after_a_failed_confirmation_sends_only_the_confirmation() {
+    let s = Scratch::new();
+    let store = s.open();
+    let (charges, mails) = (Cell::new(0), Cell::new(0));
+    let mail_works = Cell::new(false);
+    let checkout = || {
+        store.execute_once_with("checkout-91", |ctx| {
+            let charge: String = ctx.step("charge", || {
+                charges.set(charges.get() + 1);
+                Ok::<_, CheckoutError>(format!("ch_{}", charges.get()))
+            })?;
+            ctx.step("confirm", || {
+                mails.set(mails.get() + 1);
+                if mail_works.get() {
+                    Ok(())
+                } else {
+                    Err(CheckoutError::Mail("smtp down".into()))
+                }
+            })?;
+            Ok::<_, CheckoutError>(charge)
+        })
+    };
+    for _ in 0..3 {
+        match checkout() {
+            Err(ExecuteError::Operation {
+                error: CheckoutError::Mail(_),
+                replayed: false,
+            }) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!((charges.get(), mails.get()), (1, 3));
+    let steps = store.steps("checkout-91").unwrap();
+    assert_eq!(
+        steps.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+        ["charge"]
+    );
+
+    mail_works.set(true);
+    let out = checkout().unwrap();
+    assert_eq!((out.as_str(), out.record().attempts), ("ch_1", 4));
+    assert_eq!((charges.get(), mails.get()), (1, 4));
+    // Done: replayed whole, neither step runs.
+    let again = checkout().unwrap();
+    assert!(again.is_replayed());
+    assert_eq!((charges.get(), mails.get()), (1, 4));
+    assert_eq!(store.steps("checkout-91").unwrap().len(), 2);
+}
+
+#[test]
+fn a_changed_step_sequence_is_a_clear_error_and_nothing_more_runs() {
+    let s = Scratch::new();
+    let store = s.open();
+    let _ = store.execute_once_with("k", |ctx| {
+        ctx.step("charge", || Ok::<_, CheckoutError>(1u32))?;
+        Err::<u32, CheckoutError>(CheckoutError::Payment("later".into()))
+    });
+    let ran = Cell::new(false);
+    let r = store.execute_once_with("k", |ctx| {
+        ctx.step("reserve", || {
+            ran.set(true);
+            Ok::<_, CheckoutError>(2u32)
+        })?;
+        Ok::<_, CheckoutError>(0u32)
+    });
+    match r {
+        Err(ExecuteError::Store(Error::StepSequenceChanged {
+            index: 0,
+            recorded,
+            requested,
+            ..
+        })) => {
+            assert_eq!(
+                (recorded.as_str(), requested.as_str()),
+                ("charge", "reserve")
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!ran.get());
+}
+
+#[test]
+fn a_store_error_in_a_step_fails_the_run_even_if_the_operation_swallows_it() {
+    let s = Scratch::new();
+    let store = s.open();
+    let r = store.execute_once_with("k", |ctx| {
+        let _ = ctx.step("a", || Ok::<_, CheckoutError>(1u8));
+        let _ = ctx.step("a", || Ok::<_, CheckoutError>(1u8)); // duplicate name: ignored by the op
+        Ok::<_, CheckoutError>(7u8)
+    });
+    assert!(
+        matches!(r, Err(ExecuteError::Store(Error::InvalidStep { .. }))),
+        "{r:?}"
+    );
+    assert_eq!(
+        store.record("k").unwrap().unwrap().state,
+        idemstore::RecordState::FailedRetryable
+    );
+}
+
+#[test]
+fn steps_expire_with_their_key_and_go_with_remove() {
+    let s = Scratch::new();
+    let store = s
+        .builder()
+        .default_ttl(Duration::from_secs(10))
+        .open()
+        .unwrap();
+    let run = |key: &str, charge: u32| {
+        store.execute_once_with(key, |ctx| {
+            let c = ctx.step("charge", || Ok::<_, CheckoutError>(charge))?;
+            ctx.step("confirm", || {
+                Err::<(), _>(CheckoutError::Mail("down".into()))
+            })?;
+            Ok::<_, CheckoutError>(c)
+        })
+    };
+    let _ = run("a", 1);
+    let _ = run("b", 1);
+    assert_eq!(store.steps("a").unwrap().len(), 1);
+    // Expired: the old steps are not replayed to the new life of the key.
+    s.clock.advance(Duration::from_secs(10));
+    assert!(store.steps("a").unwrap().is_empty());
+    let charged_again = Cell::new(false);
+    let _ = store.execute_once_with("a", |ctx| {
+        ctx.step("charge", || {
+            charged_again.set(true);
+            Ok::<_, CheckoutError>(2u32)
+        })?;
+        Ok::<_, CheckoutError>(2u32)
+    });
+    assert!(charged_again.get());
+    // Swept: the steps go too.
+    assert_eq!(store.sweep_now().unwrap(), 1, "b expired and is swept");
+    drop(store);
+    assert_eq!(s.count_steps(), 1, "only the new life of a has a step");
+    let store = s.open();
+    assert!(store.remove("a").unwrap());
+    assert!(store.steps("a").unwrap().is_empty());
+    drop(store);
+    assert_eq!(s.count_steps(), 0);
+}
+
+#[test]
+fn steps_survive_reopen_and_the_claim_token_grows_across_claims_and_restarts() {
+    let s = Scratch::new();
+    let mut tokens = Vec::new();
+    let mut downstream = Vec::new();
+    for _ in 0..3 {
+        let store = s.open();
+        let _ = store.execute_once_with("order-1", |ctx| {
+            tokens.push(ctx.claim_token());
+            downstream.push(ctx.downstream_key("charge"));
+            assert_ne!(ctx.downstream_key("charge"), ctx.downstream_key("refund"));
+            ctx.step(&format!("attempt-{}", ctx.attempt()), || {
+                Ok::<_, CheckoutError>(())
+            })?;
+            Err::<(), _>(CheckoutError::Payment("declined for now".into()))
+        });
+        // Different attempts ask for different step names here on purpose: the second
+        // attempt's sequence differs, which is reported; we only look at the tokens.
+    }
+    assert!(tokens.windows(2).all(|w| w[0] < w[1]), "{tokens:?}");
+    assert!(tokens.windows(2).all(|w| w[0].as_u128() < w[1].as_u128()));
+    assert!(
+        downstream.windows(2).all(|w| w[0] == w[1]),
+        "stable across attempts"
+    );
+    let store = s.open();
+    let other = store
+        .execute_once_with("order-2", |ctx| {
+            Ok::<_, CheckoutError>(ctx.downstream_key("charge"))
+        })
+        .unwrap();
+    assert_ne!(*other, downstream[0], "different across parent keys");
+}
+
+#[test]
+fn step_with_retry_retries_transient_errors_within_one_claim() {
+    let s = Scratch::new();
+    let store = s.open();
+    let calls = Cell::new(0);
+    let policy = RetryPolicy::new()
+        .max_attempts(4)
+        .initial_delay(Duration::from_millis(1))
+        .max_delay(Duration::from_millis(2));
+    let out = store
+        .execute_once_with("k", |ctx| {
+            let v = ctx.step_with_retry(
+                "flaky",
+                &policy,
+                |e: &CheckoutError| matches!(e, CheckoutError::Payment(_)),
+                || {
+                    calls.set(calls.get() + 1);
+                    if calls.get() < 3 {
+                        Err(CheckoutError::Payment("timeout".into()))
+                    } else {
+                        Ok(9u32)
+                    }
+                },
+            )?;
+            Ok::<_, CheckoutError>(v)
+        })
+        .unwrap();
+    assert_eq!((*out, calls.get(), out.record().attempts), (9, 3, 1));
+
+    // A non-transient error is not retried; the policy's bound is respected.
+    let calls = Cell::new(0);
+    let r = store.execute_once_with("k2", |ctx| {
+        ctx.step_with_retry(
+            "flaky",
+            &policy,
+            |_: &CheckoutError| true,
+            || {
+                calls.set(calls.get() + 1);
+                Err::<u32, _>(CheckoutError::Payment("always".into()))
+            },
+        )?;
+        Ok::<_, CheckoutError>(0u32)
+    });
+    assert!(matches!(r, Err(ExecuteError::Operation { .. })));
+    assert_eq!(calls.get(), 4);
+}

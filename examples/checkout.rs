@@ -254,6 +254,51 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         gateway.charges("order-c0de")
     );
 
+    println!("\n7. A checkout in two steps: the charge succeeds, the confirmation mail fails");
+    let mail_up = AtomicU32::new(0);
+    let mails = AtomicU32::new(0);
+    let checkout = || {
+        store.execute_once_with("checkout-91", |ctx| {
+            // The provider's own Idempotency-Key: the same on every attempt of this checkout.
+            let provider_key = ctx.downstream_key("charge");
+            let charge = ctx.step("charge", || gateway.charge("checkout-91", "tok_visa", 4200))?;
+            ctx.step("confirm", || {
+                mails.fetch_add(1, Ordering::SeqCst);
+                if mail_up.load(Ordering::SeqCst) == 1 {
+                    Ok(())
+                } else {
+                    Err(PaymentError::GatewayTimeout)
+                }
+            })?;
+            println!(
+                "  attempt {} (claim token {}) confirmed {} (provider key {}…)",
+                ctx.attempt(),
+                ctx.claim_token().as_u128(),
+                charge.charge_id,
+                &provider_key[..12]
+            );
+            Ok::<_, idemstore::StepError<PaymentError>>(charge)
+        })
+    };
+    match checkout() {
+        Err(e) => println!("  first call: {e} (the charge step is recorded)"),
+        Ok(_) => println!("  first call: unexpectedly confirmed"),
+    }
+    mail_up.store(1, Ordering::SeqCst);
+    let receipt = checkout()?;
+    println!(
+        "  retry: {} — gateway charged checkout-91 {} time(s), {} confirmation attempts",
+        receipt.charge_id,
+        gateway.charges("checkout-91"),
+        mails.load(Ordering::SeqCst)
+    );
+    let steps: Vec<String> = store
+        .steps("checkout-91")?
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    println!("  recorded steps: {steps:?}");
+
     let stats = store.stats();
     println!(
         "\nafter restart: {} executions, {} replays, {} interrupted runs reported",

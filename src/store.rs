@@ -347,6 +347,9 @@ impl Store {
     /// Opens (creating if needed) a tree of your own in the store's database, for effects that
     /// must commit together with an outcome (see [`execute_once_in_tx`](Self::execute_once_in_tx)).
     ///
+    /// A tree keeps the database open: drop your trees before the store closes, or closing
+    /// waits for them (up to 10 s, then logs a warning) and the path stays locked.
+    ///
     /// # Errors
     /// [`Error::ReservedTreeName`] for names starting with `idemstore/`; [`Error::Storage`].
     pub fn tree(&self, name: &str) -> Result<sled::Tree, Error> {

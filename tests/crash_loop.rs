@@ -17,6 +17,8 @@
 
 mod common;
 
+use common::XorShift;
+
 use idemstore::{ExecuteError, OrphanPolicy, RecordState, Store};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -35,16 +37,6 @@ const TTL_KEYS: u64 = 8;
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Declined(String);
-
-struct XorShift(u64);
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
 
 fn append_synced(file: &mut std::fs::File, line: &str) {
     file.write_all(line.as_bytes()).expect("log write");

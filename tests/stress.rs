@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::Scratch;
+use common::{Scratch, XorShift};
 use idemstore::{ExecuteError, RecordState};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -19,17 +19,6 @@ struct Failure {
 }
 
 const STRESS_PANIC: &str = "stress operation panicked on purpose";
-
-/// A small deterministic generator, one per thread.
-struct XorShift(u64);
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
 
 #[test]
 fn recorded_outcomes_come_from_exactly_one_execution_and_everyone_sees_it() {

@@ -86,3 +86,15 @@ pub enum ServiceError {
     #[error("declined")]
     Declined,
 }
+
+/// A small deterministic generator, one per thread.
+pub struct XorShift(pub u64);
+
+impl XorShift {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}

@@ -19,6 +19,17 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Beyond single operations:
+//!
+//! - [`Store::execute_once_with`] runs an operation made of named steps ([`Context::step`]):
+//!   each step's outcome is recorded as it finishes, so a retry resumes after the last
+//!   finished step; the [`Context`] also gives the claim token (fencing) and deterministic
+//!   keys for downstream calls.
+//! - [`Store::execute_once_in_tx`] commits the operation's writes to your own trees
+//!   ([`Store::tree`]) and its outcome in one transaction: exactly once, crash or not.
+//! - [`Store::call`] sets per-call options: fingerprint, TTL, wait, orphan policy, and which
+//!   errors are permanent (recorded and replayed).
+//!
 //! The guarantee: for one key, within its TTL, the operation runs once per recorded outcome.
 //! Across a crash it can run again only if the crash fell between the durable claim and the
 //! durable outcome, and only under [`OrphanPolicy::Rerun`]. See the README for the full

@@ -251,3 +251,98 @@ fn step_with_retry_retries_transient_errors_within_one_claim() {
     assert!(matches!(r, Err(ExecuteError::Operation { .. })));
     assert_eq!(calls.get(), 4);
 }
+
+const STEPS_DIR_VAR: &str = "IDEMSTORE_STEPS_DIR";
+
+/// Child: charges (step 1, logged to a file outside the store), then hangs in step 2.
+#[test]
+#[ignore = "run as a child process by the steps crash test"]
+fn steps_child() {
+    let Ok(dir) = std::env::var(STEPS_DIR_VAR) else {
+        panic!("steps_child runs only under the steps crash test");
+    };
+    let dir = std::path::PathBuf::from(dir);
+    let store = idemstore::Store::builder(dir.join("db"))
+        .sweep_interval(None)
+        .open()
+        .unwrap();
+    let _ = store.execute_once_with("checkout-7", |ctx| {
+        ctx.step("charge", || {
+            let mut log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join("charges.log"))
+                .unwrap();
+            std::io::Write::write_all(&mut log, b"charged\n").unwrap();
+            log.sync_all().unwrap();
+            Ok::<_, CheckoutError>(String::from("ch_1"))
+        })?;
+        ctx.step("confirm", || {
+            println!("IN-CONFIRM");
+            std::io::Write::flush(&mut std::io::stdout()).unwrap();
+            loop {
+                std::thread::sleep(Duration::from_secs(60));
+            }
+            #[allow(unreachable_code)]
+            Ok::<_, CheckoutError>(())
+        })?;
+        Ok::<_, CheckoutError>(())
+    });
+}
+
+#[test]
+fn a_process_killed_between_steps_resumes_after_the_finished_step() {
+    use std::io::BufRead;
+    let s = Scratch::new();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            "steps_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(STEPS_DIR_VAR, s.dir.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    for line in std::io::BufReader::new(stdout).lines() {
+        if line.unwrap().contains("IN-CONFIRM") {
+            break;
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let store = s.open();
+    let info = store.record("checkout-7").unwrap().unwrap();
+    assert_eq!(
+        info.state,
+        idemstore::RecordState::Pending,
+        "an orphan of the killed process"
+    );
+    assert_eq!(
+        store.steps("checkout-7").unwrap().len(),
+        1,
+        "the charge step is recorded"
+    );
+    let (charged, confirmed) = (Cell::new(0), Cell::new(0));
+    let out = store
+        .execute_once_with("checkout-7", |ctx| {
+            let charge = ctx.step("charge", || {
+                charged.set(charged.get() + 1);
+                Ok::<_, CheckoutError>(String::from("ch_2"))
+            })?;
+            ctx.step("confirm", || {
+                confirmed.set(confirmed.get() + 1);
+                Ok::<_, CheckoutError>(())
+            })?;
+            Ok::<_, CheckoutError>(charge)
+        })
+        .unwrap();
+    assert_eq!((out.as_str(), out.record().attempts), ("ch_1", 2));
+    assert_eq!((charged.get(), confirmed.get()), (0, 1));
+    let log = std::fs::read_to_string(s.dir.path().join("charges.log")).unwrap();
+    assert_eq!(log.lines().count(), 1, "the card was charged once");
+}

@@ -18,6 +18,8 @@ use crate::stats::Counters;
 /// The durability barrier for `Immediate` mode.
 pub(crate) struct GroupCommit {
     db: sled::Db,
+    /// The engine's data file, synced after each engine flush (see `storage::make_durable`).
+    data_file: std::fs::File,
     next_ticket: AtomicU64,
     state: Mutex<FlushState>,
     flushed: Condvar,
@@ -36,9 +38,10 @@ struct FlushState {
 }
 
 impl GroupCommit {
-    pub(crate) fn new(db: sled::Db, counters: Arc<Counters>) -> Self {
+    pub(crate) fn new(db: sled::Db, data_file: std::fs::File, counters: Arc<Counters>) -> Self {
         Self {
             db,
+            data_file,
             next_ticket: AtomicU64::new(0),
             state: Mutex::new(FlushState::default()),
             flushed: Condvar::new(),
@@ -71,7 +74,10 @@ impl GroupCommit {
                     std::thread::yield_now();
                 }
                 let target = self.next_ticket.load(Ordering::SeqCst);
-                (target, self.db.flush())
+                (
+                    target,
+                    crate::storage::make_durable(&self.db, &self.data_file),
+                )
             });
             let (target, result) = (result.0, result.1);
             self.counters.flush_batches.fetch_add(1, Ordering::Relaxed);

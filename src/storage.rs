@@ -76,6 +76,8 @@ pub(crate) trait Storage: Send + Sync {
 /// The sled engine.
 pub(crate) struct SledStorage {
     pub(crate) db: sled::Db,
+    /// The engine's data file, for `make_durable`.
+    data_file: std::fs::File,
     pub(crate) records: sled::Tree,
     pub(crate) expiry: sled::Tree,
     steps: sled::Tree,
@@ -126,10 +128,22 @@ pub(crate) fn open(
     let records = db.open_tree(RECORDS_TREE)?;
     let expiry = db.open_tree(EXPIRY_TREE)?;
     let steps = db.open_tree(STEPS_TREE)?;
-    let flush = immediate.then(|| GroupCommit::new(db.clone(), counters));
+    let data_file = std::fs::File::open(path.join("db"))?;
+    make_durable(&db, &data_file)?;
+    // The database's files must be reachable after a power loss too: sync their directory.
+    std::fs::File::open(path)?.sync_all()?;
+    let flush = match immediate {
+        true => Some(GroupCommit::new(
+            db.clone(),
+            data_file.try_clone()?,
+            counters,
+        )),
+        false => None,
+    };
     Ok(Opened {
         storage: SledStorage {
             db,
+            data_file,
             records,
             expiry,
             steps,
@@ -163,6 +177,23 @@ pub(crate) fn wait_for_engine_release(lock_file: &Path) {
                 return;
             }
         }
+    }
+}
+
+/// Makes every write applied so far durable, including against power loss.
+///
+/// sled 0.34's `flush` writes its log with `sync_file_range`, which survives a process crash
+/// but neither flushes the device's write cache nor persists the file's size, so a power loss
+/// could still lose what it "flushed". An `fdatasync` of the data file after it does both.
+pub(crate) fn make_durable(db: &sled::Db, data_file: &std::fs::File) -> Result<(), sled::Error> {
+    db.flush()?;
+    data_file.sync_data().map_err(sled::Error::Io)
+}
+
+impl SledStorage {
+    /// See [`make_durable`].
+    pub(crate) fn make_durable(&self) -> Result<(), Error> {
+        Ok(make_durable(&self.db, &self.data_file)?)
     }
 }
 

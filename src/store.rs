@@ -466,7 +466,7 @@ impl Store {
     /// # Errors
     /// [`Error::Storage`] if the flush fails.
     pub fn flush(&self) -> Result<(), Error> {
-        self.shared().storage.db.flush()?;
+        self.shared().storage.make_durable()?;
         Ok(())
     }
 
@@ -484,7 +484,7 @@ impl Store {
             return Ok(());
         };
         drop(self.sweeper.take());
-        let flushed = shared.storage.db.flush();
+        let flushed = shared.storage.make_durable();
         drop(shared);
         storage::wait_for_engine_release(&self.lock_file);
         flushed?;

@@ -515,7 +515,7 @@ fn render_svg(rows: &[Row]) -> String {
         .first()
         .map(|(_, p)| p.iter().map(|(t, _)| *t).collect())
         .unwrap_or_default();
-    let (w, h, left, right, top, bottom) = (780.0, 420.0, 80.0, 260.0, 40.0, 60.0);
+    let (w, h, left, right, top, bottom) = (800.0, 420.0, 80.0, 280.0, 40.0, 60.0);
     let x = |i: usize| left + (w - left - right) * i as f64 / (threads.len().max(2) - 1) as f64;
     let y = |ops: f64| {
         top + (h - top - bottom) * (1.0 - (ops.max(1.0).log10() - lo) / (hi - lo).max(1.0))

@@ -51,10 +51,17 @@ where
         // for writing.
         let mut now = shared.clock.now_millis();
         let mut stored = shared.storage.get(key)?;
-        let mut saw_pending = false;
-        if let Some(rec) = live(key, stored.as_ref().map(AsRef::as_ref), now)? {
+        let mut needs_fresh_read = false;
+        let first = match stored.as_ref() {
+            Some(bytes) => Some(record::decode(bytes.as_ref()).map_err(|e| decode_error(key, e))?),
+            None => None,
+        };
+        if let Some(rec) = first {
+            // Decisions about orphans and steps must be made on what the leader reads.
+            needs_fresh_read = rec.header.state == RecordState::Pending || rec.header.has_steps;
+        }
+        if let Some(rec) = first.filter(|r| !r.header.is_expired(now)) {
             check_fingerprint(shared, key, &rec, options)?;
-            saw_pending = rec.header.state == RecordState::Pending;
             if is_terminal(rec.header.state) {
                 if shared.settings.immediate {
                     if let Some(flight) = shared.registry.running(key) {
@@ -76,9 +83,10 @@ where
         };
 
         // As leader nothing else in this process claims the key. A Pending record seen before
-        // leading may have finished since: look again before calling it an orphan. Any other
-        // state is re-checked by the claim's compare-and-swap, which fails if it changed.
-        if saw_pending {
+        // leading may have finished since: look again before calling it an orphan; and look
+        // again before removing steps, which may belong to a newer life of the key by now.
+        // Any other state is re-checked by the claim's compare-and-swap.
+        if needs_fresh_read {
             now = shared.clock.now_millis();
             stored = shared.storage.get(key)?;
         }

@@ -23,6 +23,8 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         1 => Just(Op::Sweep),
         1 => (0..KEYS).prop_map(|key| Op::Remove { key }),
         1 => Just(Op::Reopen),
+        4 => (0..KEYS, [0u8..3, 0u8..3], proptest::option::weighted(0.4, 0u8..2), any::<u16>())
+            .prop_map(|(key, names, fail_at, value)| Op::Steps { key, names, fail_at, value }),
     ]
 }
 

@@ -39,6 +39,14 @@ pub enum Op {
         key: u8,
     },
     Reopen,
+    /// `execute_once_with`: step `names[0]`, then `names[1]`; the step at `fail_at` returns a
+    /// retryable error; the run returns the sum of its step values.
+    Steps {
+        key: u8,
+        names: [u8; 2],
+        fail_at: Option<u8>,
+        value: u16,
+    },
 }
 
 /// Reads operations from arbitrary bytes (for fuzzing): 4 bytes an operation.
@@ -52,7 +60,7 @@ pub fn ops_from_bytes(data: &[u8]) -> (bool, Vec<Op>) {
         .map(|c| {
             let key = c[1] % KEYS;
             let value = u16::from(c[2]);
-            match c[0] % 16 {
+            match c[0] % 18 {
                 0..=3 => Op::Execute {
                     key,
                     run: Run::Ok(value),
@@ -82,7 +90,17 @@ pub fn ops_from_bytes(data: &[u8]) -> (bool, Vec<Op>) {
                 },
                 12 => Op::Sweep,
                 13..=14 => Op::Remove { key },
-                _ => Op::Reopen,
+                15 => Op::Reopen,
+                _ => Op::Steps {
+                    key,
+                    names: [c[3] % 3, (c[3] >> 2) % 3],
+                    fail_at: match (c[3] >> 4) % 4 {
+                        0 => Some(0),
+                        1 => Some(1),
+                        _ => None,
+                    },
+                    value,
+                },
             }
         })
         .collect();
@@ -135,11 +153,17 @@ enum Seen {
     },
     Mismatch,
     Panicked,
+    /// The store refused: a step sequence change or a duplicate step name.
+    StepRefused,
+    /// A permanent error is recorded but the call has no decoder for it.
+    NoDecoder,
 }
 
 struct Model {
     now_ms: u64,
     records: BTreeMap<u8, ModelRecord>,
+    /// Recorded steps (name, value) of each key's current life.
+    steps: BTreeMap<u8, Vec<(u8, u16)>>,
 }
 
 impl Model {
@@ -190,7 +214,11 @@ impl Model {
         }
         let (attempts, fingerprint) = match live {
             Some(r) => (r.attempts + 1, fingerprint.or(r.fingerprint)),
-            None => (1, fingerprint),
+            None => {
+                // A fresh life of the key: earlier steps no longer count.
+                self.steps.remove(&key);
+                (1, fingerprint)
+            }
         };
         let ttl_ms = 1000 * ttl_s.map_or(DEFAULT_TTL_S, |t| u64::from(t).max(1));
         let (state, seen) = match run {
@@ -230,6 +258,143 @@ impl Model {
         );
         (seen, true)
     }
+}
+
+impl Model {
+    /// Applies a Steps run; returns what the call returns and which steps ran.
+    fn run_steps(
+        &mut self,
+        key: u8,
+        names: [u8; 2],
+        fail_at: Option<u8>,
+        value: u16,
+    ) -> (Seen, Vec<u8>) {
+        let live = self.live(key);
+        if let Some(r) = live {
+            match r.state {
+                State::Completed(value) => {
+                    return (
+                        Seen::Value {
+                            value,
+                            replayed: true,
+                        },
+                        Vec::new(),
+                    )
+                }
+                State::Permanent(_) => return (Seen::NoDecoder, Vec::new()),
+                State::Retryable => {}
+            }
+        }
+        let (attempts, fingerprint) = match live {
+            Some(r) => (r.attempts + 1, r.fingerprint),
+            None => {
+                self.steps.remove(&key);
+                (1, None)
+            }
+        };
+        let recorded = self.steps.entry(key).or_default();
+        let (mut ran, mut used, mut sum, mut refused) = (Vec::new(), Vec::new(), 0u16, None);
+        for (i, &name) in names.iter().enumerate() {
+            if used.contains(&name) {
+                refused = Some(Seen::StepRefused);
+                break;
+            }
+            used.push(name);
+            if let Some(&(recorded_name, recorded_value)) = recorded.get(i) {
+                if recorded_name != name {
+                    refused = Some(Seen::StepRefused);
+                    break;
+                }
+                sum = sum.wrapping_add(recorded_value);
+                continue;
+            }
+            ran.push(i as u8);
+            if fail_at == Some(i as u8) {
+                refused = Some(Seen::OpError {
+                    value,
+                    permanent: false,
+                    replayed: false,
+                });
+                break;
+            }
+            let v = value.wrapping_add(i as u16);
+            recorded.push((name, v));
+            sum = sum.wrapping_add(v);
+        }
+        let (state, seen) = match refused {
+            Some(seen) => (State::Retryable, seen),
+            None => (
+                State::Completed(sum),
+                Seen::Value {
+                    value: sum,
+                    replayed: false,
+                },
+            ),
+        };
+        self.records.insert(
+            key,
+            ModelRecord {
+                state,
+                fingerprint,
+                attempts,
+                expires_ms: self.now_ms + 1000 * DEFAULT_TTL_S,
+            },
+        );
+        (seen, ran)
+    }
+}
+
+fn store_steps(
+    store: &Store,
+    key: u8,
+    names: [u8; 2],
+    fail_at: Option<u8>,
+    value: u16,
+) -> (Seen, Vec<u8>) {
+    let ran = std::cell::RefCell::new(Vec::new());
+    let result = store.execute_once_with(key_name(key), |ctx| {
+        let mut sum = 0u16;
+        for (i, name) in names.iter().enumerate() {
+            let v = ctx
+                .step(&format!("s{name}"), || {
+                    ran.borrow_mut().push(i as u8);
+                    if fail_at == Some(i as u8) {
+                        Err(ModelError {
+                            permanent: false,
+                            value,
+                        })
+                    } else {
+                        Ok(value.wrapping_add(i as u16))
+                    }
+                })
+                .map_err(|e| match e {
+                    idemstore::StepError::Failed(e) => e,
+                    idemstore::StepError::Store(_) => ModelError {
+                        permanent: false,
+                        value: u16::MAX,
+                    },
+                })?;
+            sum = sum.wrapping_add(v);
+        }
+        Ok::<_, ModelError>(sum)
+    });
+    let seen = match result {
+        Ok(out) => Seen::Value {
+            value: *out,
+            replayed: out.is_replayed(),
+        },
+        Err(ExecuteError::Operation { error, replayed }) => Seen::OpError {
+            value: error.value,
+            permanent: error.permanent,
+            replayed,
+        },
+        Err(ExecuteError::Store(Error::StepSequenceChanged { .. } | Error::InvalidStep { .. })) => {
+            Seen::StepRefused
+        }
+        Err(ExecuteError::Store(Error::PermanentErrorRecorded { .. })) => Seen::NoDecoder,
+        Err(ExecuteError::Store(e)) => panic!("unexpected store error: {e}"),
+    };
+    (seen, ran.into_inner())
 }
 
 fn key_name(key: u8) -> String {
@@ -331,6 +496,24 @@ fn check_records(store: &Store, model: &Model, step: usize, op: &Op) {
             }
             (g, w) => panic!("step {step} {op:?}: key {key}: store has {g:?}, model has {w:?}"),
         }
+        let got_steps: Vec<String> = store
+            .steps(key_name(key))
+            .expect("steps decode")
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
+        let want_steps: Vec<String> = match model.live(key) {
+            Some(_) => model
+                .steps
+                .get(&key)
+                .map(|v| v.iter().map(|(n, _)| format!("s{n}")).collect())
+                .unwrap_or_default(),
+            None => Vec::new(),
+        };
+        assert_eq!(
+            got_steps, want_steps,
+            "step {step} {op:?}: steps of key {key}"
+        );
     }
 }
 
@@ -342,6 +525,7 @@ pub fn run(immediate: bool, ops: &[Op]) {
     let mut model = Model {
         now_ms: START_MS,
         records: BTreeMap::new(),
+        steps: BTreeMap::new(),
     };
     for (step, op) in ops.iter().enumerate() {
         let s = store.as_ref().expect("store is open between steps");
@@ -364,6 +548,8 @@ pub fn run(immediate: bool, ops: &[Op]) {
                 let now = model.now_ms;
                 let before = model.records.len();
                 model.records.retain(|_, r| now < r.expires_ms);
+                let records = &model.records;
+                model.steps.retain(|k, _| records.contains_key(k));
                 let expected = (before - model.records.len()) as u64;
                 assert_eq!(
                     s.sweep_now().expect("sweep"),
@@ -373,11 +559,22 @@ pub fn run(immediate: bool, ops: &[Op]) {
             }
             Op::Remove { key } => {
                 let existed = model.records.remove(&key).is_some();
+                model.steps.remove(&key);
                 assert_eq!(
                     s.remove(key_name(key)).expect("remove"),
                     existed,
                     "step {step}: remove"
                 );
+            }
+            Op::Steps {
+                key,
+                names,
+                fail_at,
+                value,
+            } => {
+                let want = model.run_steps(key, names, fail_at, value);
+                let got = store_steps(s, key, names, fail_at, value);
+                assert_eq!(got, want, "step {step} {op:?}: (result, steps that ran)");
             }
             Op::Reopen => {
                 drop(store.take());

@@ -16,7 +16,6 @@
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use crate::call::{CallOptions, ErrorPolicy};
@@ -24,11 +23,13 @@ use crate::clock::millis;
 use crate::codec::{self, EncodeFailure};
 use crate::key::KeyHash;
 use crate::record::{self, ClaimToken, DecodeError, Header, OutcomeKind, Record, RecordState};
-use crate::registry::{Entry, Flight};
+use crate::registry::{Entry, Flight, Leader};
 use crate::stats::Counters;
 use crate::storage::Storage;
 use crate::store::Shared;
-use crate::{Context, Error, ExecuteError, KeyName, OrphanPolicy, Outcome, RecordInfo};
+use crate::{
+    Context, Error, ExecuteError, Fingerprint, KeyName, OrphanPolicy, Outcome, RecordInfo,
+};
 
 /// Runs `f` once for `key`, or replays its recorded outcome.
 pub(crate) fn execute<S, T, E, P, F>(
@@ -47,119 +48,63 @@ where
     shared.check_key(key)?;
     let mut waiting = Waiting::new(shared, options);
     loop {
-        // Fast path: a live terminal record is replayed without touching the registry's map
-        // for writing.
-        let mut now = shared.clock.now_millis();
-        let mut stored = shared.storage.get(key)?;
-        let mut needs_fresh_read = false;
-        let first = match stored.as_ref() {
-            Some(bytes) => Some(record::decode(bytes.as_ref()).map_err(|e| decode_error(key, e))?),
-            None => None,
-        };
-        if let Some(rec) = first {
-            // Decisions about orphans and steps must be made on what the leader reads.
-            needs_fresh_read = rec.header.state == RecordState::Pending || rec.header.has_steps;
-        }
-        if let Some(rec) = first.filter(|r| !r.header.is_expired(now)) {
-            check_fingerprint(shared, key, &rec, options)?;
-            if is_terminal(rec.header.state) {
-                if shared.settings.immediate {
-                    if let Some(flight) = shared.registry.running(key) {
-                        // Its writer may still be waiting for the flush: replay once durable.
-                        waiting.wait(key, &flight)?;
-                        continue;
-                    }
-                }
-                return replay(shared, key, &rec, policy);
-            }
-        }
-
-        let leader = match shared.registry.enter(key) {
-            Entry::Leader(leader) => leader,
-            Entry::Follower(flight) => {
-                waiting.wait(key, &flight)?;
-                continue;
-            }
-        };
+        let (leader, first_read, seen) =
+            match take_turn(shared, key, options, policy, &mut waiting)? {
+                Turn::Done(reply) => return reply,
+                Turn::Lead {
+                    leader,
+                    stored,
+                    seen,
+                } => (leader, stored, seen),
+            };
 
         // As leader nothing else in this process claims the key. A Pending record seen before
         // leading may have finished since: look again before calling it an orphan; and look
         // again before removing steps, which may belong to a newer life of the key by now.
         // Any other state is re-checked by the claim's compare-and-swap.
-        if needs_fresh_read {
-            now = shared.clock.now_millis();
-            stored = shared.storage.get(key)?;
-        }
-        let stored = stored.as_ref().map(AsRef::as_ref);
-        let current = match stored {
-            Some(bytes) => Some(record::decode(bytes).map_err(|e| decode_error(key, e))?),
-            None => None,
-        };
-        let live_record = current.filter(|r| !r.header.is_expired(now));
-        // Steps left by an earlier, expired life of this key must not be replayed.
-        let stale_steps = current.is_some_and(|r| r.header.has_steps) && live_record.is_none();
-        let (attempts, created_ms, previous_fingerprint, had_steps) = match live_record {
-            None => (1, now, None, false),
-            Some(rec) => {
-                check_fingerprint(shared, key, &rec, options)?;
-                let h = rec.header;
-                match h.state {
-                    // Written by a leader that has finished, so durable.
-                    RecordState::Completed | RecordState::FailedPermanent => {
-                        return replay(shared, key, &rec, policy)
-                    }
-                    RecordState::FailedRetryable => (
-                        h.attempts.saturating_add(1),
-                        h.created_ms,
-                        h.fingerprint,
-                        h.has_steps,
-                    ),
-                    RecordState::Pending => {
-                        let policy = options
-                            .orphan_policy
-                            .unwrap_or(shared.settings.orphan_policy);
-                        if policy == OrphanPolicy::Report {
-                            Counters::bump(&shared.counters.orphans_reported);
-                            tracing::warn!(key = %KeyHash(key), attempts = h.attempts, "interrupted run reported");
-                            return Err(Error::Interrupted {
-                                key: KeyName::new(key),
-                                attempts: h.attempts,
-                            }
-                            .into());
-                        }
-                        Counters::bump(&shared.counters.orphans_recovered);
-                        tracing::warn!(
-                            key = %KeyHash(key),
-                            attempts = h.attempts,
-                            orphan_epoch = h.claim.epoch,
-                            "re-running an interrupted run"
-                        );
-                        (
-                            h.attempts.saturating_add(1),
-                            h.created_ms,
-                            h.fingerprint,
-                            h.has_steps,
-                        )
-                    }
-                }
+        let now = shared.clock.now_millis();
+        let fresh_read = match seen {
+            Some(h) if h.state == RecordState::Pending || h.has_steps => {
+                Some(shared.storage.get(key)?)
             }
+            _ => None,
         };
-
+        let stored = match &fresh_read {
+            Some(fresh) => fresh.as_ref().map(AsRef::as_ref),
+            None => first_read.as_ref().map(AsRef::as_ref),
+        };
+        let current = match (&fresh_read, stored) {
+            (Some(_), Some(bytes)) => {
+                let rec = record::decode(bytes).map_err(|e| decode_error(key, e))?;
+                if !rec.header.is_expired(now) && is_terminal(rec.header.state) {
+                    // Written by a leader that has finished, so durable.
+                    check_fingerprint(shared, key, &rec.header, options)?;
+                    return replay(shared, key, &rec, policy);
+                }
+                Some(rec.header)
+            }
+            (Some(_), None) => None,
+            (None, _) => seen,
+        };
+        let live = current.filter(|h| !h.is_expired(now));
+        if let Some(h) = &live {
+            check_fingerprint(shared, key, h, options)?;
+            if h.state == RecordState::Pending {
+                take_over_orphan(shared, key, h, options)?;
+            }
+        }
+        // Steps left by an earlier, expired life of this key must not be replayed.
+        let stale_steps = current.is_some_and(|h| h.has_steps) && live.is_none();
+        let attempt = Attempt::after(live.as_ref(), now, options);
+        let attempts = attempt.number;
         let ttl_ms = millis(options.ttl.unwrap_or(shared.settings.default_ttl));
-        let pending_header = Header {
-            state: RecordState::Pending,
-            outcome: OutcomeKind::None,
-            attempts,
-            created_ms,
-            updated_ms: now,
-            expires_ms: now.saturating_add(ttl_ms),
-            claim: ClaimToken {
-                epoch: shared.epoch,
-                sequence: shared.next_claim.fetch_add(1, Ordering::Relaxed) + 1,
-            },
-            fingerprint: options.fingerprint.or(previous_fingerprint),
-            has_steps: options.with_steps || had_steps,
-        };
+        let pending_header = attempt.header(
+            RecordState::Pending,
+            OutcomeKind::None,
+            now,
+            ttl_ms,
+            shared.next_claim_token(),
+        );
         if stale_steps {
             shared.storage.remove_steps(key)?;
         }
@@ -498,10 +443,10 @@ pub(crate) fn decode_error(key: &[u8], e: DecodeError) -> Error {
 pub(crate) fn check_fingerprint<S>(
     shared: &Shared<S>,
     key: &[u8],
-    rec: &Record<'_>,
+    header: &Header,
     options: &CallOptions,
 ) -> Result<(), Error> {
-    match (options.fingerprint, rec.header.fingerprint) {
+    match (options.fingerprint, header.fingerprint) {
         (Some(given), Some(stored)) if given != stored => {
             Counters::bump(&shared.counters.fingerprint_mismatches);
             tracing::debug!(key = %KeyHash(key), "fingerprint mismatch");
@@ -510,6 +455,147 @@ pub(crate) fn check_fingerprint<S>(
             })
         }
         _ => Ok(()),
+    }
+}
+
+/// How a call goes on after its first look at the key's record.
+pub(crate) enum Turn<'r, B, T, E> {
+    /// Answered from a recorded outcome: return this.
+    Done(Result<Outcome<T>, ExecuteError<E>>),
+    /// This call now leads the key. `stored` is what it read before leading, and `seen` that
+    /// record's header (None: absent); neither is a live recorded outcome.
+    Lead {
+        leader: Leader<'r>,
+        stored: Option<B>,
+        seen: Option<Header>,
+    },
+}
+
+/// Replays a live recorded outcome (once durable), or waits for the key's running call, or
+/// becomes the key's leader. The replay path takes no lock when no call is running.
+pub(crate) fn take_turn<'r, S, T, E, P>(
+    shared: &'r Shared<S>,
+    key: &[u8],
+    options: &CallOptions,
+    policy: &P,
+    waiting: &mut Waiting<'_, S>,
+) -> Result<Turn<'r, S::Bytes, T, E>, Error>
+where
+    S: Storage,
+    T: DeserializeOwned,
+    P: ErrorPolicy<E>,
+{
+    loop {
+        let now = shared.clock.now_millis();
+        let stored = shared.storage.get(key)?;
+        let first = match stored.as_ref() {
+            Some(bytes) => Some(record::decode(bytes.as_ref()).map_err(|e| decode_error(key, e))?),
+            None => None,
+        };
+        if let Some(rec) = first.filter(|r| !r.header.is_expired(now)) {
+            check_fingerprint(shared, key, &rec.header, options)?;
+            if is_terminal(rec.header.state) {
+                match shared.registry.running(key) {
+                    // Its writer may still be waiting for the flush: replay once durable.
+                    Some(flight) if shared.settings.immediate => {
+                        waiting.wait(key, &flight)?;
+                        continue;
+                    }
+                    _ => return Ok(Turn::Done(replay(shared, key, &rec, policy))),
+                }
+            }
+        }
+        let seen = first.map(|r| r.header);
+        match shared.registry.enter(key) {
+            Entry::Leader(leader) => {
+                return Ok(Turn::Lead {
+                    leader,
+                    stored,
+                    seen,
+                })
+            }
+            Entry::Follower(flight) => waiting.wait(key, &flight)?,
+        }
+    }
+}
+
+/// Applies the orphan policy to a live Pending record that no call in this process runs.
+pub(crate) fn take_over_orphan<S>(
+    shared: &Shared<S>,
+    key: &[u8],
+    header: &Header,
+    options: &CallOptions,
+) -> Result<(), Error> {
+    let policy = options
+        .orphan_policy
+        .unwrap_or(shared.settings.orphan_policy);
+    if policy == OrphanPolicy::Report {
+        Counters::bump(&shared.counters.orphans_reported);
+        tracing::warn!(key = %KeyHash(key), attempts = header.attempts, "interrupted run reported");
+        return Err(Error::Interrupted {
+            key: KeyName::new(key),
+            attempts: header.attempts,
+        });
+    }
+    Counters::bump(&shared.counters.orphans_recovered);
+    tracing::warn!(
+        key = %KeyHash(key),
+        attempts = header.attempts,
+        orphan_epoch = header.claim.epoch,
+        "re-running an interrupted run"
+    );
+    Ok(())
+}
+
+/// The attempt a claim starts, carrying over what the record it replaces knew.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Attempt {
+    pub number: u32,
+    created_ms: u64,
+    fingerprint: Option<Fingerprint>,
+    has_steps: bool,
+}
+
+impl Attempt {
+    /// The attempt after `previous` — the live record being claimed again (retryable, or an
+    /// orphan) — or the first attempt of a fresh life of the key.
+    pub(crate) fn after(previous: Option<&Header>, now_ms: u64, options: &CallOptions) -> Self {
+        match previous {
+            Some(h) => Self {
+                number: h.attempts.saturating_add(1),
+                created_ms: h.created_ms,
+                fingerprint: options.fingerprint.or(h.fingerprint),
+                has_steps: options.with_steps || h.has_steps,
+            },
+            None => Self {
+                number: 1,
+                created_ms: now_ms,
+                fingerprint: options.fingerprint,
+                has_steps: options.with_steps,
+            },
+        }
+    }
+
+    /// The header of a record this attempt writes at `now_ms`, expiring `ttl_ms` later.
+    pub(crate) fn header(
+        self,
+        state: RecordState,
+        outcome: OutcomeKind,
+        now_ms: u64,
+        ttl_ms: u64,
+        claim: ClaimToken,
+    ) -> Header {
+        Header {
+            state,
+            outcome,
+            attempts: self.number,
+            created_ms: self.created_ms,
+            updated_ms: now_ms,
+            expires_ms: now_ms.saturating_add(ttl_ms),
+            claim,
+            fingerprint: self.fingerprint,
+            has_steps: self.has_steps,
+        }
     }
 }
 

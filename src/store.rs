@@ -49,6 +49,17 @@ pub(crate) struct Shared<S> {
 }
 
 impl<S> Shared<S> {
+    /// A claim token no earlier claim of any key has had (see [`ClaimToken`]).
+    pub(crate) fn next_claim_token(&self) -> crate::ClaimToken {
+        crate::ClaimToken {
+            epoch: self.epoch,
+            sequence: self
+                .next_claim
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                + 1,
+        }
+    }
+
     pub(crate) fn check_key(&self, key: &[u8]) -> Result<(), Error> {
         if key.is_empty() {
             return Err(Error::EmptyKey);

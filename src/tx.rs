@@ -21,18 +21,19 @@ use sled::transaction::{
     ConflictableTransactionError, TransactionError, Transactional, TransactionalTree,
 };
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::Ordering;
 
 use crate::call::{CallOptions, ErrorPolicy};
 use crate::clock::millis;
 use crate::codec::{self, EncodeFailure};
-use crate::machine::{check_fingerprint, decode_error, is_terminal, live, replay, Waiting};
+use crate::machine::{
+    check_fingerprint, decode_error, live, replay, take_over_orphan, take_turn, Attempt, Turn,
+    Waiting,
+};
 use crate::record::{self, ClaimToken, Header, OutcomeKind, RecordState};
-use crate::registry::Entry;
 use crate::stats::Counters;
 use crate::storage::{self, SledStorage, Storage};
 use crate::store::Shared;
-use crate::{Error, ExecuteError, KeyName, OrphanPolicy, Outcome, RecordInfo, TxResult};
+use crate::{Error, ExecuteError, KeyName, Outcome, RecordInfo, TxResult};
 
 /// Why a transaction did not commit.
 enum Abort<E> {
@@ -70,36 +71,14 @@ where
 {
     shared.check_key(key)?;
     let mut waiting = Waiting::new(shared, options);
-    let leader = loop {
-        let now = shared.clock.now_millis();
-        let stored = shared.storage.get(key)?;
-        if let Some(rec) = live(key, stored.as_ref().map(AsRef::as_ref), now)? {
-            check_fingerprint(shared, key, &rec, options)?;
-            if is_terminal(rec.header.state) {
-                match shared.registry.running(key) {
-                    Some(flight) if shared.settings.immediate => {
-                        waiting.wait(key, &flight)?;
-                        continue;
-                    }
-                    _ => return replay(shared, key, &rec, policy),
-                }
-            }
-        }
-        match shared.registry.enter(key) {
-            Entry::Leader(leader) => break leader,
-            Entry::Follower(flight) => waiting.wait(key, &flight)?,
-        }
+    let leader = match take_turn(shared, key, options, policy, &mut waiting)? {
+        Turn::Done(reply) => return reply,
+        Turn::Lead { leader, .. } => leader,
     };
 
     let storage = &shared.storage;
     let ttl_ms = millis(options.ttl.unwrap_or(shared.settings.default_ttl));
-    let claim = ClaimToken {
-        epoch: shared.epoch,
-        sequence: shared.next_claim.fetch_add(1, Ordering::Relaxed) + 1,
-    };
-    let orphan_policy = options
-        .orphan_policy
-        .unwrap_or(shared.settings.orphan_policy);
+    let claim = shared.next_claim_token();
     let limit = shared.settings.max_result_bytes;
     let mut all: Vec<&sled::Tree> = vec![&storage.records, &storage.expiry];
     all.extend_from_slice(trees);
@@ -115,32 +94,21 @@ where
                 }
                 None => None,
             };
-            let (attempts, created_ms, fingerprint) =
-                match rec.filter(|r| !r.header.is_expired(now)) {
-                    None => (1, now, options.fingerprint),
-                    Some(r) => {
-                        check_fingerprint(shared, key, &r, options).map_err(abort)?;
-                        let h = r.header;
-                        match h.state {
-                            RecordState::Completed | RecordState::FailedPermanent => {
-                                return Ok(Committed::Replay(
-                                    current.as_deref().unwrap_or_default().to_vec(),
-                                ))
-                            }
-                            RecordState::Pending if orphan_policy == OrphanPolicy::Report => {
-                                return Err(abort(Error::Interrupted {
-                                    key: KeyName::new(key),
-                                    attempts: h.attempts,
-                                }))
-                            }
-                            RecordState::Pending | RecordState::FailedRetryable => (
-                                h.attempts.saturating_add(1),
-                                h.created_ms,
-                                options.fingerprint.or(h.fingerprint),
-                            ),
-                        }
+            let live = rec.map(|r| r.header).filter(|h| !h.is_expired(now));
+            if let Some(h) = &live {
+                check_fingerprint(shared, key, h, options).map_err(abort)?;
+                match h.state {
+                    RecordState::Completed | RecordState::FailedPermanent => {
+                        let bytes = current.as_deref().unwrap_or_default();
+                        return Ok(Committed::Replay(bytes.to_vec()));
                     }
-                };
+                    RecordState::Pending => {
+                        take_over_orphan(shared, key, h, options).map_err(abort)?
+                    }
+                    RecordState::FailedRetryable => {}
+                }
+            }
+            let attempt = Attempt::after(live.as_ref(), now, options);
             let value = f(user).map_err(|e| match e {
                 ConflictableTransactionError::Abort(e) => {
                     ConflictableTransactionError::Abort(Abort::Operation(e))
@@ -168,17 +136,13 @@ where
                     }))
                 }
             };
-            let header = Header {
-                state: RecordState::Completed,
-                outcome: OutcomeKind::Stored,
-                attempts,
-                created_ms,
-                updated_ms: now,
-                expires_ms: now.saturating_add(ttl_ms),
+            let header = attempt.header(
+                RecordState::Completed,
+                OutcomeKind::Stored,
+                now,
+                ttl_ms,
                 claim,
-                fingerprint,
-                has_steps: false,
-            };
+            );
             expiry.insert(storage::expiry_key(header.expires_ms, key), &[][..])?;
             records.insert(key, record::encode(&header, &payload))?;
             Ok(Committed::Ran {
@@ -246,14 +210,7 @@ fn record_failure<E, P: ErrorPolicy<E>>(
     let now = shared.clock.now_millis();
     let stored = shared.storage.get(key)?;
     let previous = live(key, stored.as_ref().map(AsRef::as_ref), now)?;
-    let (attempts, created_ms, fingerprint) = match previous {
-        Some(r) => (
-            r.header.attempts.saturating_add(1),
-            r.header.created_ms,
-            options.fingerprint.or(r.header.fingerprint),
-        ),
-        None => (1, now, options.fingerprint),
-    };
+    let attempt = Attempt::after(previous.as_ref().map(|r| &r.header), now, options);
     let (state, outcome, payload) = match error {
         Some((e, policy)) if policy.is_permanent(e) => {
             match policy.encode(e, shared.settings.max_result_bytes) {
@@ -264,17 +221,7 @@ fn record_failure<E, P: ErrorPolicy<E>>(
         }
         _ => (RecordState::FailedRetryable, OutcomeKind::None, Vec::new()),
     };
-    let header = Header {
-        state,
-        outcome,
-        attempts,
-        created_ms,
-        updated_ms: now,
-        expires_ms: now.saturating_add(ttl_ms),
-        claim,
-        fingerprint,
-        has_steps: false,
-    };
+    let header = attempt.header(state, outcome, now, ttl_ms, claim);
     shared.storage.index_expiry(header.expires_ms, key)?;
     let expected = stored.as_ref().map(AsRef::as_ref);
     if !shared

@@ -686,3 +686,36 @@ fn invalid_configuration_is_refused() {
         assert!(matches!(b.open(), Err(Error::InvalidConfig(_))));
     }
 }
+
+#[test]
+fn an_operation_that_outlives_its_ttl_keeps_its_outcome_for_a_ttl_from_completion() {
+    let s = Scratch::new();
+    let store = s
+        .builder()
+        .default_ttl(Duration::from_secs(10))
+        .open()
+        .unwrap();
+    store
+        .execute_once("slow", || {
+            s.clock.advance(Duration::from_secs(30)); // the operation took 30 s
+            Ok::<_, ServiceError>(1u32)
+        })
+        .unwrap();
+    let info = store
+        .record("slow")
+        .unwrap()
+        .expect("not expired on completion");
+    assert_eq!(
+        info.expires_at.duration_since(info.updated_at).unwrap(),
+        Duration::from_secs(10)
+    );
+    s.clock.advance(Duration::from_secs(9));
+    assert!(store
+        .execute_once("slow", || Ok::<_, ServiceError>(2u32))
+        .unwrap()
+        .is_replayed());
+    // The sweeper keeps it until the new expiry, then removes it.
+    assert_eq!(store.sweep_now().unwrap(), 0);
+    s.clock.advance(Duration::from_secs(1));
+    assert_eq!(store.sweep_now().unwrap(), 1);
+}

@@ -108,6 +108,32 @@ fn child_process() {
                 }
             });
         }
+        "periodic-flush" => {
+            drop(store);
+            let store = Store::builder(&path)
+                .durability(idemstore::Durability::Periodic(Duration::from_secs(3600)))
+                .sweep_interval(None)
+                .open()
+                .unwrap();
+            store
+                .execute_once("flushed", || Ok::<_, ServiceError>(7u32))
+                .unwrap();
+            store.flush().unwrap();
+            say("FLUSHED".into());
+            loop {
+                std::thread::sleep(Duration::from_secs(60));
+            }
+        }
+        "remove" => {
+            store
+                .execute_once("gone", || Ok::<_, ServiceError>(1u32))
+                .unwrap();
+            assert!(store.remove("gone").unwrap());
+            say("REMOVED".into());
+            loop {
+                std::thread::sleep(Duration::from_secs(60));
+            }
+        }
         "hold-open" => {
             say("READY".into());
             loop {
@@ -249,4 +275,31 @@ fn the_first_process_keeps_working_when_a_second_one_is_refused() {
             .unwrap(),
         3
     );
+}
+
+#[test]
+fn flush_makes_periodic_writes_survive_sigkill() {
+    let s = Scratch::new();
+    let mut child = ChildRun::spawn(&s.path(), "periodic-flush");
+    child.wait_for("FLUSHED");
+    child.kill();
+    let store = s.open();
+    let out = store
+        .execute_once("flushed", || Ok::<_, ServiceError>(0u32))
+        .unwrap();
+    assert_eq!((*out, out.is_replayed()), (7, true));
+}
+
+#[test]
+fn remove_is_durable_when_it_returns_in_immediate_mode() {
+    let s = Scratch::new();
+    let mut child = ChildRun::spawn(&s.path(), "remove");
+    child.wait_for("REMOVED");
+    child.kill();
+    let store = s.open();
+    assert_eq!(store.record("gone").unwrap(), None);
+    let out = store
+        .execute_once("gone", || Ok::<_, ServiceError>(2u32))
+        .unwrap();
+    assert!(!out.is_replayed());
 }

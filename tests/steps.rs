@@ -346,3 +346,29 @@ fn a_process_killed_between_steps_resumes_after_the_finished_step() {
     let log = std::fs::read_to_string(s.dir.path().join("charges.log")).unwrap();
     assert_eq!(log.lines().count(), 1, "the card was charged once");
 }
+
+#[test]
+fn step_with_retry_stops_at_the_policys_total_time() {
+    let s = Scratch::new();
+    let store = s.open();
+    let calls = Cell::new(0);
+    // Ten attempts allowed, but no time at all: the first failure is final.
+    let policy = RetryPolicy::new()
+        .max_attempts(10)
+        .initial_delay(Duration::from_millis(1))
+        .max_total(Duration::ZERO);
+    let r = store.execute_once_with("k", |ctx| {
+        ctx.step_with_retry(
+            "flaky",
+            &policy,
+            |_: &CheckoutError| true,
+            || {
+                calls.set(calls.get() + 1);
+                Err::<u32, _>(CheckoutError::Payment("timeout".into()))
+            },
+        )?;
+        Ok::<_, CheckoutError>(0u32)
+    });
+    assert!(matches!(r, Err(ExecuteError::Operation { .. })));
+    assert_eq!(calls.get(), 1);
+}

@@ -8,6 +8,44 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Barrier;
 use std::time::Duration;
 
+/// Holds an operation inside its closure until the test opens the gate.
+struct Gate {
+    started: (
+        crossbeam_channel::Sender<()>,
+        crossbeam_channel::Receiver<()>,
+    ),
+    release: (
+        crossbeam_channel::Sender<()>,
+        crossbeam_channel::Receiver<()>,
+    ),
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Self {
+            started: crossbeam_channel::unbounded(),
+            release: crossbeam_channel::unbounded(),
+        }
+    }
+}
+
+impl Gate {
+    /// Inside the operation: say it started, then block until the gate opens.
+    fn enter(&self) {
+        self.started.0.send(()).unwrap();
+        self.release.1.recv().unwrap();
+    }
+
+    /// Blocks until an operation is inside.
+    fn wait_started(&self) {
+        self.started.1.recv().unwrap();
+    }
+
+    fn open(&self) {
+        self.release.0.send(()).unwrap();
+    }
+}
+
 #[test]
 fn many_threads_one_key_run_once_and_all_get_the_same_outcome() {
     let s = Scratch::new();
@@ -54,17 +92,15 @@ fn waiter_gives_up_with_in_progress_and_then_gets_the_outcome() {
         .wait_timeout(Duration::from_millis(20))
         .open()
         .unwrap();
-    let (release, hold) = crossbeam_channel::unbounded::<()>();
-    let (started_tx, started) = crossbeam_channel::unbounded::<()>();
+    let gate = Gate::default();
     std::thread::scope(|scope| {
         let leader = scope.spawn(|| {
             store.execute_once("slow", || {
-                started_tx.send(()).unwrap();
-                hold.recv().unwrap();
+                gate.enter();
                 Ok::<_, ServiceError>(7u32)
             })
         });
-        started.recv().unwrap();
+        gate.wait_started();
         let runs = AtomicUsize::new(0);
         let r = store.execute_once("slow", || {
             runs.fetch_add(1, Ordering::SeqCst);
@@ -86,7 +122,7 @@ fn waiter_gives_up_with_in_progress_and_then_gets_the_outcome() {
             Err(ExecuteError::Store(Error::InProgress { .. }))
         ));
         assert_eq!(runs.load(Ordering::SeqCst), 0);
-        release.send(()).unwrap();
+        gate.open();
         assert_eq!(*leader.join().unwrap().unwrap(), 7);
     });
     let out = store
@@ -104,22 +140,20 @@ fn waiter_wakes_when_the_leader_finishes() {
         .wait_timeout(Duration::from_secs(600))
         .open()
         .unwrap();
-    let (release, hold) = crossbeam_channel::unbounded::<()>();
-    let (started_tx, started) = crossbeam_channel::unbounded::<()>();
+    let gate = Gate::default();
     std::thread::scope(|scope| {
         let leader = scope.spawn(|| {
             store.execute_once("k", || {
-                started_tx.send(()).unwrap();
-                hold.recv().unwrap();
+                gate.enter();
                 Ok::<_, ServiceError>(1u32)
             })
         });
-        started.recv().unwrap();
+        gate.wait_started();
         let waiter = scope.spawn(|| store.execute_once("k", || Ok::<_, ServiceError>(2u32)));
         while store.stats().waits == 0 {
             std::thread::yield_now();
         }
-        release.send(()).unwrap();
+        gate.open();
         assert!(!leader.join().unwrap().unwrap().is_replayed());
         let w = waiter.join().unwrap().unwrap();
         assert_eq!((*w, w.is_replayed()), (1, true));
@@ -130,17 +164,15 @@ fn waiter_wakes_when_the_leader_finishes() {
 fn different_keys_never_wait_on_each_other() {
     let s = Scratch::new();
     let store = s.builder().wait_timeout(Duration::ZERO).open().unwrap();
-    let (release, hold) = crossbeam_channel::unbounded::<()>();
-    let (started_tx, started) = crossbeam_channel::unbounded::<()>();
+    let gate = Gate::default();
     std::thread::scope(|scope| {
         let blocked = scope.spawn(|| {
             store.execute_once("key-a", || {
-                started_tx.send(()).unwrap();
-                hold.recv().unwrap();
+                gate.enter();
                 Ok::<_, ServiceError>(1u32)
             })
         });
-        started.recv().unwrap();
+        gate.wait_started();
         // While key-a's operation is blocked, other keys complete (with zero wait allowed).
         for i in 0..100 {
             let out = store
@@ -148,7 +180,7 @@ fn different_keys_never_wait_on_each_other() {
                 .unwrap();
             assert!(!out.is_replayed());
         }
-        release.send(()).unwrap();
+        gate.open();
         blocked.join().unwrap().unwrap();
     });
     assert_eq!(store.stats().waits, 0);
@@ -162,18 +194,16 @@ fn panic_wakes_waiters_and_one_of_them_runs_the_operation() {
         .wait_timeout(Duration::from_secs(600))
         .open()
         .unwrap();
-    let (release, hold) = crossbeam_channel::unbounded::<()>();
-    let (started_tx, started) = crossbeam_channel::unbounded::<()>();
+    let gate = Gate::default();
     let runs = AtomicUsize::new(0);
     std::thread::scope(|scope| {
         let leader = scope.spawn(|| {
             store.execute_once("k", || -> Result<u32, ServiceError> {
-                started_tx.send(()).unwrap();
-                hold.recv().unwrap();
+                gate.enter();
                 panic!("operation crashed");
             })
         });
-        started.recv().unwrap();
+        gate.wait_started();
         let waiters: Vec<_> = (0..4)
             .map(|_| {
                 scope.spawn(|| {
@@ -187,7 +217,7 @@ fn panic_wakes_waiters_and_one_of_them_runs_the_operation() {
         while store.stats().waits < 4 {
             std::thread::yield_now();
         }
-        release.send(()).unwrap();
+        gate.open();
         assert!(
             leader.join().is_err(),
             "the panic reaches the leader's caller"

@@ -36,6 +36,14 @@ struct Gateway {
 }
 
 impl Gateway {
+    /// The gateway whose ledger lives in `dir` (shared by the demo and its worker process).
+    fn in_dir(dir: &Path) -> Self {
+        Self {
+            ledger: dir.join("gateway-ledger.txt"),
+            fail_next_with_timeout: AtomicU32::new(0),
+        }
+    }
+
     fn charge(&self, order: &str, card: &str, cents: u64) -> Result<Receipt, PaymentError> {
         if card == "tok_declined" {
             return Err(PaymentError::Declined("insufficient funds".into()));
@@ -123,10 +131,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let dir = tempfile::tempdir()?;
-    let gateway = Gateway {
-        ledger: dir.path().join("gateway-ledger.txt"),
-        fail_next_with_timeout: AtomicU32::new(0),
-    };
+    let gateway = Gateway::in_dir(dir.path());
     let store = Store::open(dir.path().join("idem-db"))?;
     println!(
         "idemstore checkout demo (store in {})",
@@ -309,10 +314,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 /// The killed worker: charges order-c0de, then hangs before its outcome can be recorded.
 fn worker(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
-    let gateway = Gateway {
-        ledger: dir.join("gateway-ledger.txt"),
-        fail_next_with_timeout: AtomicU32::new(0),
-    };
+    let gateway = Gateway::in_dir(dir);
     let store = Store::open(dir.join("idem-db"))?;
     let _ = store.execute_once("order-c0de", || {
         let receipt = gateway.charge("order-c0de", "tok_visa", 3100);

@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::time::Duration;
 
-use crate::codec::{self, EncodeFailure};
+use crate::codec::{self, Codec, EncodeFailure, Encoded};
 use crate::{Context, ExecuteError, Fingerprint, OrphanPolicy, Outcome, Store};
 
 /// Options of one call, as the state machine reads them.
@@ -21,6 +21,8 @@ pub(crate) struct CallOptions {
     pub orphan_policy: Option<OrphanPolicy>,
     /// The operation records steps (`run_with`).
     pub with_steps: bool,
+    /// How this call encodes its outcome (None: the store's setting).
+    pub codec: Option<Codec>,
 }
 
 /// One call being configured: made by [`Store::call`], run by [`Call::run`].
@@ -84,6 +86,14 @@ impl<'s, 'k, P> Call<'s, 'k, P> {
     /// `Rerun` here lets a caller that reconciled after [`Error::Interrupted`](crate::Error::Interrupted) proceed.
     pub fn orphan_policy(mut self, policy: OrphanPolicy) -> Self {
         self.options.orphan_policy = Some(policy);
+        self
+    }
+
+    /// How this call's outcome (result, permanent error, step results) is encoded, instead of
+    /// the store's setting; see [`Codec`]. Replays decode with the codec the record was
+    /// written with, whatever this says.
+    pub fn codec(mut self, codec: Codec) -> Self {
+        self.options.codec = Some(codec);
         self
     }
 
@@ -185,13 +195,18 @@ pub trait ErrorPolicy<E>: sealed::Classify<E> {}
 impl<E, P: sealed::Classify<E>> ErrorPolicy<E> for P {}
 
 pub(crate) mod sealed {
-    use super::EncodeFailure;
+    use super::{Codec, EncodeFailure, Encoded};
 
     pub trait Classify<E> {
         fn is_permanent(&self, error: &E) -> bool;
-        fn encode(&self, error: &E, limit: usize) -> Result<Vec<u8>, EncodeFailure>;
+        fn encode(&self, error: &E, codec: Codec, limit: usize) -> Result<Encoded, EncodeFailure>;
         /// None: this policy cannot decode stored errors.
-        fn decode(&self, bytes: &[u8]) -> Option<Result<E, String>>;
+        fn decode(
+            &self,
+            bytes: &[u8],
+            codec: Codec,
+            shape: Option<u64>,
+        ) -> Option<Result<E, String>>;
     }
 }
 
@@ -200,13 +215,13 @@ impl<E> sealed::Classify<E> for AllRetryable {
         false
     }
 
-    fn encode(&self, _: &E, _: usize) -> Result<Vec<u8>, EncodeFailure> {
+    fn encode(&self, _: &E, _: Codec, _: usize) -> Result<Encoded, EncodeFailure> {
         Err(EncodeFailure::Serializer(
             "this call stores no errors".into(),
         ))
     }
 
-    fn decode(&self, _: &[u8]) -> Option<Result<E, String>> {
+    fn decode(&self, _: &[u8], _: Codec, _: Option<u64>) -> Option<Result<E, String>> {
         None
     }
 }
@@ -220,11 +235,11 @@ where
         (self.0)(error)
     }
 
-    fn encode(&self, error: &E, limit: usize) -> Result<Vec<u8>, EncodeFailure> {
-        codec::encode(error, limit)
+    fn encode(&self, error: &E, codec: Codec, limit: usize) -> Result<Encoded, EncodeFailure> {
+        codec::encode(error, codec, limit)
     }
 
-    fn decode(&self, bytes: &[u8]) -> Option<Result<E, String>> {
-        Some(codec::decode(bytes))
+    fn decode(&self, bytes: &[u8], codec: Codec, shape: Option<u64>) -> Option<Result<E, String>> {
+        Some(codec::decode(bytes, codec, shape))
     }
 }

@@ -1,13 +1,24 @@
-//! Encoding of the caller's results and errors (bincode 2, standard configuration).
+//! Encoding of the caller's results and errors: bincode 2 (default) or JSON, with a shape
+//! check on both sides.
 //!
-//! Invariants: decoding is bounded: a length prefix in the bytes can make the decoder claim
-//! at most [`DECODE_LIMIT`] bytes, so a payload that does not match the requested type
-//! fails with an error instead of a huge allocation; a decode that leaves bytes unread is an
-//! error too (the type changed). Encoding stops as soon as the output passes the caller's
-//! limit, so an oversized result costs at most `limit` bytes of memory here.
+//! Invariants:
+//! - nothing is recorded that will not replay: [`encode`] decodes its own bytes back and
+//!   compares the decoded value's [shape](crate::walk::shape) with the original's, so a type
+//!   that serializes but does not decode (`serde_json::Value` or an internally tagged enum
+//!   under bincode, a field skipped when serializing) is refused on the first call;
+//! - a replay returns the value that was stored or an error, never a different value:
+//!   [`decode`] compares the decoded value's shape with the one recorded beside the bytes;
+//! - user code that panics while serializing or deserializing is an encoding or decoding
+//!   error, never an unwind through the store;
+//! - decoding is bounded: a length prefix can make bincode claim at most [`DECODE_LIMIT`]
+//!   bytes; a decode that leaves bytes unread is an error; encoding stops as soon as the
+//!   output passes the caller's limit.
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use crate::walk;
 
 /// Upper bound on what decoding one payload may allocate.
 pub(crate) const DECODE_LIMIT: usize = 256 << 20;
@@ -15,13 +26,68 @@ pub(crate) const DECODE_LIMIT: usize = 256 << 20;
 /// The largest `max_result_bytes` the store accepts.
 pub(crate) const MAX_RESULT_LIMIT: usize = 16 << 20;
 
+/// How results and permanent errors are encoded in records and steps.
+///
+/// A record remembers the codec it was written with, so changing the setting never breaks
+/// the replay of records already stored.
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let dir = tempfile::tempdir()?;
+/// use idemstore::{Codec, Store};
+/// let store = Store::open(dir.path().join("db"))?;
+/// // serde_json::Value needs a self-describing format: bincode refuses it on the first call.
+/// let body = store
+///     .call("order-1")
+///     .codec(Codec::Json)
+///     .run(|| Ok::<_, std::io::Error>(serde_json::json!({"id": 7, "status": "paid"})))?;
+/// assert_eq!(body["id"], 7);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Codec {
+    /// bincode 2, standard configuration: compact and fast. Needs types that are not
+    /// self-describing: no `deserialize_any` (`serde_json::Value`, untagged or internally
+    /// tagged enums, `#[serde(flatten)]`), no fields skipped while serializing.
+    #[default]
+    Bincode,
+    /// JSON (`serde_json`): self-describing, for any serde type that round-trips through JSON.
+    /// Larger and slower than bincode.
+    Json,
+}
+
+impl Codec {
+    pub(crate) fn to_byte(self) -> u8 {
+        match self {
+            Codec::Bincode => 1,
+            Codec::Json => 2,
+        }
+    }
+
+    pub(crate) fn from_byte(b: u8) -> Option<Self> {
+        match b {
+            1 => Some(Codec::Bincode),
+            2 => Some(Codec::Json),
+            _ => None,
+        }
+    }
+}
+
+/// An encoded value and the shape it must decode to.
+#[derive(Debug)]
+pub struct Encoded {
+    pub bytes: Vec<u8>,
+    pub codec: Codec,
+    pub shape: u64,
+}
+
 /// Why a value could not be encoded.
 #[derive(Debug)]
 pub enum EncodeFailure {
     /// Its encoding passed the limit; `size` is the size reached when encoding stopped
     /// (at least `limit + 1`) or the exact size when known.
     TooLarge { size: u64 },
-    /// The value's `Serialize` implementation failed.
+    /// The value's `Serialize` failed or panicked, or its bytes do not decode back to it.
     Serializer(String),
 }
 
@@ -32,48 +98,161 @@ struct BoundedVec {
     attempted: u64,
 }
 
-impl bincode::enc::write::Writer for BoundedVec {
-    fn write(&mut self, bytes: &[u8]) -> Result<(), bincode::error::EncodeError> {
+impl BoundedVec {
+    fn push(&mut self, bytes: &[u8]) -> bool {
         self.attempted = self.attempted.saturating_add(bytes.len() as u64);
         if self.buf.len() + bytes.len() > self.limit {
-            return Err(bincode::error::EncodeError::Other(
-                "over the result size limit",
-            ));
+            return false;
         }
         self.buf.extend_from_slice(bytes);
+        true
+    }
+}
+
+impl bincode::enc::write::Writer for BoundedVec {
+    fn write(&mut self, bytes: &[u8]) -> Result<(), bincode::error::EncodeError> {
+        match self.push(bytes) {
+            true => Ok(()),
+            false => Err(bincode::error::EncodeError::Other(
+                "over the result size limit",
+            )),
+        }
+    }
+}
+
+impl std::io::Write for BoundedVec {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        match self.push(bytes) {
+            true => Ok(bytes.len()),
+            false => Err(std::io::Error::other("over the result size limit")),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
 }
 
-/// Encodes `value`, refusing encodings longer than `limit` bytes.
-pub(crate) fn encode<V: Serialize + ?Sized>(
+/// Encodes `value` with `codec`, refusing encodings longer than `limit` bytes and encodings
+/// that do not decode back to a value of the same shape.
+pub(crate) fn encode<V: Serialize + DeserializeOwned>(
     value: &V,
+    codec: Codec,
     limit: usize,
-) -> Result<Vec<u8>, EncodeFailure> {
+) -> Result<Encoded, EncodeFailure> {
+    let shape = catching(|| walk::shape(value))
+        .and_then(|r| r.map_err(|e| e.0))
+        .map_err(EncodeFailure::Serializer)?;
     let mut writer = BoundedVec {
         buf: Vec::new(),
         limit,
         attempted: 0,
     };
-    match bincode::serde::encode_into_writer(value, &mut writer, bincode::config::standard()) {
-        Ok(()) => Ok(writer.buf),
-        Err(_) if writer.attempted > limit as u64 => Err(EncodeFailure::TooLarge {
-            size: writer.attempted,
-        }),
-        Err(e) => Err(EncodeFailure::Serializer(e.to_string())),
+    let written = catching(|| match codec {
+        Codec::Bincode => {
+            bincode::serde::encode_into_writer(value, &mut writer, bincode::config::standard())
+                .map_err(|e| e.to_string())
+        }
+        Codec::Json => serde_json::to_writer(&mut writer, value).map_err(|e| e.to_string()),
+    })
+    .and_then(|r| r);
+    match written {
+        Ok(()) => {}
+        Err(_) if writer.attempted > limit as u64 => {
+            return Err(EncodeFailure::TooLarge {
+                size: writer.attempted,
+            })
+        }
+        Err(message) => return Err(EncodeFailure::Serializer(message)),
+    }
+    let encoded = Encoded {
+        bytes: writer.buf,
+        codec,
+        shape,
+    };
+    match decode::<V>(&encoded.bytes, codec, Some(shape)) {
+        Ok(_) => Ok(encoded),
+        Err(message) => Err(EncodeFailure::Serializer(format!(
+            "its encoding does not decode back to the same value ({message}); {}",
+            match codec {
+                Codec::Bincode => "store the type with Codec::Json, or change the type",
+                Codec::Json => "the type does not round-trip through JSON",
+            }
+        ))),
     }
 }
 
-/// Decodes a whole payload as `V`.
-pub(crate) fn decode<V: DeserializeOwned>(bytes: &[u8]) -> Result<V, String> {
-    let config = bincode::config::standard().with_limit::<DECODE_LIMIT>();
-    match bincode::serde::decode_from_slice::<V, _>(bytes, config) {
-        Ok((value, read)) if read == bytes.len() => Ok(value),
-        Ok((_, read)) => Err(format!(
-            "{} trailing bytes after the value",
-            bytes.len() - read
-        )),
-        Err(e) => Err(e.to_string()),
+/// Decodes a whole payload as `V`; `shape`, when recorded, must match the decoded value's.
+pub(crate) fn decode<V: Serialize + DeserializeOwned>(
+    bytes: &[u8],
+    codec: Codec,
+    shape: Option<u64>,
+) -> Result<V, String> {
+    let value: V = catching(|| match codec {
+        Codec::Bincode => {
+            let config = bincode::config::standard().with_limit::<DECODE_LIMIT>();
+            match bincode::serde::decode_from_slice::<V, _>(bytes, config) {
+                Ok((value, read)) if read == bytes.len() => Ok(value),
+                Ok((_, read)) => Err(format!(
+                    "{} bytes are left over after the value: the type is not the one that \
+                     was stored",
+                    bytes.len() - read
+                )),
+                Err(e) => Err(describe_bincode(&e)),
+            }
+        }
+        Codec::Json => serde_json::from_slice(bytes).map_err(|e| e.to_string()),
+    })
+    .and_then(|r| r)?;
+    if let Some(expected) = shape {
+        let found = catching(|| walk::shape(&value)).and_then(|r| r.map_err(|e| e.0))?;
+        if found != expected {
+            return Err(
+                "the stored value decodes into a differently shaped value (fields, \
+                        variants or field types changed since it was recorded)"
+                    .into(),
+            );
+        }
+    }
+    Ok(value)
+}
+
+/// Runs user serde code, turning a panic into an error message.
+pub(crate) fn catching<R>(f: impl FnOnce() -> R) -> Result<R, String> {
+    catch_unwind(AssertUnwindSafe(f)).map_err(|payload| {
+        let what = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a non-string payload".into());
+        format!("a serde implementation panicked: {what}")
+    })
+}
+
+/// A sentence a person can act on, for a bincode decoding failure.
+fn describe_bincode(e: &bincode::error::DecodeError) -> String {
+    use bincode::error::DecodeError as D;
+    match e {
+        D::UnexpectedEnd { .. } => {
+            "the stored bytes end before the requested type does: the type is not the one \
+             that was stored"
+                .into()
+        }
+        D::LimitExceeded => "the stored bytes claim a length over the decoding limit".into(),
+        D::InvalidBooleanValue(_)
+        | D::InvalidCharEncoding(_)
+        | D::Utf8 { .. }
+        | D::UnexpectedVariant { .. } => format!(
+            "the stored bytes are not a value of the requested type ({e}): the type is not \
+             the one that was stored"
+        ),
+        D::Serde(
+            bincode::serde::DecodeError::AnyNotSupported
+            | bincode::serde::DecodeError::IdentifierNotSupported
+            | bincode::serde::DecodeError::IgnoredAnyNotSupported,
+        ) => "the type needs a self-describing format (serde_json::Value, untagged or \
+              internally tagged enums, flatten): use Codec::Json"
+            .into(),
+        other => format!("the stored bytes do not decode as the requested type: {other}"),
     }
 }
 
@@ -84,20 +263,48 @@ mod tests {
     #[test]
     fn round_trip_and_limits() {
         let v = (7u64, String::from("receipt"));
-        let bytes = encode(&v, 1024).unwrap();
-        assert_eq!(decode::<(u64, String)>(&bytes).unwrap(), v);
+        let e = encode(&v, Codec::Bincode, 1024).unwrap();
+        assert_eq!(
+            decode::<(u64, String)>(&e.bytes, e.codec, Some(e.shape)).unwrap(),
+            v
+        );
         assert!(matches!(
-            encode(&vec![0u8; 100], 50),
+            encode(&vec![0u8; 100], Codec::Bincode, 50),
             Err(EncodeFailure::TooLarge { size }) if size > 50
         ));
-        assert!(decode::<u64>(&bytes).is_err(), "trailing bytes must fail");
+        assert!(
+            decode::<u64>(&e.bytes, Codec::Bincode, None).is_err(),
+            "trailing bytes"
+        );
     }
 
     #[test]
     fn huge_length_prefix_fails_without_allocating() {
         // A varint claiming a u64::MAX-length string.
         let bytes = [253u8, 255, 255, 255, 255, 255, 255, 255, 255];
-        assert!(decode::<String>(&bytes).is_err());
-        assert!(decode::<Vec<u64>>(&bytes).is_err());
+        assert!(decode::<String>(&bytes, Codec::Bincode, None).is_err());
+        assert!(decode::<Vec<u64>>(&bytes, Codec::Bincode, None).is_err());
+    }
+
+    #[test]
+    fn a_changed_type_is_an_error_not_a_value() {
+        let e = encode(&0u32, Codec::Bincode, 64).unwrap();
+        // bincode alone reads 0u32 as the empty string.
+        assert!(decode::<String>(&e.bytes, Codec::Bincode, None).is_ok());
+        assert!(decode::<String>(&e.bytes, Codec::Bincode, Some(e.shape)).is_err());
+    }
+
+    #[test]
+    fn types_bincode_cannot_replay_are_refused_at_once() {
+        let value = serde_json::json!({"a": [1, 2]});
+        assert!(matches!(
+            encode(&value, Codec::Bincode, 1024),
+            Err(EncodeFailure::Serializer(m)) if m.contains("Codec::Json")
+        ));
+        let e = encode(&value, Codec::Json, 1024).unwrap();
+        assert_eq!(
+            decode::<serde_json::Value>(&e.bytes, Codec::Json, Some(e.shape)).unwrap(),
+            value
+        );
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use crate::clock::{Clock, SystemClock};
 use crate::codec::MAX_RESULT_LIMIT;
-use crate::{Error, Store};
+use crate::{Codec, Error, Store};
 
 /// When writes reach the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +49,7 @@ pub enum OrphanPolicy {
 /// | [`cache_bytes`](Self::cache_bytes) | 64 MiB |
 /// | [`sweep_interval`](Self::sweep_interval) | 60 seconds |
 /// | [`clock`](Self::clock) | [`SystemClock`] |
+/// | [`codec`](Self::codec) | [`Codec::Bincode`] |
 ///
 /// ```
 /// # let dir = tempfile::tempdir().unwrap();
@@ -74,6 +75,7 @@ pub struct StoreBuilder {
     pub(crate) cache_bytes: u64,
     pub(crate) sweep_interval: Option<Duration>,
     pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) codec: Codec,
 }
 
 impl std::fmt::Debug for StoreBuilder {
@@ -88,6 +90,7 @@ impl std::fmt::Debug for StoreBuilder {
             .field("max_result_bytes", &self.max_result_bytes)
             .field("cache_bytes", &self.cache_bytes)
             .field("sweep_interval", &self.sweep_interval)
+            .field("codec", &self.codec)
             .finish_non_exhaustive()
     }
 }
@@ -105,6 +108,7 @@ impl StoreBuilder {
             cache_bytes: 64 << 20,
             sweep_interval: Some(Duration::from_secs(60)),
             clock: Arc::new(SystemClock),
+            codec: Codec::Bincode,
         }
     }
 
@@ -158,6 +162,13 @@ impl StoreBuilder {
         self
     }
 
+    /// How outcomes are encoded unless a call says otherwise ([`Call::codec`](crate::Call::codec));
+    /// see [`Codec`]. Records remember their codec, so changing this never breaks replays.
+    pub fn codec(mut self, codec: Codec) -> Self {
+        self.codec = codec;
+        self
+    }
+
     /// The clock for timestamps and expiry (a [`ManualClock`](crate::ManualClock) in tests).
     pub fn clock(mut self, clock: impl Clock) -> Self {
         self.clock = Arc::new(clock);
@@ -167,7 +178,8 @@ impl StoreBuilder {
     /// Opens the store, creating it if the path does not exist.
     ///
     /// # Errors
-    /// [`Error::InvalidConfig`] for an out-of-range setting; [`Error::Locked`] if another
+    /// [`Error::InvalidConfig`] for an out-of-range setting or an empty path (nothing is
+    /// written); [`Error::Locked`] if another
     /// process has the database open; [`Error::NotAStore`] if the path is a file, a directory
     /// of other files, or a database idemstore did not create; [`Error::UnsupportedStoreVersion`]
     /// for a database from a newer idemstore; [`Error::Storage`] / [`Error::Io`] for I/O failures.
@@ -177,6 +189,11 @@ impl StoreBuilder {
     }
 
     fn validate(&self) -> Result<(), Error> {
+        if self.path.as_os_str().is_empty() {
+            return Err(Error::InvalidConfig(
+                "the store path is empty (an unset environment variable?)",
+            ));
+        }
         if self.default_ttl < Duration::from_millis(1) {
             return Err(Error::InvalidConfig("default_ttl must be at least 1 ms"));
         }

@@ -1,51 +1,105 @@
 //! What an operation sees while it runs: its key, attempt, claim token, and named steps.
 //!
-//! Invariants: steps are numbered in the order a run asks for them; step `i` is recorded
-//! (durably, in `Immediate` mode) when it finishes, under the parent key's claim, and a later
-//! attempt gets the recorded outcome of step `i` back only if it asks for step `i` by the same
-//! name; otherwise the run fails with `StepSequenceChanged` and nothing more runs. A store
-//! error in any step fails the whole run with that error, even if the operation ignored it.
+//! Invariants:
+//! - steps are numbered in the order a run asks for them, and a recorded step is found by its
+//!   own index (never by its position among the recorded ones), so a step whose error the
+//!   operation ignored leaves no gap that shifts later steps;
+//! - step `i` is recorded (durably, in `Immediate` mode) when it finishes, under the key's
+//!   life and fenced by the run's claim: if the record is no longer this claim's Pending
+//!   record (removed, taken over), the step is taken back and the run fails;
+//! - a later attempt of the same life gets step `i`'s recorded outcome back only if it asks
+//!   for step `i` by the same name; otherwise the run fails with `StepSequenceChanged`;
+//! - a step that ran but whose result cannot be stored is recorded as such, so it never runs
+//!   again, and the run ends with that error (recorded, so the operation does not run again);
+//! - after a store error in any step, no further step runs: each returns that error, and the
+//!   run fails with it whatever the operation returns.
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use crate::codec::{self, EncodeFailure};
+use crate::codec::{self, Codec};
+use crate::record::OutcomeKind;
+use crate::step::{self, StepRecord};
 use crate::storage::Storage;
-use crate::{step, ClaimToken, Error, KeyName};
+use crate::{unstorable, ClaimToken, Error, KeyName};
 
 /// The storage a context needs, as an object-safe trait.
 pub(crate) trait StepLog {
-    fn steps(&self, key: &[u8]) -> Result<Vec<Vec<u8>>, Error>;
-    fn put_step(&self, key: &[u8], index: u32, step: Vec<u8>) -> Result<(), Error>;
+    fn steps(&self, key: &[u8], life: ClaimToken) -> Result<Vec<(u32, Vec<u8>)>, Error>;
+    /// Writes a step, then checks that `key`'s record is still `claim_bytes`; if it is not,
+    /// takes the step back and refuses with `OutcomeNotRecorded`.
+    fn put_step_fenced(
+        &self,
+        key: &[u8],
+        life: ClaimToken,
+        index: u32,
+        step: Vec<u8>,
+        claim_bytes: &[u8],
+    ) -> Result<(), Error>;
     fn barrier(&self) -> Result<(), Error>;
 }
 
 impl<S: Storage> StepLog for S {
-    fn steps(&self, key: &[u8]) -> Result<Vec<Vec<u8>>, Error> {
-        Ok(Storage::steps(self, key)?
+    fn steps(&self, key: &[u8], life: ClaimToken) -> Result<Vec<(u32, Vec<u8>)>, Error> {
+        Ok(Storage::steps(self, key, life)?
             .into_iter()
-            .map(|b| b.as_ref().to_vec())
+            .map(|(i, b)| (i, b.as_ref().to_vec()))
             .collect())
     }
-    fn put_step(&self, key: &[u8], index: u32, step: Vec<u8>) -> Result<(), Error> {
-        Storage::put_step(self, key, index, step)
+    fn put_step_fenced(
+        &self,
+        key: &[u8],
+        life: ClaimToken,
+        index: u32,
+        step: Vec<u8>,
+        claim_bytes: &[u8],
+    ) -> Result<(), Error> {
+        self.put_step(key, life, index, step)?;
+        let current = self.get(key)?;
+        if current.as_ref().map(AsRef::as_ref) != Some(claim_bytes) {
+            self.remove_step(key, life, index)?;
+            return Err(Error::OutcomeNotRecorded {
+                key: KeyName::new(key),
+            });
+        }
+        Ok(())
     }
     fn barrier(&self) -> Result<(), Error> {
         Storage::barrier(self)
     }
 }
 
+/// Why a run must fail whatever the operation returns.
+pub(crate) struct RunFailure {
+    pub error: Error,
+    /// Set when a step ran but its outcome could not be stored: the run's record ends with
+    /// this outcome kind and payload, so the operation never runs again.
+    pub terminal: Option<(OutcomeKind, Vec<u8>)>,
+}
+
 /// The error of one step: the step's own error, or the store's.
 #[derive(Debug, thiserror::Error)]
 pub enum StepError<E> {
     /// The step's closure returned this error; nothing was recorded for the step.
-    #[error("step failed")]
+    #[error("step failed: {0}")]
     Failed(#[source] E),
     /// The store could not record or replay the step; the whole run fails with this error.
     #[error(transparent)]
     Store(#[from] Error),
+}
+
+/// What a [`Context`] knows of the claim it runs under.
+pub(crate) struct RunClaim<'a> {
+    pub key: &'a [u8],
+    pub attempt: u32,
+    pub token: ClaimToken,
+    pub life: ClaimToken,
+    /// The exact Pending record of this claim, for fencing step writes.
+    pub record: &'a [u8],
+    pub codec: Codec,
+    pub max_result_bytes: usize,
 }
 
 /// The run of one operation: passed to the closure of
@@ -66,30 +120,18 @@ pub enum StepError<E> {
 /// ```
 pub struct Context<'a> {
     log: &'a dyn StepLog,
-    key: &'a [u8],
-    attempt: u32,
-    claim: ClaimToken,
-    max_result_bytes: usize,
-    recorded: Option<Vec<Vec<u8>>>,
+    claim: RunClaim<'a>,
+    recorded: Option<Vec<(u32, Vec<u8>)>>,
     next_index: u32,
     names: HashSet<String>,
-    failure: Option<Error>,
+    failure: Option<RunFailure>,
 }
 
 impl<'a> Context<'a> {
-    pub(crate) fn new(
-        log: &'a dyn StepLog,
-        key: &'a [u8],
-        attempt: u32,
-        claim: ClaimToken,
-        max_result_bytes: usize,
-    ) -> Self {
+    pub(crate) fn new(log: &'a dyn StepLog, claim: RunClaim<'a>) -> Self {
         Self {
             log,
-            key,
-            attempt,
             claim,
-            max_result_bytes,
             recorded: None,
             next_index: 0,
             names: HashSet::new(),
@@ -99,37 +141,40 @@ impl<'a> Context<'a> {
 
     /// The idempotency key this run is for.
     pub fn key(&self) -> &[u8] {
-        self.key
+        self.claim.key
     }
 
     /// Which attempt this is (1 for the first run of the key).
     pub fn attempt(&self) -> u32 {
-        self.attempt
+        self.claim.attempt
     }
 
     /// This run's claim token: it grows with every claim of any key, across restarts, so a
     /// downstream service that remembers the highest token it saw can reject a stale attempt
     /// (fencing).
     pub fn claim_token(&self) -> ClaimToken {
-        self.claim
+        self.claim.token
     }
 
     /// A deterministic key for a downstream call made by step `step` (for example the
     /// Idempotency-Key to send to a payment provider): the same across every attempt of this
     /// key, different for other steps and other keys. 64 hex digits.
     pub fn downstream_key(&self, step: &str) -> String {
-        downstream_key(self.key, step)
+        downstream_key(self.claim.key, step)
     }
 
     /// Runs step `name` once per key: on a later attempt, a step that finished returns its
     /// recorded result without running. An `Err` from `f` records nothing (the step runs again
-    /// on the next attempt).
+    /// on the next attempt); the operation may ignore it and go on with other steps.
     ///
     /// # Errors
     /// [`StepError::Failed`] with `f`'s error; [`StepError::Store`] with
     /// [`Error::StepSequenceChanged`] (this attempt's steps differ from the recorded ones),
     /// [`Error::InvalidStep`], [`Error::CorruptStep`], [`Error::Decode`],
-    /// [`Error::ResultTooLarge`] / [`Error::ResultNotEncodable`] or [`Error::Storage`].
+    /// [`Error::ResultTooLarge`] / [`Error::ResultNotEncodable`] (the step ran; it will not
+    /// run again, and neither will the operation), [`Error::OutcomeNotRecorded`] (the record
+    /// was removed or taken over while the run went on) or [`Error::Storage`]. After a store
+    /// error no further step runs: each returns the first store error.
     pub fn step<S, E, F>(&mut self, name: &str, f: F) -> Result<S, StepError<E>>
     where
         S: Serialize + DeserializeOwned,
@@ -173,7 +218,7 @@ impl<'a> Context<'a> {
             match f() {
                 Ok(value) => break value,
                 Err(e) if is_transient(&e) => {
-                    match policy.delay_before(tries + 1, started.elapsed(), self.key) {
+                    match policy.delay_before(tries + 1, started.elapsed(), self.claim.key) {
                         Some(delay) => std::thread::sleep(delay),
                         None => return Err(StepError::Failed(e)),
                     }
@@ -185,107 +230,129 @@ impl<'a> Context<'a> {
         Ok(value)
     }
 
-    /// Takes the store error that failed this run, if any.
-    pub(crate) fn take_failure(&mut self) -> Option<Error> {
+    /// Takes the store failure that failed this run, if any.
+    pub(crate) fn take_failure(&mut self) -> Option<RunFailure> {
         self.failure.take()
     }
 
-    fn fail<E>(&mut self, make: impl Fn() -> Error) -> StepError<E> {
-        if self.failure.is_none() {
-            self.failure = Some(make());
-        }
-        StepError::Store(make())
+    /// Fails the run with `error` (the first failure wins) and returns the step's error.
+    fn fail<E>(&mut self, error: Error, terminal: Option<(OutcomeKind, Vec<u8>)>) -> StepError<E> {
+        let failure = self.failure.get_or_insert(RunFailure { error, terminal });
+        StepError::Store(failure.error.clone())
     }
 
-    /// Checks the name and takes the next step index.
+    /// Checks that the run may go on and the name is usable; takes the next step index.
     fn begin<E>(&mut self, name: &str) -> Result<u32, StepError<E>> {
+        if let Some(failure) = &self.failure {
+            return Err(StepError::Store(failure.error.clone()));
+        }
         if name.is_empty() || name.len() > step::MAX_NAME || !self.names.insert(name.to_owned()) {
-            let key = KeyName::new(self.key);
-            return Err(self.fail(|| Error::InvalidStep {
-                key: key.clone(),
+            let error = Error::InvalidStep {
+                key: KeyName::new(self.claim.key),
                 name: name.to_owned(),
-            }));
+            };
+            return Err(self.fail(error, None));
         }
         let index = self.next_index;
         self.next_index += 1;
         Ok(index)
     }
 
-    /// The recorded result of step `index`, if an earlier attempt finished it.
-    fn recorded_result<S: DeserializeOwned, E>(
+    /// The recorded result of step `index`, if an earlier attempt of this life finished it.
+    fn recorded_result<S: Serialize + DeserializeOwned, E>(
         &mut self,
         index: u32,
         name: &str,
     ) -> Result<Option<S>, StepError<E>> {
         if self.recorded.is_none() {
-            match self.log.steps(self.key) {
+            match self.log.steps(self.claim.key, self.claim.life) {
                 Ok(steps) => self.recorded = Some(steps),
-                Err(Error::Storage(e)) => return Err(self.fail(|| Error::Storage(e.clone()))),
-                Err(e) => return Err(StepError::Store(e)),
+                Err(e) => return Err(self.fail(e, None)),
             }
         }
-        let key = KeyName::new(self.key);
-        let Some(bytes) = self.recorded.as_ref().and_then(|r| r.get(index as usize)) else {
+        let key = || KeyName::new(self.claim.key);
+        let recorded = self.recorded.as_deref().unwrap_or_default();
+        let Ok(at) = recorded.binary_search_by_key(&index, |(i, _)| *i) else {
             return Ok(None);
         };
-        let decoded =
-            step::decode(bytes).map(|s| (s.name.to_owned(), codec::decode::<S>(s.payload)));
-        match decoded {
-            Err(reason) => Err(self.fail(|| Error::CorruptStep {
-                key: key.clone(),
-                index,
-                reason,
-            })),
-            Ok((recorded, _)) if recorded != name => {
-                Err(self.fail(|| Error::StepSequenceChanged {
-                    key: key.clone(),
+        let (error, terminal) = match step::decode(&recorded[at].1) {
+            Err(reason) => (
+                Error::CorruptStep {
+                    key: key(),
                     index,
-                    recorded: recorded.clone(),
+                    reason,
+                },
+                None,
+            ),
+            Ok(step) if step.name != name => (
+                Error::StepSequenceChanged {
+                    key: key(),
+                    index,
+                    recorded: step.name.to_owned(),
                     requested: name.to_owned(),
-                }))
-            }
-            Ok((_, Ok(value))) => Ok(Some(value)),
-            Ok((_, Err(message))) => Err(self.fail(|| Error::Decode {
-                key: key.clone(),
-                what: "step result",
-                message: message.clone(),
-            })),
-        }
+                },
+                None,
+            ),
+            Ok(step) => match unstorable::replay(self.claim.key, step.outcome, step.payload) {
+                Some(error) => (error, Some((step.outcome, step.payload.to_vec()))),
+                None => match codec::decode::<S>(step.payload, step.codec, step.shape) {
+                    Ok(value) => return Ok(Some(value)),
+                    Err(message) => (
+                        Error::Decode {
+                            key: key(),
+                            what: "step result",
+                            message,
+                        },
+                        None,
+                    ),
+                },
+            },
+        };
+        Err(self.fail(error, terminal))
     }
 
-    /// Records a finished step durably.
-    fn record<S: Serialize, E>(
+    /// Records a finished step durably, or that its outcome could not be stored.
+    fn record<S: Serialize + DeserializeOwned, E>(
         &mut self,
         index: u32,
         name: &str,
         value: &S,
     ) -> Result<(), StepError<E>> {
-        let key = KeyName::new(self.key);
-        let limit = self.max_result_bytes;
-        let payload = match codec::encode(value, limit) {
-            Ok(p) => p,
-            Err(EncodeFailure::TooLarge { size }) => {
-                return Err(self.fail(|| Error::ResultTooLarge {
-                    key: key.clone(),
-                    size,
-                    limit: limit as u64,
-                }))
-            }
-            Err(EncodeFailure::Serializer(message)) => {
-                return Err(self.fail(|| Error::ResultNotEncodable {
-                    key: key.clone(),
-                    message: message.clone(),
-                }))
+        let limit = self.claim.max_result_bytes;
+        let (encoded, unstorable) = match codec::encode(value, self.claim.codec, limit) {
+            Ok(e) => (e, None),
+            Err(failure) => {
+                let (kind, payload, error) = unstorable::record(self.claim.key, failure, limit);
+                let note = codec::Encoded {
+                    bytes: payload,
+                    codec: self.claim.codec,
+                    shape: 0,
+                };
+                (note, Some((kind, error)))
             }
         };
+        let outcome = unstorable.as_ref().map_or(OutcomeKind::Stored, |(k, _)| *k);
+        let bytes = step::encode(&StepRecord {
+            name,
+            outcome,
+            codec: encoded.codec,
+            shape: Some(encoded.shape).filter(|s| *s != 0),
+            payload: &encoded.bytes,
+        });
         let written = self
             .log
-            .put_step(self.key, index, step::encode(name, &payload))
+            .put_step_fenced(
+                self.claim.key,
+                self.claim.life,
+                index,
+                bytes,
+                self.claim.record,
+            )
             .and_then(|()| self.log.barrier());
-        match written {
-            Ok(()) => Ok(()),
-            Err(Error::Storage(e)) => Err(self.fail(|| Error::Storage(e.clone()))),
-            Err(e) => Err(StepError::Store(e)),
+        match (written, unstorable) {
+            (Err(e), _) => Err(self.fail(e, None)),
+            (Ok(()), Some((kind, error))) => Err(self.fail(error, Some((kind, encoded.bytes)))),
+            (Ok(()), None) => Ok(()),
         }
     }
 }

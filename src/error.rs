@@ -5,12 +5,15 @@
 //! key or a storage failure into a panic or into a silent re-run of the caller's closure.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::KeyName;
 
 /// What went wrong in the store itself (as opposed to the caller's operation).
-#[derive(Debug, thiserror::Error)]
+///
+/// `Clone`, so one failure can be reported to every step that a failed run refuses.
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// The key is empty. Nothing was written.
@@ -224,9 +227,16 @@ pub enum Error {
     #[error("storage error: {0}")]
     Storage(#[from] sled::Error),
 
-    /// An I/O error outside the storage engine (inspecting the store's path).
-    #[error("I/O error: {0}")]
-    Io(#[from] std::io::Error),
+    /// An I/O error outside the storage engine's own calls (inspecting, creating or syncing
+    /// the store's files), with the path it concerns.
+    #[error("I/O error on {path:?}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: Arc<std::io::Error>,
+    },
 }
 
 impl Error {
@@ -263,21 +273,50 @@ impl Error {
 /// assert!(matches!(res, Err(ExecuteError::Operation { replayed: false, .. })));
 /// # Ok(()) }
 /// ```
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug)]
 pub enum ExecuteError<E> {
     /// The operation returned this error: just now, or (when `replayed`) in an earlier call
-    /// that recorded it as permanent.
-    #[error("the operation failed{}", if *replayed { " (recorded earlier, replayed)" } else { "" })]
+    /// that recorded it as permanent. Displays as the error itself.
     Operation {
         /// The operation's error.
-        #[source]
         error: E,
         /// Whether this error was recorded by an earlier call rather than returned just now.
         replayed: bool,
     },
     /// The store could not keep its contract for this call; see [`Error`].
-    #[error(transparent)]
-    Store(#[from] Error),
+    Store(Error),
+}
+
+impl<E> From<Error> for ExecuteError<E> {
+    fn from(e: Error) -> Self {
+        ExecuteError::Store(e)
+    }
+}
+
+impl<E: std::fmt::Display> std::fmt::Display for ExecuteError<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExecuteError::Operation { error, replayed } => {
+                write!(f, "operation failed: {error}")?;
+                if *replayed {
+                    f.write_str(" (recorded by an earlier call, replayed)")?;
+                }
+                Ok(())
+            }
+            ExecuteError::Store(e) => std::fmt::Display::fmt(e, f),
+        }
+    }
+}
+
+/// The source chain continues with the operation's error's own source (the error itself is
+/// already in the message), or with the store error's.
+impl<E: std::error::Error + 'static> std::error::Error for ExecuteError<E> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ExecuteError::Operation { error, .. } => error.source(),
+            ExecuteError::Store(e) => e.source(),
+        }
+    }
 }
 
 impl<E> ExecuteError<E> {

@@ -1,9 +1,10 @@
 //! Request fingerprints and keys derived from requests.
 //!
 //! Invariants: a fingerprint is a 32-byte blake3 digest; [`Fingerprint::of`] hashes the
-//! bincode 2 (standard config) encoding of the value, streamed into the hasher without an
-//! intermediate buffer, so equal values always give equal fingerprints within one crate
-//! version of the value's type. Derived keys use blake3's key-derivation mode with a fixed
+//! value's canonical encoding ([`crate::walk::canonical`]: bincode 2's standard encoding with
+//! every map's entries sorted), so equal values give equal fingerprints whatever the
+//! iteration order of their maps. A `HashSet` serializes exactly like a `Vec` (serde cannot
+//! tell them apart), so its order counts: use a `BTreeSet` or a sorted `Vec` in requests. Derived keys use blake3's key-derivation mode with a fixed
 //! context, so they cannot collide with plain digests of the same bytes.
 
 use serde::Serialize;
@@ -32,10 +33,12 @@ impl Fingerprint {
         Self(*blake3::hash(bytes.as_ref()).as_bytes())
     }
 
-    /// The blake3 digest of `value`'s bincode encoding.
+    /// The blake3 digest of `value`'s canonical encoding: its bincode encoding, with the
+    /// entries of every map sorted, so two equal `HashMap`s give the same fingerprint.
+    /// Sets serialize as sequences, so their order counts: use `BTreeSet` in requests.
     ///
     /// # Errors
-    /// [`Error::Encode`] if `value`'s `Serialize` implementation fails.
+    /// [`Error::Encode`] if `value`'s `Serialize` implementation fails or panics.
     pub fn of<S: Serialize + ?Sized>(value: &S) -> Result<Self, Error> {
         let mut hasher = blake3::Hasher::new();
         hash_value(&mut hasher, value)?;
@@ -67,7 +70,7 @@ impl fmt::Debug for Fingerprint {
 /// whose clients send no key of their own: `"{namespace}:{64 hex digits}"`.
 ///
 /// Two requests get the same key exactly when they have the same namespace and the same
-/// bincode encoding.
+/// canonical encoding (see [`Fingerprint::of`]: maps in any order are equal).
 ///
 /// ```
 /// #[derive(serde::Serialize)]
@@ -79,7 +82,7 @@ impl fmt::Debug for Fingerprint {
 /// ```
 ///
 /// # Errors
-/// [`Error::Encode`] if `request`'s `Serialize` implementation fails.
+/// [`Error::Encode`] if `request`'s `Serialize` implementation fails or panics.
 pub fn derive_key<S: Serialize + ?Sized>(namespace: &str, request: &S) -> Result<String, Error> {
     let mut hasher = blake3::Hasher::new_derive_key("idemstore 2026-11 derived request key v1");
     hasher.update(&(namespace.len() as u64).to_le_bytes());
@@ -93,10 +96,13 @@ pub fn derive_key<S: Serialize + ?Sized>(namespace: &str, request: &S) -> Result
 }
 
 fn hash_value<S: Serialize + ?Sized>(hasher: &mut blake3::Hasher, value: &S) -> Result<(), Error> {
-    bincode::serde::encode_into_std_write(value, hasher, bincode::config::standard())
-        .map(|_| ())
-        .map_err(|e| Error::Encode {
-            what: "fingerprinted request",
-            message: e.to_string(),
-        })
+    let encode_error = |message| Error::Encode {
+        what: "fingerprinted request",
+        message,
+    };
+    let bytes = crate::codec::catching(|| crate::walk::canonical(value))
+        .map_err(encode_error)?
+        .map_err(|e| encode_error(e.0))?;
+    hasher.update(&bytes);
+    Ok(())
 }

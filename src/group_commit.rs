@@ -14,12 +14,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::stats::Counters;
+use crate::storage::DurableFiles;
 
 /// The durability barrier for `Immediate` mode.
 pub(crate) struct GroupCommit {
-    db: sled::Db,
-    /// The engine's data file, synced after each engine flush (see `storage::make_durable`).
-    data_file: std::fs::File,
+    files: Arc<DurableFiles>,
     next_ticket: AtomicU64,
     state: Mutex<FlushState>,
     flushed: Condvar,
@@ -38,10 +37,9 @@ struct FlushState {
 }
 
 impl GroupCommit {
-    pub(crate) fn new(db: sled::Db, data_file: std::fs::File, counters: Arc<Counters>) -> Self {
+    pub(crate) fn new(files: Arc<DurableFiles>, counters: Arc<Counters>) -> Self {
         Self {
-            db,
-            data_file,
+            files,
             next_ticket: AtomicU64::new(0),
             state: Mutex::new(FlushState::default()),
             flushed: Condvar::new(),
@@ -74,10 +72,7 @@ impl GroupCommit {
                     std::thread::yield_now();
                 }
                 let target = self.next_ticket.load(Ordering::SeqCst);
-                (
-                    target,
-                    crate::storage::make_durable(&self.db, &self.data_file),
-                )
+                (target, self.files.make_durable())
             });
             let (target, result) = (result.0, result.1);
             self.counters.flush_batches.fetch_add(1, Ordering::Relaxed);

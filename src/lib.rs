@@ -57,9 +57,12 @@ mod storage;
 mod store;
 mod sweeper;
 mod tx;
+mod unstorable;
+mod walk;
 
 pub use call::{AllRetryable, Call, ErrorPolicy, PermanentIf};
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use codec::Codec;
 pub use config::{Durability, OrphanPolicy, StoreBuilder};
 pub use context::{Context, RetryPolicy, StepError};
 pub use error::{Error, ExecuteError};

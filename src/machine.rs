@@ -1,16 +1,22 @@
-//! The record state machine: what one `execute_once` call does, per DESIGN.md's table.
+//! The record state machine: what one `execute_once` call does, per docs/design.md's table.
 //!
 //! Invariants:
 //! - the closure runs only in a call that is the key's registry leader *and* whose claim
 //!   (compare-and-swap to Pending) succeeded and passed the durability barrier; after a claim
 //!   the call always returns, so the closure runs at most once per call;
+//! - from the claim until its outcome is written, a [`ClaimGuard`] owns the Pending record:
+//!   if anything unwinds in between (the closure, a predicate, any user code the store
+//!   calls), the guard records a retryable failure before the registry lets waiters in, so
+//!   this process never mistakes its own claim for an orphan;
 //! - the outcome is written with compare-and-swap against the exact Pending bytes of this
 //!   claim, so a record removed or taken over while the closure ran is never overwritten;
 //! - a recorded outcome is returned only once it is durable: the leader releases the registry
 //!   after its barrier, and a reader that finds a terminal record while the key's leader is
 //!   still running waits for that leader before replaying;
-//! - an expired record reads as absent; a Pending record that no call in this process runs is
-//!   an orphan (its process died, or its outcome write failed) and is handled by policy;
+//! - an expired record reads as absent, and its life ends: a new claim starts a new life (see
+//!   `record`), after the old record and its steps are removed together if it had steps;
+//! - a Pending record that no call in this process runs is an orphan (its process died, or
+//!   its outcome write failed) and is handled by policy;
 //! - bad bytes yield an error naming the key; they never cause a run.
 
 use serde::de::DeserializeOwned;
@@ -20,7 +26,8 @@ use std::time::Instant;
 
 use crate::call::{CallOptions, ErrorPolicy};
 use crate::clock::millis;
-use crate::codec::{self, EncodeFailure};
+use crate::codec::{self, Codec};
+use crate::context::{RunClaim, RunFailure};
 use crate::key::KeyHash;
 use crate::record::{self, ClaimToken, DecodeError, Header, OutcomeKind, Record, RecordState};
 use crate::registry::{Entry, Flight, Leader};
@@ -28,7 +35,8 @@ use crate::stats::Counters;
 use crate::storage::Storage;
 use crate::store::Shared;
 use crate::{
-    Context, Error, ExecuteError, Fingerprint, KeyName, OrphanPolicy, Outcome, RecordInfo,
+    unstorable, Context, Error, ExecuteError, Fingerprint, KeyName, OrphanPolicy, Outcome,
+    RecordInfo,
 };
 
 /// Runs `f` once for `key`, or replays its recorded outcome.
@@ -59,17 +67,14 @@ where
             };
 
         // As leader nothing else in this process claims the key. A Pending record seen before
-        // leading may have finished since: look again before calling it an orphan; and look
-        // again before removing steps, which may belong to a newer life of the key by now.
-        // Any other state is re-checked by the claim's compare-and-swap.
+        // leading may have finished since: look again before calling it an orphan. Any other
+        // state is re-checked by the claim's compare-and-swap.
         let now = shared.clock.now_millis();
         let fresh_read = match seen {
-            Some(h) if h.state == RecordState::Pending || h.has_steps => {
-                Some(shared.storage.get(key)?)
-            }
+            Some(h) if h.state == RecordState::Pending => Some(shared.storage.get(key)?),
             _ => None,
         };
-        let stored = match &fresh_read {
+        let mut stored = match &fresh_read {
             Some(fresh) => fresh.as_ref().map(AsRef::as_ref),
             None => first_read.as_ref().map(AsRef::as_ref),
         };
@@ -93,8 +98,15 @@ where
                 take_over_orphan(shared, key, h, options)?;
             }
         }
-        // Steps left by an earlier, expired life of this key must not be replayed.
-        let stale_steps = current.is_some_and(|h| h.has_steps) && live.is_none();
+        if let (Some(old), None, Some(bytes)) = (current, live, stored) {
+            // An expired life with steps ends here: its record and steps go together.
+            if old.has_steps {
+                if !shared.storage.remove_record(key, bytes, Some(old.life))? {
+                    continue;
+                }
+                stored = None;
+            }
+        }
         let attempt = Attempt::after(live.as_ref(), now, options);
         let attempts = attempt.number;
         let ttl_ms = millis(options.ttl.unwrap_or(shared.settings.default_ttl));
@@ -105,9 +117,6 @@ where
             ttl_ms,
             shared.next_claim_token(),
         );
-        if stale_steps {
-            shared.storage.remove_steps(key)?;
-        }
         let pending = record::encode(&pending_header, &[]);
         // The index entry goes first, so a durable record always has one.
         shared
@@ -129,6 +138,14 @@ where
                     .compare_and_swap(key, Some(&pending), stored.map(<[u8]>::to_vec));
             return Err(e.into());
         }
+        let guard = ClaimGuard {
+            shared,
+            key,
+            header: &pending_header,
+            bytes: &pending,
+            ttl_ms,
+            armed: true,
+        };
 
         Counters::bump(&shared.counters.executions);
         let span = tracing::debug_span!("idemstore.execute", key = %KeyHash(key), attempts);
@@ -136,21 +153,22 @@ where
         tracing::debug!("running operation");
         // Invariant: this point is reached once per call (every path below returns), so the
         // closure is called at most once.
+        let codec = options.codec.unwrap_or(shared.settings.codec);
         let mut context = Context::new(
             &shared.storage,
-            key,
-            attempts,
-            pending_header.claim,
-            shared.settings.max_result_bytes,
+            RunClaim {
+                key,
+                attempt: attempts,
+                token: pending_header.claim,
+                life: pending_header.life,
+                record: &pending,
+                codec,
+                max_result_bytes: shared.settings.max_result_bytes,
+            },
         );
         let ran = panic::catch_unwind(AssertUnwindSafe(|| f(&mut context)));
-        let step_failure = context.take_failure();
-        let claim = Claim {
-            header: &pending_header,
-            bytes: &pending,
-            ttl_ms,
-        };
-        let result = record_outcome(shared, key, &claim, policy, ran, step_failure);
+        let failure = context.take_failure();
+        let result = record_outcome(guard, codec, policy, ran, failure);
         tracing::debug!(state = ?result_state(&result), "outcome recorded");
         drop(leader);
         return match result {
@@ -169,11 +187,70 @@ fn result_state<T, E>(f: &Finished<T, E>) -> &'static str {
     }
 }
 
-/// The Pending record a run was claimed with.
-struct Claim<'a> {
+/// The Pending record of a running claim. Until [`ClaimGuard::write`] succeeds, dropping the
+/// guard (an unwind from user code anywhere between claim and outcome) records the attempt as
+/// retryable, so waiters in this process find a retryable record, not a false orphan.
+struct ClaimGuard<'a, S: Storage> {
+    shared: &'a Shared<S>,
+    key: &'a [u8],
     header: &'a Header,
     bytes: &'a [u8],
     ttl_ms: u64,
+    armed: bool,
+}
+
+impl<S: Storage> ClaimGuard<'_, S> {
+    /// Writes the outcome over this claim's Pending record and waits for it to be durable.
+    /// Returns the header written.
+    fn write(
+        &mut self,
+        state: RecordState,
+        outcome: OutcomeKind,
+        encoded: (&[u8], Codec, Option<u64>),
+    ) -> Result<Header, Error> {
+        self.armed = false;
+        let (payload, codec, shape) = encoded;
+        let now = self.shared.clock.now_millis();
+        let mut header = Header {
+            state,
+            outcome,
+            updated_ms: now,
+            codec,
+            shape,
+            ..*self.header
+        };
+        if header.is_expired(now) {
+            // The run outlived its TTL: keep the outcome for a full TTL from now.
+            header.expires_ms = now.saturating_add(self.ttl_ms);
+            self.shared
+                .storage
+                .index_expiry(header.expires_ms, self.key)?;
+        }
+        let bytes = record::encode(&header, payload);
+        if !self
+            .shared
+            .storage
+            .compare_and_swap(self.key, Some(self.bytes), Some(bytes))?
+        {
+            return Err(Error::OutcomeNotRecorded {
+                key: KeyName::new(self.key),
+            });
+        }
+        self.shared.storage.barrier()?;
+        Ok(header)
+    }
+}
+
+impl<S: Storage> Drop for ClaimGuard<'_, S> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let retryable = (&[][..], Codec::Bincode, None);
+        if let Err(e) = self.write(RecordState::FailedRetryable, OutcomeKind::None, retryable) {
+            tracing::error!(key = %KeyHash(self.key), error = %e, "could not record an unwound run");
+        }
+    }
 }
 
 enum Finished<T, E> {
@@ -190,69 +267,80 @@ enum Reply<T, E> {
 
 /// Writes the outcome of a run over its Pending record and waits for it to be durable.
 fn record_outcome<S, T, E, P>(
-    shared: &Shared<S>,
-    key: &[u8],
-    claim: &Claim<'_>,
+    mut guard: ClaimGuard<'_, S>,
+    codec: Codec,
     policy: &P,
     ran: std::thread::Result<Result<T, E>>,
-    step_failure: Option<Error>,
+    failure: Option<RunFailure>,
 ) -> Finished<T, E>
 where
     S: Storage,
-    T: Serialize,
+    T: Serialize + DeserializeOwned,
     P: ErrorPolicy<E>,
 {
-    let limit = shared.settings.max_result_bytes;
-    let (state, outcome, payload, reply) = match (ran, step_failure) {
+    let key = guard.key;
+    let limit = guard.shared.settings.max_result_bytes;
+    let none = || (Vec::new(), codec, None);
+    let (state, outcome, (payload, codec, shape), reply) = match (ran, failure) {
         // A step the store could not record or replay fails the run, whatever it returned.
-        (Ok(_), Some(failure)) => (
-            RecordState::FailedRetryable,
-            OutcomeKind::None,
-            Vec::new(),
-            Reply::Error(failure.into()),
-        ),
+        (Ok(_), Some(RunFailure { error, terminal })) => match terminal {
+            Some((kind, note)) => (
+                RecordState::Completed,
+                kind,
+                (note, codec, None),
+                Reply::Error(error.into()),
+            ),
+            None => (
+                RecordState::FailedRetryable,
+                OutcomeKind::None,
+                none(),
+                Reply::Error(error.into()),
+            ),
+        },
         (ran, _) => match ran {
-            Ok(Ok(value)) => match codec::encode(&value, limit) {
-                Ok(bytes) => (
+            Ok(Ok(value)) => match codec::encode(&value, codec, limit) {
+                Ok(e) => (
                     RecordState::Completed,
                     OutcomeKind::Stored,
-                    bytes,
+                    (e.bytes, e.codec, Some(e.shape)),
                     Reply::Value(value),
                 ),
                 Err(failure) => {
-                    let (kind, payload, err) = unstorable(key, failure, limit);
+                    let (kind, payload, err) = unstorable::record(key, failure, limit);
                     (
                         RecordState::Completed,
                         kind,
-                        payload,
+                        (payload, codec, None),
                         Reply::Error(err.into()),
                     )
                 }
             },
-            Ok(Err(error)) if policy.is_permanent(&error) => match policy.encode(&error, limit) {
-                Ok(bytes) => (
-                    RecordState::FailedPermanent,
-                    OutcomeKind::Stored,
-                    bytes,
-                    Reply::Error(ExecuteError::Operation {
-                        error,
-                        replayed: false,
-                    }),
-                ),
-                Err(failure) => {
-                    let (kind, payload, err) = unstorable(key, failure, limit);
-                    (
+            Ok(Err(error)) if policy.is_permanent(&error) => {
+                match policy.encode(&error, codec, limit) {
+                    Ok(e) => (
                         RecordState::FailedPermanent,
-                        kind,
-                        payload,
-                        Reply::Error(err.into()),
-                    )
+                        OutcomeKind::Stored,
+                        (e.bytes, e.codec, Some(e.shape)),
+                        Reply::Error(ExecuteError::Operation {
+                            error,
+                            replayed: false,
+                        }),
+                    ),
+                    Err(failure) => {
+                        let (kind, payload, err) = unstorable::record(key, failure, limit);
+                        (
+                            RecordState::FailedPermanent,
+                            kind,
+                            (payload, codec, None),
+                            Reply::Error(err.into()),
+                        )
+                    }
                 }
-            },
+            }
             Ok(Err(error)) => (
                 RecordState::FailedRetryable,
                 OutcomeKind::None,
-                Vec::new(),
+                none(),
                 Reply::Error(ExecuteError::Operation {
                     error,
                     replayed: false,
@@ -261,36 +349,13 @@ where
             Err(panic) => (
                 RecordState::FailedRetryable,
                 OutcomeKind::None,
-                Vec::new(),
+                none(),
                 Reply::Panic(panic),
             ),
         },
     };
 
-    let now = shared.clock.now_millis();
-    let mut header = Header {
-        state,
-        outcome,
-        updated_ms: now,
-        ..*claim.header
-    };
-    let written = (|| {
-        if header.is_expired(now) {
-            // The run outlived its TTL: keep the outcome for a full TTL from now.
-            header.expires_ms = now.saturating_add(claim.ttl_ms);
-            shared.storage.index_expiry(header.expires_ms, key)?;
-        }
-        let bytes = record::encode(&header, &payload);
-        if !shared
-            .storage
-            .compare_and_swap(key, Some(claim.bytes), Some(bytes))?
-        {
-            return Err(Error::OutcomeNotRecorded {
-                key: KeyName::new(key),
-            });
-        }
-        shared.storage.barrier()
-    })();
+    let written = guard.write(state, outcome, (&payload, codec, shape));
     match (written, reply) {
         (written, Reply::Panic(panic)) => {
             if let Err(e) = written {
@@ -302,41 +367,12 @@ where
             tracing::error!(key = %KeyHash(key), error = %e, "outcome not recorded");
             Finished::Returned(Err(e.into()))
         }
-        (Ok(()), Reply::Value(value)) => Finished::Returned(Ok(Outcome::new(
+        (Ok(header), Reply::Value(value)) => Finished::Returned(Ok(Outcome::new(
             value,
             false,
             RecordInfo::new(&header, payload.len()),
         ))),
-        (Ok(()), Reply::Error(e)) => Finished::Returned(Err(e)),
-    }
-}
-
-/// How an outcome that cannot be stored is recorded, and the error every call then gets.
-fn unstorable(key: &[u8], failure: EncodeFailure, limit: usize) -> (OutcomeKind, Vec<u8>, Error) {
-    let key = KeyName::new(key);
-    match failure {
-        EncodeFailure::TooLarge { size } => {
-            let limit = limit as u64;
-            let mut payload = size.to_le_bytes().to_vec();
-            payload.extend_from_slice(&limit.to_le_bytes());
-            (
-                OutcomeKind::TooLarge,
-                payload,
-                Error::ResultTooLarge { key, size, limit },
-            )
-        }
-        EncodeFailure::Serializer(message) => {
-            let mut cut = message.len().min(1024);
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            let payload = message.as_bytes()[..cut].to_vec();
-            (
-                OutcomeKind::NotEncodable,
-                payload,
-                Error::ResultNotEncodable { key, message },
-            )
-        }
+        (Ok(_), Reply::Error(e)) => Finished::Returned(Err(e)),
     }
 }
 
@@ -348,61 +384,47 @@ pub(crate) fn replay<S, T, E, P>(
     policy: &P,
 ) -> Result<Outcome<T>, ExecuteError<E>>
 where
-    T: DeserializeOwned,
+    T: Serialize + DeserializeOwned,
     P: ErrorPolicy<E>,
 {
     Counters::bump(&shared.counters.replays);
     tracing::trace!(key = %KeyHash(key), "replaying recorded outcome");
     let name = || KeyName::new(key);
     let h = &rec.header;
+    if let Some(error) = unstorable::replay(key, h.outcome, rec.payload) {
+        return Err(error.into());
+    }
     match (h.state, h.outcome) {
-        (_, OutcomeKind::TooLarge) => {
-            let (size, limit) = rec
-                .payload
-                .split_first_chunk::<8>()
-                .and_then(|(size, rest)| Some((*size, <[u8; 8]>::try_from(rest).ok()?)))
-                .ok_or_else(|| Error::CorruptRecord {
+        (RecordState::Completed, OutcomeKind::Stored) => {
+            match codec::decode::<T>(rec.payload, h.codec, h.shape) {
+                Ok(value) => Ok(Outcome::new(
+                    value,
+                    true,
+                    RecordInfo::new(h, rec.payload.len()),
+                )),
+                Err(message) => Err(Error::Decode {
                     key: name(),
-                    reason: "bad size note",
-                })?;
-            Err(Error::ResultTooLarge {
-                key: name(),
-                size: u64::from_le_bytes(size),
-                limit: u64::from_le_bytes(limit),
+                    what: "result",
+                    message,
+                }
+                .into()),
             }
-            .into())
         }
-        (_, OutcomeKind::NotEncodable) => Err(Error::ResultNotEncodable {
-            key: name(),
-            message: String::from_utf8_lossy(rec.payload).into_owned(),
+        (RecordState::FailedPermanent, OutcomeKind::Stored) => {
+            match policy.decode(rec.payload, h.codec, h.shape) {
+                Some(Ok(error)) => Err(ExecuteError::Operation {
+                    error,
+                    replayed: true,
+                }),
+                Some(Err(message)) => Err(Error::Decode {
+                    key: name(),
+                    what: "error",
+                    message,
+                }
+                .into()),
+                None => Err(Error::PermanentErrorRecorded { key: name() }.into()),
+            }
         }
-        .into()),
-        (RecordState::Completed, OutcomeKind::Stored) => match codec::decode::<T>(rec.payload) {
-            Ok(value) => Ok(Outcome::new(
-                value,
-                true,
-                RecordInfo::new(h, rec.payload.len()),
-            )),
-            Err(message) => Err(Error::Decode {
-                key: name(),
-                what: "result",
-                message,
-            }
-            .into()),
-        },
-        (RecordState::FailedPermanent, OutcomeKind::Stored) => match policy.decode(rec.payload) {
-            Some(Ok(error)) => Err(ExecuteError::Operation {
-                error,
-                replayed: true,
-            }),
-            Some(Err(message)) => Err(Error::Decode {
-                key: name(),
-                what: "error",
-                message,
-            }
-            .into()),
-            None => Err(Error::PermanentErrorRecorded { key: name() }.into()),
-        },
         // record::decode admits no other terminal combination.
         _ => Err(Error::CorruptRecord {
             key: name(),
@@ -482,7 +504,7 @@ pub(crate) fn take_turn<'r, S, T, E, P>(
 ) -> Result<Turn<'r, S::Bytes, T, E>, Error>
 where
     S: Storage,
-    T: DeserializeOwned,
+    T: Serialize + DeserializeOwned,
     P: ErrorPolicy<E>,
 {
     loop {
@@ -554,6 +576,8 @@ pub(crate) struct Attempt {
     created_ms: u64,
     fingerprint: Option<Fingerprint>,
     has_steps: bool,
+    /// The life this attempt continues; None: it starts one, named by its own claim.
+    life: Option<ClaimToken>,
 }
 
 impl Attempt {
@@ -566,12 +590,14 @@ impl Attempt {
                 created_ms: h.created_ms,
                 fingerprint: options.fingerprint.or(h.fingerprint),
                 has_steps: options.with_steps || h.has_steps,
+                life: Some(h.life),
             },
             None => Self {
                 number: 1,
                 created_ms: now_ms,
                 fingerprint: options.fingerprint,
                 has_steps: options.with_steps,
+                life: None,
             },
         }
     }
@@ -595,6 +621,9 @@ impl Attempt {
             claim,
             fingerprint: self.fingerprint,
             has_steps: self.has_steps,
+            life: self.life.unwrap_or(claim),
+            codec: Codec::Bincode,
+            shape: None,
         }
     }
 }

@@ -1,27 +1,45 @@
 //! The stored form of one key's record.
 //!
-//! Layout (all integers little-endian), format version 1:
+//! Layout (all integers little-endian), format version 2:
 //!
 //! ```text
-//! 0   magic 0x1D            1   version (1)          2  state        3  outcome kind
+//! 0   magic 0x1D            1   version (2)          2  state        3  outcome kind
 //! 4   attempts u32          8   created_ms u64       16 updated_ms   24 expires_ms
 //! 32  claim epoch u64       40  claim sequence u64   48 flags (bit 0 fingerprint, bit 1 steps)
-//! 49  fingerprint [32]      81  payload length u32   85 payload …    then crc32 of all before
+//! 49  fingerprint [32]      81  life epoch u64       89 life sequence u64
+//! 97  codec u8              98  shape u64 (0: none)  106 payload length u32
+//! 110 payload …             then crc32 of all before
 //! ```
+//!
+//! Version 1 (written by idemstore 0.1) is the same up to the fingerprint, then payload length
+//! at 81 and payload at 85; it reads as life [`LEGACY_LIFE`], codec bincode, no shape.
 //!
 //! Invariants: [`decode`] never panics and never allocates more than the input's length for
 //! any input: it checks magic, version, length, checksum and every enum byte before building a
 //! [`Record`]. A record whose version byte is newer than [`VERSION`] is reported as such, not
-//! as corrupt. The payload is opaque here: the bincode-encoded `T` or `E`, or for outcomes
-//! that could not be stored, the reason (see [`OutcomeKind`]).
+//! as corrupt. The payload is opaque here: the encoded `T` or `E` (see [`Codec`]), or for
+//! outcomes that could not be stored, the reason (see [`OutcomeKind`]).
+//!
+//! A key's *life* runs from a claim that finds the key absent (never used, expired or
+//! removed) until its record expires or is removed; it is named by that first claim's token,
+//! which no other life of any key ever has. Retries and takeovers keep the life; steps are
+//! stored under it, so a life only ever sees its own steps.
 
-use crate::Fingerprint;
+use crate::{Codec, Fingerprint};
 
 const MAGIC: u8 = 0x1D;
-/// The record format this build writes and reads.
-pub(crate) const VERSION: u8 = 1;
-const HEADER_LEN: usize = 85;
+/// The record format this build writes (it reads this one and version 1).
+pub(crate) const VERSION: u8 = 2;
+const HEADER_LEN: usize = 110;
+const V1_HEADER_LEN: usize = 85;
 const CRC_LEN: usize = 4;
+
+/// The life of every record written by format 1, which had no lives: its steps are found
+/// under the format-1 layout. Real lives are claim tokens, whose epoch is at least 1.
+pub(crate) const LEGACY_LIFE: ClaimToken = ClaimToken {
+    epoch: 0,
+    sequence: 0,
+};
 
 /// Where a record is in its lifecycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -71,7 +89,7 @@ pub(crate) enum OutcomeKind {
 }
 
 impl OutcomeKind {
-    fn to_byte(self) -> u8 {
+    pub(crate) fn to_byte(self) -> u8 {
         match self {
             OutcomeKind::None => 0,
             OutcomeKind::Stored => 1,
@@ -80,7 +98,7 @@ impl OutcomeKind {
         }
     }
 
-    fn from_byte(b: u8) -> Option<Self> {
+    pub(crate) fn from_byte(b: u8) -> Option<Self> {
         Some(match b {
             0 => OutcomeKind::None,
             1 => OutcomeKind::Stored,
@@ -122,6 +140,12 @@ pub(crate) struct Header {
     pub fingerprint: Option<Fingerprint>,
     /// The operation may have recorded steps (in the steps tree) that go with this record.
     pub has_steps: bool,
+    /// The life this record belongs to (see the module docs).
+    pub life: ClaimToken,
+    /// How the payload is encoded (meaningful when `outcome` is `Stored`).
+    pub codec: Codec,
+    /// The shape the payload must decode to, if recorded.
+    pub shape: Option<u64>,
 }
 
 const FLAG_FINGERPRINT: u8 = 1;
@@ -176,6 +200,10 @@ pub(crate) fn encode(header: &Header, payload: &[u8]) -> Vec<u8> {
             out.extend_from_slice(&[0; 32]);
         }
     }
+    out.extend_from_slice(&header.life.epoch.to_le_bytes());
+    out.extend_from_slice(&header.life.sequence.to_le_bytes());
+    out.push(header.codec.to_byte());
+    out.extend_from_slice(&header.shape.unwrap_or(0).to_le_bytes());
     out.extend_from_slice(&payload_len.to_le_bytes());
     out.extend_from_slice(payload);
     let crc = crc32fast::hash(&out);
@@ -191,23 +219,35 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Record<'_>, DecodeError> {
         Some(&MAGIC) => {}
         Some(_) => return Err(corrupt("not an idemstore record (bad magic byte)")),
     }
-    match bytes.get(1) {
+    let header_len = match bytes.get(1) {
         None => return Err(corrupt("truncated header")),
-        Some(&VERSION) => {}
+        Some(&VERSION) => HEADER_LEN,
+        Some(1) => V1_HEADER_LEN,
         Some(&v) if v > VERSION => return Err(DecodeError::FutureVersion(v)),
         Some(_) => return Err(corrupt("unknown format version")),
-    }
-    if bytes.len() < HEADER_LEN + CRC_LEN {
+    };
+    if bytes.len() < header_len + CRC_LEN {
         return Err(corrupt("truncated header"));
     }
     let (body, crc) = bytes.split_at(bytes.len() - CRC_LEN);
     if crc32fast::hash(body).to_le_bytes() != crc {
         return Err(corrupt("checksum mismatch"));
     }
-    let payload_len = u32_at(body, 81) as usize;
-    if body.len() - HEADER_LEN != payload_len {
+    let payload_len = u32_at(body, header_len - 4) as usize;
+    if body.len() - header_len != payload_len {
         return Err(corrupt("payload length mismatch"));
     }
+    let (life, codec, shape) = if header_len == V1_HEADER_LEN {
+        (LEGACY_LIFE, Codec::Bincode, None)
+    } else {
+        let life = ClaimToken {
+            epoch: u64_at(body, 81),
+            sequence: u64_at(body, 89),
+        };
+        let codec = Codec::from_byte(body[97]).ok_or(corrupt("unknown codec"))?;
+        let shape = Some(u64_at(body, 98)).filter(|s| *s != 0);
+        (life, codec, shape)
+    };
     let state = RecordState::from_byte(body[2]).ok_or(corrupt("unknown state"))?;
     let outcome = OutcomeKind::from_byte(body[3]).ok_or(corrupt("unknown outcome kind"))?;
     let flags = body[48];
@@ -239,10 +279,13 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Record<'_>, DecodeError> {
         },
         fingerprint,
         has_steps: flags & FLAG_STEPS != 0,
+        life,
+        codec,
+        shape,
     };
     Ok(Record {
         header,
-        payload: &body[HEADER_LEN..],
+        payload: &body[header_len..],
     })
 }
 
@@ -276,6 +319,12 @@ mod tests {
             },
             fingerprint: Some(Fingerprint::of_bytes(b"req")),
             has_steps: true,
+            life: ClaimToken {
+                epoch: 2,
+                sequence: 9,
+            },
+            codec: Codec::Json,
+            shape: Some(77),
         }
     }
 
@@ -306,6 +355,40 @@ mod tests {
                 assert!(decode(&b).is_err(), "flip byte {i} bit {bit}");
             }
         }
+    }
+
+    #[test]
+    fn version_1_records_still_decode() {
+        // A format-1 record as idemstore 0.1 wrote it: Completed, one attempt, payload 0x2A.
+        let mut v1 = vec![MAGIC, 1, 1, 1];
+        v1.extend_from_slice(&1u32.to_le_bytes());
+        for t in [10u64, 20, 30, 4, 5] {
+            v1.extend_from_slice(&t.to_le_bytes());
+        }
+        v1.push(FLAG_STEPS);
+        v1.extend_from_slice(&[0; 32]);
+        v1.extend_from_slice(&1u32.to_le_bytes());
+        v1.push(0x2A);
+        let crc = crc32fast::hash(&v1);
+        v1.extend_from_slice(&crc.to_le_bytes());
+        let r = decode(&v1).unwrap();
+        assert_eq!(r.payload, [0x2A]);
+        assert_eq!(
+            (
+                r.header.life,
+                r.header.codec,
+                r.header.shape,
+                r.header.has_steps
+            ),
+            (LEGACY_LIFE, Codec::Bincode, None, true)
+        );
+        assert_eq!(
+            r.header.claim,
+            ClaimToken {
+                epoch: 4,
+                sequence: 5
+            }
+        );
     }
 
     #[test]

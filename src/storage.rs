@@ -9,12 +9,25 @@
 //!   and the open epoch;
 //! - the epoch is incremented and flushed at every open, before any claim can use it, so claim
 //!   tokens grow across restarts and a claim from an earlier open is recognisable;
+//! - steps live in `idemstore/life-steps` under (key, life, index), so a life of a key only
+//!   ever reads its own steps; format-1 records (life [`LEGACY_LIFE`]) keep theirs in
+//!   `idemstore/steps` under (key, index);
+//! - [`Storage::remove_record`] is the one way a record leaves the store (explicit removal,
+//!   sweeping, retiring an expired life): the record and its life's steps go in one
+//!   transaction, so no crash leaves steps without their record;
 //! - `barrier` returns only when every write applied before it is on disk (`Immediate`), or at
-//!   once (`Periodic`, where sled's own timer flushes).
+//!   once (`Periodic`, where sled's own timer flushes). "On disk" covers sled's blob files
+//!   (values over its inline threshold, and large tree nodes, go to `blobs/`) and their
+//!   directory entries, not only its log: see [`DurableFiles`].
 
+use parking_lot::Mutex;
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+use std::collections::HashMap;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use crate::group_commit::GroupCommit;
+use crate::record::{ClaimToken, LEGACY_LIFE};
 use crate::stats::Counters;
 use crate::Error;
 use std::sync::Arc;
@@ -22,7 +35,9 @@ use std::sync::Arc;
 const RECORDS_TREE: &[u8] = b"idemstore/records";
 const EXPIRY_TREE: &[u8] = b"idemstore/expiry";
 const META_TREE: &[u8] = b"idemstore/meta";
-const STEPS_TREE: &[u8] = b"idemstore/steps";
+/// Steps of format-1 records (no lives).
+const LEGACY_STEPS_TREE: &[u8] = b"idemstore/steps";
+const STEPS_TREE: &[u8] = b"idemstore/life-steps";
 /// Tree names starting with this are the store's own; user trees may not use it.
 pub(crate) const RESERVED_PREFIX: &str = "idemstore/";
 const FORMAT_KEY: &[u8] = b"format";
@@ -63,24 +78,40 @@ pub(crate) trait Storage: Send + Sync {
     /// Returns when every write applied before the call is durable (per the durability mode).
     fn barrier(&self) -> Result<(), Error>;
 
-    /// The recorded steps of `key`'s operation, in step order.
-    fn steps(&self, key: &[u8]) -> Result<Vec<Self::Bytes>, Error>;
+    /// The recorded steps of `key`'s life `life`, as (index, bytes), in index order.
+    fn steps(&self, key: &[u8], life: ClaimToken) -> Result<Vec<(u32, Self::Bytes)>, Error>;
 
-    /// Records step `index` of `key`'s operation.
-    fn put_step(&self, key: &[u8], index: u32, step: Vec<u8>) -> Result<(), Error>;
+    /// Records step `index` of `key`'s life `life`.
+    fn put_step(
+        &self,
+        key: &[u8],
+        life: ClaimToken,
+        index: u32,
+        step: Vec<u8>,
+    ) -> Result<(), Error>;
 
-    /// Removes every recorded step of `key`'s operation.
-    fn remove_steps(&self, key: &[u8]) -> Result<(), Error>;
+    /// Removes step `index` of `key`'s life `life` (a step written under a lost claim).
+    fn remove_step(&self, key: &[u8], life: ClaimToken, index: u32) -> Result<(), Error>;
+
+    /// Removes `key`'s record if it is still `expected`, together with the steps of
+    /// `steps_of` (the record's life, when it has steps), atomically. Returns whether it
+    /// removed.
+    fn remove_record(
+        &self,
+        key: &[u8],
+        expected: &[u8],
+        steps_of: Option<ClaimToken>,
+    ) -> Result<bool, Error>;
 }
 
 /// The sled engine.
 pub(crate) struct SledStorage {
     pub(crate) db: sled::Db,
-    /// The engine's data file, for `make_durable`.
-    data_file: std::fs::File,
+    files: Arc<DurableFiles>,
     pub(crate) records: sled::Tree,
     pub(crate) expiry: sled::Tree,
     steps: sled::Tree,
+    legacy_steps: sled::Tree,
     /// Some in `Immediate` mode.
     flush: Option<GroupCommit>,
 }
@@ -121,32 +152,39 @@ pub(crate) fn open(
     };
     let sidecar = path.join(SIDECAR);
     if !sidecar.exists() {
-        let file = std::fs::File::create(&sidecar)?;
-        std::io::Write::write_all(&mut &file, format!("idemstore {STORE_FORMAT}\n").as_bytes())?;
-        file.sync_all()?;
+        let file = std::fs::File::create(&sidecar).map_err(io_at(&sidecar))?;
+        std::io::Write::write_all(&mut &file, format!("idemstore {STORE_FORMAT}\n").as_bytes())
+            .and_then(|()| file.sync_all())
+            .map_err(io_at(&sidecar))?;
     }
     let records = db.open_tree(RECORDS_TREE)?;
     let expiry = db.open_tree(EXPIRY_TREE)?;
     let steps = db.open_tree(STEPS_TREE)?;
-    let data_file = std::fs::File::open(path.join("db"))?;
-    make_durable(&db, &data_file)?;
-    // The database's files must be reachable after a power loss too: sync their directory.
-    std::fs::File::open(path)?.sync_all()?;
+    let legacy_steps = db.open_tree(LEGACY_STEPS_TREE)?;
+    let files = Arc::new(DurableFiles {
+        db: db.clone(),
+        data_file: std::fs::File::open(path.join("db")).map_err(io_at(&path.join("db")))?,
+        blobs_dir: path.join("blobs"),
+        synced_blobs: Mutex::new(HashMap::new()),
+    });
+    files.make_durable()?;
+    // sled writes its `conf` without syncing it; the database's files (and the blobs
+    // directory) must be reachable after a power loss too: sync them and their directory.
+    for file in [path.join("conf"), path.join("blobs"), path.to_path_buf()] {
+        sync_path(&file)?;
+    }
     let flush = match immediate {
-        true => Some(GroupCommit::new(
-            db.clone(),
-            data_file.try_clone()?,
-            counters,
-        )),
+        true => Some(GroupCommit::new(Arc::clone(&files), counters)),
         false => None,
     };
     Ok(Opened {
         storage: SledStorage {
             db,
-            data_file,
+            files,
             records,
             expiry,
             steps,
+            legacy_steps,
             flush,
         },
         epoch,
@@ -180,20 +218,82 @@ pub(crate) fn wait_for_engine_release(lock_file: &Path) {
     }
 }
 
-/// Makes every write applied so far durable, including against power loss.
+/// Wraps an I/O error with the path it happened on.
+pub(crate) fn io_at(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source: Arc::new(source),
+    }
+}
+
+/// Opens and fsyncs a file or directory.
+fn sync_path(path: &Path) -> Result<(), Error> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(io_at(path))
+}
+
+/// What must reach stable storage for a write to be durable: sled's log, its blob files and
+/// their directory entries.
 ///
 /// sled 0.34's `flush` writes its log with `sync_file_range`, which survives a process crash
 /// but neither flushes the device's write cache nor persists the file's size, so a power loss
-/// could still lose what it "flushed". An `fdatasync` of the data file after it does both.
-pub(crate) fn make_durable(db: &sled::Db, data_file: &std::fs::File) -> Result<(), sled::Error> {
-    db.flush()?;
-    data_file.sync_data().map_err(sled::Error::Io)
+/// could still lose what it "flushed": an `fdatasync` of the data file after it does both.
+/// sled writes values and tree nodes over its inline threshold (a quarter of a segment,
+/// 128 KiB by default) to files under `blobs/` that it never syncs; a lost blob loses its
+/// value, and sled's recovery then also drops what the log holds after it. So every barrier
+/// first syncs each blob file it has not synced at its current size, then the directory.
+pub(crate) struct DurableFiles {
+    db: sled::Db,
+    data_file: std::fs::File,
+    blobs_dir: PathBuf,
+    /// Blob files synced so far, with the size they had when synced.
+    synced_blobs: Mutex<HashMap<OsString, u64>>,
+}
+
+impl DurableFiles {
+    /// Makes every write applied so far durable, including against power loss.
+    pub(crate) fn make_durable(&self) -> Result<(), sled::Error> {
+        self.sync_blobs()?;
+        self.db.flush()?;
+        self.data_file.sync_data().map_err(sled::Error::Io)
+    }
+
+    fn sync_blobs(&self) -> Result<(), sled::Error> {
+        let mut synced = self.synced_blobs.lock();
+        let mut present = HashMap::with_capacity(synced.len());
+        let mut any_new = false;
+        for entry in std::fs::read_dir(&self.blobs_dir)? {
+            let entry = entry?;
+            let size = match entry.metadata() {
+                Ok(meta) => meta.len(),
+                // Removed by sled's own cleanup since the listing: nothing to keep.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e.into()),
+            };
+            let name = entry.file_name();
+            if synced.get(&name) != Some(&size) {
+                match std::fs::File::open(entry.path()) {
+                    Ok(file) => file.sync_data()?,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e.into()),
+                }
+                any_new = true;
+            }
+            present.insert(name, size);
+        }
+        if any_new {
+            std::fs::File::open(&self.blobs_dir)?.sync_all()?;
+        }
+        *synced = present;
+        Ok(())
+    }
 }
 
 impl SledStorage {
-    /// See [`make_durable`].
+    /// See [`DurableFiles::make_durable`].
     pub(crate) fn make_durable(&self) -> Result<(), Error> {
-        Ok(make_durable(&self.db, &self.data_file)?)
+        Ok(self.files.make_durable()?)
     }
 }
 
@@ -205,7 +305,7 @@ fn check_path(path: &Path) -> Result<(), Error> {
     };
     match std::fs::metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::Io(e)),
+        Err(e) => Err(io_at(path)(e)),
         Ok(meta) if !meta.is_dir() => Err(not_a_store("it is not a directory")),
         Ok(_) => {
             let has_db = path.join("db").is_file() && path.join("conf").is_file();
@@ -215,7 +315,12 @@ fn check_path(path: &Path) -> Result<(), Error> {
                     reason: "its database files are missing",
                 });
             }
-            if has_db || std::fs::read_dir(path)?.next().is_none() {
+            if has_db
+                || std::fs::read_dir(path)
+                    .map_err(io_at(path))?
+                    .next()
+                    .is_none()
+            {
                 Ok(())
             } else {
                 Err(not_a_store(
@@ -292,14 +397,35 @@ fn init_meta(path: &Path, db: &sled::Db) -> Result<u64, Error> {
     Ok(epoch)
 }
 
-/// The steps of one key sort together: key length (u16, big-endian), key, step index.
-fn steps_prefix(key: &[u8]) -> Vec<u8> {
+/// The steps of one life sort together: key length (u16, big-endian), key, then the life
+/// (epoch and sequence, u64 big-endian each) except in the legacy tree, then the step index
+/// (u32 big-endian).
+fn steps_prefix(key: &[u8], life: ClaimToken) -> Vec<u8> {
     // Invariant: keys are at most 65535 bytes (config caps max_key_bytes), so the length
     // fits in u16 and no key's prefix is a prefix of another key's.
-    let mut p = Vec::with_capacity(2 + key.len() + 4);
+    let mut p = Vec::with_capacity(2 + key.len() + 16 + 4);
     p.extend_from_slice(&(key.len() as u16).to_be_bytes());
     p.extend_from_slice(key);
+    if life != LEGACY_LIFE {
+        p.extend_from_slice(&life.epoch.to_be_bytes());
+        p.extend_from_slice(&life.sequence.to_be_bytes());
+    }
     p
+}
+
+fn step_key(key: &[u8], life: ClaimToken, index: u32) -> Vec<u8> {
+    let mut k = steps_prefix(key, life);
+    k.extend_from_slice(&index.to_be_bytes());
+    k
+}
+
+impl SledStorage {
+    fn steps_tree(&self, life: ClaimToken) -> &sled::Tree {
+        match life == LEGACY_LIFE {
+            true => &self.legacy_steps,
+            false => &self.steps,
+        }
+    }
 }
 
 pub(crate) fn expiry_key(expires_ms: u64, key: &[u8]) -> Vec<u8> {
@@ -356,26 +482,68 @@ impl Storage for SledStorage {
         Ok(())
     }
 
-    fn steps(&self, key: &[u8]) -> Result<Vec<sled::IVec>, Error> {
-        self.steps
-            .scan_prefix(steps_prefix(key))
-            .map(|kv| kv.map(|(_, v)| v).map_err(Error::from))
-            .collect()
-    }
-
-    fn put_step(&self, key: &[u8], index: u32, step: Vec<u8>) -> Result<(), Error> {
-        let mut k = steps_prefix(key);
-        k.extend_from_slice(&index.to_be_bytes());
-        self.steps.insert(k, step)?;
-        Ok(())
-    }
-
-    fn remove_steps(&self, key: &[u8]) -> Result<(), Error> {
-        for kv in self.steps.scan_prefix(steps_prefix(key)) {
-            let (k, _) = kv?;
-            self.steps.remove(k)?;
+    fn steps(&self, key: &[u8], life: ClaimToken) -> Result<Vec<(u32, sled::IVec)>, Error> {
+        let prefix = steps_prefix(key, life);
+        let mut steps = Vec::new();
+        for kv in self.steps_tree(life).scan_prefix(&prefix) {
+            let (k, v) = kv?;
+            // Entries of a longer key layout cannot share this prefix and end in 4 bytes.
+            if let Ok(index) = <[u8; 4]>::try_from(&k[prefix.len()..]) {
+                steps.push((u32::from_be_bytes(index), v));
+            }
         }
+        Ok(steps)
+    }
+
+    fn put_step(
+        &self,
+        key: &[u8],
+        life: ClaimToken,
+        index: u32,
+        step: Vec<u8>,
+    ) -> Result<(), Error> {
+        self.steps_tree(life)
+            .insert(step_key(key, life, index), step)?;
         Ok(())
+    }
+
+    fn remove_step(&self, key: &[u8], life: ClaimToken, index: u32) -> Result<(), Error> {
+        self.steps_tree(life).remove(step_key(key, life, index))?;
+        Ok(())
+    }
+
+    fn remove_record(
+        &self,
+        key: &[u8],
+        expected: &[u8],
+        steps_of: Option<ClaimToken>,
+    ) -> Result<bool, Error> {
+        let Some(life) = steps_of else {
+            return Ok(self
+                .records
+                .compare_and_swap(key, Some(expected), None::<&[u8]>)?
+                .is_ok());
+        };
+        let tree = self.steps_tree(life);
+        let step_keys = tree
+            .scan_prefix(steps_prefix(key, life))
+            .keys()
+            .collect::<Result<Vec<_>, _>>()?;
+        let removed = (&self.records, tree).transaction(|(records, steps)| {
+            if records.get(key)?.as_deref() != Some(expected) {
+                return Err(ConflictableTransactionError::Abort(()));
+            }
+            records.remove(key)?;
+            for k in &step_keys {
+                steps.remove(k)?;
+            }
+            Ok(())
+        });
+        match removed {
+            Ok(()) => Ok(true),
+            Err(TransactionError::Abort(())) => Ok(false),
+            Err(TransactionError::Storage(e)) => Err(e.into()),
+        }
     }
 
     fn barrier(&self) -> Result<(), Error> {

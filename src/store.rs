@@ -33,6 +33,8 @@ pub(crate) struct Settings {
     pub max_result_bytes: usize,
     /// `Durability::Immediate`: replays wait for a running writer's flush.
     pub immediate: bool,
+    /// How outcomes are encoded unless a call says otherwise.
+    pub codec: crate::Codec,
 }
 
 /// State shared by callers and background threads.
@@ -146,12 +148,15 @@ impl Store {
                 max_key_bytes: b.max_key_bytes,
                 max_result_bytes: b.max_result_bytes,
                 immediate,
+                codec: b.codec,
             },
             epoch: opened.epoch,
             next_claim: AtomicU64::new(0),
         });
         let sweeper = match b.sweep_interval {
-            Some(interval) => Some(sweeper::start(Arc::clone(&shared), interval)?),
+            Some(interval) => Some(
+                sweeper::start(Arc::clone(&shared), interval).map_err(storage::io_at(&b.path))?,
+            ),
             None => None,
         };
         tracing::debug!(epoch = opened.epoch, "idemstore opened");
@@ -278,13 +283,17 @@ impl Store {
     /// [`Error::CorruptStep`] for bad step bytes; [`Error::Storage`] for I/O failures.
     pub fn steps(&self, key: impl AsRef<[u8]>) -> Result<Vec<StepInfo>, Error> {
         let key = key.as_ref();
-        if self.record(key)?.is_none() {
+        let shared = self.shared();
+        let Some(bytes) = shared.storage.get(key)? else {
+            return Ok(Vec::new());
+        };
+        let rec = record::decode(&bytes).map_err(|e| decode_error(key, e))?;
+        if rec.header.is_expired(shared.clock.now_millis()) {
             return Ok(Vec::new());
         }
         let mut steps = Vec::new();
-        for (index, bytes) in self.shared().storage.steps(key)?.iter().enumerate() {
-            let index = index as u32;
-            let step = crate::step::decode(bytes).map_err(|reason| Error::CorruptStep {
+        for (index, bytes) in shared.storage.steps(key, rec.header.life)? {
+            let step = crate::step::decode(&bytes).map_err(|reason| Error::CorruptStep {
                 key: crate::KeyName::new(key),
                 index,
                 reason,
@@ -419,9 +428,19 @@ impl Store {
     /// # Errors
     /// [`Error::Storage`] for I/O failures.
     pub fn remove(&self, key: impl AsRef<[u8]>) -> Result<bool, Error> {
-        let storage = &self.shared().storage;
-        let removed = storage.records.remove(key.as_ref())?.is_some();
-        storage.remove_steps(key.as_ref())?;
+        let (key, storage) = (key.as_ref(), &self.shared().storage);
+        let removed = loop {
+            let Some(bytes) = storage.get(key)? else {
+                break false;
+            };
+            // A corrupt record has no steps anyone can reach: remove its bytes alone.
+            let steps_of = record::decode(&bytes)
+                .ok()
+                .and_then(|r| r.header.has_steps.then_some(r.header.life));
+            if storage.remove_record(key, &bytes, steps_of)? {
+                break true;
+            }
+        };
         storage.barrier()?;
         Ok(removed)
     }

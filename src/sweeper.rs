@@ -2,12 +2,13 @@
 //!
 //! Invariants: correctness never depends on sweeping (expired records already read as
 //! absent); a pass reads only index entries that are due, so it costs O(entries due), not
-//! O(records stored); a record is removed only by compare-and-swap against the exact bytes
-//! that were checked to be expired, so a record refreshed or re-claimed meanwhile survives;
-//! the sweeper leads the key in the in-process registry while it removes a record and its
-//! steps, so a record whose call is running is never removed (its index entry is kept, so a
-//! later pass looks again) and no new claim can slip between the two removals. Entries are processed in batches of [`BATCH`]
-//! and no lock is held across a batch, so callers are never blocked by a sweep.
+//! O(records stored); a record is removed only through [`Storage::remove_record`] against
+//! the exact bytes that were checked to be expired (with its life's steps, atomically), so a
+//! record refreshed or re-claimed meanwhile survives; a record whose call is running in this
+//! process is never removed (its index entry is kept, so a later pass looks again). The
+//! sweeper never takes a key's place in the registry, so no call ever waits for it: a replay
+//! of a live record (even one with a stale index entry) is never delayed by a sweep. Entries
+//! are processed in batches of [`BATCH`] and no lock is held across a batch.
 
 use crossbeam_channel::{RecvTimeoutError, Sender};
 use std::sync::atomic::Ordering;
@@ -17,7 +18,6 @@ use std::time::Duration;
 
 use crate::key::KeyHash;
 use crate::record;
-use crate::registry::Entry;
 use crate::storage::Storage;
 use crate::store::Shared;
 use crate::Error;
@@ -71,28 +71,28 @@ enum Swept {
 
 /// Removes `key`'s record (and its steps) if it is expired at `now_ms` and not running.
 ///
-/// The sweeper leads the key in the registry while it removes, so no call in this process
-/// claims the key between the record's removal and its steps' removal.
+/// A call that claims the key meanwhile changes its bytes, so the removal's compare-and-swap
+/// fails; a call running it is in the registry before its claim and until its outcome is
+/// durable, so checking the registry after reading the record sees it.
 fn sweep_one<S: Storage>(shared: &Shared<S>, key: &[u8], now_ms: u64) -> Result<Swept, Error> {
-    let Entry::Leader(_leading) = shared.registry.enter(key) else {
-        return Ok(Swept::Running);
-    };
     let Some(bytes) = shared.storage.get(key)? else {
         return Ok(Swept::Skipped);
     };
     match record::decode(bytes.as_ref()) {
         Ok(rec) if rec.header.is_expired(now_ms) => {
-            if !shared
+            if shared.registry.running(key).is_some() {
+                return Ok(Swept::Running);
+            }
+            let steps_of = rec.header.has_steps.then_some(rec.header.life);
+            if shared
                 .storage
-                .compare_and_swap(key, Some(bytes.as_ref()), None)?
+                .remove_record(key, bytes.as_ref(), steps_of)?
             {
+                Ok(Swept::Removed)
+            } else {
                 // Changed since the read (re-claimed): it has its own, later entry.
-                return Ok(Swept::Skipped);
+                Ok(Swept::Skipped)
             }
-            if rec.header.has_steps {
-                shared.storage.remove_steps(key)?;
-            }
-            Ok(Swept::Removed)
         }
         Ok(_) => Ok(Swept::Skipped),
         // Corrupt bytes are the operator's to inspect; the sweeper leaves them.

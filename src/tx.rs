@@ -24,7 +24,7 @@ use std::panic::{self, AssertUnwindSafe};
 
 use crate::call::{CallOptions, ErrorPolicy};
 use crate::clock::millis;
-use crate::codec::{self, EncodeFailure};
+use crate::codec;
 use crate::machine::{
     check_fingerprint, decode_error, live, replay, take_over_orphan, take_turn, Attempt, Turn,
     Waiting,
@@ -33,6 +33,7 @@ use crate::record::{self, ClaimToken, Header, OutcomeKind, RecordState};
 use crate::stats::Counters;
 use crate::storage::{self, SledStorage, Storage};
 use crate::store::Shared;
+use crate::unstorable;
 use crate::{Error, ExecuteError, KeyName, Outcome, RecordInfo, TxResult};
 
 /// Why a transaction did not commit.
@@ -75,8 +76,10 @@ where
         Turn::Done(reply) => return reply,
         Turn::Lead { leader, .. } => leader,
     };
+    retire_expired_life(shared, key)?;
 
     let storage = &shared.storage;
+    let codec = options.codec.unwrap_or(shared.settings.codec);
     let ttl_ms = millis(options.ttl.unwrap_or(shared.settings.default_ttl));
     let claim = shared.next_claim_token();
     let limit = shared.settings.max_result_bytes;
@@ -119,30 +122,23 @@ where
                 // Conflicts go back to the engine, which runs the transaction again.
                 _ => ConflictableTransactionError::Conflict,
             })?;
-            let payload = match codec::encode(&value, limit) {
-                Ok(p) => p,
+            let encoded = match codec::encode(&value, codec, limit) {
+                Ok(e) => e,
                 // Aborting discards the operation's writes: as if it never ran.
-                Err(EncodeFailure::TooLarge { size }) => {
-                    return Err(abort(Error::ResultTooLarge {
-                        key: KeyName::new(key),
-                        size,
-                        limit: limit as u64,
-                    }))
-                }
-                Err(EncodeFailure::Serializer(message)) => {
-                    return Err(abort(Error::ResultNotEncodable {
-                        key: KeyName::new(key),
-                        message,
-                    }))
-                }
+                Err(failure) => return Err(abort(unstorable::record(key, failure, limit).2)),
             };
-            let header = attempt.header(
-                RecordState::Completed,
-                OutcomeKind::Stored,
-                now,
-                ttl_ms,
-                claim,
-            );
+            let payload = encoded.bytes;
+            let header = Header {
+                codec: encoded.codec,
+                shape: Some(encoded.shape),
+                ..attempt.header(
+                    RecordState::Completed,
+                    OutcomeKind::Stored,
+                    now,
+                    ttl_ms,
+                    claim,
+                )
+            };
             expiry.insert(storage::expiry_key(header.expires_ms, key), &[][..])?;
             records.insert(key, record::encode(&header, &payload))?;
             Ok(Committed::Ran {
@@ -197,6 +193,22 @@ where
     reply
 }
 
+/// Ends an expired life that has steps (record and steps together), so the transaction
+/// starts a new life on an absent key. The caller leads the key.
+fn retire_expired_life(shared: &Shared<SledStorage>, key: &[u8]) -> Result<(), Error> {
+    let Some(bytes) = shared.storage.get(key)? else {
+        return Ok(());
+    };
+    let rec = record::decode(&bytes).map_err(|e| decode_error(key, e))?;
+    if rec.header.has_steps && rec.header.is_expired(shared.clock.now_millis()) {
+        // Unchanged or not, the transaction reads the record afresh.
+        shared
+            .storage
+            .remove_record(key, &bytes, Some(rec.header.life))?;
+    }
+    Ok(())
+}
+
 /// Records a failed attempt (permanent if `error` is one, else retryable) over whatever the
 /// record is now. The caller leads the key, so nothing else writes it meanwhile.
 fn record_failure<E, P: ErrorPolicy<E>>(
@@ -211,17 +223,24 @@ fn record_failure<E, P: ErrorPolicy<E>>(
     let stored = shared.storage.get(key)?;
     let previous = live(key, stored.as_ref().map(AsRef::as_ref), now)?;
     let attempt = Attempt::after(previous.as_ref().map(|r| &r.header), now, options);
-    let (state, outcome, payload) = match error {
+    let codec = options.codec.unwrap_or(shared.settings.codec);
+    let retryable = (RecordState::FailedRetryable, OutcomeKind::None, None);
+    let (state, outcome, encoded) = match error {
         Some((e, policy)) if policy.is_permanent(e) => {
-            match policy.encode(e, shared.settings.max_result_bytes) {
-                Ok(bytes) => (RecordState::FailedPermanent, OutcomeKind::Stored, bytes),
+            match policy.encode(e, codec, shared.settings.max_result_bytes) {
+                Ok(enc) => (RecordState::FailedPermanent, OutcomeKind::Stored, Some(enc)),
                 // An unstorable permanent error stays retryable: nothing was applied.
-                Err(_) => (RecordState::FailedRetryable, OutcomeKind::None, Vec::new()),
+                Err(_) => retryable,
             }
         }
-        _ => (RecordState::FailedRetryable, OutcomeKind::None, Vec::new()),
+        _ => retryable,
     };
-    let header = attempt.header(state, outcome, now, ttl_ms, claim);
+    let header = Header {
+        codec: encoded.as_ref().map_or(codec, |e| e.codec),
+        shape: encoded.as_ref().map(|e| e.shape),
+        ..attempt.header(state, outcome, now, ttl_ms, claim)
+    };
+    let payload = encoded.map(|e| e.bytes).unwrap_or_default();
     shared.storage.index_expiry(header.expires_ms, key)?;
     let expected = stored.as_ref().map(AsRef::as_ref);
     if !shared

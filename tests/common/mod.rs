@@ -74,7 +74,12 @@ impl Scratch {
 
     /// How many step records the database holds, while no store has it open.
     pub fn count_steps(&self) -> usize {
-        self.with_raw_db(|db| db.open_tree("idemstore/steps").expect("steps tree").len())
+        self.with_raw_db(|db| {
+            ["idemstore/steps", "idemstore/life-steps"]
+                .iter()
+                .map(|t| db.open_tree(t).expect("steps tree").len())
+                .sum()
+        })
     }
 }
 

@@ -25,9 +25,7 @@
 
 mod common;
 
-use common::{
-    check_child_record, child_failed, env_count, fail_child_on_panics, ChildProcess, XorShift,
-};
+use common::{child_failed, env_count, fail_child_on_panics, ChildProcess, XorShift};
 
 use idemstore::{Error, ExecuteError, OrphanPolicy, RecordState, Store};
 use serde::{Deserialize, Serialize};
@@ -221,7 +219,9 @@ fn crash_loop(policy: &str, kills: u64) -> Summary {
                 (SEED_VAR, seed.as_ref()),
                 (POLICY_VAR, policy.as_ref()),
             ],
-        );
+        )
+        .labelled(format!("round {round}"))
+        .failure_record(dir.path().join(format!("unexpected-{round}.log")));
         // Every fourth round (never the first, which creates the store) aims at open.
         let aim_at_open = round % 4 == 3;
         if aim_at_open {
@@ -244,7 +244,6 @@ fn crash_loop(policy: &str, kills: u64) -> Summary {
             summary.workload_rounds += 1;
         }
         summary.kills += 1;
-        check_child_record(&dir.path().join(format!("unexpected-{round}.log")), round);
 
         let store = Store::builder(dir.path().join("db"))
             .orphan_policy(OrphanPolicy::Report)

@@ -7,9 +7,7 @@
 
 mod common;
 
-use common::{
-    check_child_record, child_failed, env_count, fail_child_on_panics, ChildProcess, Scratch,
-};
+use common::{child_failed, env_count, fail_child_on_panics, ChildProcess, Scratch};
 use idemstore::{Error, ExecuteError, RecordState, Store, TxResult};
 use serde::{Deserialize, Serialize};
 use sled::transaction::{abort, TransactionalTree};
@@ -274,11 +272,12 @@ fn inventory_survives_sigkill_at_random_points() {
                 (DIR_VAR, s.dir.path().as_os_str()),
                 (ROUND_VAR, round_arg.as_ref()),
             ],
-        );
+        )
+        .labelled(format!("round {round}"))
+        .failure_record(s.dir.path().join(format!("failed-{round}.log")));
         child.wait_for("WORKLOAD");
         std::thread::sleep(Duration::from_millis(5 + (round * 37) % 60));
         child.kill();
-        check_child_record(&s.dir.path().join(format!("failed-{round}.log")), round);
 
         let store = Store::builder(s.dir.path().join("db"))
             .sweep_interval(None)

@@ -163,19 +163,16 @@ pub fn fail_child_on_panics(record: PathBuf, planted: Option<&'static str>) {
     }));
 }
 
-/// In the parent: panics with what a child recorded through [`child_failed`] in `record`.
-pub fn check_child_record(record: &std::path::Path, round: u64) {
-    if let Ok(text) = std::fs::read_to_string(record) {
-        panic!("round {round}: the child failed: {text}");
-    }
-}
-
 /// A child process (this test binary running one ignored test) whose stdout lines arrive
 /// through a reader thread, so every wait is bounded. SIGKILLed on drop.
 pub struct ChildProcess {
     child: std::process::Child,
     lines: crossbeam_channel::Receiver<String>,
     status: Option<ExitStatus>,
+    /// Names the child in failure messages (for example the round of a loop).
+    label: String,
+    /// Where the child records its failures (see [`child_failed`]).
+    failure_record: Option<PathBuf>,
 }
 
 impl ChildProcess {
@@ -210,7 +207,33 @@ impl ChildProcess {
             child,
             lines,
             status: None,
+            label: format!("child {test}"),
+            failure_record: None,
         }
+    }
+
+    /// The file where the child records its failures through [`child_failed`]: every check
+    /// of the child reports what it says first.
+    pub fn failure_record(mut self, path: PathBuf) -> Self {
+        self.failure_record = Some(path);
+        self
+    }
+
+    /// Panics with what the child recorded as its failure, if it recorded one.
+    fn check_failure_record(&self) {
+        if let Some(text) = self
+            .failure_record
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+        {
+            panic!("{}: the child failed: {}", self.label, text.trim_end());
+        }
+    }
+
+    /// Names the child in failure messages.
+    pub fn labelled(mut self, label: impl Into<String>) -> Self {
+        self.label = label.into();
+        self
     }
 
     /// Reads the child's stdout up to a line holding `marker`; returns that line from the
@@ -228,10 +251,17 @@ impl ChildProcess {
                 }
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
                     let status = self.child.wait().expect("wait for child");
-                    panic!("the child exited ({status}) before printing {marker:?}")
+                    self.check_failure_record();
+                    panic!(
+                        "{}: the child exited ({status}) before printing {marker:?}",
+                        self.label
+                    )
                 }
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                    panic!("the child printed no {marker:?} within {PATIENCE:?}")
+                    panic!(
+                        "{}: the child printed no {marker:?} within {PATIENCE:?}",
+                        self.label
+                    )
                 }
             }
         }
@@ -245,10 +275,12 @@ impl ChildProcess {
         let _ = self.child.kill();
         let status = self.child.wait().expect("wait for child");
         self.status = Some(status);
+        self.check_failure_record();
         assert_eq!(
             status.signal(),
             Some(libc::SIGKILL),
-            "the child was not killed by the test: it ended on its own ({status})"
+            "{}: the child was not killed by the test: it ended on its own ({status})",
+            self.label
         );
         let deadline = Instant::now() + PATIENCE;
         let mut rest = Vec::new();
@@ -257,7 +289,7 @@ impl ChildProcess {
                 Ok(line) => rest.push(line),
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return rest,
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                    panic!("the killed child's stdout never closed")
+                    panic!("{}: the killed child's stdout never closed", self.label)
                 }
             }
         }

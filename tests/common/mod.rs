@@ -267,6 +267,25 @@ impl ChildProcess {
         }
     }
 
+    /// Waits (bounded by [`PATIENCE`]) for a child that is meant to end by itself, and
+    /// returns how it ended.
+    pub fn wait_exit(mut self) -> ExitStatus {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for child") {
+                self.status = Some(status);
+                self.check_failure_record();
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: the child did not exit within {PATIENCE:?}",
+                self.label
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// SIGKILLs the child and returns the lines it printed that no `wait_for` read. Panics
     /// unless the child died by that signal: a child that exited or aborted on its own
     /// before the kill (a panic at start, a failed check) is a failure, not a kill.

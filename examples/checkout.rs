@@ -4,12 +4,16 @@
 //! charge), so the demo counts real charges, across threads and across a process that is
 //! killed with SIGKILL in the middle of a charge.
 //!
+//! Every result is checked: a wrong one ends the demo with a message and a non-zero exit
+//! (CI runs it).
+//!
 //! Run: `cargo run --example checkout`
 
 use idemstore::{Error, ExecuteError, Fingerprint, OrphanPolicy, Store};
 use serde::{Deserialize, Serialize};
 use std::fs::OpenOptions;
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -123,7 +127,34 @@ fn show(label: &str, r: &Result<idemstore::Outcome<Receipt>, ExecuteError<Paymen
     }
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+type DemoResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
+
+/// Fails the demo with `what` unless `ok`: every wrong result ends it with a non-zero exit.
+fn check(ok: bool, what: impl std::fmt::Display) -> DemoResult {
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("wrong result: {what}").into())
+    }
+}
+
+/// A fresh or replayed receipt from `r`, or the demo fails naming `label`.
+fn receipt<'a>(
+    label: &str,
+    r: &'a Result<idemstore::Outcome<Receipt>, ExecuteError<PaymentError>>,
+) -> DemoResult<&'a idemstore::Outcome<Receipt>> {
+    r.as_ref()
+        .map_err(|e| format!("wrong result: {label}: expected a receipt, got {e:?}").into())
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("checkout demo FAILED: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> DemoResult {
     let args: Vec<String> = std::env::args().collect();
     if let [_, flag, dir] = args.as_slice() {
         if flag == "--worker" {
@@ -139,72 +170,108 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
 
     println!("\n1. A client pays for order-7f3a, times out, and retries with the same key");
-    show(
-        "first call",
-        &pay(&store, &gateway, "order-7f3a", "tok_visa", 4200),
-    );
-    show(
-        "retry     ",
-        &pay(&store, &gateway, "order-7f3a", "tok_visa", 4200),
-    );
-    println!(
-        "  gateway charged order-7f3a {} time(s)",
-        gateway.charges("order-7f3a")
-    );
+    let first = pay(&store, &gateway, "order-7f3a", "tok_visa", 4200);
+    show("first call", &first);
+    let retry = pay(&store, &gateway, "order-7f3a", "tok_visa", 4200);
+    show("retry     ", &retry);
+    let (first, retry) = (receipt("first call", &first)?, receipt("retry", &retry)?);
+    check(!first.is_replayed(), "the first call was replayed")?;
+    check(retry.is_replayed(), "the retry was not replayed")?;
+    check(
+        retry.charge_id == first.charge_id,
+        "the retry got another receipt",
+    )?;
+    let charges = gateway.charges("order-7f3a");
+    println!("  gateway charged order-7f3a {charges} time(s)");
+    check(charges == 1, format!("order-7f3a charged {charges} times"))?;
 
     println!("\n2. The same key reused for a different amount is refused");
     match pay(&store, &gateway, "order-7f3a", "tok_visa", 9900) {
         Err(ExecuteError::Store(e @ Error::FingerprintMismatch { .. })) => {
             println!("  refused: {e}")
         }
-        other => println!("  unexpected: {other:?}"),
+        other => check(
+            false,
+            format!("expected a fingerprint mismatch, got {other:?}"),
+        )?,
     }
 
     println!("\n3. Eight retries of order-91b2 arrive at once, on eight threads");
-    let replays = std::thread::scope(|s| {
+    let results: Vec<_> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..8)
             .map(|_| s.spawn(|| pay(&store, &gateway, "order-91b2", "tok_visa", 1500)))
             .collect();
         handles
             .into_iter()
-            .map(|h| {
-                h.join()
-                    .expect("thread")
-                    .map(|o| o.is_replayed())
-                    .unwrap_or(false)
-            })
-            .filter(|replayed| *replayed)
-            .count()
+            .map(|h| h.join().expect("payment thread"))
+            .collect()
     });
+    let mut receipts = Vec::new();
+    for (i, r) in results.iter().enumerate() {
+        receipts.push(receipt(&format!("caller {i}"), r)?);
+    }
+    let replays = receipts.iter().filter(|r| r.is_replayed()).count();
+    let charges = gateway.charges("order-91b2");
     println!(
-        "  gateway charged order-91b2 {} time(s); {replays} of 8 callers got the replayed receipt",
-        gateway.charges("order-91b2")
+        "  gateway charged order-91b2 {charges} time(s); {replays} of 8 callers got the replayed receipt"
     );
+    check(charges == 1, format!("order-91b2 charged {charges} times"))?;
+    check(
+        replays == 7,
+        format!("{replays} of 8 callers replayed, not 7"),
+    )?;
+    check(
+        receipts
+            .iter()
+            .all(|r| r.charge_id == receipts[0].charge_id),
+        "callers of order-91b2 got different receipts",
+    )?;
 
     println!("\n4. A declined card is a permanent error: recorded, and replayed on retry");
-    show(
-        "first call",
-        &pay(&store, &gateway, "order-dec1", "tok_declined", 700),
-    );
-    show(
-        "retry     ",
-        &pay(&store, &gateway, "order-dec1", "tok_declined", 700),
-    );
+    for (label, replayed) in [("first call", false), ("retry     ", true)] {
+        let r = pay(&store, &gateway, "order-dec1", "tok_declined", 700);
+        show(label, &r);
+        check(
+            matches!(
+                &r,
+                Err(ExecuteError::Operation { error: PaymentError::Declined(_), replayed: r })
+                    if *r == replayed
+            ),
+            format!(
+                "{}: expected the decline (replayed: {replayed}), got {r:?}",
+                label.trim()
+            ),
+        )?;
+    }
+    check(
+        gateway.charges("order-dec1") == 0,
+        "a declined card was charged",
+    )?;
 
     println!("\n5. A gateway timeout is retryable: the retry calls the gateway again");
     gateway.fail_next_with_timeout.store(1, Ordering::SeqCst);
-    show(
-        "first call",
-        &pay(&store, &gateway, "order-tmo1", "tok_visa", 2500),
-    );
-    show(
-        "retry     ",
-        &pay(&store, &gateway, "order-tmo1", "tok_visa", 2500),
-    );
-    println!(
-        "  gateway charged order-tmo1 {} time(s)",
-        gateway.charges("order-tmo1")
-    );
+    let first = pay(&store, &gateway, "order-tmo1", "tok_visa", 2500);
+    show("first call", &first);
+    check(
+        matches!(
+            first,
+            Err(ExecuteError::Operation {
+                error: PaymentError::GatewayTimeout,
+                replayed: false
+            })
+        ),
+        format!("expected the timeout, got {first:?}"),
+    )?;
+    let retry = pay(&store, &gateway, "order-tmo1", "tok_visa", 2500);
+    show("retry     ", &retry);
+    let retry = receipt("retry after the timeout", &retry)?;
+    check(
+        !retry.is_replayed() && retry.record().attempts == 2,
+        "the retry after a timeout was not a second attempt",
+    )?;
+    let charges = gateway.charges("order-tmo1");
+    println!("  gateway charged order-tmo1 {charges} time(s)");
+    check(charges == 1, format!("order-tmo1 charged {charges} times"))?;
 
     println!("\n6. A worker process is killed (SIGKILL) after the gateway charged, before the outcome was recorded");
     store.close()?;
@@ -214,17 +281,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .stdout(Stdio::piped())
         .spawn()?;
     let mut lines = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
+    let mut charged = false;
     while let Some(line) = lines.next().transpose()? {
         if line == "CHARGED" {
+            charged = true;
             break;
         }
     }
     child.kill()?;
-    child.wait()?;
-    println!(
-        "  worker killed; gateway shows {} charge(s) for order-c0de",
-        gateway.charges("order-c0de")
-    );
+    let status = child.wait()?;
+    check(charged, format!("the worker never charged ({status})"))?;
+    check(
+        status.signal() == Some(9),
+        format!("the worker was not killed by SIGKILL: {status}"),
+    )?;
+    let charges = gateway.charges("order-c0de");
+    println!("  worker killed; gateway shows {charges} charge(s) for order-c0de");
+    check(charges == 1, format!("order-c0de charged {charges} times"))?;
 
     let store = Store::builder(dir.path().join("idem-db"))
         .orphan_policy(OrphanPolicy::Report)
@@ -237,9 +310,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         info.claim.epoch,
         store.epoch()
     );
+    check(
+        info.state == idemstore::RecordState::Pending
+            && info.attempts == 1
+            && info.claim.epoch < store.epoch(),
+        "the killed worker's claim is not an orphan of an earlier epoch",
+    )?;
     match pay(&store, &gateway, "order-c0de", "tok_visa", 3100) {
         Err(ExecuteError::Store(e @ Error::Interrupted { .. })) => println!("  retry refused: {e}"),
-        other => show("retry", &other),
+        other => check(false, format!("expected Interrupted, got {other:?}"))?,
     }
     // Reconcile: ask the gateway instead of charging again, and record what it says.
     let reconciled = store
@@ -250,14 +329,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             None => gateway.charge("order-c0de", "tok_visa", 3100),
         });
     show("reconciled", &reconciled);
-    show(
-        "retry     ",
-        &pay(&store, &gateway, "order-c0de", "tok_visa", 3100),
+    let retry = pay(&store, &gateway, "order-c0de", "tok_visa", 3100);
+    show("retry     ", &retry);
+    let (reconciled, retry) = (
+        receipt("reconciled", &reconciled)?,
+        receipt("retry after reconciling", &retry)?,
     );
-    println!(
-        "  gateway charged order-c0de {} time(s)",
-        gateway.charges("order-c0de")
-    );
+    check(
+        reconciled.charge_id == "ch_order-c0de_1",
+        format!(
+            "reconciled to {}, not the worker's charge",
+            reconciled.charge_id
+        ),
+    )?;
+    check(
+        retry.is_replayed() && retry.charge_id == reconciled.charge_id,
+        "the retry after reconciling did not replay the reconciled receipt",
+    )?;
+    let charges = gateway.charges("order-c0de");
+    println!("  gateway charged order-c0de {charges} time(s)");
+    check(charges == 1, format!("order-c0de charged {charges} times"))?;
 
     println!("\n7. A checkout in two steps: the charge succeeds, the confirmation mail fails");
     let mail_up = AtomicU32::new(0);
@@ -286,34 +377,54 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         })
     };
     match checkout() {
-        Err(e) => println!("  first call: {e} (the charge step is recorded)"),
-        Ok(_) => println!("  first call: unexpectedly confirmed"),
+        Err(
+            e @ ExecuteError::Operation {
+                error: idemstore::StepError::Failed(PaymentError::GatewayTimeout),
+                replayed: false,
+            },
+        ) => println!("  first call: {e} (the charge step is recorded)"),
+        other => check(false, format!("expected the mail to fail, got {other:?}"))?,
     }
     mail_up.store(1, Ordering::SeqCst);
-    let receipt = checkout()?;
+    let confirmed = checkout()?;
+    let (charges, mails) = (gateway.charges("checkout-91"), mails.load(Ordering::SeqCst));
     println!(
-        "  retry: {} — gateway charged checkout-91 {} time(s), {} confirmation attempts",
-        receipt.charge_id,
-        gateway.charges("checkout-91"),
-        mails.load(Ordering::SeqCst)
+        "  retry: {} — gateway charged checkout-91 {charges} time(s), {mails} confirmation attempts",
+        confirmed.charge_id,
     );
+    check(
+        confirmed.charge_id == "ch_checkout-91_1" && confirmed.record().attempts == 2,
+        format!(
+            "the retry returned {} on attempt {}",
+            confirmed.charge_id,
+            confirmed.record().attempts
+        ),
+    )?;
+    check(charges == 1, format!("checkout-91 charged {charges} times"))?;
+    check(mails == 2, format!("{mails} confirmation attempts, not 2"))?;
     let steps: Vec<String> = store
         .steps("checkout-91")?
         .into_iter()
         .map(|s| s.name)
         .collect();
     println!("  recorded steps: {steps:?}");
+    check(steps == ["charge", "confirm"], "the recorded steps")?;
 
     let stats = store.stats();
     println!(
         "\nafter restart: {} executions, {} replays, {} interrupted runs reported",
         stats.executions, stats.replays, stats.orphans_reported
     );
+    check(
+        stats.orphans_reported == 1,
+        "the killed worker's run was not reported once",
+    )?;
+    println!("\nevery result as expected");
     Ok(())
 }
 
 /// The killed worker: charges order-c0de, then hangs before its outcome can be recorded.
-fn worker(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
+fn worker(dir: &Path) -> DemoResult {
     let gateway = Gateway::in_dir(dir);
     let store = Store::open(dir.join("idem-db"))?;
     let _ = store.execute_once("order-c0de", || {

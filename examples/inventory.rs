@@ -6,11 +6,15 @@
 //! killed with SIGKILL mid-stream, and after every restart stock + reserved == 100 and no
 //! order holds more than one unit.
 //!
+//! Every result is checked: a wrong one ends the demo with a message and a non-zero exit
+//! (CI runs it).
+//!
 //! Run: `cargo run --example inventory`
 
 use idemstore::{ExecuteError, Store, TxResult};
 use sled::transaction::{abort, TransactionalTree};
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -50,7 +54,7 @@ fn reserve(
         .map(|o| o.into_value())
 }
 
-fn open(dir: &Path) -> Result<(Store, sled::Tree, sled::Tree), Box<dyn std::error::Error>> {
+fn open(dir: &Path) -> DemoResult<(Store, sled::Tree, sled::Tree)> {
     let store = Store::open(dir.join("idem-db"))?;
     let stock = store.tree("stock")?;
     let held = store.tree("reservations")?;
@@ -77,23 +81,54 @@ fn audit(stock: &sled::Tree, held: &sled::Tree) -> (u64, u64, u64) {
     (left, reserved, most)
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+type DemoResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
+
+/// Fails the demo with `what` unless `ok`: every wrong result ends it with a non-zero exit.
+fn check(ok: bool, what: impl std::fmt::Display) -> DemoResult {
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("wrong result: {what}").into())
+    }
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("inventory demo FAILED: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// The killed worker: reserves for orders 200..290 on 8 threads until it is killed. An answer
+/// other than a reservation or out-of-stock aborts it, which the demo sees in its exit status.
+fn worker(dir: &Path) -> DemoResult {
+    let (store, stock, held) = open(dir)?;
+    println!("OPEN");
+    std::thread::scope(|s| {
+        for t in 0..8u64 {
+            let (store, stock, held) = (&store, &stock, &held);
+            s.spawn(move || {
+                for i in 0.. {
+                    let order = 200 + (t * 31 + i * 7) % 90;
+                    match reserve(store, stock, held, order) {
+                        Ok(_) | Err(ExecuteError::Operation { .. }) => {}
+                        Err(e) => {
+                            eprintln!("worker: order {order}: {e}");
+                            std::process::abort();
+                        }
+                    }
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+fn run() -> DemoResult {
     let args: Vec<String> = std::env::args().collect();
     if let [_, flag, dir] = args.as_slice() {
         if flag == "--worker" {
-            let (store, stock, held) = open(Path::new(dir))?;
-            println!("OPEN");
-            std::thread::scope(|s| {
-                for t in 0..8u64 {
-                    let (store, stock, held) = (&store, &stock, &held);
-                    s.spawn(move || {
-                        for i in 0.. {
-                            let _ = reserve(store, stock, held, 200 + (t * 31 + i * 7) % 90);
-                        }
-                    });
-                }
-            });
-            return Ok(());
+            return worker(Path::new(dir));
         }
     }
 
@@ -116,6 +151,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
     let ok = outcomes.iter().filter(|r| r.is_ok()).count();
     let (left, reserved, most) = audit(&stock, &held);
+    let stats = store.stats();
     println!("  {ok} calls answered with a reservation (fresh or replayed)");
     println!(
         "  stock left {left} + reserved {reserved} = {} ; most units held by one order: {most}",
@@ -123,13 +159,38 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     println!(
         "  executions {} (one per order), replays {}",
-        store.stats().executions,
-        store.stats().replays
+        stats.executions, stats.replays
     );
+    check(ok == 200, format!("{ok} of 200 calls got a reservation"))?;
+    check(
+        (left, reserved, most) == (STOCK - 70, 70, 1),
+        format!("stock {left}, reserved {reserved}, most per order {most}"),
+    )?;
+    check(
+        (stats.executions, stats.replays) == (70, 130),
+        format!(
+            "{} executions and {} replays, not 70 and 130",
+            stats.executions, stats.replays
+        ),
+    )?;
+    // The callers of one order got one answer: the stock its one reservation left.
+    for order in 0..70 {
+        let answers: Vec<u64> = outcomes
+            .iter()
+            .skip(order)
+            .step_by(70)
+            .filter_map(|r| r.as_ref().ok().copied())
+            .collect();
+        check(
+            answers.windows(2).all(|w| w[0] == w[1]),
+            format!("order {order}: callers got {answers:?}"),
+        )?;
+    }
 
     println!("\n2. A worker process reserves for orders 200..290 and is killed with SIGKILL, three times");
     drop((stock, held)); // trees hold the database open: release them before closing
     store.close()?;
+    let mut answers_before = 70;
     for round in 1..=3 {
         let mut child = Command::new(std::env::current_exe()?)
             .arg("--worker")
@@ -137,26 +198,55 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .stdout(Stdio::piped())
             .spawn()?;
         let stdout = child.stdout.take().ok_or("no stdout")?;
+        let mut opened = false;
         for line in BufReader::new(stdout).lines() {
             if line? == "OPEN" {
+                opened = true;
                 break;
             }
         }
-        std::thread::sleep(Duration::from_millis(20 * round));
+        if opened {
+            std::thread::sleep(Duration::from_millis(20 * round));
+        }
         child.kill()?;
-        child.wait()?;
+        let status = child.wait()?;
+        check(
+            opened,
+            format!("the worker never opened the store ({status})"),
+        )?;
+        check(
+            status.signal() == Some(9),
+            format!("the worker was not killed by SIGKILL: {status}"),
+        )?;
         let (store, stock, held) = open(dir.path())?;
         let (left, reserved, most) = audit(&stock, &held);
-        let records = store
+        let completed = store
             .records_in_state(idemstore::RecordState::Completed)
-            .count();
+            .count() as u64;
+        let answers = store.records().count() as u64;
         println!(
             "  restart {round}: stock {left} + reserved {reserved} = {} ; most per order {most} ; \
-             {records} completed reservations on record",
-            left + reserved
+             {completed} completed reservations on record, {} new answers",
+            left + reserved,
+            answers - answers_before
         );
+        check(
+            left + reserved == STOCK,
+            format!("stock {left} + reserved {reserved} != {STOCK}"),
+        )?;
+        check(most <= 1, format!("an order holds {most} units"))?;
+        check(
+            completed == reserved,
+            format!("{completed} completed records for {reserved} reserved units"),
+        )?;
+        answers_before = answers;
         drop((stock, held));
         store.close()?;
     }
+    check(
+        answers_before > 70,
+        "the worker recorded no answer in three runs",
+    )?;
+    println!("\nevery result as expected");
     Ok(())
 }

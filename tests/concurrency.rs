@@ -1,8 +1,9 @@
-//! Same-key storms, waiting, timeouts and panics across real threads.
+//! Same-key storms, waiting, timeouts and panics across real threads, and flushes shared by
+//! concurrent callers. Waits are bounded: a regression fails with a message, never hangs.
 
 mod common;
 
-use common::{Scratch, ServiceError};
+use common::{wait_until, Scratch, ServiceError, PATIENCE};
 use idemstore::{Error, ExecuteError};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Barrier;
@@ -30,15 +31,22 @@ impl Default for Gate {
 }
 
 impl Gate {
-    /// Inside the operation: say it started, then block until the gate opens.
+    /// Inside the operation: say it started, then block until the gate opens (bounded, so a
+    /// test that fails before opening it fails instead of hanging).
     fn enter(&self) {
         self.started.0.send(()).unwrap();
-        self.release.1.recv().unwrap();
+        self.release
+            .1
+            .recv_timeout(PATIENCE)
+            .expect("the gate was never opened");
     }
 
-    /// Blocks until an operation is inside.
+    /// Blocks until an operation is inside (bounded).
     fn wait_started(&self) {
-        self.started.1.recv().unwrap();
+        self.started
+            .1
+            .recv_timeout(PATIENCE)
+            .expect("no operation entered the gate");
     }
 
     fn open(&self) {
@@ -135,11 +143,7 @@ fn waiter_gives_up_with_in_progress_and_then_gets_the_outcome() {
 #[test]
 fn waiter_wakes_when_the_leader_finishes() {
     let s = Scratch::new();
-    let store = s
-        .builder()
-        .wait_timeout(Duration::from_secs(600))
-        .open()
-        .unwrap();
+    let store = s.builder().wait_timeout(PATIENCE).open().unwrap();
     let gate = Gate::default();
     std::thread::scope(|scope| {
         let leader = scope.spawn(|| {
@@ -150,9 +154,7 @@ fn waiter_wakes_when_the_leader_finishes() {
         });
         gate.wait_started();
         let waiter = scope.spawn(|| store.execute_once("k", || Ok::<_, ServiceError>(2u32)));
-        while store.stats().waits == 0 {
-            std::thread::yield_now();
-        }
+        wait_until("the second caller to wait", || store.stats().waits > 0);
         gate.open();
         assert!(!leader.join().unwrap().unwrap().is_replayed());
         let w = waiter.join().unwrap().unwrap();
@@ -189,11 +191,7 @@ fn different_keys_never_wait_on_each_other() {
 #[test]
 fn panic_wakes_waiters_and_one_of_them_runs_the_operation() {
     let s = Scratch::new();
-    let store = s
-        .builder()
-        .wait_timeout(Duration::from_secs(600))
-        .open()
-        .unwrap();
+    let store = s.builder().wait_timeout(PATIENCE).open().unwrap();
     let gate = Gate::default();
     let runs = AtomicUsize::new(0);
     std::thread::scope(|scope| {
@@ -214,9 +212,7 @@ fn panic_wakes_waiters_and_one_of_them_runs_the_operation() {
                 })
             })
             .collect();
-        while store.stats().waits < 4 {
-            std::thread::yield_now();
-        }
+        wait_until("four callers to wait", || store.stats().waits >= 4);
         gate.open();
         assert!(
             leader.join().is_err(),
@@ -236,10 +232,12 @@ fn concurrent_callers_share_flushes() {
     let s = Scratch::new();
     let store = s.open();
     let before = store.stats().flush_batches;
+    let start = Barrier::new(16);
     std::thread::scope(|scope| {
         for t in 0..16 {
-            let store = &store;
+            let (store, start) = (&store, &start);
             scope.spawn(move || {
+                start.wait();
                 for i in 0..20 {
                     store
                         .execute_once(format!("t{t}-{i}"), || Ok::<_, ServiceError>(i))
@@ -249,7 +247,11 @@ fn concurrent_callers_share_flushes() {
         }
     });
     let flushes = store.stats().flush_batches - before;
-    // Each call needs two durable points (claim, outcome): 640 without sharing.
-    assert!(flushes < 640, "{flushes} flushes for 640 durable points");
+    // Each call needs two durable points (claim, outcome): 640 without sharing. Measured
+    // here: about 80, 8 points a flush; asserted: at least 4 a flush on average.
+    assert!(
+        flushes * 4 <= 640,
+        "{flushes} flushes for 640 durable points: little sharing"
+    );
     assert_eq!(store.stats().executions, 320);
 }

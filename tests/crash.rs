@@ -5,58 +5,21 @@
 
 mod common;
 
-use common::{Scratch, ServiceError};
+use common::{ChildProcess, Scratch, ServiceError};
 use idemstore::{Error, ExecuteError, OrphanPolicy, RecordState, Store};
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
 const PATH_VAR: &str = "IDEMSTORE_CRASH_PATH";
 const MODE_VAR: &str = "IDEMSTORE_CRASH_MODE";
 
-struct ChildRun {
-    child: Child,
-    lines: std::io::Lines<BufReader<ChildStdout>>,
-}
-
-impl ChildRun {
-    fn spawn(path: &Path, mode: &str) -> Self {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--ignored",
-                "--exact",
-                "child_process",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(PATH_VAR, path)
-            .env(MODE_VAR, mode)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn child");
-        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        Self { child, lines }
-    }
-
-    /// Reads the child's stdout up to a line holding `prefix`; returns it from `prefix` on.
-    fn wait_for(&mut self, prefix: &str) -> String {
-        for line in &mut self.lines {
-            let line = line.expect("child stdout");
-            // libtest may print its own "test child_process ... " before the first line.
-            if let Some(at) = line.find(prefix) {
-                return line[at..].to_string();
-            }
-        }
-        panic!("child exited before printing {prefix:?}");
-    }
-
-    fn kill(mut self) {
-        self.child.kill().expect("SIGKILL child");
-        let status = self.child.wait().unwrap();
-        assert!(!status.success());
-    }
+/// Runs the ignored `child_process` test of this binary in `mode` on the store at `path`.
+fn spawn_child(path: &Path, mode: &str) -> ChildProcess {
+    ChildProcess::spawn_test(
+        "child_process",
+        &[(PATH_VAR, path.as_os_str()), (MODE_VAR, mode.as_ref())],
+    )
+    .labelled(format!("child in mode {mode}"))
 }
 
 fn say(line: String) {
@@ -147,7 +110,7 @@ fn child_process() {
 #[test]
 fn orphan_left_by_a_killed_process_is_rerun_by_default() {
     let s = Scratch::new();
-    let mut child = ChildRun::spawn(&s.path(), "hang-in-operation");
+    let mut child = spawn_child(&s.path(), "hang-in-operation");
     child.wait_for("RUNNING");
     child.kill();
 
@@ -175,7 +138,7 @@ fn orphan_left_by_a_killed_process_is_rerun_by_default() {
 #[test]
 fn orphan_is_reported_under_the_report_policy_until_the_caller_reconciles() {
     let s = Scratch::new();
-    let mut child = ChildRun::spawn(&s.path(), "hang-in-operation");
+    let mut child = spawn_child(&s.path(), "hang-in-operation");
     child.wait_for("RUNNING");
     child.kill();
 
@@ -206,7 +169,7 @@ fn orphan_is_reported_under_the_report_policy_until_the_caller_reconciles() {
 fn every_outcome_returned_before_sigkill_survives() {
     for round in 0..3 {
         let s = Scratch::new();
-        let mut child = ChildRun::spawn(&s.path(), "complete-many");
+        let mut child = spawn_child(&s.path(), "complete-many");
         let mut returned = Vec::new();
         // Kill at a different point each round, while the child keeps writing.
         for _ in 0..(40 + round * 37) {
@@ -241,7 +204,7 @@ fn every_outcome_returned_before_sigkill_survives() {
 fn a_second_process_cannot_open_a_store_in_use() {
     let s = Scratch::new();
     s.open().close().unwrap();
-    let mut child = ChildRun::spawn(&s.path(), "hold-open");
+    let mut child = spawn_child(&s.path(), "hold-open");
     child.wait_for("READY");
     match Store::open(s.path()) {
         Err(Error::Locked { path }) => assert_eq!(path, s.path()),
@@ -261,10 +224,10 @@ fn the_first_process_keeps_working_when_a_second_one_is_refused() {
     store
         .execute_once("before", || Ok::<_, ServiceError>(1u32))
         .unwrap();
-    let mut child = ChildRun::spawn(&s.path(), "try-open");
+    let mut child = spawn_child(&s.path(), "try-open");
     let line = child.wait_for("LOCKED");
     assert_eq!(line, "LOCKED");
-    assert!(child.child.wait().unwrap().success());
+    assert!(child.wait_exit().success());
     assert!(store
         .execute_once("before", || Ok::<_, ServiceError>(2u32))
         .unwrap()
@@ -280,7 +243,7 @@ fn the_first_process_keeps_working_when_a_second_one_is_refused() {
 #[test]
 fn flush_makes_periodic_writes_survive_sigkill() {
     let s = Scratch::new();
-    let mut child = ChildRun::spawn(&s.path(), "periodic-flush");
+    let mut child = spawn_child(&s.path(), "periodic-flush");
     child.wait_for("FLUSHED");
     child.kill();
     let store = s.open();
@@ -293,7 +256,7 @@ fn flush_makes_periodic_writes_survive_sigkill() {
 #[test]
 fn remove_is_durable_when_it_returns_in_immediate_mode() {
     let s = Scratch::new();
-    let mut child = ChildRun::spawn(&s.path(), "remove");
+    let mut child = spawn_child(&s.path(), "remove");
     child.wait_for("REMOVED");
     child.kill();
     let store = s.open();

@@ -1,6 +1,9 @@
 //! Crash loop: a child process runs a mixed workload (threads, overlapping keys, Ok /
 //! permanent / retryable / panic, short TTLs, a running sweeper) and is SIGKILLed at random
-//! moments; after each kill the store is reopened and checked.
+//! moments; after each kill the store is reopened and checked. One round in four aims its
+//! kill at `Store::open` instead: the child announces that it is opening, and the kill follows
+//! within the first half of the last measured open (a few ms in a release build, some tens in
+//! a debug one), while the engine recovers its log and the store bumps its epoch.
 //!
 //! The workload logs its side effects durably, outside the store, so the checker counts real
 //! executions: `E key value` (fsynced inside the operation, before it returns) and
@@ -12,20 +15,26 @@
 //! - the store opens, every record decodes, and every Pending record is an orphan of a dead
 //!   process (an earlier epoch).
 //!
+//! And that the loop tested something: every child died by the SIGKILL (not by a panic or an
+//! exit of its own), reached its workload (or, in rounds aimed at open, announced the open),
+//! hit no store error but the expected ones and no panic but the planted ones (the child
+//! aborts on any other, which the parent sees), most workload rounds returned new outcomes,
+//! and some kills aimed at open landed before it returned.
+//!
 //! `cargo test` runs a short loop; `IDEMSTORE_CRASH_KILLS=2000 cargo test --release --test
-//! crash_loop -- --nocapture` runs a soak.
+//! crash_loop -- --nocapture` runs a soak (which, until the store sets interrupted sled
+//! snapshots aside, stops at the first kill that interrupts one: see `refused_to_reopen`).
 
 mod common;
 
-use common::XorShift;
+use common::{child_failed, env_count, fail_child_on_panics, ChildProcess, XorShift};
 
-use idemstore::{ExecuteError, OrphanPolicy, RecordState, Store};
+use idemstore::{Error, ExecuteError, OrphanPolicy, RecordState, Store};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const DIR_VAR: &str = "IDEMSTORE_LOOP_DIR";
 const SEED_VAR: &str = "IDEMSTORE_LOOP_SEED";
@@ -41,6 +50,12 @@ struct Declined(String);
 fn append_synced(file: &mut std::fs::File, line: &str) {
     file.write_all(line.as_bytes()).expect("log write");
     file.sync_data().expect("log sync");
+}
+
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}").expect("stdout");
+    out.flush().expect("stdout");
 }
 
 fn policy_from(s: &str) -> OrphanPolicy {
@@ -62,30 +77,29 @@ fn crash_loop_child() {
         panic!("crash_loop_child runs only under the crash loop");
     };
     let dir = PathBuf::from(dir);
-    let seed: u64 = seed.parse().unwrap();
-    std::panic::set_hook(Box::new(|info| {
-        if info.payload().downcast_ref::<&str>() != Some(&CHILD_PANIC) {
-            eprintln!("crash-loop child: {info}");
-        }
-    }));
+    let seed: u64 = seed.parse().expect("seed");
+    let policy = policy_from(&policy);
+    let failures = dir.join(format!("unexpected-{seed}.log"));
+    fail_child_on_panics(failures.clone(), Some(CHILD_PANIC));
+    say("OPENING");
+    let started = Instant::now();
     let store = Store::builder(dir.join("db"))
-        .orphan_policy(policy_from(&policy))
+        .orphan_policy(policy)
         .sweep_interval(Some(Duration::from_millis(40)))
         .open()
-        .unwrap();
-    println!("OPEN");
-    std::io::stdout().flush().unwrap();
+        .unwrap_or_else(|e| child_failed(&failures, &format!("the store does not open: {e}")));
+    say(&format!("OPENED {}", started.elapsed().as_micros()));
+    say("WORKLOAD");
     std::thread::scope(|scope| {
         for t in 0..THREADS {
-            let store = &store;
-            let dir = &dir;
+            let (store, dir, failures) = (&store, &dir, &failures);
             scope.spawn(move || {
                 let log = |kind: &str| {
                     std::fs::OpenOptions::new()
                         .create(true)
                         .append(true)
                         .open(dir.join(format!("{kind}-{seed}-{t}.log")))
-                        .unwrap()
+                        .expect("log file")
                 };
                 let (mut effects, mut returned) = (log("effects"), log("returned"));
                 let mut rng = XorShift((seed + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (t + 7));
@@ -124,13 +138,26 @@ fn crash_loop_child() {
                             _ => std::panic::panic_any(CHILD_PANIC),
                         })
                     }));
-                    // An empty decline is the retryable error: no effect, nothing recorded.
                     let line = match result {
                         Ok(Ok(out)) => Some(format!("R {key} ok:{}\n", *out)),
                         Ok(Err(ExecuteError::Operation { error, .. })) if !error.0.is_empty() => {
                             Some(format!("R {key} declined:{}\n", error.0))
                         }
-                        _ => None,
+                        // An empty decline is the retryable error: no effect, nothing recorded.
+                        Ok(Err(ExecuteError::Operation { .. })) => None,
+                        // An orphan of an earlier round, reported as the policy asks.
+                        Ok(Err(ExecuteError::Store(Error::Interrupted { .. })))
+                            if policy == OrphanPolicy::Report =>
+                        {
+                            None
+                        }
+                        Ok(Err(ExecuteError::Store(e))) => {
+                            child_failed(failures, &format!("store error on {key}: {e:?}"))
+                        }
+                        Err(payload) if payload.downcast_ref::<&str>() == Some(&CHILD_PANIC) => {
+                            None
+                        }
+                        Err(_) => child_failed(failures, &format!("{key}: a store panic")),
                     };
                     if let (Some(line), false) = (line, ttl_key) {
                         append_synced(&mut returned, &line);
@@ -139,15 +166,6 @@ fn crash_loop_child() {
             });
         }
     });
-}
-
-/// Kills the child on drop, so a failing parent leaves no process behind.
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn read_log_lines(dir: &Path, prefix: &str) -> Vec<(String, String)> {
@@ -170,8 +188,39 @@ fn read_log_lines(dir: &Path, prefix: &str) -> Vec<(String, String)> {
     out
 }
 
+/// Fails the loop for a store that does not reopen, naming the known cause when it is that.
+fn refused_to_reopen(db: &Path, round: u64, e: Error) -> ! {
+    let interrupted: Vec<_> = std::fs::read_dir(db)
+        .map(|entries| {
+            entries
+                .filter_map(|entry| entry.ok())
+                .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                .filter(|name| name.starts_with("snap.") && name.ends_with(".generating"))
+                .collect()
+        })
+        .unwrap_or_default();
+    if interrupted.is_empty() {
+        panic!("round {round}: store does not reopen: {e}");
+    }
+    panic!(
+        "round {round}: store does not reopen: {e}. The kill interrupted sled writing a \
+         snapshot during open and left {interrupted:?}, which sled 0.34 then reads as \
+         corruption: the known defect in the README's Reliability section (the store must set \
+         such files aside before opening)"
+    );
+}
+
+#[derive(Default)]
 struct Summary {
     kills: u64,
+    /// Rounds whose kill waited for the workload to run.
+    workload_rounds: u64,
+    /// Of those, rounds in which the child returned at least one outcome.
+    productive_rounds: u64,
+    /// Rounds whose kill was aimed at `Store::open`.
+    aimed_at_open: u64,
+    /// Of those, kills that landed before open returned.
+    kills_during_open: u64,
     outcomes_checked: u64,
     reruns_after_kill: u64,
     orphans_seen: u64,
@@ -180,48 +229,51 @@ struct Summary {
 fn crash_loop(policy: &str, kills: u64) -> Summary {
     let dir = tempfile::tempdir().unwrap();
     let mut orphans: BTreeMap<String, BTreeSet<u128>> = BTreeMap::new();
-    let mut summary = Summary {
-        kills: 0,
-        outcomes_checked: 0,
-        reruns_after_kill: 0,
-        orphans_seen: 0,
-    };
+    let mut summary = Summary::default();
     let mut rng = XorShift(0xC0FF_EE00 + kills);
+    // How long the last open that finished took: kills aimed at open land within it.
+    let mut open_micros = 5_000u64;
+    let mut returned_before = 0;
     for round in 0..kills {
-        let child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--ignored",
-                "--exact",
-                "crash_loop_child",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(DIR_VAR, dir.path())
-            .env(SEED_VAR, round.to_string())
-            .env(POLICY_VAR, policy)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut child = Killed(child);
-        // One kill in eight lands during open/recovery; the rest while the workload runs.
-        if !rng.next().is_multiple_of(8) {
-            let stdout = child.0.stdout.take().unwrap();
-            for line in BufReader::new(stdout).lines() {
-                if line.unwrap().contains("OPEN") {
-                    break;
-                }
+        let seed = round.to_string();
+        let mut child = ChildProcess::spawn_test(
+            "crash_loop_child",
+            &[
+                (DIR_VAR, dir.path().as_os_str()),
+                (SEED_VAR, seed.as_ref()),
+                (POLICY_VAR, policy.as_ref()),
+            ],
+        )
+        .labelled(format!("round {round}"))
+        .failure_record(dir.path().join(format!("unexpected-{round}.log")));
+        // Every fourth round (never the first, which creates the store) aims at open.
+        let aim_at_open = round % 4 == 3;
+        if aim_at_open {
+            child.wait_for("OPENING");
+            std::thread::sleep(Duration::from_micros(rng.next() % (open_micros / 2 + 1)));
+            let after_kill = child.kill();
+            summary.aimed_at_open += 1;
+            if !after_kill.iter().any(|l| l.contains("OPENED")) {
+                summary.kills_during_open += 1;
             }
+        } else {
+            let opened = child.wait_for("OPENED");
+            open_micros = opened
+                .trim_start_matches("OPENED ")
+                .parse()
+                .unwrap_or_else(|e| panic!("round {round}: {opened:?}: {e}"));
+            child.wait_for("WORKLOAD");
             std::thread::sleep(Duration::from_millis(5 + rng.next() % 120));
+            child.kill();
+            summary.workload_rounds += 1;
         }
-        drop(child); // SIGKILL
         summary.kills += 1;
 
         let store = Store::builder(dir.path().join("db"))
             .orphan_policy(OrphanPolicy::Report)
             .sweep_interval(None)
             .open()
-            .unwrap_or_else(|e| panic!("round {round}: store does not reopen: {e}"));
+            .unwrap_or_else(|e| refused_to_reopen(&dir.path().join("db"), round, e));
         for item in store.records() {
             let (key, info) = item.unwrap_or_else(|e| panic!("round {round}: {e}"));
             if info.state == RecordState::Pending {
@@ -237,8 +289,13 @@ fn crash_loop(policy: &str, kills: u64) -> Summary {
         }
 
         // Every returned outcome is recorded, unchanged, and every caller saw the same one.
+        let returned_lines = read_log_lines(dir.path(), "returned-");
+        if !aim_at_open && returned_lines.len() > returned_before {
+            summary.productive_rounds += 1;
+        }
+        returned_before = returned_lines.len();
         let mut returned: BTreeMap<String, String> = BTreeMap::new();
-        for (key, value) in read_log_lines(dir.path(), "returned-") {
+        for (key, value) in returned_lines {
             if let Some(previous) = returned.insert(key.clone(), value.clone()) {
                 assert_eq!(
                     previous, value,
@@ -289,32 +346,52 @@ fn crash_loop(policy: &str, kills: u64) -> Summary {
     summary
 }
 
-fn kills(default: u64) -> u64 {
-    std::env::var("IDEMSTORE_CRASH_KILLS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn report(policy: &str, s: &Summary) {
     eprintln!(
-        "crash loop ({policy}): {} kills, {} returned-outcome checks, {} orphans seen, \
-         {} re-runs after a kill, 0 lost, 0 double executions outside the crash window",
-        s.kills, s.outcomes_checked, s.orphans_seen, s.reruns_after_kill
+        "crash loop ({policy}): {} kills ({} during the workload, {} of them after new outcomes; \
+         {} aimed at open, {} of them before open returned), {} returned-outcome checks, \
+         {} orphans seen, {} re-runs after a kill, 0 lost, 0 double executions outside the \
+         crash window",
+        s.kills,
+        s.workload_rounds,
+        s.productive_rounds,
+        s.aimed_at_open,
+        s.kills_during_open,
+        s.outcomes_checked,
+        s.orphans_seen,
+        s.reruns_after_kill
     );
+}
+
+/// The loop exercised what it names: the workload returned new outcomes in most (over half)
+/// of its rounds, and kills aimed at open did land inside it.
+fn assert_it_tested_something(s: &Summary) {
+    assert!(
+        s.productive_rounds * 2 > s.workload_rounds,
+        "the workload returned new outcomes in only {} of {} rounds",
+        s.productive_rounds,
+        s.workload_rounds
+    );
+    if s.aimed_at_open > 0 {
+        assert!(
+            s.kills_during_open > 0,
+            "none of {} kills aimed at open landed before it returned",
+            s.aimed_at_open
+        );
+    }
 }
 
 #[test]
 fn crash_loop_rerun_policy() {
-    let s = crash_loop("rerun", kills(16));
+    let s = crash_loop("rerun", env_count("IDEMSTORE_CRASH_KILLS", 16));
     report("rerun", &s);
-    assert!(s.outcomes_checked > 0, "the workload made no progress");
+    assert_it_tested_something(&s);
 }
 
 #[test]
 fn crash_loop_report_policy() {
-    let s = crash_loop("report", kills(12));
+    let s = crash_loop("report", env_count("IDEMSTORE_CRASH_KILLS", 12));
     report("report", &s);
     assert_eq!(s.reruns_after_kill, 0);
-    assert!(s.outcomes_checked > 0, "the workload made no progress");
+    assert_it_tested_something(&s);
 }

@@ -1,8 +1,10 @@
-//! The store's tracing output never contains raw keys or payloads, only short key hashes.
+//! The store's tracing output never contains raw keys, payloads or error details, only short
+//! key hashes: on a fresh run, a replay, a fingerprint mismatch and a retryable failure.
 
 mod common;
 
 use common::{Scratch, ServiceError};
+use idemstore::{Error, ExecuteError};
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
@@ -30,20 +32,45 @@ fn events_show_key_hashes_never_raw_keys_or_payloads() {
         .finish();
     let key = "customer-4111111111111111";
     let payload = "SECRET-PAYLOAD-VALUE";
+    let retried_key = "customer-5500000000000004";
+    let error_detail = "SECRET-ERROR-DETAIL";
     tracing::subscriber::with_default(subscriber, || {
         let s = Scratch::new();
         let store = s.open();
-        store
-            .execute_once(key, || Ok::<_, ServiceError>(payload.to_string()))
-            .unwrap();
-        store
-            .execute_once(key, || Ok::<_, ServiceError>(payload.to_string()))
-            .unwrap();
-        let _ = store
+        // Recorded with the request's fingerprint, so that another request is refused.
+        let request = idemstore::Fingerprint::of_bytes(b"request");
+        for replayed in [false, true] {
+            let out = store
+                .call(key)
+                .fingerprint(request)
+                .run(|| Ok::<_, ServiceError>(payload.to_string()))
+                .unwrap();
+            assert_eq!(out.is_replayed(), replayed);
+        }
+        let mismatch = store
             .call(key)
             .fingerprint(idemstore::Fingerprint::of_bytes(b"other"))
             .run(|| Ok::<_, ServiceError>(payload.to_string()));
-        let _ = store.execute_once("k2", || Err::<u8, _>(ServiceError::Declined));
+        assert!(
+            matches!(
+                mismatch,
+                Err(ExecuteError::Store(Error::FingerprintMismatch { .. }))
+            ),
+            "{mismatch:?}"
+        );
+        let retryable = store.execute_once(retried_key, || {
+            Err::<u8, _>(ServiceError::Io(std::io::Error::other(error_detail)))
+        });
+        assert!(
+            matches!(
+                retryable,
+                Err(ExecuteError::Operation {
+                    error: ServiceError::Io(_),
+                    replayed: false
+                })
+            ),
+            "{retryable:?}"
+        );
     });
     let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
     assert!(
@@ -51,6 +78,13 @@ fn events_show_key_hashes_never_raw_keys_or_payloads() {
         "no key hash logged:\n{text}"
     );
     assert!(text.contains("running operation"), "{text}");
-    assert!(!text.contains(key), "raw key logged:\n{text}");
-    assert!(!text.contains(payload), "payload logged:\n{text}");
+    // The mismatch and the retryable failure were logged too, by key hash.
+    assert!(text.contains("fingerprint mismatch"), "{text}");
+    assert!(
+        text.contains(&idemstore::key_hash(retried_key)),
+        "the retryable run was not logged:\n{text}"
+    );
+    for secret in [key, retried_key, payload, error_detail] {
+        assert!(!text.contains(secret), "{secret} logged:\n{text}");
+    }
 }

@@ -1,6 +1,7 @@
 //! Model-based tests: random operation sequences against the store and a reference model of
 //! the contract table; a divergence shrinks to a minimal sequence.
 
+mod common;
 mod reference;
 
 use proptest::prelude::*;
@@ -29,10 +30,8 @@ fn op_strategy() -> impl Strategy<Value = Op> {
 }
 
 fn cases() -> u32 {
-    std::env::var("IDEMSTORE_MODEL_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(48)
+    let cases = common::env_count("IDEMSTORE_MODEL_CASES", 48);
+    u32::try_from(cases).expect("IDEMSTORE_MODEL_CASES is too large")
 }
 
 proptest! {

@@ -1,8 +1,11 @@
-//! Multi-step operations (recovery points), fencing tokens and downstream keys.
+//! Multi-step operations (recovery points), fencing tokens and downstream keys: a retry
+//! resumes after the last finished step, recorded steps survive restarts, claim tokens grow
+//! across claims and restarts, `step_with_retry` retries only what its predicate calls
+//! transient, and a process killed between two steps resumes after the first.
 
 mod common;
 
-use common::Scratch;
+use common::{ChildProcess, Scratch};
 use idemstore::{Error, ExecuteError, RetryPolicy, StepError};
 use std::cell::Cell;
 use std::time::Duration;
@@ -174,24 +177,62 @@ fn steps_expire_with_their_key_and_go_with_remove() {
 #[test]
 fn steps_survive_reopen_and_the_claim_token_grows_across_claims_and_restarts() {
     let s = Scratch::new();
-    let mut tokens = Vec::new();
-    let mut downstream = Vec::new();
-    for _ in 0..3 {
+    let (mut tokens, mut downstream, mut charge_ids) = (Vec::new(), Vec::new(), Vec::new());
+    let charges = Cell::new(0);
+    let recorded = |store: &idemstore::Store| -> Vec<String> {
+        let steps = store.steps("order-1").unwrap();
+        steps.into_iter().map(|s| s.name).collect()
+    };
+    for restart in 0..3 {
         let store = s.open();
-        let _ = store.execute_once_with("order-1", |ctx| {
-            tokens.push(ctx.claim_token());
-            downstream.push(ctx.downstream_key("charge"));
-            assert_ne!(ctx.downstream_key("charge"), ctx.downstream_key("refund"));
-            ctx.step(&format!("attempt-{}", ctx.attempt()), || {
-                Ok::<_, CheckoutError>(())
-            })?;
-            Err::<(), _>(CheckoutError::Payment("declined for now".into()))
-        });
-        // Different attempts ask for different step names here on purpose: the second
-        // attempt's sequence differs, which is reported; we only look at the tokens.
+        if restart > 0 {
+            assert_eq!(recorded(&store), ["charge"], "restart {restart}");
+        }
+        // Two claims in each open: the charge step ran in the very first and is replayed in
+        // every later one; the run then fails with a retryable error.
+        for _ in 0..2 {
+            let r = store.execute_once_with("order-1", |ctx| {
+                tokens.push(ctx.claim_token());
+                downstream.push(ctx.downstream_key("charge"));
+                assert_ne!(ctx.downstream_key("charge"), ctx.downstream_key("refund"));
+                let id: String = ctx.step("charge", || {
+                    charges.set(charges.get() + 1);
+                    Ok::<_, CheckoutError>(format!("ch_{}", charges.get()))
+                })?;
+                charge_ids.push(id);
+                Err::<(), _>(CheckoutError::Payment("declined for now".into()))
+            });
+            match r {
+                Err(ExecuteError::Operation {
+                    error: CheckoutError::Payment(_),
+                    replayed: false,
+                }) => {}
+                other => panic!("restart {restart}: {other:?}"),
+            }
+        }
+        assert_eq!(recorded(&store), ["charge"], "restart {restart}");
     }
+    assert_eq!(charges.get(), 1, "the charge step ran once");
+    assert_eq!(
+        charge_ids, ["ch_1"; 6],
+        "every claim got the recorded charge"
+    );
+    assert_eq!(tokens.len(), 6, "{tokens:?}");
     assert!(tokens.windows(2).all(|w| w[0] < w[1]), "{tokens:?}");
     assert!(tokens.windows(2).all(|w| w[0].as_u128() < w[1].as_u128()));
+    // Within an open the sequence grows; across restarts the epoch does.
+    assert!(
+        tokens.chunks(2).all(|c| c[0].epoch == c[1].epoch),
+        "{tokens:?}"
+    );
+    assert!(
+        tokens
+            .windows(3)
+            .step_by(2)
+            .all(|w| w[0].epoch < w[2].epoch),
+        "{tokens:?}"
+    );
+    assert_eq!(downstream.len(), 6);
     assert!(
         downstream.windows(2).all(|w| w[0] == w[1]),
         "stable across attempts"
@@ -234,13 +275,13 @@ fn step_with_retry_retries_transient_errors_within_one_claim() {
         .unwrap();
     assert_eq!((*out, calls.get(), out.record().attempts), (9, 3, 1));
 
-    // A non-transient error is not retried; the policy's bound is respected.
+    // An error the predicate calls transient every time: the policy's bound is respected.
     let calls = Cell::new(0);
     let r = store.execute_once_with("k2", |ctx| {
         ctx.step_with_retry(
             "flaky",
             &policy,
-            |_: &CheckoutError| true,
+            |e: &CheckoutError| matches!(e, CheckoutError::Payment(_)),
             || {
                 calls.set(calls.get() + 1);
                 Err::<u32, _>(CheckoutError::Payment("always".into()))
@@ -248,8 +289,54 @@ fn step_with_retry_retries_transient_errors_within_one_claim() {
         )?;
         Ok::<_, CheckoutError>(0u32)
     });
-    assert!(matches!(r, Err(ExecuteError::Operation { .. })));
+    assert!(matches!(
+        r,
+        Err(ExecuteError::Operation {
+            error: CheckoutError::Payment(_),
+            ..
+        })
+    ));
     assert_eq!(calls.get(), 4);
+}
+
+#[test]
+fn step_with_retry_does_not_retry_an_error_that_is_not_transient() {
+    let s = Scratch::new();
+    let store = s.open();
+    let policy = RetryPolicy::new()
+        .max_attempts(4)
+        .initial_delay(Duration::from_millis(1))
+        .max_delay(Duration::from_millis(2));
+    let (calls, checked) = (Cell::new(0), Cell::new(0));
+    let r = store.execute_once_with("k", |ctx| {
+        ctx.step_with_retry(
+            "mail",
+            &policy,
+            |e: &CheckoutError| {
+                checked.set(checked.get() + 1);
+                matches!(e, CheckoutError::Payment(_))
+            },
+            || {
+                calls.set(calls.get() + 1);
+                Err::<u32, _>(CheckoutError::Mail("mailbox does not exist".into()))
+            },
+        )?;
+        Ok::<_, CheckoutError>(0u32)
+    });
+    match r {
+        Err(ExecuteError::Operation {
+            error: CheckoutError::Mail(_),
+            replayed: false,
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        (calls.get(), checked.get()),
+        (1, 1),
+        "asked once, not retried"
+    );
+    // Nothing was recorded for the step: the next attempt runs it again.
+    assert!(store.steps("k").unwrap().is_empty());
 }
 
 const STEPS_DIR_VAR: &str = "IDEMSTORE_STEPS_DIR";
@@ -292,28 +379,11 @@ fn steps_child() {
 
 #[test]
 fn a_process_killed_between_steps_resumes_after_the_finished_step() {
-    use std::io::BufRead;
     let s = Scratch::new();
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--ignored",
-            "--exact",
-            "steps_child",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(STEPS_DIR_VAR, s.dir.path())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    for line in std::io::BufReader::new(stdout).lines() {
-        if line.unwrap().contains("IN-CONFIRM") {
-            break;
-        }
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    let mut child =
+        ChildProcess::spawn_test("steps_child", &[(STEPS_DIR_VAR, s.dir.path().as_os_str())]);
+    child.wait_for("IN-CONFIRM");
+    child.kill();
 
     let store = s.open();
     let info = store.record("checkout-7").unwrap().unwrap();

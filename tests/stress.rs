@@ -1,16 +1,16 @@
 //! Concurrency stress: many threads, few keys, random outcomes and panics. Asserts, for every
 //! key, that its recorded outcome came from exactly one execution and that every caller that
-//! got an outcome got that one.
+//! got an outcome got that one; that no store error and no panic but the planted ones reached
+//! a caller; and that calls did contend (some waited on another call of the same key).
 
 mod common;
 
-use common::{Scratch, XorShift};
+use common::{env_count, Scratch, XorShift, PATIENCE};
 use idemstore::{ExecuteError, RecordState};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::Duration;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 struct Failure {
@@ -28,25 +28,15 @@ fn recorded_outcomes_come_from_exactly_one_execution_and_everyone_sees_it() {
             default_hook(info);
         }
     }));
-    let threads: u64 = std::env::var("IDEMSTORE_STRESS_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(24);
-    let calls_per_thread: u64 = std::env::var("IDEMSTORE_STRESS_CALLS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(150);
+    let threads = env_count("IDEMSTORE_STRESS_THREADS", 24);
+    let calls_per_thread = env_count("IDEMSTORE_STRESS_CALLS", 150);
     // Keys come in generations of KEYS: threads move to a fresh generation every 10 calls,
     // so keys keep being contended while still unrecorded.
     const KEYS: u64 = 3;
     let generations = calls_per_thread.div_ceil(10);
 
     let s = Scratch::new();
-    let store = s
-        .builder()
-        .wait_timeout(Duration::from_secs(600))
-        .open()
-        .unwrap();
+    let store = s.builder().wait_timeout(PATIENCE).open().unwrap();
     let next_execution = AtomicU64::new(1);
     // Every execution: (key, execution id, what it produced).
     let executions: Mutex<Vec<(u64, u64, &'static str)>> = Mutex::new(Vec::new());
@@ -95,7 +85,10 @@ fn recorded_outcomes_come_from_exactly_one_execution_and_everyone_sees_it() {
                         Ok(Err(ExecuteError::Operation { error, .. })) if error.permanent => {
                             received.lock().unwrap().push((key, Err(error)))
                         }
-                        Ok(Err(ExecuteError::Operation { .. })) | Err(_) => {}
+                        Ok(Err(ExecuteError::Operation { .. })) => {}
+                        // Only the planted panic is expected: any other is the store's.
+                        Err(payload) if payload.downcast_ref::<&str>() == Some(&STRESS_PANIC) => {}
+                        Err(payload) => std::panic::resume_unwind(payload),
                         Ok(Err(ExecuteError::Store(e))) => panic!("store error under stress: {e}"),
                     }
                 }
@@ -146,10 +139,13 @@ fn recorded_outcomes_come_from_exactly_one_execution_and_everyone_sees_it() {
         "every received outcome is the one fresh result or a replay of it"
     );
     eprintln!(
-        "stress: {} calls, {} executions, {} outcomes received, {} recorded",
+        "stress: {} calls, {} executions, {} outcomes received, {} recorded, {} waits",
         threads * calls_per_thread,
         executions.len(),
         received.len(),
-        recorded_by.len()
+        recorded_by.len(),
+        stats.waits
     );
+    // The calls did contend: some waited for another call running the same key.
+    assert!(stats.waits > 0, "no call ever waited: nothing contended");
 }

@@ -1,13 +1,16 @@
 //! Exactly-once local effects: the operation's writes and its outcome in one transaction.
+//! Retries replay, aborts apply nothing, 200 threads on overlapping orders never reserve
+//! twice (and the two callers of an order get one answer), and child processes SIGKILLed
+//! mid-stream leave stock + reserved == stock, each reservation with its record. That test
+//! also checks that it tested something: every child died by the kill, reached its workload
+//! with no error or panic, most rounds recorded new answers, and units were reserved.
 
 mod common;
 
-use common::Scratch;
+use common::{child_failed, env_count, fail_child_on_panics, ChildProcess, Scratch};
 use idemstore::{Error, ExecuteError, RecordState, Store, TxResult};
 use serde::{Deserialize, Serialize};
 use sled::transaction::{abort, TransactionalTree};
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -186,6 +189,20 @@ fn two_hundred_threads_with_overlapping_orders_never_double_apply() {
         200,
         "every call got a reservation or out-of-stock"
     );
+    // The two callers of each retried order got the same answer: the same stock level left
+    // by its one reservation, or both out of stock.
+    let answer = |t: usize| match &results[t] {
+        Ok(left) => Ok(*left),
+        Err(ExecuteError::Operation { error, .. }) => Err(error.clone()),
+        Err(e) => panic!("thread {t}: {e:?}"),
+    };
+    for t in 0..50 {
+        assert_eq!(
+            answer(t),
+            answer(t + 150),
+            "order {t}: two callers, two answers"
+        );
+    }
     // Each order's outcome was recorded once: a reserved order never also ran out of stock.
     let completed = store.records_in_state(RecordState::Completed).count() as u64;
     assert_eq!(completed, reserved);
@@ -195,26 +212,46 @@ fn two_hundred_threads_with_overlapping_orders_never_double_apply() {
 }
 
 const DIR_VAR: &str = "IDEMSTORE_INVENTORY_DIR";
+const ROUND_VAR: &str = "IDEMSTORE_INVENTORY_ROUND";
+
+/// The orders a child of `round` reserves for: a window of 160 that moves 40 up each round,
+/// so every round meets orders of the rounds before it and orders never asked for.
+fn order_of(round: u64, thread: u64, i: u64) -> u64 {
+    round * 40 + (thread * 7919 + i * 31) % 160
+}
 
 #[test]
 #[ignore = "run as a child process by the inventory crash test"]
 fn inventory_child() {
-    let Ok(dir) = std::env::var(DIR_VAR) else {
+    let (Ok(dir), Ok(round)) = (std::env::var(DIR_VAR), std::env::var(ROUND_VAR)) else {
         panic!("inventory_child runs only under the inventory crash test");
     };
-    let store = Store::builder(std::path::Path::new(&dir).join("db"))
+    let round: u64 = round.parse().expect("round");
+    let dir = std::path::PathBuf::from(dir);
+    let failures = dir.join(format!("failed-{round}.log"));
+    fail_child_on_panics(failures.clone(), None);
+    let store = Store::builder(dir.join("db"))
         .sweep_interval(None)
         .open()
-        .unwrap();
+        .unwrap_or_else(|e| child_failed(&failures, &format!("the store does not open: {e}")));
     let (stock, reservations) = setup(&store);
-    println!("OPEN");
+    println!("WORKLOAD");
     let runs = AtomicUsize::new(0);
     std::thread::scope(|scope| {
         for t in 0..8u64 {
-            let (store, stock, reservations, runs) = (&store, &stock, &reservations, &runs);
+            let (store, stock, reservations, runs, failures) =
+                (&store, &stock, &reservations, &runs, &failures);
             scope.spawn(move || {
                 for i in 0.. {
-                    let _ = reserve(store, stock, reservations, (t * 7919 + i * 31) % 160, runs);
+                    let order = order_of(round, t, i);
+                    match reserve(store, stock, reservations, order, runs) {
+                        Ok(_)
+                        | Err(ExecuteError::Operation {
+                            error: ReserveError::OutOfStock,
+                            ..
+                        }) => {}
+                        Err(e) => child_failed(failures, &format!("order {order}: {e:?}")),
+                    }
                 }
             });
         }
@@ -224,32 +261,23 @@ fn inventory_child() {
 #[test]
 fn inventory_survives_sigkill_at_random_points() {
     let s = Scratch::new();
-    let kills: u64 = std::env::var("IDEMSTORE_CRASH_KILLS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(8);
+    let kills = env_count("IDEMSTORE_CRASH_KILLS", 8);
+    let mut records_before = 0;
+    let mut productive_rounds = 0;
     for round in 0..kills {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--ignored",
-                "--exact",
-                "inventory_child",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(DIR_VAR, s.dir.path())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        for line in BufReader::new(stdout).lines() {
-            if line.unwrap().contains("OPEN") {
-                break;
-            }
-        }
+        let round_arg = round.to_string();
+        let mut child = ChildProcess::spawn_test(
+            "inventory_child",
+            &[
+                (DIR_VAR, s.dir.path().as_os_str()),
+                (ROUND_VAR, round_arg.as_ref()),
+            ],
+        )
+        .labelled(format!("round {round}"))
+        .failure_record(s.dir.path().join(format!("failed-{round}.log")));
+        child.wait_for("WORKLOAD");
         std::thread::sleep(Duration::from_millis(5 + (round * 37) % 60));
-        child.kill().unwrap();
-        child.wait().unwrap();
+        child.kill();
 
         let store = Store::builder(s.dir.path().join("db"))
             .sweep_interval(None)
@@ -267,5 +295,29 @@ fn inventory_survives_sigkill_at_random_points() {
             0,
             "no Pending is ever written"
         );
+        // Every record is a reservation or an out-of-stock answer.
+        let records = store.records().count();
+        let out_of_stock = store.records_in_state(RecordState::FailedPermanent).count();
+        assert_eq!(records as u64, completed + out_of_stock as u64);
+        if records > records_before {
+            productive_rounds += 1;
+        }
+        records_before = records;
     }
+    // The children did work: most rounds recorded new answers, and units were reserved.
+    let store = Store::builder(s.dir.path().join("db"))
+        .sweep_interval(None)
+        .open()
+        .unwrap();
+    let (stock, reservations) = setup(&store);
+    let (left, reserved) = check_invariant(&stock, &reservations);
+    eprintln!(
+        "inventory: {kills} kills, {productive_rounds} of them after new answers; \
+         {reserved} units reserved, {left} left, {records_before} answers recorded"
+    );
+    assert!(reserved > 0, "no unit was ever reserved");
+    assert!(
+        productive_rounds * 2 > kills,
+        "only {productive_rounds} of {kills} rounds recorded new answers"
+    );
 }

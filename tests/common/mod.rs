@@ -2,8 +2,46 @@
 #![allow(dead_code)]
 
 use idemstore::{ManualClock, Store, StoreBuilder};
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
 use tempfile::TempDir;
+
+/// How long a test waits for something that should happen at once before it fails with a
+/// message instead of hanging. Generous: a loaded 2-core machine is slow, never this slow.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+/// Polls `done` until it holds; panics naming `what` if it does not within [`PATIENCE`].
+pub fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "gave up after {PATIENCE:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// A long-run switch: the count in environment variable `name`, or `default` when it is
+/// unset. A value that is not a positive integer is refused, so a typo never quietly runs the
+/// short test, and 0 never makes a test pass having done nothing.
+pub fn env_count(name: &str, default: u64) -> u64 {
+    let value = match std::env::var(name) {
+        Err(std::env::VarError::NotPresent) => return default,
+        Err(e) => panic!("{name}: {e}"),
+        Ok(value) => value,
+    };
+    match value.trim().parse::<u64>() {
+        Ok(0) => panic!("{name}=0 would run nothing; unset it for the short run"),
+        Ok(n) => n,
+        Err(e) => {
+            panic!("{name}={value:?} is not a positive count ({e}); unset it for the short run")
+        }
+    }
+}
 
 /// A temp dir that holds one store's database directory.
 pub struct Scratch {
@@ -101,5 +139,192 @@ impl XorShift {
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
         self.0
+    }
+}
+
+/// In a child process: records a failure the parent must see in `record` (a file, synced so
+/// that a kill that follows cannot lose it), and aborts, so the parent also finds that the
+/// child did not die by its SIGKILL.
+pub fn child_failed(record: &std::path::Path, what: &str) -> ! {
+    use std::io::Write;
+    eprintln!("child process failed: {what}");
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(record)
+    {
+        let _ = f.write_all(format!("{what}\n").as_bytes());
+        let _ = f.sync_data();
+    }
+    std::process::abort();
+}
+
+/// In a child process: any panic but one whose payload is `planted` goes to [`child_failed`].
+pub fn fail_child_on_panics(record: PathBuf, planted: Option<&'static str>) {
+    std::panic::set_hook(Box::new(move |info| {
+        if planted.is_none() || info.payload().downcast_ref::<&str>() != planted.as_ref() {
+            child_failed(&record, &format!("a panic the test did not plant: {info}"));
+        }
+    }));
+}
+
+/// A child process (this test binary running one ignored test) whose stdout lines arrive
+/// through a reader thread, so every wait is bounded. SIGKILLed on drop.
+pub struct ChildProcess {
+    child: std::process::Child,
+    lines: crossbeam_channel::Receiver<String>,
+    status: Option<ExitStatus>,
+    /// Names the child in failure messages (for example the round of a loop).
+    label: String,
+    /// Where the child records its failures (see [`child_failed`]).
+    failure_record: Option<PathBuf>,
+}
+
+impl ChildProcess {
+    /// Runs the ignored test `test` of this binary in a child process, with `env` set.
+    pub fn spawn_test(test: &str, env: &[(&str, &std::ffi::OsStr)]) -> Self {
+        let mut command = Command::new(std::env::current_exe().expect("test binary"));
+        command
+            .args([
+                "--ignored",
+                "--exact",
+                test,
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        let mut child = command.spawn().expect("spawn child");
+        let stdout = child.stdout.take().expect("child stdout");
+        let (send, lines) = crossbeam_channel::unbounded();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if send.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            child,
+            lines,
+            status: None,
+            label: format!("child {test}"),
+            failure_record: None,
+        }
+    }
+
+    /// The file where the child records its failures through [`child_failed`]: every check
+    /// of the child reports what it says first.
+    pub fn failure_record(mut self, path: PathBuf) -> Self {
+        self.failure_record = Some(path);
+        self
+    }
+
+    /// Panics with what the child recorded as its failure, if it recorded one.
+    fn check_failure_record(&self) {
+        if let Some(text) = self
+            .failure_record
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+        {
+            panic!("{}: the child failed: {}", self.label, text.trim_end());
+        }
+    }
+
+    /// Names the child in failure messages.
+    pub fn labelled(mut self, label: impl Into<String>) -> Self {
+        self.label = label.into();
+        self
+    }
+
+    /// Reads the child's stdout up to a line holding `marker`; returns that line from the
+    /// marker on. Panics if the child exits first, or prints nothing of it within
+    /// [`PATIENCE`].
+    pub fn wait_for(&mut self, marker: &str) -> String {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            match self.lines.recv_deadline(deadline) {
+                // libtest may print its own "test name ... " before the first line.
+                Ok(line) => {
+                    if let Some(at) = line.find(marker) {
+                        return line[at..].to_string();
+                    }
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                    let status = self.child.wait().expect("wait for child");
+                    self.check_failure_record();
+                    panic!(
+                        "{}: the child exited ({status}) before printing {marker:?}",
+                        self.label
+                    )
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    panic!(
+                        "{}: the child printed no {marker:?} within {PATIENCE:?}",
+                        self.label
+                    )
+                }
+            }
+        }
+    }
+
+    /// Waits (bounded by [`PATIENCE`]) for a child that is meant to end by itself, and
+    /// returns how it ended.
+    pub fn wait_exit(mut self) -> ExitStatus {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for child") {
+                self.status = Some(status);
+                self.check_failure_record();
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: the child did not exit within {PATIENCE:?}",
+                self.label
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// SIGKILLs the child and returns the lines it printed that no `wait_for` read. Panics
+    /// unless the child died by that signal: a child that exited or aborted on its own
+    /// before the kill (a panic at start, a failed check) is a failure, not a kill.
+    pub fn kill(mut self) -> Vec<String> {
+        // A child that already exited cannot be signalled; its status tells below.
+        let _ = self.child.kill();
+        let status = self.child.wait().expect("wait for child");
+        self.status = Some(status);
+        self.check_failure_record();
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGKILL),
+            "{}: the child was not killed by the test: it ended on its own ({status})",
+            self.label
+        );
+        let deadline = Instant::now() + PATIENCE;
+        let mut rest = Vec::new();
+        loop {
+            match self.lines.recv_deadline(deadline) {
+                Ok(line) => rest.push(line),
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return rest,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    panic!("{}: the killed child's stdout never closed", self.label)
+                }
+            }
+        }
+    }
+}
+
+impl Drop for ChildProcess {
+    fn drop(&mut self) {
+        if self.status.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }

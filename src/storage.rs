@@ -130,6 +130,7 @@ pub(crate) fn open(
     counters: Arc<Counters>,
 ) -> Result<Opened, Error> {
     check_path(path)?;
+    finish_interrupted_snapshots(path)?;
     let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()));
     let db = match opened {
         Ok(Ok(db)) => db,
@@ -189,6 +190,52 @@ pub(crate) fn open(
         },
         epoch,
     })
+}
+
+/// Completes or discards sled snapshots that a crash interrupted, before sled opens.
+///
+/// sled 0.34 writes a snapshot to `snap.<lsn>.generating`, syncs it, renames it to
+/// `snap.<lsn>`, then deletes older snapshots. A crash before the rename leaves the
+/// `.generating` file, which sled then takes for the newest snapshot: if it is incomplete,
+/// sled reports corruption and the store would never open again. A complete one (its length
+/// and CRC trailer check out, as sled writes them) is renamed as sled meant to; an incomplete
+/// one is removed, leaving the previous snapshot, which sled deletes only after the rename.
+fn finish_interrupted_snapshots(path: &Path) -> Result<(), Error> {
+    let entries = match std::fs::read_dir(path) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_at(path)(e)),
+    };
+    let mut changed = false;
+    for entry in entries {
+        let entry = entry.map_err(io_at(path))?;
+        let name = entry.file_name();
+        let Some(done) = name
+            .to_str()
+            .filter(|n| n.starts_with("snap."))
+            .and_then(|n| n.strip_suffix(".generating"))
+        else {
+            continue;
+        };
+        let generating = entry.path();
+        let bytes = std::fs::read(&generating).map_err(io_at(&generating))?;
+        let complete = bytes.len() > 12 && {
+            let (body, trailer) = bytes.split_at(bytes.len() - 12);
+            crc32fast::hash(body).to_le_bytes() == trailer[8..]
+        };
+        let target = path.join(done);
+        if complete && !target.exists() {
+            std::fs::rename(&generating, &target).map_err(io_at(&generating))?;
+        } else {
+            std::fs::remove_file(&generating).map_err(io_at(&generating))?;
+        }
+        tracing::warn!(file = ?name, complete, "finished a sled snapshot interrupted by a crash");
+        changed = true;
+    }
+    if changed {
+        sync_path(path)?;
+    }
+    Ok(())
 }
 
 /// Waits (bounded) until the engine has let go of its data file's lock.

@@ -1,5 +1,5 @@
-//! Opening: paths that are not stores, foreign or newer databases, clean shutdown, and (ignored
-//! until the store handles it) a snapshot that a kill interrupted.
+//! Opening: paths that are not stores, foreign or newer databases, clean shutdown, and a sled
+//! snapshot that a kill interrupted (complete or not).
 
 mod common;
 
@@ -174,42 +174,46 @@ fn a_dropped_store_can_be_reopened_at_once() {
 /// before it is still there (sled removes old ones only after the rename), so setting the
 /// interrupted one aside is enough.
 #[test]
-#[ignore = "known defect: the store must set interrupted snapshots (snap.*.generating) aside \
-            before sled opens; see the README's Reliability section"]
 fn a_snapshot_interrupted_by_a_kill_does_not_keep_the_store_from_opening() {
-    let s = Scratch::new();
-    for i in 0..3u32 {
-        // Each open moves sled's snapshot forward past the writes of the one before.
-        let store = s.open();
-        store
-            .execute_once(format!("k{i}"), || Ok::<_, ServiceError>(i))
-            .unwrap();
-        store.close().unwrap();
-    }
-    let newest = std::fs::read_dir(s.path())
-        .unwrap()
-        .filter_map(|e| {
-            let name = e.unwrap().file_name().to_string_lossy().into_owned();
-            u64::from_str_radix(name.strip_prefix("snap.")?, 16).ok()
-        })
-        .max()
-        .expect("sled wrote a snapshot");
-    std::fs::write(
-        s.path()
-            .join(format!("snap.{:016X}.generating", newest + 1)),
-        b"",
-    )
-    .unwrap();
-    let store = s
-        .builder()
-        .open()
-        .unwrap_or_else(|e| panic!("the store does not open: {e}"));
-    for i in 0..3u32 {
-        let out = store
-            .execute_once(format!("k{i}"), || -> Result<u32, ServiceError> {
-                panic!("k{i} lost its outcome")
+    // Interrupted before its bytes were all written (empty), or after (a complete copy).
+    for complete in [false, true] {
+        let s = Scratch::new();
+        for i in 0..3u32 {
+            // Each open moves sled's snapshot forward past the writes of the one before.
+            let store = s.open();
+            store
+                .execute_once(format!("k{i}"), || Ok::<_, ServiceError>(i))
+                .unwrap();
+            store.close().unwrap();
+        }
+        let newest = std::fs::read_dir(s.path())
+            .unwrap()
+            .filter_map(|e| {
+                let name = e.unwrap().file_name().to_string_lossy().into_owned();
+                u64::from_str_radix(name.strip_prefix("snap.")?, 16).ok()
             })
-            .unwrap();
-        assert_eq!(*out, i);
+            .max()
+            .expect("sled wrote a snapshot");
+        let bytes = match complete {
+            true => std::fs::read(s.path().join(format!("snap.{newest:016X}"))).unwrap(),
+            false => Vec::new(),
+        };
+        let generating = s
+            .path()
+            .join(format!("snap.{:016X}.generating", newest + 1));
+        std::fs::write(&generating, bytes).unwrap();
+        let store = s
+            .builder()
+            .open()
+            .unwrap_or_else(|e| panic!("the store does not open (complete: {complete}): {e}"));
+        assert!(!generating.exists());
+        for i in 0..3u32 {
+            let out = store
+                .execute_once(format!("k{i}"), || -> Result<u32, ServiceError> {
+                    panic!("k{i} lost its outcome")
+                })
+                .unwrap();
+            assert_eq!(*out, i);
+        }
     }
 }

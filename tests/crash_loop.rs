@@ -22,8 +22,7 @@
 //! and some kills aimed at open landed before it returned.
 //!
 //! `cargo test` runs a short loop; `IDEMSTORE_CRASH_KILLS=2000 cargo test --release --test
-//! crash_loop -- --nocapture` runs a soak (which, until the store sets interrupted sled
-//! snapshots aside, stops at the first kill that interrupts one: see `refused_to_reopen`).
+//! crash_loop -- --nocapture` runs a soak.
 
 mod common;
 
@@ -205,8 +204,8 @@ fn refused_to_reopen(db: &Path, round: u64, e: Error) -> ! {
     panic!(
         "round {round}: store does not reopen: {e}. The kill interrupted sled writing a \
          snapshot during open and left {interrupted:?}, which sled 0.34 then reads as \
-         corruption: the known defect in the README's Reliability section (the store must set \
-         such files aside before opening)"
+         corruption: the defect in the README's Reliability section, which the store's open \
+         should have repaired"
     );
 }
 

@@ -354,7 +354,7 @@ fn run() -> DemoResult {
     let mail_up = AtomicU32::new(0);
     let mails = AtomicU32::new(0);
     let checkout = || {
-        store.execute_once_with("checkout-91", |ctx| {
+        store.execute_steps("checkout-91", |ctx| {
             // The provider's own Idempotency-Key: the same on every attempt of this checkout.
             let provider_key = ctx.downstream_key("charge");
             let charge = ctx.step("charge", || gateway.charge("checkout-91", "tok_visa", 4200))?;

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::KeyName;
+use crate::key::KeyName;
 
 /// What went wrong in the store itself (as opposed to the caller's operation).
 ///
@@ -225,7 +225,7 @@ pub enum Error {
     /// The storage engine failed (I/O error such as a full disk, or detected corruption).
     /// When this is returned before the operation ran, it did not run.
     #[error("storage error: {0}")]
-    Storage(#[from] sled::Error),
+    Storage(StorageError),
 
     /// An I/O error outside the storage engine's own calls (inspecting, creating or syncing
     /// the store's files), with the path it concerns.
@@ -237,6 +237,51 @@ pub enum Error {
         #[source]
         source: Arc<std::io::Error>,
     },
+}
+
+/// A failure inside the storage engine, opaque: its message, its source chain, and (for I/O
+/// failures) the operating system's error kind.
+///
+/// ```
+/// # fn check(e: &idemstore::Error) {
+/// if let idemstore::Error::Storage(storage) = e {
+///     if storage.io_kind() == Some(std::io::ErrorKind::StorageFull) { /* free some space */ }
+/// }
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct StorageError {
+    inner: Arc<dyn std::error::Error + Send + Sync>,
+    io_kind: Option<std::io::ErrorKind>,
+}
+
+impl StorageError {
+    pub(crate) fn new(
+        e: impl std::error::Error + Send + Sync + 'static,
+        io_kind: Option<std::io::ErrorKind>,
+    ) -> Self {
+        Self {
+            inner: Arc::new(e),
+            io_kind,
+        }
+    }
+
+    /// The I/O error kind, when the engine failed on an I/O operation.
+    pub fn io_kind(&self) -> Option<std::io::ErrorKind> {
+        self.io_kind
+    }
+}
+
+impl std::fmt::Display for StorageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(&self.inner, f)
+    }
+}
+
+impl std::error::Error for StorageError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.inner.source()
+    }
 }
 
 impl Error {

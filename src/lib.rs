@@ -21,7 +21,7 @@
 //!
 //! Beyond single operations:
 //!
-//! - [`Store::execute_once_with`] runs an operation made of named steps ([`Context::step`]):
+//! - [`Store::execute_steps`] runs an operation made of named steps ([`Context::step`]):
 //!   each step's outcome is recorded as it finishes, so a retry resumes after the last
 //!   finished step; the [`Context`] also gives the claim token (fencing) and deterministic
 //!   keys for downstream calls.
@@ -38,51 +38,47 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
-mod call;
+// Layers, each depending only on those below it: `api` (the public surface) over `driver`
+// (the loops that run calls: plain, transactional, sweeping) over `core` (the contract's rules,
+// no I/O) and `engine` (storage engines behind one interface), over `format` (bytes: records,
+// steps, codecs, fingerprints) and the shared leaves (`error`, `key`, `clock`, `stats`).
+mod api;
 mod clock;
-mod codec;
-mod config;
-mod context;
+mod core;
+mod driver;
+mod engine;
 mod error;
-mod fingerprint;
-mod group_commit;
+mod format;
 mod key;
-mod machine;
-mod outcome;
-mod record;
-mod registry;
 mod stats;
-mod step;
-mod storage;
-mod store;
-mod sweeper;
-mod tx;
-mod unstorable;
-mod walk;
 
-pub use call::{AllRetryable, Call, ErrorPolicy, PermanentIf};
+pub use api::call::Call;
+pub use api::config::StoreBuilder;
+pub use api::store::{Records, StepInfo, Store};
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use codec::Codec;
-pub use config::{Durability, OrphanPolicy, StoreBuilder};
-pub use context::{Context, RetryPolicy, StepError};
-pub use error::{Error, ExecuteError};
-pub use fingerprint::{derive_key, Fingerprint};
+pub use core::options::{Durability, OrphanPolicy};
+pub use core::outcome::{Outcome, RecordInfo};
+pub use core::policy::{AllRetryable, ErrorPolicy, PermanentIf};
+pub use driver::context::{Context, RetryPolicy, StepError};
+pub use driver::transaction::TxResult;
+#[cfg(feature = "memory-engine")]
+pub use engine::memory::MemoryEngine;
+pub use engine::sled::SledEngine;
+pub use error::{Error, ExecuteError, StorageError};
+pub use format::codec::Codec;
+pub use format::fingerprint::{derive_key, Fingerprint};
+pub use format::record::{ClaimToken, RecordState};
 pub use key::{key_hash, KeyName};
-pub use outcome::{Outcome, RecordInfo};
-pub use record::{ClaimToken, RecordState};
+/// The sled version the transactional API ([`Store::tree`], [`Store::execute_once_in_tx`])
+/// speaks, re-exported so its types need no separate dependency.
+pub use sled;
 pub use stats::Stats;
-pub use store::{Records, StepInfo, Store};
-
-/// What the operation of [`Store::execute_once_in_tx`] returns: its value, or
-/// `ConflictableTransactionError::Abort(e)` (see `sled::transaction::abort`) to abort with
-/// its error `e`. Errors of the transactional views convert with `?`.
-pub type TxResult<T, E> = sled::transaction::ConflictableTransactionResult<T, E>;
 
 /// Decodes arbitrary bytes as a stored record; for the fuzz targets and their corpus tests.
 /// Returns the record's metadata or the error a call would get for these bytes.
 #[doc(hidden)]
 pub fn __decode_record(bytes: &[u8]) -> Result<RecordInfo, Error> {
-    record::decode(bytes)
+    format::record::decode(bytes)
         .map(|r| RecordInfo::new(&r.header, r.payload.len()))
-        .map_err(|e| machine::decode_error(b"fuzz", e))
+        .map_err(|e| core::replay::decode_error(b"fuzz", e))
 }

@@ -92,7 +92,7 @@ fn a_version_1_store_opens_and_replays() {
             // The recorded step of format 1 replays; the failed one runs.
             let (charges, confirms) = (Cell::new(0), Cell::new(0));
             let out = store
-                .execute_once_with("checkout", |ctx| {
+                .execute_steps("checkout", |ctx| {
                     let charge = ctx.step("charge", || {
                         charges.set(charges.get() + 1);
                         Ok::<_, std::io::Error>(String::from("ch_new"))
@@ -113,7 +113,7 @@ fn a_version_1_store_opens_and_replays() {
             let retried = store.execute_once("retryable", never::<u64>).unwrap();
             assert_eq!(*retried, 7);
             let out = store
-                .execute_once_with("checkout", |_| never::<String>())
+                .execute_steps("checkout", |_| never::<String>())
                 .unwrap();
             assert_eq!(*out, "ch_9");
         }

@@ -219,7 +219,12 @@ fn model_scenarios() {
                 steps(0, &[(0, Ok), (1, Fail)], End::Ok, 1),
                 steps(0, &[(0, Ok), (1, RemoveThenOk), (2, Ok)], End::Ok, 2),
                 steps(0, &[(0, Ok), (1, Fail)], End::Ok, 3),
-                steps(0, &[(0, RemoveAfter), (1, Ok), (2, RemoveThenOk)], End::Ok, 4),
+                steps(
+                    0,
+                    &[(0, RemoveAfter), (1, Ok), (2, RemoveThenOk)],
+                    End::Ok,
+                    4,
+                ),
                 steps(0, &[(0, Ok), (1, Ok)], End::RemoveThenOk, 5),
                 steps(0, &[(0, Ok), (1, Ok)], End::Ok, 6),
                 execute(0, Run::Ok(7)),
@@ -406,9 +411,6 @@ fn known_divergence_tx_predicate_panic() {
     reference::run(true, &[tx(0, Run::PredicatePanic(0))]);
     reference::run(
         true,
-        &[
-            execute(1, Run::Retryable(4)),
-            tx(1, Run::PredicatePanic(5)),
-        ],
+        &[execute(1, Run::Retryable(4)), tx(1, Run::PredicatePanic(5))],
     );
 }

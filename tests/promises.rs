@@ -29,7 +29,7 @@ fn an_ignored_step_error_does_not_shift_later_steps() {
     let store = s.open();
     let (charges, confirms) = (Cell::new(0), Cell::new(0));
     let attempt = |confirm_works: bool| {
-        store.execute_once_with("order-1", |ctx| {
+        store.execute_steps("order-1", |ctx| {
             // Best effort: its error is ignored, so it records nothing on the first attempt.
             let _ = ctx.step("notify", || Err::<(), _>(ServiceError::Declined));
             let charge = ctx.step("charge", || {
@@ -64,7 +64,7 @@ fn after_a_store_error_in_a_step_no_further_step_runs() {
     let s = Scratch::new();
     let store = s.open();
     let later = Cell::new(0);
-    let r = store.execute_once_with("k", |ctx| {
+    let r = store.execute_steps("k", |ctx| {
         ctx.step("a", || Ok::<_, ServiceError>(1))?;
         // A duplicate name is a store error; the operation ignores it and goes on.
         let ignored = ctx.step("a", || Ok::<_, ServiceError>(2));
@@ -93,7 +93,7 @@ fn a_step_with_an_oversized_result_never_runs_again() {
     let store = s.builder().max_result_bytes(64).open().unwrap();
     let runs = Cell::new(0);
     for _ in 0..3 {
-        let r = store.execute_once_with("k", |ctx| {
+        let r = store.execute_steps("k", |ctx| {
             ctx.step("big", || {
                 runs.set(runs.get() + 1);
                 Ok::<_, ServiceError>(vec![7u8; 1000])
@@ -214,7 +214,7 @@ fn a_panicking_transient_predicate_leaves_a_retryable_record() {
         .open()
         .unwrap();
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        store.execute_once_with("k", |ctx| {
+        store.execute_steps("k", |ctx| {
             let policy = idemstore::RetryPolicy::new();
             ctx.step_with_retry(
                 "charge",
@@ -257,8 +257,7 @@ fn remove_while_a_multi_step_call_runs_gives_the_next_life_fresh_steps() {
     let charges = AtomicU32::new(0);
     let hold = Barrier::new(2);
     std::thread::scope(|scope| {
-        let running =
-            scope.spawn(|| store.execute_once_with("k", charge_op(&charges, Some(&hold))));
+        let running = scope.spawn(|| store.execute_steps("k", charge_op(&charges, Some(&hold))));
         hold.wait(); // charge recorded, confirm not yet
         assert!(store.remove("k").unwrap());
         hold.wait();
@@ -268,9 +267,7 @@ fn remove_while_a_multi_step_call_runs_gives_the_next_life_fresh_steps() {
             "the removed life's next step is refused"
         );
     });
-    let next = store
-        .execute_once_with("k", charge_op(&charges, None))
-        .unwrap();
+    let next = store.execute_steps("k", charge_op(&charges, None)).unwrap();
     assert_eq!(
         *next, 2,
         "the new life charges afresh, never replaying the old charge"
@@ -293,7 +290,7 @@ fn remove_racing_a_fresh_call_never_hands_the_new_life_an_old_charge() {
     for round in 0..400 {
         let key = format!("k{round}");
         let old = *store
-            .execute_once_with(&key, charge_op(&charges, None))
+            .execute_steps(&key, charge_op(&charges, None))
             .unwrap();
         let start = Barrier::new(2);
         std::thread::scope(|scope| {
@@ -302,7 +299,7 @@ fn remove_racing_a_fresh_call_never_hands_the_new_life_an_old_charge() {
                 store.remove(&key).unwrap()
             });
             start.wait();
-            let r = store.execute_once_with(&key, charge_op(&charges, None));
+            let r = store.execute_steps(&key, charge_op(&charges, None));
             if let Ok(r) = r {
                 assert!(
                     r.is_replayed() || *r != old,
@@ -327,9 +324,7 @@ fn a_record_lost_without_its_steps_starts_a_fresh_life() {
     let charges = AtomicU32::new(0);
     {
         let store = s.open();
-        store
-            .execute_once_with("k", charge_op(&charges, None))
-            .unwrap();
+        store.execute_steps("k", charge_op(&charges, None)).unwrap();
     }
     // As a crash between removing the record and removing its steps would leave it.
     s.with_raw_db(|db| {
@@ -337,9 +332,7 @@ fn a_record_lost_without_its_steps_starts_a_fresh_life() {
         records.remove("k").unwrap();
     });
     let store = s.open();
-    let r = store
-        .execute_once_with("k", charge_op(&charges, None))
-        .unwrap();
+    let r = store.execute_steps("k", charge_op(&charges, None)).unwrap();
     assert_eq!(*r, 2, "the old life's charge is not replayed");
 }
 
@@ -359,7 +352,7 @@ fn a_transactional_life_between_two_multi_step_lives_leaves_no_steps_to_replay()
         ctx.step("confirm", || Err::<(), _>(ServiceError::Declined))?;
         Ok::<u32, StepError<ServiceError>>(0)
     };
-    assert!(store.execute_once_with("k", failing_confirm).is_err());
+    assert!(store.execute_steps("k", failing_confirm).is_err());
     s.clock.advance(Duration::from_secs(11));
     let tree = store.tree("t").unwrap();
     store
@@ -368,9 +361,7 @@ fn a_transactional_life_between_two_multi_step_lives_leaves_no_steps_to_replay()
         })
         .unwrap();
     s.clock.advance(Duration::from_secs(11));
-    let r = store
-        .execute_once_with("k", charge_op(&charges, None))
-        .unwrap();
+    let r = store.execute_steps("k", charge_op(&charges, None)).unwrap();
     assert_eq!(*r, 2, "the third life charges afresh");
 }
 

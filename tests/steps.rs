@@ -36,7 +36,7 @@ fn a_retry_after_a_failed_confirmation_sends_only_the_confirmation() {
     let (charges, mails) = (Cell::new(0), Cell::new(0));
     let mail_works = Cell::new(false);
     let checkout = || {
-        store.execute_once_with("checkout-91", |ctx| {
+        store.execute_steps("checkout-91", |ctx| {
             let charge: String = ctx.step("charge", || {
                 charges.set(charges.get() + 1);
                 Ok::<_, CheckoutError>(format!("ch_{}", charges.get()))
@@ -83,12 +83,12 @@ fn a_retry_after_a_failed_confirmation_sends_only_the_confirmation() {
 fn a_changed_step_sequence_is_a_clear_error_and_nothing_more_runs() {
     let s = Scratch::new();
     let store = s.open();
-    let _ = store.execute_once_with("k", |ctx| {
+    let _ = store.execute_steps("k", |ctx| {
         ctx.step("charge", || Ok::<_, CheckoutError>(1u32))?;
         Err::<u32, CheckoutError>(CheckoutError::Payment("later".into()))
     });
     let ran = Cell::new(false);
-    let r = store.execute_once_with("k", |ctx| {
+    let r = store.execute_steps("k", |ctx| {
         ctx.step("reserve", || {
             ran.set(true);
             Ok::<_, CheckoutError>(2u32)
@@ -116,7 +116,7 @@ fn a_changed_step_sequence_is_a_clear_error_and_nothing_more_runs() {
 fn a_store_error_in_a_step_fails_the_run_even_if_the_operation_swallows_it() {
     let s = Scratch::new();
     let store = s.open();
-    let r = store.execute_once_with("k", |ctx| {
+    let r = store.execute_steps("k", |ctx| {
         let _ = ctx.step("a", || Ok::<_, CheckoutError>(1u8));
         let _ = ctx.step("a", || Ok::<_, CheckoutError>(1u8)); // duplicate name: ignored by the op
         Ok::<_, CheckoutError>(7u8)
@@ -140,7 +140,7 @@ fn steps_expire_with_their_key_and_go_with_remove() {
         .open()
         .unwrap();
     let run = |key: &str, charge: u32| {
-        store.execute_once_with(key, |ctx| {
+        store.execute_steps(key, |ctx| {
             let c = ctx.step("charge", || Ok::<_, CheckoutError>(charge))?;
             ctx.step("confirm", || {
                 Err::<(), _>(CheckoutError::Mail("down".into()))
@@ -155,7 +155,7 @@ fn steps_expire_with_their_key_and_go_with_remove() {
     s.clock.advance(Duration::from_secs(10));
     assert!(store.steps("a").unwrap().is_empty());
     let charged_again = Cell::new(false);
-    let _ = store.execute_once_with("a", |ctx| {
+    let _ = store.execute_steps("a", |ctx| {
         ctx.step("charge", || {
             charged_again.set(true);
             Ok::<_, CheckoutError>(2u32)
@@ -191,7 +191,7 @@ fn steps_survive_reopen_and_the_claim_token_grows_across_claims_and_restarts() {
         // Two claims in each open: the charge step ran in the very first and is replayed in
         // every later one; the run then fails with a retryable error.
         for _ in 0..2 {
-            let r = store.execute_once_with("order-1", |ctx| {
+            let r = store.execute_steps("order-1", |ctx| {
                 tokens.push(ctx.claim_token());
                 downstream.push(ctx.downstream_key("charge"));
                 assert_ne!(ctx.downstream_key("charge"), ctx.downstream_key("refund"));
@@ -239,7 +239,7 @@ fn steps_survive_reopen_and_the_claim_token_grows_across_claims_and_restarts() {
     );
     let store = s.open();
     let other = store
-        .execute_once_with("order-2", |ctx| {
+        .execute_steps("order-2", |ctx| {
             Ok::<_, CheckoutError>(ctx.downstream_key("charge"))
         })
         .unwrap();
@@ -256,7 +256,7 @@ fn step_with_retry_retries_transient_errors_within_one_claim() {
         .initial_delay(Duration::from_millis(1))
         .max_delay(Duration::from_millis(2));
     let out = store
-        .execute_once_with("k", |ctx| {
+        .execute_steps("k", |ctx| {
             let v = ctx.step_with_retry(
                 "flaky",
                 &policy,
@@ -277,7 +277,7 @@ fn step_with_retry_retries_transient_errors_within_one_claim() {
 
     // An error the predicate calls transient every time: the policy's bound is respected.
     let calls = Cell::new(0);
-    let r = store.execute_once_with("k2", |ctx| {
+    let r = store.execute_steps("k2", |ctx| {
         ctx.step_with_retry(
             "flaky",
             &policy,
@@ -308,7 +308,7 @@ fn step_with_retry_does_not_retry_an_error_that_is_not_transient() {
         .initial_delay(Duration::from_millis(1))
         .max_delay(Duration::from_millis(2));
     let (calls, checked) = (Cell::new(0), Cell::new(0));
-    let r = store.execute_once_with("k", |ctx| {
+    let r = store.execute_steps("k", |ctx| {
         ctx.step_with_retry(
             "mail",
             &policy,
@@ -353,7 +353,7 @@ fn steps_child() {
         .sweep_interval(None)
         .open()
         .unwrap();
-    let _ = store.execute_once_with("checkout-7", |ctx| {
+    let _ = store.execute_steps("checkout-7", |ctx| {
         ctx.step("charge", || {
             let mut log = std::fs::OpenOptions::new()
                 .create(true)
@@ -399,7 +399,7 @@ fn a_process_killed_between_steps_resumes_after_the_finished_step() {
     );
     let (charged, confirmed) = (Cell::new(0), Cell::new(0));
     let out = store
-        .execute_once_with("checkout-7", |ctx| {
+        .execute_steps("checkout-7", |ctx| {
             let charge = ctx.step("charge", || {
                 charged.set(charged.get() + 1);
                 Ok::<_, CheckoutError>(String::from("ch_2"))
@@ -427,7 +427,7 @@ fn step_with_retry_stops_at_the_policys_total_time() {
         .max_attempts(10)
         .initial_delay(Duration::from_millis(1))
         .max_total(Duration::ZERO);
-    let r = store.execute_once_with("k", |ctx| {
+    let r = store.execute_steps("k", |ctx| {
         ctx.step_with_retry(
             "flaky",
             &policy,

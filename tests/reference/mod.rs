@@ -158,7 +158,7 @@ pub enum Op {
         key: u8,
     },
     Reopen,
-    /// `execute_once_with`: the steps in order (step `i` returns `value + i`), then `end`.
+    /// `execute_steps`: the steps in order (step `i` returns `value + i`), then `end`.
     Steps {
         key: u8,
         steps: Vec<Step>,
@@ -668,7 +668,10 @@ enum State {
     Permanent(u16),
     Retryable,
     /// Ran; its value (or permanent error) could not be stored.
-    Unstorable { why: Unstorable, permanent: bool },
+    Unstorable {
+        why: Unstorable,
+        permanent: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -1115,7 +1118,10 @@ fn seen(result: std::thread::Result<Result<Outcome<Val>, ExecuteError<ModelError
             Error::PermanentErrorRecorded { .. } => Seen::NoDecoder,
             Error::ResultTooLarge { size, limit, .. } => {
                 assert_eq!(limit, MAX_RESULT as u64, "ResultTooLarge's limit");
-                assert!(size > limit, "ResultTooLarge of {size} bytes within {limit}");
+                assert!(
+                    size > limit,
+                    "ResultTooLarge of {size} bytes within {limit}"
+                );
                 Seen::Unstorable(Unstorable::TooLarge)
             }
             Error::ResultNotEncodable { .. } => Seen::Unstorable(Unstorable::NotEncodable),
@@ -1223,7 +1229,7 @@ fn store_steps(spec: &CallSpec<'_>, steps: &[Step], end: End, value: u16) -> (Se
         events.borrow_mut().push(Event::Removed(removed));
     };
     let result = catch_unwind(AssertUnwindSafe(|| {
-        spec.store.execute_once_with(&spec.name, |ctx| {
+        spec.store.execute_steps(&spec.name, |ctx| {
             let mut sum = 0u16;
             for (i, step) in steps.iter().enumerate() {
                 let out = ctx.step(&format!("s{}", step.name), || {
@@ -1299,9 +1305,10 @@ fn check_records(store: &Store, model: &Model, step: usize, op: &Op) {
                     | State::Unstorable {
                         permanent: false, ..
                     } => RecordState::Completed,
-                    State::Permanent(_) | State::Unstorable { permanent: true, .. } => {
-                        RecordState::FailedPermanent
-                    }
+                    State::Permanent(_)
+                    | State::Unstorable {
+                        permanent: true, ..
+                    } => RecordState::FailedPermanent,
                     State::Retryable => RecordState::FailedRetryable,
                 };
                 assert_eq!(g.state, state, "step {step} {op:?}: state of key {key}");

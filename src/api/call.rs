@@ -9,21 +9,17 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::time::Duration;
 
-use crate::codec::{self, Codec, EncodeFailure, Encoded};
-use crate::{Context, ExecuteError, Fingerprint, OrphanPolicy, Outcome, Store};
-
-/// Options of one call, as the state machine reads them.
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct CallOptions {
-    pub fingerprint: Option<Fingerprint>,
-    pub ttl: Option<Duration>,
-    pub wait_timeout: Option<Duration>,
-    pub orphan_policy: Option<OrphanPolicy>,
-    /// The operation records steps (`run_with`).
-    pub with_steps: bool,
-    /// How this call encodes its outcome (None: the store's setting).
-    pub codec: Option<Codec>,
-}
+use crate::api::store::Store;
+use crate::core::options::{CallOptions, OrphanPolicy};
+use crate::core::outcome::Outcome;
+use crate::core::policy::{AllRetryable, ErrorPolicy, PermanentIf};
+use crate::driver::context::Context;
+use crate::driver::transaction::TxResult;
+use crate::engine::sled::SledEngine;
+use crate::engine::Engine;
+use crate::error::ExecuteError;
+use crate::format::codec::Codec;
+use crate::format::fingerprint::Fingerprint;
 
 /// One call being configured: made by [`Store::call`], run by [`Call::run`].
 ///
@@ -55,14 +51,16 @@ pub(crate) struct CallOptions {
 /// # let _ = first; Ok(()) }
 /// ```
 #[must_use = "a call does nothing until `run`"]
-pub struct Call<'s, 'k, P = AllRetryable> {
-    pub(crate) store: &'s Store,
+#[allow(private_bounds)]
+pub struct Call<'s, 'k, P = AllRetryable, S: Engine = SledEngine> {
+    pub(crate) store: &'s Store<S>,
     pub(crate) key: &'k [u8],
     pub(crate) options: CallOptions,
     pub(crate) policy: P,
 }
 
-impl<'s, 'k, P> Call<'s, 'k, P> {
+#[allow(private_bounds)]
+impl<'s, 'k, P, S: Engine> Call<'s, 'k, P, S> {
     /// The request's fingerprint: a later call with this key and a different fingerprint gets
     /// [`Error::FingerprintMismatch`](crate::Error::FingerprintMismatch) and nothing runs.
     pub fn fingerprint(mut self, fingerprint: Fingerprint) -> Self {
@@ -100,7 +98,7 @@ impl<'s, 'k, P> Call<'s, 'k, P> {
     /// Declares which errors are permanent: those are recorded and replayed to later calls
     /// (the operation does not run again); all others stay retryable. Recording an error
     /// needs an encoding, so `E` must be serde here.
-    pub fn permanent_if<E, F>(self, is_permanent: F) -> Call<'s, 'k, PermanentIf<F>>
+    pub fn permanent_if<E, F>(self, is_permanent: F) -> Call<'s, 'k, PermanentIf<F>, S>
     where
         F: Fn(&E) -> bool,
         E: Serialize + DeserializeOwned,
@@ -124,7 +122,7 @@ impl<'s, 'k, P> Call<'s, 'k, P> {
         F: FnOnce() -> Result<T, E>,
         P: ErrorPolicy<E>,
     {
-        crate::machine::execute(
+        crate::driver::execute::execute(
             self.store.shared(),
             self.key,
             &self.options,
@@ -133,6 +131,44 @@ impl<'s, 'k, P> Call<'s, 'k, P> {
         )
     }
 
+    /// As [`run`](Self::run), for an operation made of named steps; see
+    /// [`Store::execute_steps`].
+    ///
+    /// # Errors
+    /// As [`Store::execute_steps`].
+    pub fn run_steps<T, E, F>(mut self, f: F) -> Result<Outcome<T>, ExecuteError<E>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce(&mut Context<'_>) -> Result<T, E>,
+        P: ErrorPolicy<E>,
+    {
+        self.options.with_steps = true;
+        crate::driver::execute::execute(
+            self.store.shared(),
+            self.key,
+            &self.options,
+            &self.policy,
+            f,
+        )
+    }
+
+    /// The former name of [`run_steps`](Self::run_steps).
+    ///
+    /// # Errors
+    /// As [`run_steps`](Self::run_steps).
+    #[deprecated(since = "0.2.0", note = "renamed to `run_steps`")]
+    pub fn run_with<T, E, F>(self, f: F) -> Result<Outcome<T>, ExecuteError<E>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce(&mut Context<'_>) -> Result<T, E>,
+        P: ErrorPolicy<E>,
+    {
+        self.run_steps(f)
+    }
+}
+
+/// The sled-specific part of a call: exactly-once local effects.
+impl<P> Call<'_, '_, P, SledEngine> {
     /// As [`run`](Self::run), with the operation's writes to `trees` committed in one
     /// transaction with its outcome; see [`Store::execute_once_in_tx`].
     ///
@@ -145,10 +181,10 @@ impl<'s, 'k, P> Call<'s, 'k, P> {
     ) -> Result<Outcome<T>, ExecuteError<E>>
     where
         T: Serialize + DeserializeOwned,
-        F: Fn(&[sled::transaction::TransactionalTree]) -> crate::TxResult<T, E>,
+        F: Fn(&[sled::transaction::TransactionalTree]) -> TxResult<T, E>,
         P: ErrorPolicy<E>,
     {
-        crate::tx::execute_in_tx(
+        crate::driver::transaction::execute_in_tx(
             self.store.shared(),
             self.key,
             &self.options,
@@ -156,90 +192,5 @@ impl<'s, 'k, P> Call<'s, 'k, P> {
             trees,
             f,
         )
-    }
-
-    /// As [`run`](Self::run), for an operation made of named steps; see
-    /// [`Store::execute_once_with`].
-    ///
-    /// # Errors
-    /// As [`Store::execute_once_with`].
-    pub fn run_with<T, E, F>(mut self, f: F) -> Result<Outcome<T>, ExecuteError<E>>
-    where
-        T: Serialize + DeserializeOwned,
-        F: FnOnce(&mut Context<'_>) -> Result<T, E>,
-        P: ErrorPolicy<E>,
-    {
-        self.options.with_steps = true;
-        crate::machine::execute(
-            self.store.shared(),
-            self.key,
-            &self.options,
-            &self.policy,
-            f,
-        )
-    }
-}
-
-/// The default error policy: every error is retryable, none is stored.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct AllRetryable;
-
-/// An error policy from a predicate: errors it accepts are permanent and recorded.
-#[derive(Debug, Clone, Copy)]
-pub struct PermanentIf<F>(F);
-
-/// Which errors of type `E` are permanent, and how they are stored. Implemented by
-/// [`AllRetryable`] and [`PermanentIf`]; sealed.
-pub trait ErrorPolicy<E>: sealed::Classify<E> {}
-
-impl<E, P: sealed::Classify<E>> ErrorPolicy<E> for P {}
-
-pub(crate) mod sealed {
-    use super::{Codec, EncodeFailure, Encoded};
-
-    pub trait Classify<E> {
-        fn is_permanent(&self, error: &E) -> bool;
-        fn encode(&self, error: &E, codec: Codec, limit: usize) -> Result<Encoded, EncodeFailure>;
-        /// None: this policy cannot decode stored errors.
-        fn decode(
-            &self,
-            bytes: &[u8],
-            codec: Codec,
-            shape: Option<u64>,
-        ) -> Option<Result<E, String>>;
-    }
-}
-
-impl<E> sealed::Classify<E> for AllRetryable {
-    fn is_permanent(&self, _: &E) -> bool {
-        false
-    }
-
-    fn encode(&self, _: &E, _: Codec, _: usize) -> Result<Encoded, EncodeFailure> {
-        Err(EncodeFailure::Serializer(
-            "this call stores no errors".into(),
-        ))
-    }
-
-    fn decode(&self, _: &[u8], _: Codec, _: Option<u64>) -> Option<Result<E, String>> {
-        None
-    }
-}
-
-impl<E, F> sealed::Classify<E> for PermanentIf<F>
-where
-    F: Fn(&E) -> bool,
-    E: Serialize + DeserializeOwned,
-{
-    fn is_permanent(&self, error: &E) -> bool {
-        (self.0)(error)
-    }
-
-    fn encode(&self, error: &E, codec: Codec, limit: usize) -> Result<Encoded, EncodeFailure> {
-        codec::encode(error, codec, limit)
-    }
-
-    fn decode(&self, bytes: &[u8], codec: Codec, shape: Option<u64>) -> Option<Result<E, String>> {
-        Some(codec::decode(bytes, codec, shape))
     }
 }

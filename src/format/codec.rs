@@ -3,7 +3,7 @@
 //!
 //! Invariants:
 //! - nothing is recorded that will not replay: [`encode`] decodes its own bytes back and
-//!   compares the decoded value's [shape](crate::walk::shape) with the original's, so a type
+//!   compares the decoded value's [shape](crate::format::walk::shape) with the original's, so a type
 //!   that serializes but does not decode (`serde_json::Value` or an internally tagged enum
 //!   under bincode, a field skipped when serializing) is refused on the first call;
 //! - a replay returns the value that was stored or an error, never a different value:
@@ -18,7 +18,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use crate::walk;
+use crate::format::walk;
 
 /// Upper bound on what decoding one payload may allocate.
 pub(crate) const DECODE_LIMIT: usize = 256 << 20;

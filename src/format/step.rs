@@ -10,8 +10,8 @@
 //! never replaced. A step whose outcome could not be stored is recorded too (kind too large /
 //! not encodable): it ran, so it never runs again.
 
-use crate::record::OutcomeKind;
-use crate::Codec;
+use crate::format::codec::Codec;
+use crate::format::record::OutcomeKind;
 
 const MAGIC: u8 = 0x5E;
 const VERSION: u8 = 2;

@@ -1,7 +1,7 @@
 //! Request fingerprints and keys derived from requests.
 //!
 //! Invariants: a fingerprint is a 32-byte blake3 digest; [`Fingerprint::of`] hashes the
-//! value's canonical encoding ([`crate::walk::canonical`]: bincode 2's standard encoding with
+//! value's canonical encoding ([`crate::format::walk::canonical`]: bincode 2's standard encoding with
 //! every map's entries sorted), so equal values give equal fingerprints whatever the
 //! iteration order of their maps. A `HashSet` serializes exactly like a `Vec` (serde cannot
 //! tell them apart), so its order counts: use a `BTreeSet` or a sorted `Vec` in requests. Derived keys use blake3's key-derivation mode with a fixed
@@ -10,7 +10,7 @@
 use serde::Serialize;
 use std::fmt;
 
-use crate::Error;
+use crate::error::Error;
 
 /// A blake3 digest of a request, stored with its key so a reuse of the key for a different
 /// request is refused with [`Error::FingerprintMismatch`].
@@ -100,7 +100,7 @@ fn hash_value<S: Serialize + ?Sized>(hasher: &mut blake3::Hasher, value: &S) -> 
         what: "fingerprinted request",
         message,
     };
-    let bytes = crate::codec::catching(|| crate::walk::canonical(value))
+    let bytes = crate::format::codec::catching(|| crate::format::walk::canonical(value))
         .map_err(encode_error)?
         .map_err(|e| encode_error(e.0))?;
     hasher.update(&bytes);

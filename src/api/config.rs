@@ -8,33 +8,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::api::store::Store;
 use crate::clock::{Clock, SystemClock};
-use crate::codec::MAX_RESULT_LIMIT;
-use crate::{Codec, Error, Store};
-
-/// When writes reach the disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Durability {
-    /// The claim is durable before the operation runs and the outcome is durable before
-    /// `execute_once` returns. Concurrent calls share fsyncs (group commit). Nothing a call
-    /// returned is lost in a crash.
-    Immediate,
-    /// Writes are flushed by the storage engine every `interval`. A crash can lose the claims
-    /// and outcomes of the last interval: an operation whose outcome was lost runs again on the
-    /// next call, and one whose claim was lost is not seen as interrupted.
-    Periodic(Duration),
-}
-
-/// What a call does when it finds a key left Pending by a run that is no longer running (its
-/// process died, or its outcome could not be recorded).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OrphanPolicy {
-    /// Run the operation again (at-least-once across a crash). The default.
-    Rerun,
-    /// Return [`Error::Interrupted`] and leave the record as it is, so the caller can reconcile
-    /// (for example ask the payment provider) before re-running with `Rerun` or removing the key.
-    Report,
-}
+use crate::core::options::{Durability, OrphanPolicy};
+use crate::error::Error;
+use crate::format::codec::{Codec, MAX_RESULT_LIMIT};
 
 /// Configures and opens a [`Store`].
 ///
@@ -188,7 +166,7 @@ impl StoreBuilder {
         Store::open_with(self)
     }
 
-    fn validate(&self) -> Result<(), Error> {
+    pub(crate) fn validate(&self) -> Result<(), Error> {
         if self.path.as_os_str().is_empty() {
             return Err(Error::InvalidConfig(
                 "the store path is empty (an unset environment variable?)",

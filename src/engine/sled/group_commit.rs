@@ -13,8 +13,8 @@ use parking_lot::{Condvar, Mutex};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use super::DurableFiles;
 use crate::stats::Counters;
-use crate::storage::DurableFiles;
 
 /// The durability barrier for `Immediate` mode.
 pub(crate) struct GroupCommit {

@@ -22,7 +22,7 @@ use std::time::Instant;
 const SHARDS: usize = 64;
 
 /// Running keys of one shard.
-type Shard = Mutex<HashMap<Box<[u8]>, Arc<Flight>>>;
+type Shard = Mutex<HashMap<Box<[u8]>, Arc<RunningCall>>>;
 
 /// The registry: one map of running keys per shard.
 pub(crate) struct Registry {
@@ -32,12 +32,12 @@ pub(crate) struct Registry {
 }
 
 /// One running call, as its waiters see it.
-pub(crate) struct Flight {
+pub(crate) struct RunningCall {
     done: Mutex<bool>,
     finished: Condvar,
 }
 
-impl Flight {
+impl RunningCall {
     /// Blocks until the leader finishes or `deadline` passes (None: no deadline); true if it
     /// finished.
     pub(crate) fn wait_until(&self, deadline: Option<Instant>) -> bool {
@@ -61,14 +61,14 @@ pub(crate) enum Entry<'r> {
     /// This call now runs the key; dropping the guard releases it and wakes waiters.
     Leader(Leader<'r>),
     /// Another call runs the key; wait on it, then look again.
-    Follower(Arc<Flight>),
+    Follower(Arc<RunningCall>),
 }
 
 /// Proof of leadership for one key.
 pub(crate) struct Leader<'r> {
     registry: &'r Registry,
     key: Box<[u8]>,
-    flight: Arc<Flight>,
+    flight: Arc<RunningCall>,
 }
 
 impl Registry {
@@ -93,7 +93,7 @@ impl Registry {
         if let Some(flight) = map.get(key) {
             return Entry::Follower(Arc::clone(flight));
         }
-        let flight = Arc::new(Flight {
+        let flight = Arc::new(RunningCall {
             done: Mutex::new(false),
             finished: Condvar::new(),
         });
@@ -107,7 +107,7 @@ impl Registry {
     }
 
     /// The flight running `key`, if any.
-    pub(crate) fn running(&self, key: &[u8]) -> Option<Arc<Flight>> {
+    pub(crate) fn running(&self, key: &[u8]) -> Option<Arc<RunningCall>> {
         if self.leaders.load(Ordering::SeqCst) == 0 {
             return None;
         }

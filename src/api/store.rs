@@ -1,80 +1,34 @@
 //! The public `Store`: opening, `execute_once`, inspection and shutdown.
 //!
 //! Invariants: a `Store` owns its background thread; dropping it (or [`Store::close`]) stops
-//! and joins the sweeper, flushes the database, and returns only once the engine has released
-//! the database's lock, so the path can be opened again at once. `Store` is `Send + Sync`: every method takes `&self` and
-//! shares state only through the storage engine, the registry and atomics.
+//! and joins the sweeper, flushes the engine, and returns only once the engine has let go of
+//! its files, so the path can be opened again at once. `Store` is `Send + Sync`: every method
+//! takes `&self` and shares state only through the engine, the registry and atomics. It is
+//! generic over its engine; everything but the sled-specific transactional API (`tree`,
+//! `execute_once_in_tx`) works on every engine.
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::Duration;
 
-use crate::call::{AllRetryable, Call, CallOptions};
-use crate::clock::Clock;
-use crate::machine::decode_error;
-use crate::record::{self, RecordState};
-use crate::registry::Registry;
+use crate::api::call::Call;
+use crate::api::config::StoreBuilder;
+use crate::core::options::{CallOptions, Durability, Settings};
+use crate::core::outcome::{Outcome, RecordInfo};
+use crate::core::policy::AllRetryable;
+use crate::core::replay::decode_error;
+use crate::driver::context::Context;
+use crate::driver::registry::Registry;
+use crate::driver::state::StoreState;
+use crate::driver::sweeper::{self, SweeperThread};
+use crate::driver::transaction::TxResult;
+use crate::engine::sled::{self as sled_engine, SledEngine};
+use crate::engine::{Engine, RecordIter};
+use crate::error::{Error, ExecuteError};
+use crate::format::record::{self, RecordState};
 use crate::stats::{Counters, Stats};
-use crate::storage::{self, SledStorage, Storage};
-use crate::sweeper::{self, SweeperThread};
-use crate::{
-    Context, Durability, Error, ExecuteError, OrphanPolicy, Outcome, RecordInfo, StoreBuilder,
-};
-
-/// Settings the state machine reads on every call.
-pub(crate) struct Settings {
-    pub default_ttl: Duration,
-    pub wait_timeout: Duration,
-    pub orphan_policy: OrphanPolicy,
-    pub max_key_bytes: usize,
-    pub max_result_bytes: usize,
-    /// `Durability::Immediate`: replays wait for a running writer's flush.
-    pub immediate: bool,
-    /// How outcomes are encoded unless a call says otherwise.
-    pub codec: crate::Codec,
-}
-
-/// State shared by callers and background threads.
-pub(crate) struct Shared<S> {
-    pub storage: S,
-    pub registry: Registry,
-    pub clock: Arc<dyn Clock>,
-    pub counters: Arc<Counters>,
-    pub settings: Settings,
-    /// This open's epoch (persisted; grows on every open).
-    pub epoch: u64,
-    /// The last claim sequence number handed out in this epoch.
-    pub next_claim: AtomicU64,
-}
-
-impl<S> Shared<S> {
-    /// A claim token no earlier claim of any key has had (see [`ClaimToken`]).
-    pub(crate) fn next_claim_token(&self) -> crate::ClaimToken {
-        crate::ClaimToken {
-            epoch: self.epoch,
-            sequence: self
-                .next_claim
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                + 1,
-        }
-    }
-
-    pub(crate) fn check_key(&self, key: &[u8]) -> Result<(), Error> {
-        if key.is_empty() {
-            return Err(Error::EmptyKey);
-        }
-        if key.len() > self.settings.max_key_bytes {
-            return Err(Error::KeyTooLong {
-                len: key.len(),
-                limit: self.settings.max_key_bytes,
-            });
-        }
-        Ok(())
-    }
-}
 
 /// An embedded, durable idempotency store.
 ///
@@ -93,15 +47,17 @@ impl<S> Shared<S> {
 /// assert!(again.is_replayed());
 /// # Ok(()) }
 /// ```
-pub struct Store {
+#[allow(private_bounds)]
+pub struct Store<S: Engine = SledEngine> {
     /// Invariant: `Some` from open until shutdown, which only `close` and `drop` call.
-    shared: Option<Arc<Shared<SledStorage>>>,
+    shared: Option<Arc<StoreState<S>>>,
     sweeper: Option<SweeperThread>,
-    /// The engine's data file, whose lock shutdown waits to see released.
-    lock_file: PathBuf,
+    /// Run after the engine's last handle is gone (sled: wait for its file lock to go).
+    after_close: Option<Box<dyn FnOnce() + Send + Sync>>,
 }
 
-impl std::fmt::Debug for Store {
+#[allow(private_bounds)]
+impl<S: Engine> std::fmt::Debug for Store<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
             .field("epoch", &self.shared().epoch)
@@ -109,7 +65,7 @@ impl std::fmt::Debug for Store {
     }
 }
 
-impl Store {
+impl Store<SledEngine> {
     /// Opens (or creates) a store at `path` with the default settings
     /// (see [`StoreBuilder`]).
     ///
@@ -135,9 +91,100 @@ impl Store {
             .cache_capacity(b.cache_bytes)
             .flush_every_ms(flush_every_ms);
         let counters = Arc::new(Counters::default());
-        let opened = storage::open(&b.path, config, immediate, Arc::clone(&counters))?;
-        let shared = Arc::new(Shared {
-            storage: opened.storage,
+        let opened = sled_engine::open(&b.path, config, immediate, Arc::clone(&counters))?;
+        let lock_file = b.path.join("db");
+        let after_close = Box::new(move || sled_engine::wait_for_engine_release(&lock_file));
+        Store::start(opened.engine, opened.epoch, counters, b, Some(after_close))
+    }
+
+    /// Opens (creating if needed) a tree of your own in the store's database, for effects that
+    /// must commit together with an outcome (see [`execute_once_in_tx`](Self::execute_once_in_tx)).
+    ///
+    /// A tree keeps the database open: drop your trees before the store closes, or closing
+    /// waits for them (up to 10 s, then logs a warning) and the path stays locked.
+    ///
+    /// # Errors
+    /// [`Error::ReservedTreeName`] for names starting with `idemstore/`; [`Error::Storage`].
+    pub fn tree(&self, name: &str) -> Result<sled::Tree, Error> {
+        if name.starts_with(sled_engine::RESERVED_PREFIX) {
+            return Err(Error::ReservedTreeName(name.to_owned()));
+        }
+        self.shared()
+            .engine
+            .db
+            .open_tree(name)
+            .map_err(sled_engine::sled_error)
+    }
+    /// Runs `f` exactly once for `key`, with its writes to `trees` and the Completed record
+    /// committed in one transaction: after any crash, either both are durable or neither is.
+    /// For effects on local state (decrement stock, append to a ledger, mark an order paid).
+    /// Replays, fingerprints, TTLs and waiting behave as in [`execute_once`](Self::execute_once);
+    /// no Pending record is ever visible.
+    ///
+    /// `f` gets one transactional view per tree, in order. It **may run more than once** (the
+    /// engine re-runs a transaction on conflict; only the run that commits applies anything),
+    /// so it must touch nothing but those views: no I/O, no calls to the store (sled 0.34 holds
+    /// a database-wide lock while `f` runs; calling the store from `f` deadlocks). `f` aborts
+    /// with `sled::transaction::abort(e)`: its writes are discarded and `e` is recorded as
+    /// retryable (or permanent, see [`Call::permanent_if`] with [`Call::run_in_tx`]).
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// let store = idemstore::Store::open(dir.path().join("db"))?;
+    /// let stock = store.tree("stock")?;
+    /// stock.insert("sku-1", &10u64.to_be_bytes())?;
+    /// for _ in 0..3 {
+    ///     store.execute_once_in_tx("reserve:order-7", &[&stock], |t| {
+    ///         let left = t[0].get("sku-1")?.map_or(0, |v| u64::from_be_bytes(v.as_ref().try_into().unwrap()));
+    ///         if left == 0 {
+    ///             return sled::transaction::abort("out of stock");
+    ///         }
+    ///         t[0].insert("sku-1", &(left - 1).to_be_bytes())?;
+    ///         Ok(left - 1)
+    ///     })
+    ///     .unwrap();
+    /// }
+    /// assert_eq!(stock.get("sku-1")?.unwrap().as_ref(), &9u64.to_be_bytes()); // applied once
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`execute_once`](Self::execute_once); [`Error::ResultTooLarge`] and
+    /// [`Error::ResultNotEncodable`] here abort the transaction, so nothing was applied.
+    pub fn execute_once_in_tx<T, E, F>(
+        &self,
+        key: impl AsRef<[u8]>,
+        trees: &[&sled::Tree],
+        f: F,
+    ) -> Result<Outcome<T>, ExecuteError<E>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: Fn(&[sled::transaction::TransactionalTree]) -> TxResult<T, E>,
+    {
+        crate::driver::transaction::execute_in_tx(
+            self.shared(),
+            key.as_ref(),
+            &CallOptions::default(),
+            &AllRetryable,
+            trees,
+            f,
+        )
+    }
+}
+
+#[allow(private_bounds)]
+impl<S: Engine> Store<S> {
+    /// Starts a store on an opened engine: the shared state, then the sweeper.
+    pub(crate) fn start(
+        engine: S,
+        epoch: u64,
+        counters: Arc<Counters>,
+        b: StoreBuilder,
+        after_close: Option<Box<dyn FnOnce() + Send + Sync>>,
+    ) -> Result<Store<S>, Error> {
+        let shared = Arc::new(StoreState {
+            engine,
             registry: Registry::new(),
             clock: b.clock,
             counters,
@@ -147,23 +194,24 @@ impl Store {
                 orphan_policy: b.orphan_policy,
                 max_key_bytes: b.max_key_bytes,
                 max_result_bytes: b.max_result_bytes,
-                immediate,
+                immediate: b.durability == Durability::Immediate,
                 codec: b.codec,
             },
-            epoch: opened.epoch,
-            next_claim: AtomicU64::new(0),
+            epoch,
+            last_claim: AtomicU64::new(0),
         });
         let sweeper = match b.sweep_interval {
             Some(interval) => Some(
-                sweeper::start(Arc::clone(&shared), interval).map_err(storage::io_at(&b.path))?,
+                sweeper::start(Arc::clone(&shared), interval)
+                    .map_err(sled_engine::io_at(&b.path))?,
             ),
             None => None,
         };
-        tracing::debug!(epoch = opened.epoch, "idemstore opened");
+        tracing::debug!(epoch, "idemstore opened");
         Ok(Store {
             shared: Some(shared),
             sweeper,
-            lock_file: b.path.join("db"),
+            after_close,
         })
     }
 
@@ -216,7 +264,7 @@ impl Store {
         T: Serialize + DeserializeOwned,
         F: FnOnce() -> Result<T, E>,
     {
-        crate::machine::execute(
+        crate::driver::execute::execute(
             self.shared(),
             key.as_ref(),
             &CallOptions::default(),
@@ -243,7 +291,7 @@ impl Store {
     /// let store = Store::open(dir.path().join("db"))?;
     /// let (mut charges, mut mails) = (0, 0);
     /// for attempt in 1..=2 {
-    ///     let r = store.execute_once_with("checkout-91", |ctx| {
+    ///     let r = store.execute_steps("checkout-91", |ctx| {
     ///         let charge = ctx.step("charge", || { charges += 1; Ok::<_, std::io::Error>(4200u64) })?;
     ///         ctx.step("confirm", || {
     ///             mails += 1;
@@ -260,7 +308,7 @@ impl Store {
     /// # Errors
     /// As [`execute_once`](Self::execute_once); a store error inside a step fails the run with
     /// that error.
-    pub fn execute_once_with<T, E, F>(
+    pub fn execute_steps<T, E, F>(
         &self,
         key: impl AsRef<[u8]>,
         f: F,
@@ -273,7 +321,24 @@ impl Store {
             with_steps: true,
             ..CallOptions::default()
         };
-        crate::machine::execute(self.shared(), key.as_ref(), &options, &AllRetryable, f)
+        crate::driver::execute::execute(self.shared(), key.as_ref(), &options, &AllRetryable, f)
+    }
+
+    /// The former name of [`execute_steps`](Self::execute_steps).
+    ///
+    /// # Errors
+    /// As [`execute_steps`](Self::execute_steps).
+    #[deprecated(since = "0.2.0", note = "renamed to `execute_steps`")]
+    pub fn execute_once_with<T, E, F>(
+        &self,
+        key: impl AsRef<[u8]>,
+        f: F,
+    ) -> Result<Outcome<T>, ExecuteError<E>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce(&mut Context<'_>) -> Result<T, E>,
+    {
+        self.execute_steps(key, f)
     }
 
     /// The recorded steps of `key`'s operation, in order (empty if none, or if the key is
@@ -284,19 +349,21 @@ impl Store {
     pub fn steps(&self, key: impl AsRef<[u8]>) -> Result<Vec<StepInfo>, Error> {
         let key = key.as_ref();
         let shared = self.shared();
-        let Some(bytes) = shared.storage.get(key)? else {
+        let Some(bytes) = shared.engine.get(key)? else {
             return Ok(Vec::new());
         };
-        let rec = record::decode(&bytes).map_err(|e| decode_error(key, e))?;
+        let rec = record::decode(bytes.as_ref()).map_err(|e| decode_error(key, e))?;
         if rec.header.is_expired(shared.clock.now_millis()) {
             return Ok(Vec::new());
         }
         let mut steps = Vec::new();
-        for (index, bytes) in shared.storage.steps(key, rec.header.life)? {
-            let step = crate::step::decode(&bytes).map_err(|reason| Error::CorruptStep {
-                key: crate::KeyName::new(key),
-                index,
-                reason,
+        for (index, bytes) in shared.engine.steps(key, rec.header.life)? {
+            let step = crate::format::step::decode(bytes.as_ref()).map_err(|reason| {
+                Error::CorruptStep {
+                    key: crate::key::KeyName::new(key),
+                    index,
+                    reason,
+                }
             })?;
             steps.push(StepInfo {
                 index,
@@ -307,81 +374,9 @@ impl Store {
         Ok(steps)
     }
 
-    /// Runs `f` exactly once for `key`, with its writes to `trees` and the Completed record
-    /// committed in one transaction: after any crash, either both are durable or neither is.
-    /// For effects on local state (decrement stock, append to a ledger, mark an order paid).
-    /// Replays, fingerprints, TTLs and waiting behave as in [`execute_once`](Self::execute_once);
-    /// no Pending record is ever visible.
-    ///
-    /// `f` gets one transactional view per tree, in order. It **may run more than once** (the
-    /// engine re-runs a transaction on conflict; only the run that commits applies anything),
-    /// so it must touch nothing but those views: no I/O, no calls to the store (sled 0.34 holds
-    /// a database-wide lock while `f` runs; calling the store from `f` deadlocks). `f` aborts
-    /// with `sled::transaction::abort(e)`: its writes are discarded and `e` is recorded as
-    /// retryable (or permanent, see [`Call::permanent_if`] with [`Call::run_in_tx`]).
-    ///
-    /// ```
-    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// # let dir = tempfile::tempdir()?;
-    /// let store = idemstore::Store::open(dir.path().join("db"))?;
-    /// let stock = store.tree("stock")?;
-    /// stock.insert("sku-1", &10u64.to_be_bytes())?;
-    /// for _ in 0..3 {
-    ///     store.execute_once_in_tx("reserve:order-7", &[&stock], |t| {
-    ///         let left = t[0].get("sku-1")?.map_or(0, |v| u64::from_be_bytes(v.as_ref().try_into().unwrap()));
-    ///         if left == 0 {
-    ///             return sled::transaction::abort("out of stock");
-    ///         }
-    ///         t[0].insert("sku-1", &(left - 1).to_be_bytes())?;
-    ///         Ok(left - 1)
-    ///     })
-    ///     .unwrap();
-    /// }
-    /// assert_eq!(stock.get("sku-1")?.unwrap().as_ref(), &9u64.to_be_bytes()); // applied once
-    /// # Ok(()) }
-    /// ```
-    ///
-    /// # Errors
-    /// As [`execute_once`](Self::execute_once); [`Error::ResultTooLarge`] and
-    /// [`Error::ResultNotEncodable`] here abort the transaction, so nothing was applied.
-    pub fn execute_once_in_tx<T, E, F>(
-        &self,
-        key: impl AsRef<[u8]>,
-        trees: &[&sled::Tree],
-        f: F,
-    ) -> Result<Outcome<T>, ExecuteError<E>>
-    where
-        T: Serialize + DeserializeOwned,
-        F: Fn(&[sled::transaction::TransactionalTree]) -> crate::TxResult<T, E>,
-    {
-        crate::tx::execute_in_tx(
-            self.shared(),
-            key.as_ref(),
-            &CallOptions::default(),
-            &AllRetryable,
-            trees,
-            f,
-        )
-    }
-
-    /// Opens (creating if needed) a tree of your own in the store's database, for effects that
-    /// must commit together with an outcome (see [`execute_once_in_tx`](Self::execute_once_in_tx)).
-    ///
-    /// A tree keeps the database open: drop your trees before the store closes, or closing
-    /// waits for them (up to 10 s, then logs a warning) and the path stays locked.
-    ///
-    /// # Errors
-    /// [`Error::ReservedTreeName`] for names starting with `idemstore/`; [`Error::Storage`].
-    pub fn tree(&self, name: &str) -> Result<sled::Tree, Error> {
-        if name.starts_with(crate::storage::RESERVED_PREFIX) {
-            return Err(Error::ReservedTreeName(name.to_owned()));
-        }
-        Ok(self.shared().storage.db.open_tree(name)?)
-    }
-
     /// Starts configuring one call (fingerprint, TTL, wait, orphan policy, permanent errors);
     /// finish with [`Call::run`].
-    pub fn call<'k, K: AsRef<[u8]> + ?Sized>(&self, key: &'k K) -> Call<'_, 'k> {
+    pub fn call<'k, K: AsRef<[u8]> + ?Sized>(&self, key: &'k K) -> Call<'_, 'k, AllRetryable, S> {
         Call {
             store: self,
             key: key.as_ref(),
@@ -390,7 +385,7 @@ impl Store {
         }
     }
 
-    pub(crate) fn shared(&self) -> &Shared<SledStorage> {
+    pub(crate) fn shared(&self) -> &StoreState<S> {
         // Invariant: only shutdown takes `shared`, and it runs in `close(self)` or `drop`,
         // after which no method can be called.
         self.shared.as_deref().expect("store is open")
@@ -412,10 +407,10 @@ impl Store {
     /// [`Error::Storage`] for I/O failures.
     pub fn record(&self, key: impl AsRef<[u8]>) -> Result<Option<RecordInfo>, Error> {
         let key = key.as_ref();
-        let Some(bytes) = self.shared().storage.get(key)? else {
+        let Some(bytes) = self.shared().engine.get(key)? else {
             return Ok(None);
         };
-        let rec = record::decode(&bytes).map_err(|e| decode_error(key, e))?;
+        let rec = record::decode(bytes.as_ref()).map_err(|e| decode_error(key, e))?;
         let now = self.shared().clock.now_millis();
         Ok((!rec.header.is_expired(now)).then(|| RecordInfo::new(&rec.header, rec.payload.len())))
     }
@@ -428,20 +423,20 @@ impl Store {
     /// # Errors
     /// [`Error::Storage`] for I/O failures.
     pub fn remove(&self, key: impl AsRef<[u8]>) -> Result<bool, Error> {
-        let (key, storage) = (key.as_ref(), &self.shared().storage);
+        let (key, engine) = (key.as_ref(), &self.shared().engine);
         let removed = loop {
-            let Some(bytes) = storage.get(key)? else {
+            let Some(bytes) = engine.get(key)? else {
                 break false;
             };
             // A corrupt record has no steps anyone can reach: remove its bytes alone.
-            let steps_of = record::decode(&bytes)
+            let steps_of = record::decode(bytes.as_ref())
                 .ok()
                 .and_then(|r| r.header.has_steps.then_some(r.header.life));
-            if storage.remove_record(key, &bytes, steps_of)? {
+            if engine.remove_record(key, bytes.as_ref(), steps_of)? {
                 break true;
             }
         };
-        storage.barrier()?;
+        engine.barrier()?;
         Ok(removed)
     }
 
@@ -455,17 +450,16 @@ impl Store {
     /// let keys: Vec<Vec<u8>> = store.records().map(|r| r.unwrap().0).collect();
     /// assert_eq!(keys, vec![b"a".to_vec()]);
     /// ```
-    pub fn records(&self) -> Records<'_> {
+    pub fn records(&self) -> Records<'_, S> {
         Records {
-            iter: self.shared().storage.records.iter(),
+            iter: self.shared().engine.records(),
             now_ms: self.shared().clock.now_millis(),
             state: None,
-            _store: self,
         }
     }
 
     /// Iterates over live records in `state`; see [`Store::records`].
-    pub fn records_in_state(&self, state: RecordState) -> Records<'_> {
+    pub fn records_in_state(&self, state: RecordState) -> Records<'_, S> {
         Records {
             state: Some(state),
             ..self.records()
@@ -496,8 +490,7 @@ impl Store {
     /// # Errors
     /// [`Error::Storage`] if the flush fails.
     pub fn flush(&self) -> Result<(), Error> {
-        self.shared().storage.make_durable()?;
-        Ok(())
+        self.shared().engine.flush()
     }
 
     /// Stops the background threads, flushes, and reports whether the final flush succeeded.
@@ -514,15 +507,17 @@ impl Store {
             return Ok(());
         };
         drop(self.sweeper.take());
-        let flushed = shared.storage.make_durable();
+        let flushed = shared.engine.flush();
         drop(shared);
-        storage::wait_for_engine_release(&self.lock_file);
-        flushed?;
-        Ok(())
+        if let Some(after_close) = self.after_close.take() {
+            after_close();
+        }
+        flushed
     }
 }
 
-impl Drop for Store {
+#[allow(private_bounds)]
+impl<S: Engine> Drop for Store<S> {
     fn drop(&mut self) {
         if let Err(e) = self.shutdown() {
             tracing::error!(error = %e, "final flush failed while closing the store");
@@ -543,23 +538,24 @@ pub struct StepInfo {
 }
 
 /// Iterator over records; see [`Store::records`].
-pub struct Records<'s> {
-    iter: sled::Iter,
+#[allow(private_bounds)]
+pub struct Records<'s, S: Engine = SledEngine> {
+    iter: RecordIter<'s, S::Bytes>,
     now_ms: u64,
     state: Option<RecordState>,
-    _store: &'s Store,
 }
 
-impl Iterator for Records<'_> {
+#[allow(private_bounds)]
+impl<S: Engine> Iterator for Records<'_, S> {
     type Item = Result<(Vec<u8>, RecordInfo), Error>;
 
     fn next(&mut self) -> Option<Self::Item> {
         loop {
             let (key, bytes) = match self.iter.next()? {
                 Ok(kv) => kv,
-                Err(e) => return Some(Err(e.into())),
+                Err(e) => return Some(Err(e)),
             };
-            let rec = match record::decode(&bytes) {
+            let rec = match record::decode(bytes.as_ref()) {
                 Ok(rec) => rec,
                 Err(e) => return Some(Err(decode_error(&key, e))),
             };
@@ -568,10 +564,7 @@ impl Iterator for Records<'_> {
             {
                 continue;
             }
-            return Some(Ok((
-                key.to_vec(),
-                RecordInfo::new(&rec.header, rec.payload.len()),
-            )));
+            return Some(Ok((key, RecordInfo::new(&rec.header, rec.payload.len()))));
         }
     }
 }

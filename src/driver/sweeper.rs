@@ -2,7 +2,7 @@
 //!
 //! Invariants: correctness never depends on sweeping (expired records already read as
 //! absent); a pass reads only index entries that are due, so it costs O(entries due), not
-//! O(records stored); a record is removed only through [`Storage::remove_record`] against
+//! O(records stored); a record is removed only through [`Engine::remove_record`] against
 //! the exact bytes that were checked to be expired (with its life's steps, atomically), so a
 //! record refreshed or re-claimed meanwhile survives; a record whose call is running in this
 //! process is never removed (its index entry is kept, so a later pass looks again). The
@@ -16,19 +16,19 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crate::driver::state::StoreState;
+use crate::engine::Engine;
+use crate::error::Error;
+use crate::format::record;
 use crate::key::KeyHash;
-use crate::record;
-use crate::storage::Storage;
-use crate::store::Shared;
-use crate::Error;
 
 const BATCH: usize = 512;
 
 /// Removes every record expired at `now_ms`; returns how many it removed.
-pub(crate) fn sweep<S: Storage>(shared: &Shared<S>, now_ms: u64) -> Result<u64, Error> {
+pub(crate) fn sweep<S: Engine>(shared: &StoreState<S>, now_ms: u64) -> Result<u64, Error> {
     let mut swept = 0;
     loop {
-        let mut due = shared.storage.due_expiries(now_ms, BATCH)?;
+        let mut due = shared.engine.due_expiries(now_ms, BATCH)?;
         let fetched = due.len();
         // Visit records in key order: neighbours share the engine's tree pages.
         due.sort_unstable_by(|a, b| a.1.cmp(&b.1));
@@ -45,7 +45,7 @@ pub(crate) fn sweep<S: Storage>(shared: &Shared<S>, now_ms: u64) -> Result<u64, 
             }
             done.push((expires_ms, key));
         }
-        shared.storage.unindex_expiries(&done)?;
+        shared.engine.unindex_expiries(&done)?;
         // A full batch of entries kept for running calls would repeat forever: stop there.
         if fetched < BATCH || kept == fetched {
             break;
@@ -74,8 +74,8 @@ enum Swept {
 /// A call that claims the key meanwhile changes its bytes, so the removal's compare-and-swap
 /// fails; a call running it is in the registry before its claim and until its outcome is
 /// durable, so checking the registry after reading the record sees it.
-fn sweep_one<S: Storage>(shared: &Shared<S>, key: &[u8], now_ms: u64) -> Result<Swept, Error> {
-    let Some(bytes) = shared.storage.get(key)? else {
+fn sweep_one<S: Engine>(shared: &StoreState<S>, key: &[u8], now_ms: u64) -> Result<Swept, Error> {
+    let Some(bytes) = shared.engine.get(key)? else {
         return Ok(Swept::Skipped);
     };
     match record::decode(bytes.as_ref()) {
@@ -84,10 +84,7 @@ fn sweep_one<S: Storage>(shared: &Shared<S>, key: &[u8], now_ms: u64) -> Result<
                 return Ok(Swept::Running);
             }
             let steps_of = rec.header.has_steps.then_some(rec.header.life);
-            if shared
-                .storage
-                .remove_record(key, bytes.as_ref(), steps_of)?
-            {
+            if shared.engine.remove_record(key, bytes.as_ref(), steps_of)? {
                 Ok(Swept::Removed)
             } else {
                 // Changed since the read (re-claimed): it has its own, later entry.
@@ -110,8 +107,8 @@ pub(crate) struct SweeperThread {
 }
 
 /// Starts a thread that sweeps every `interval`.
-pub(crate) fn start<S: Storage + 'static>(
-    shared: Arc<Shared<S>>,
+pub(crate) fn start<S: Engine + 'static>(
+    shared: Arc<StoreState<S>>,
     interval: Duration,
 ) -> std::io::Result<SweeperThread> {
     let (shutdown, stop) = crossbeam_channel::bounded::<()>(0);

@@ -22,23 +22,35 @@ use sled::transaction::{
 };
 use std::panic::{self, AssertUnwindSafe};
 
-use crate::call::{CallOptions, ErrorPolicy};
-use crate::clock::millis;
-use crate::codec;
-use crate::machine::{
-    check_fingerprint, decode_error, live, replay, take_over_orphan, take_turn, Attempt, Turn,
-    Waiting,
-};
-use crate::record::{self, ClaimToken, Header, OutcomeKind, RecordState};
+use crate::core::attempt::Attempt;
+use crate::core::options::CallOptions;
+use crate::core::outcome::{Outcome, RecordInfo};
+use crate::core::policy::ErrorPolicy;
+use crate::core::replay::decode_error;
+use crate::core::rules::{self, AsLeader, Refusal};
+use crate::driver::execute::{lead, refused, replayed, Lead};
+use crate::driver::state::StoreState;
+use crate::driver::waiting::Waiting;
+use crate::engine::keys::expiry_key;
+use crate::engine::sled::{sled_error, SledEngine};
+use crate::engine::Engine;
+use crate::error::{Error, ExecuteError};
+use crate::format::codec;
+use crate::format::record::{self, ClaimToken, Header, OutcomeKind, RecordState};
+use crate::format::unstorable;
+use crate::key::{KeyHash, KeyName};
 use crate::stats::Counters;
-use crate::storage::{self, SledStorage, Storage};
-use crate::store::Shared;
-use crate::unstorable;
-use crate::{Error, ExecuteError, KeyName, Outcome, RecordInfo, TxResult};
+
+/// What the operation of [`Store::execute_once_in_tx`](crate::Store::execute_once_in_tx)
+/// returns: its value, or `ConflictableTransactionError::Abort(e)` (see
+/// `sled::transaction::abort`) to abort with its error `e`. Errors of the transactional views
+/// convert with `?`.
+pub type TxResult<T, E> = sled::transaction::ConflictableTransactionResult<T, E>;
 
 /// Why a transaction did not commit.
 enum Abort<E> {
     Operation(E),
+    Refused(Refusal),
     Store(Error),
 }
 
@@ -48,6 +60,7 @@ enum Committed<T> {
         value: T,
         header: Header,
         payload_len: usize,
+        takeover: bool,
     },
     Replay(Vec<u8>),
 }
@@ -58,7 +71,7 @@ fn abort<E>(e: Error) -> ConflictableTransactionError<Abort<E>> {
 
 /// Runs `f` over `trees` in one transaction with `key`'s record, or replays its outcome.
 pub(crate) fn execute_in_tx<T, E, P, F>(
-    shared: &Shared<SledStorage>,
+    state: &StoreState<SledEngine>,
     key: &[u8],
     options: &CallOptions,
     policy: &P,
@@ -70,48 +83,55 @@ where
     P: ErrorPolicy<E>,
     F: Fn(&[TransactionalTree]) -> TxResult<T, E>,
 {
-    shared.check_key(key)?;
-    let mut waiting = Waiting::new(shared, options);
-    let leader = match take_turn(shared, key, options, policy, &mut waiting)? {
-        Turn::Done(reply) => return reply,
-        Turn::Lead { leader, .. } => leader,
+    state.check_key(key)?;
+    let mut waiting = Waiting::new(state, options);
+    let leader = match lead(state, key, options, policy, &mut waiting)? {
+        Lead::Done(reply) => return reply,
+        Lead::Leader { leader, .. } => leader,
     };
-    retire_expired_life(shared, key)?;
+    retire_expired_life(state, key)?;
 
-    let storage = &shared.storage;
-    let codec = options.codec.unwrap_or(shared.settings.codec);
-    let ttl_ms = millis(options.ttl.unwrap_or(shared.settings.default_ttl));
-    let claim = shared.next_claim_token();
-    let limit = shared.settings.max_result_bytes;
-    let mut all: Vec<&sled::Tree> = vec![&storage.records, &storage.expiry];
+    let engine = &state.engine;
+    let codec = state.settings.codec(options);
+    let ttl_ms = state.settings.ttl_ms(options);
+    let claim = state.next_claim_token();
+    let limit = state.settings.max_result_bytes;
+    let orphan_policy = state.settings.orphan_policy(options);
+    let mut all: Vec<&sled::Tree> = vec![&engine.records, &engine.expiry];
     all.extend_from_slice(trees);
 
     let ran = panic::catch_unwind(AssertUnwindSafe(|| {
         all.as_slice().transaction(|views| {
             let (records, expiry, user) = (&views[0], &views[1], &views[2..]);
-            let now = shared.clock.now_millis();
+            let now = state.clock.now_millis();
             let current = records.get(key)?;
-            let rec = match current.as_deref() {
-                Some(bytes) => {
-                    Some(record::decode(bytes).map_err(|e| abort(decode_error(key, e)))?)
-                }
+            let seen = match current.as_deref() {
+                Some(bytes) => Some(
+                    record::decode(bytes)
+                        .map_err(|e| abort(decode_error(key, e)))?
+                        .header,
+                ),
                 None => None,
             };
-            let live = rec.map(|r| r.header).filter(|h| !h.is_expired(now));
-            if let Some(h) = &live {
-                check_fingerprint(shared, key, h, options).map_err(abort)?;
-                match h.state {
-                    RecordState::Completed | RecordState::FailedPermanent => {
-                        let bytes = current.as_deref().unwrap_or_default();
-                        return Ok(Committed::Replay(bytes.to_vec()));
-                    }
-                    RecordState::Pending => {
-                        take_over_orphan(shared, key, h, options).map_err(abort)?
-                    }
-                    RecordState::FailedRetryable => {}
+            // This call leads the key, so no call of this process holds a Pending record.
+            let plan = match rules::as_leader(seen.as_ref(), now, options, orphan_policy, false) {
+                AsLeader::Replay => {
+                    let bytes = current.as_deref().unwrap_or_default();
+                    return Ok(Committed::Replay(bytes.to_vec()));
                 }
-            }
-            let attempt = Attempt::after(live.as_ref(), now, options);
+                AsLeader::Refuse(refusal) => {
+                    return Err(ConflictableTransactionError::Abort(Abort::Refused(refusal)))
+                }
+                AsLeader::WaitForHolder => {
+                    return Err(abort(Error::InProgress {
+                        key: KeyName::new(key),
+                        waited: std::time::Duration::ZERO,
+                    }))
+                }
+                // An expired life left to retire here is unreachable anyway: a new life's
+                // name is new, so its steps cannot be confused with this one's.
+                AsLeader::Claim(plan) => plan,
+            };
             let value = f(user).map_err(|e| match e {
                 ConflictableTransactionError::Abort(e) => {
                     ConflictableTransactionError::Abort(Abort::Operation(e))
@@ -131,7 +151,7 @@ where
             let header = Header {
                 codec: encoded.codec,
                 shape: Some(encoded.shape),
-                ..attempt.header(
+                ..plan.attempt.header(
                     RecordState::Completed,
                     OutcomeKind::Stored,
                     now,
@@ -139,12 +159,13 @@ where
                     claim,
                 )
             };
-            expiry.insert(storage::expiry_key(header.expires_ms, key), &[][..])?;
+            expiry.insert(expiry_key(header.expires_ms, key), &[][..])?;
             records.insert(key, record::encode(&header, &payload))?;
             Ok(Committed::Ran {
                 value,
                 header,
                 payload_len: payload.len(),
+                takeover: plan.takeover,
             })
         })
     }));
@@ -152,8 +173,8 @@ where
     let result = match ran {
         Err(panic) => {
             // The transaction did not commit; record the attempt as retryable, then unwind.
-            if let Err(e) = record_failure(shared, key, options, ttl_ms, claim, None::<(&E, &P)>) {
-                tracing::error!(key = %crate::key::KeyHash(key), error = %e, "could not record a panicked run");
+            if let Err(e) = record_failure(state, key, options, ttl_ms, claim, None::<(&E, &P)>) {
+                tracing::error!(key = %KeyHash(key), error = %e, "could not record a panicked run");
             }
             drop(leader);
             panic::resume_unwind(panic);
@@ -165,9 +186,13 @@ where
             value,
             header,
             payload_len,
+            takeover,
         }) => {
-            Counters::bump(&shared.counters.executions);
-            storage.barrier()?;
+            Counters::bump(&state.counters.executions);
+            if takeover {
+                Counters::bump(&state.counters.orphans_recovered);
+            }
+            engine.barrier()?;
             Ok(Outcome::new(
                 value,
                 false,
@@ -176,18 +201,21 @@ where
         }
         Ok(Committed::Replay(bytes)) => {
             let rec = record::decode(&bytes).map_err(|e| decode_error(key, e))?;
-            replay(shared, key, &rec, policy)
+            replayed(state, key, &rec, policy)
         }
         Err(TransactionError::Abort(Abort::Operation(error))) => {
-            Counters::bump(&shared.counters.executions);
-            record_failure(shared, key, options, ttl_ms, claim, Some((&error, policy)))?;
+            Counters::bump(&state.counters.executions);
+            record_failure(state, key, options, ttl_ms, claim, Some((&error, policy)))?;
             Err(ExecuteError::Operation {
                 error,
                 replayed: false,
             })
         }
+        Err(TransactionError::Abort(Abort::Refused(refusal))) => {
+            Err(refused(state, key, refusal).into())
+        }
         Err(TransactionError::Abort(Abort::Store(e))) => Err(e.into()),
-        Err(TransactionError::Storage(e)) => Err(Error::Storage(e).into()),
+        Err(TransactionError::Storage(e)) => Err(sled_error(e).into()),
     };
     drop(leader);
     reply
@@ -195,15 +223,15 @@ where
 
 /// Ends an expired life that has steps (record and steps together), so the transaction
 /// starts a new life on an absent key. The caller leads the key.
-fn retire_expired_life(shared: &Shared<SledStorage>, key: &[u8]) -> Result<(), Error> {
-    let Some(bytes) = shared.storage.get(key)? else {
+fn retire_expired_life(state: &StoreState<SledEngine>, key: &[u8]) -> Result<(), Error> {
+    let Some(bytes) = state.engine.get(key)? else {
         return Ok(());
     };
     let rec = record::decode(&bytes).map_err(|e| decode_error(key, e))?;
-    if rec.header.has_steps && rec.header.is_expired(shared.clock.now_millis()) {
+    if rec.header.has_steps && rec.header.is_expired(state.clock.now_millis()) {
         // Unchanged or not, the transaction reads the record afresh.
-        shared
-            .storage
+        state
+            .engine
             .remove_record(key, &bytes, Some(rec.header.life))?;
     }
     Ok(())
@@ -212,22 +240,30 @@ fn retire_expired_life(shared: &Shared<SledStorage>, key: &[u8]) -> Result<(), E
 /// Records a failed attempt (permanent if `error` is one, else retryable) over whatever the
 /// record is now. The caller leads the key, so nothing else writes it meanwhile.
 fn record_failure<E, P: ErrorPolicy<E>>(
-    shared: &Shared<SledStorage>,
+    state: &StoreState<SledEngine>,
     key: &[u8],
     options: &CallOptions,
     ttl_ms: u64,
     claim: ClaimToken,
     error: Option<(&E, &P)>,
 ) -> Result<(), Error> {
-    let now = shared.clock.now_millis();
-    let stored = shared.storage.get(key)?;
-    let previous = live(key, stored.as_ref().map(AsRef::as_ref), now)?;
-    let attempt = Attempt::after(previous.as_ref().map(|r| &r.header), now, options);
-    let codec = options.codec.unwrap_or(shared.settings.codec);
+    let now = state.clock.now_millis();
+    let stored = state.engine.get(key)?;
+    let previous = match stored.as_deref() {
+        Some(bytes) => Some(
+            record::decode(bytes)
+                .map_err(|e| decode_error(key, e))?
+                .header,
+        ),
+        None => None,
+    };
+    let live = previous.filter(|h| !h.is_expired(now));
+    let attempt = Attempt::after(live.as_ref(), now, options);
+    let codec = state.settings.codec(options);
     let retryable = (RecordState::FailedRetryable, OutcomeKind::None, None);
-    let (state, outcome, encoded) = match error {
+    let (record_state, outcome, encoded) = match error {
         Some((e, policy)) if policy.is_permanent(e) => {
-            match policy.encode(e, codec, shared.settings.max_result_bytes) {
+            match policy.encode(e, codec, state.settings.max_result_bytes) {
                 Ok(enc) => (RecordState::FailedPermanent, OutcomeKind::Stored, Some(enc)),
                 // An unstorable permanent error stays retryable: nothing was applied.
                 Err(_) => retryable,
@@ -238,18 +274,18 @@ fn record_failure<E, P: ErrorPolicy<E>>(
     let header = Header {
         codec: encoded.as_ref().map_or(codec, |e| e.codec),
         shape: encoded.as_ref().map(|e| e.shape),
-        ..attempt.header(state, outcome, now, ttl_ms, claim)
+        ..attempt.header(record_state, outcome, now, ttl_ms, claim)
     };
     let payload = encoded.map(|e| e.bytes).unwrap_or_default();
-    shared.storage.index_expiry(header.expires_ms, key)?;
-    let expected = stored.as_ref().map(AsRef::as_ref);
-    if !shared
-        .storage
-        .compare_and_swap(key, expected, Some(record::encode(&header, &payload)))?
+    state.engine.index_expiry(header.expires_ms, key)?;
+    let expected = stored.as_deref();
+    if !state
+        .engine
+        .claim(key, expected, record::encode(&header, &payload))?
     {
         return Err(Error::OutcomeNotRecorded {
             key: KeyName::new(key),
         });
     }
-    shared.storage.barrier()
+    state.engine.barrier()
 }

@@ -19,64 +19,43 @@ use serde::Serialize;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use crate::codec::{self, Codec};
-use crate::record::OutcomeKind;
-use crate::step::{self, StepRecord};
-use crate::storage::Storage;
-use crate::{unstorable, ClaimToken, Error, KeyName};
+use crate::core::settle::RunFailure;
+use crate::engine::{Engine, Held};
+use crate::error::Error;
+use crate::format::codec::{self, Codec};
+use crate::format::record::{ClaimToken, OutcomeKind};
+use crate::format::step::{self, StepRecord};
+use crate::format::unstorable;
+use crate::key::KeyName;
 
-/// The storage a context needs, as an object-safe trait.
+/// The engine a context records steps in, as an object-safe trait (so `Context` needs no
+/// engine parameter).
 pub(crate) trait StepLog {
     fn steps(&self, key: &[u8], life: ClaimToken) -> Result<Vec<(u32, Vec<u8>)>, Error>;
-    /// Writes a step, then checks that `key`'s record is still `claim_bytes`; if it is not,
-    /// takes the step back and refuses with `OutcomeNotRecorded`.
-    fn put_step_fenced(
-        &self,
-        key: &[u8],
-        life: ClaimToken,
-        index: u32,
-        step: Vec<u8>,
-        claim_bytes: &[u8],
-    ) -> Result<(), Error>;
+    /// Records a step under the claim `held` (fenced); `OutcomeNotRecorded` if the record is
+    /// no longer the claim's.
+    fn write_step(&self, held: &Held<'_>, index: u32, step: Vec<u8>) -> Result<(), Error>;
     fn barrier(&self) -> Result<(), Error>;
 }
 
-impl<S: Storage> StepLog for S {
+impl<S: Engine> StepLog for S {
     fn steps(&self, key: &[u8], life: ClaimToken) -> Result<Vec<(u32, Vec<u8>)>, Error> {
-        Ok(Storage::steps(self, key, life)?
+        Ok(Engine::steps(self, key, life)?
             .into_iter()
             .map(|(i, b)| (i, b.as_ref().to_vec()))
             .collect())
     }
-    fn put_step_fenced(
-        &self,
-        key: &[u8],
-        life: ClaimToken,
-        index: u32,
-        step: Vec<u8>,
-        claim_bytes: &[u8],
-    ) -> Result<(), Error> {
-        self.put_step(key, life, index, step)?;
-        let current = self.get(key)?;
-        if current.as_ref().map(AsRef::as_ref) != Some(claim_bytes) {
-            self.remove_step(key, life, index)?;
-            return Err(Error::OutcomeNotRecorded {
-                key: KeyName::new(key),
-            });
+    fn write_step(&self, held: &Held<'_>, index: u32, step: Vec<u8>) -> Result<(), Error> {
+        match Engine::write_step(self, held, index, step)? {
+            true => Ok(()),
+            false => Err(Error::OutcomeNotRecorded {
+                key: KeyName::new(held.key),
+            }),
         }
-        Ok(())
     }
     fn barrier(&self) -> Result<(), Error> {
-        Storage::barrier(self)
+        Engine::barrier(self)
     }
-}
-
-/// Why a run must fail whatever the operation returns.
-pub(crate) struct RunFailure {
-    pub error: Error,
-    /// Set when a step ran but its outcome could not be stored: the run's record ends with
-    /// this outcome kind and payload, so the operation never runs again.
-    pub terminal: Option<(OutcomeKind, Vec<u8>)>,
 }
 
 /// The error of one step: the step's own error, or the store's.
@@ -92,24 +71,20 @@ pub enum StepError<E> {
 
 /// What a [`Context`] knows of the claim it runs under.
 pub(crate) struct RunClaim<'a> {
-    pub key: &'a [u8],
+    pub held: Held<'a>,
     pub attempt: u32,
-    pub token: ClaimToken,
-    pub life: ClaimToken,
-    /// The exact Pending record of this claim, for fencing step writes.
-    pub record: &'a [u8],
     pub codec: Codec,
     pub max_result_bytes: usize,
 }
 
 /// The run of one operation: passed to the closure of
-/// [`Store::execute_once_with`](crate::Store::execute_once_with).
+/// [`Store::execute_steps`](crate::Store::execute_steps).
 ///
 /// ```
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// # let dir = tempfile::tempdir()?;
 /// let store = idemstore::Store::open(dir.path().join("db"))?;
-/// let out = store.execute_once_with("checkout-91", |ctx| {
+/// let out = store.execute_steps("checkout-91", |ctx| {
 ///     let charge_key = ctx.downstream_key("charge"); // send as the provider's idempotency key
 ///     let charge = ctx.step("charge", || Ok::<_, std::io::Error>(format!("ch for {charge_key}")))?;
 ///     ctx.step("confirm", || Ok::<_, std::io::Error>(()))?;
@@ -141,7 +116,7 @@ impl<'a> Context<'a> {
 
     /// The idempotency key this run is for.
     pub fn key(&self) -> &[u8] {
-        self.claim.key
+        self.claim.held.key
     }
 
     /// Which attempt this is (1 for the first run of the key).
@@ -153,14 +128,14 @@ impl<'a> Context<'a> {
     /// downstream service that remembers the highest token it saw can reject a stale attempt
     /// (fencing).
     pub fn claim_token(&self) -> ClaimToken {
-        self.claim.token
+        self.claim.held.token
     }
 
     /// A deterministic key for a downstream call made by step `step` (for example the
     /// Idempotency-Key to send to a payment provider): the same across every attempt of this
     /// key, different for other steps and other keys. 64 hex digits.
     pub fn downstream_key(&self, step: &str) -> String {
-        downstream_key(self.claim.key, step)
+        downstream_key(self.claim.held.key, step)
     }
 
     /// Runs step `name` once per key: on a later attempt, a step that finished returns its
@@ -218,7 +193,7 @@ impl<'a> Context<'a> {
             match f() {
                 Ok(value) => break value,
                 Err(e) if is_transient(&e) => {
-                    match policy.delay_before(tries + 1, started.elapsed(), self.claim.key) {
+                    match policy.delay_before(tries + 1, started.elapsed(), self.claim.held.key) {
                         Some(delay) => std::thread::sleep(delay),
                         None => return Err(StepError::Failed(e)),
                     }
@@ -248,7 +223,7 @@ impl<'a> Context<'a> {
         }
         if name.is_empty() || name.len() > step::MAX_NAME || !self.names.insert(name.to_owned()) {
             let error = Error::InvalidStep {
-                key: KeyName::new(self.claim.key),
+                key: KeyName::new(self.claim.held.key),
                 name: name.to_owned(),
             };
             return Err(self.fail(error, None));
@@ -265,12 +240,12 @@ impl<'a> Context<'a> {
         name: &str,
     ) -> Result<Option<S>, StepError<E>> {
         if self.recorded.is_none() {
-            match self.log.steps(self.claim.key, self.claim.life) {
+            match self.log.steps(self.claim.held.key, self.claim.held.life) {
                 Ok(steps) => self.recorded = Some(steps),
                 Err(e) => return Err(self.fail(e, None)),
             }
         }
-        let key = || KeyName::new(self.claim.key);
+        let key = || KeyName::new(self.claim.held.key);
         let recorded = self.recorded.as_deref().unwrap_or_default();
         let Ok(at) = recorded.binary_search_by_key(&index, |(i, _)| *i) else {
             return Ok(None);
@@ -293,7 +268,7 @@ impl<'a> Context<'a> {
                 },
                 None,
             ),
-            Ok(step) => match unstorable::replay(self.claim.key, step.outcome, step.payload) {
+            Ok(step) => match unstorable::replay(self.claim.held.key, step.outcome, step.payload) {
                 Some(error) => (error, Some((step.outcome, step.payload.to_vec()))),
                 None => match codec::decode::<S>(step.payload, step.codec, step.shape) {
                     Ok(value) => return Ok(Some(value)),
@@ -322,7 +297,8 @@ impl<'a> Context<'a> {
         let (encoded, unstorable) = match codec::encode(value, self.claim.codec, limit) {
             Ok(e) => (e, None),
             Err(failure) => {
-                let (kind, payload, error) = unstorable::record(self.claim.key, failure, limit);
+                let (kind, payload, error) =
+                    unstorable::record(self.claim.held.key, failure, limit);
                 let note = codec::Encoded {
                     bytes: payload,
                     codec: self.claim.codec,
@@ -341,13 +317,7 @@ impl<'a> Context<'a> {
         });
         let written = self
             .log
-            .put_step_fenced(
-                self.claim.key,
-                self.claim.life,
-                index,
-                bytes,
-                self.claim.record,
-            )
+            .write_step(&self.claim.held, index, bytes)
             .and_then(|()| self.log.barrier());
         match (written, unstorable) {
             (Err(e), _) => Err(self.fail(e, None)),

@@ -6,9 +6,10 @@
 //! error. The payload is the reason: for `TooLarge` the size and the limit (u64 LE each), for
 //! `NotEncodable` the serializer's message (UTF-8, at most 1 KiB).
 
-use crate::codec::EncodeFailure;
-use crate::record::OutcomeKind;
-use crate::{Error, KeyName};
+use crate::error::Error;
+use crate::format::codec::EncodeFailure;
+use crate::format::record::OutcomeKind;
+use crate::key::KeyName;
 
 /// The outcome kind and payload that record `failure`, and the error every call gets for it.
 pub(crate) fn record(

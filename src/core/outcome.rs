@@ -8,8 +8,8 @@ use std::ops::Deref;
 use std::time::SystemTime;
 
 use crate::clock::to_system_time;
-use crate::record::{ClaimToken, Header, RecordState};
-use crate::Fingerprint;
+use crate::format::fingerprint::Fingerprint;
+use crate::format::record::{ClaimToken, Header, RecordState};
 
 /// The result of a successful call: the value, whether it was replayed, and its record.
 ///

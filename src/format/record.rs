@@ -25,7 +25,8 @@
 //! which no other life of any key ever has. Retries and takeovers keep the life; steps are
 //! stored under it, so a life only ever sees its own steps.
 
-use crate::{Codec, Fingerprint};
+use crate::format::codec::Codec;
+use crate::format::fingerprint::Fingerprint;
 
 const MAGIC: u8 = 0x1D;
 /// The record format this build writes (it reads this one and version 1).

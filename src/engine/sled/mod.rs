@@ -1,8 +1,8 @@
-//! The narrow storage interface the state machine is written against, and its sled engine.
+//! The sled engine: embedded, one process per database directory (the default engine).
 //!
 //! Invariants:
 //! - one process owns a database directory (sled's file lock), so the in-process registry
-//!   sees every running call;
+//!   sees every running call: a claim's holder is live exactly when this process runs it;
 //! - records live in tree `idemstore/records` (key → record bytes); the expiry index lives in
 //!   `idemstore/expiry` (expires_ms big-endian ++ key → empty), ordered by time, so the
 //!   entries due by `now` are a prefix of the tree; `idemstore/meta` holds the format marker
@@ -12,7 +12,7 @@
 //! - steps live in `idemstore/life-steps` under (key, life, index), so a life of a key only
 //!   ever reads its own steps; format-1 records (life [`LEGACY_LIFE`]) keep theirs in
 //!   `idemstore/steps` under (key, index);
-//! - [`Storage::remove_record`] is the one way a record leaves the store (explicit removal,
+//! - [`Engine::remove_record`] is the one way a record leaves the store (explicit removal,
 //!   sweeping, retiring an expired life): the record and its life's steps go in one
 //!   transaction, so no crash leaves steps without their record;
 //! - `barrier` returns only when every write applied before it is on disk (`Immediate`), or at
@@ -26,11 +26,25 @@ use std::collections::HashMap;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use crate::group_commit::GroupCommit;
-use crate::record::{ClaimToken, LEGACY_LIFE};
-use crate::stats::Counters;
-use crate::Error;
+mod group_commit;
+
+use group_commit::GroupCommit;
 use std::sync::Arc;
+
+use crate::engine::keys::{expiry_key, step_index, step_key, steps_prefix};
+use crate::engine::{Engine, Held, RecordIter};
+use crate::error::{Error, StorageError};
+use crate::format::record::{ClaimToken, LEGACY_LIFE};
+use crate::stats::Counters;
+
+/// A sled failure as the store reports it.
+pub(crate) fn sled_error(e: sled::Error) -> Error {
+    let io_kind = match &e {
+        sled::Error::Io(io) => Some(io.kind()),
+        _ => None,
+    };
+    Error::Storage(StorageError::new(e, io_kind))
+}
 
 const RECORDS_TREE: &[u8] = b"idemstore/records";
 const EXPIRY_TREE: &[u8] = b"idemstore/expiry";
@@ -49,63 +63,9 @@ const STORE_FORMAT: u32 = 1;
 /// but the metadata does not, the engine lost the data.
 const SIDECAR: &str = "idemstore.format";
 
-/// What the state machine needs from a storage engine.
-pub(crate) trait Storage: Send + Sync {
-    /// Owned stored bytes.
-    type Bytes: AsRef<[u8]>;
-
-    /// The record stored for `key`.
-    fn get(&self, key: &[u8]) -> Result<Option<Self::Bytes>, Error>;
-
-    /// Replaces `key`'s record with `new` (None: removes it) if it is still `expected`
-    /// (None: absent). Returns whether it swapped.
-    fn compare_and_swap(
-        &self,
-        key: &[u8],
-        expected: Option<&[u8]>,
-        new: Option<Vec<u8>>,
-    ) -> Result<bool, Error>;
-
-    /// Adds an expiry index entry pointing at `key`.
-    fn index_expiry(&self, expires_ms: u64, key: &[u8]) -> Result<(), Error>;
-
-    /// Up to `limit` expiry index entries due at `now_ms` (expires_ms <= now_ms), oldest first.
-    fn due_expiries(&self, now_ms: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, Error>;
-
-    /// Removes expiry index entries.
-    fn unindex_expiries(&self, entries: &[(u64, Vec<u8>)]) -> Result<(), Error>;
-
-    /// Returns when every write applied before the call is durable (per the durability mode).
-    fn barrier(&self) -> Result<(), Error>;
-
-    /// The recorded steps of `key`'s life `life`, as (index, bytes), in index order.
-    fn steps(&self, key: &[u8], life: ClaimToken) -> Result<Vec<(u32, Self::Bytes)>, Error>;
-
-    /// Records step `index` of `key`'s life `life`.
-    fn put_step(
-        &self,
-        key: &[u8],
-        life: ClaimToken,
-        index: u32,
-        step: Vec<u8>,
-    ) -> Result<(), Error>;
-
-    /// Removes step `index` of `key`'s life `life` (a step written under a lost claim).
-    fn remove_step(&self, key: &[u8], life: ClaimToken, index: u32) -> Result<(), Error>;
-
-    /// Removes `key`'s record if it is still `expected`, together with the steps of
-    /// `steps_of` (the record's life, when it has steps), atomically. Returns whether it
-    /// removed.
-    fn remove_record(
-        &self,
-        key: &[u8],
-        expected: &[u8],
-        steps_of: Option<ClaimToken>,
-    ) -> Result<bool, Error>;
-}
-
-/// The sled engine.
-pub(crate) struct SledStorage {
+/// The embedded engine on sled 0.34, the default: one process owns a database directory.
+/// Opened by [`Store::open`](crate::Store::open) and [`StoreBuilder::open`](crate::StoreBuilder::open).
+pub struct SledEngine {
     pub(crate) db: sled::Db,
     files: Arc<DurableFiles>,
     pub(crate) records: sled::Tree,
@@ -118,7 +78,7 @@ pub(crate) struct SledStorage {
 
 /// An opened engine plus what opening it learned.
 pub(crate) struct Opened {
-    pub storage: SledStorage,
+    pub engine: SledEngine,
     pub epoch: u64,
 }
 
@@ -158,17 +118,17 @@ pub(crate) fn open(
             .and_then(|()| file.sync_all())
             .map_err(io_at(&sidecar))?;
     }
-    let records = db.open_tree(RECORDS_TREE)?;
-    let expiry = db.open_tree(EXPIRY_TREE)?;
-    let steps = db.open_tree(STEPS_TREE)?;
-    let legacy_steps = db.open_tree(LEGACY_STEPS_TREE)?;
+    let records = db.open_tree(RECORDS_TREE).map_err(sled_error)?;
+    let expiry = db.open_tree(EXPIRY_TREE).map_err(sled_error)?;
+    let steps = db.open_tree(STEPS_TREE).map_err(sled_error)?;
+    let legacy_steps = db.open_tree(LEGACY_STEPS_TREE).map_err(sled_error)?;
     let files = Arc::new(DurableFiles {
         db: db.clone(),
         data_file: std::fs::File::open(path.join("db")).map_err(io_at(&path.join("db")))?,
         blobs_dir: path.join("blobs"),
         synced_blobs: Mutex::new(HashMap::new()),
     });
-    files.make_durable()?;
+    files.make_durable().map_err(sled_error)?;
     // sled writes its `conf` without syncing it; the database's files (and the blobs
     // directory) must be reachable after a power loss too: sync them and their directory.
     for file in [path.join("conf"), path.join("blobs"), path.to_path_buf()] {
@@ -179,7 +139,7 @@ pub(crate) fn open(
         false => None,
     };
     Ok(Opened {
-        storage: SledStorage {
+        engine: SledEngine {
             db,
             files,
             records,
@@ -337,10 +297,10 @@ impl DurableFiles {
     }
 }
 
-impl SledStorage {
+impl SledEngine {
     /// See [`DurableFiles::make_durable`].
     pub(crate) fn make_durable(&self) -> Result<(), Error> {
-        Ok(self.files.make_durable()?)
+        self.files.make_durable().map_err(sled_error)
     }
 }
 
@@ -387,7 +347,7 @@ fn map_open_error(path: &Path, e: sled::Error) -> Error {
             path: path.into(),
             reason: "the storage engine found its files corrupt or foreign",
         },
-        _ => Error::Storage(e),
+        _ => sled_error(e),
     }
 }
 
@@ -403,8 +363,8 @@ fn init_meta(path: &Path, db: &sled::Db) -> Result<u64, Error> {
             "it is a sled database that idemstore did not create",
         ));
     }
-    let meta = db.open_tree(META_TREE)?;
-    let marker = meta.get(FORMAT_KEY)?;
+    let meta = db.open_tree(META_TREE).map_err(sled_error)?;
+    let marker = meta.get(FORMAT_KEY).map_err(sled_error)?;
     if marker.is_none() && path.join(SIDECAR).exists() {
         return Err(Error::Damaged {
             path: path.into(),
@@ -415,7 +375,7 @@ fn init_meta(path: &Path, db: &sled::Db) -> Result<u64, Error> {
         None if is_new || meta.is_empty() => {
             let mut marker = FORMAT_MAGIC.to_vec();
             marker.extend_from_slice(&STORE_FORMAT.to_le_bytes());
-            meta.insert(FORMAT_KEY, marker)?;
+            meta.insert(FORMAT_KEY, marker).map_err(sled_error)?;
         }
         None => return Err(not_a_store("its format marker is missing")),
         Some(marker) => {
@@ -432,41 +392,33 @@ fn init_meta(path: &Path, db: &sled::Db) -> Result<u64, Error> {
             }
         }
     }
-    let previous = match meta.get(EPOCH_KEY)? {
+    let previous = match meta.get(EPOCH_KEY).map_err(sled_error)? {
         None => 0,
         Some(bytes) => <[u8; 8]>::try_from(bytes.as_ref())
             .map(u64::from_le_bytes)
             .map_err(|_| not_a_store("its epoch counter is corrupt"))?,
     };
     let epoch = previous + 1;
-    meta.insert(EPOCH_KEY, &epoch.to_le_bytes())?;
-    db.flush()?;
+    meta.insert(EPOCH_KEY, &epoch.to_le_bytes())
+        .map_err(sled_error)?;
+    db.flush().map_err(sled_error)?;
     Ok(epoch)
 }
 
-/// The steps of one life sort together: key length (u16, big-endian), key, then the life
-/// (epoch and sequence, u64 big-endian each) except in the legacy tree, then the step index
-/// (u32 big-endian).
-fn steps_prefix(key: &[u8], life: ClaimToken) -> Vec<u8> {
-    // Invariant: keys are at most 65535 bytes (config caps max_key_bytes), so the length
-    // fits in u16 and no key's prefix is a prefix of another key's.
-    let mut p = Vec::with_capacity(2 + key.len() + 16 + 4);
-    p.extend_from_slice(&(key.len() as u16).to_be_bytes());
-    p.extend_from_slice(key);
-    if life != LEGACY_LIFE {
-        p.extend_from_slice(&life.epoch.to_be_bytes());
-        p.extend_from_slice(&life.sequence.to_be_bytes());
+impl SledEngine {
+    fn compare_and_swap(
+        &self,
+        key: &[u8],
+        expected: Option<&[u8]>,
+        new: Option<Vec<u8>>,
+    ) -> Result<bool, Error> {
+        Ok(self
+            .records
+            .compare_and_swap(key, expected, new)
+            .map_err(sled_error)?
+            .is_ok())
     }
-    p
-}
 
-fn step_key(key: &[u8], life: ClaimToken, index: u32) -> Vec<u8> {
-    let mut k = steps_prefix(key, life);
-    k.extend_from_slice(&index.to_be_bytes());
-    k
-}
-
-impl SledStorage {
     fn steps_tree(&self, life: ClaimToken) -> &sled::Tree {
         match life == LEGACY_LIFE {
             true => &self.legacy_steps,
@@ -475,31 +427,54 @@ impl SledStorage {
     }
 }
 
-pub(crate) fn expiry_key(expires_ms: u64, key: &[u8]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(8 + key.len());
-    k.extend_from_slice(&expires_ms.to_be_bytes());
-    k.extend_from_slice(key);
-    k
-}
-
-impl Storage for SledStorage {
+impl Engine for SledEngine {
     type Bytes = sled::IVec;
 
     fn get(&self, key: &[u8]) -> Result<Option<sled::IVec>, Error> {
-        Ok(self.records.get(key)?)
+        self.records.get(key).map_err(sled_error)
     }
 
-    fn compare_and_swap(
-        &self,
-        key: &[u8],
-        expected: Option<&[u8]>,
-        new: Option<Vec<u8>>,
-    ) -> Result<bool, Error> {
-        Ok(self.records.compare_and_swap(key, expected, new)?.is_ok())
+    fn records(&self) -> RecordIter<'_, sled::IVec> {
+        Box::new(
+            self.records
+                .iter()
+                .map(|kv| kv.map(|(k, v)| (k.to_vec(), v)).map_err(sled_error)),
+        )
+    }
+
+    fn claim(&self, key: &[u8], expected: Option<&[u8]>, pending: Vec<u8>) -> Result<bool, Error> {
+        self.compare_and_swap(key, expected, Some(pending))
+    }
+
+    fn finish(&self, held: &Held<'_>, record: Option<Vec<u8>>) -> Result<bool, Error> {
+        self.compare_and_swap(held.key, Some(held.record), record)
+    }
+
+    fn write_step(&self, held: &Held<'_>, index: u32, step: Vec<u8>) -> Result<bool, Error> {
+        // Written, then checked: a removal or takeover that came first is seen by the check;
+        // one that comes after finds the step and removes it with the record.
+        let tree = self.steps_tree(held.life);
+        let k = step_key(held.key, held.life, index);
+        tree.insert(&k, step).map_err(sled_error)?;
+        if self.get(held.key)?.as_deref() != Some(held.record) {
+            tree.remove(&k).map_err(sled_error)?;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn flush(&self) -> Result<(), Error> {
+        self.make_durable()
+    }
+
+    fn holder_live(&self, _key: &[u8], _claim: ClaimToken, running_here: bool) -> bool {
+        running_here
     }
 
     fn index_expiry(&self, expires_ms: u64, key: &[u8]) -> Result<(), Error> {
-        self.expiry.insert(expiry_key(expires_ms, key), &[])?;
+        self.expiry
+            .insert(expiry_key(expires_ms, key), &[])
+            .map_err(sled_error)?;
         Ok(())
     }
 
@@ -507,13 +482,13 @@ impl Storage for SledStorage {
         let end = now_ms.saturating_add(1).to_be_bytes();
         let mut due = Vec::new();
         for entry in self.expiry.range(..end.as_slice()).take(limit) {
-            let (k, _) = entry?;
+            let (k, _) = entry.map_err(sled_error)?;
             // Entries shorter than the 8-byte time prefix cannot come from index_expiry;
             // they are dropped rather than trusted.
             match k.split_first_chunk::<8>() {
                 Some((time, key)) => due.push((u64::from_be_bytes(*time), key.to_vec())),
                 None => {
-                    self.expiry.remove(&k)?;
+                    self.expiry.remove(&k).map_err(sled_error)?;
                 }
             }
         }
@@ -524,7 +499,9 @@ impl Storage for SledStorage {
         // One removal at a time: sled's `apply_batch` takes a database-wide write lock that
         // would stall every caller's read for the whole batch.
         for (expires_ms, key) in entries {
-            self.expiry.remove(expiry_key(*expires_ms, key))?;
+            self.expiry
+                .remove(expiry_key(*expires_ms, key))
+                .map_err(sled_error)?;
         }
         Ok(())
     }
@@ -533,30 +510,12 @@ impl Storage for SledStorage {
         let prefix = steps_prefix(key, life);
         let mut steps = Vec::new();
         for kv in self.steps_tree(life).scan_prefix(&prefix) {
-            let (k, v) = kv?;
-            // Entries of a longer key layout cannot share this prefix and end in 4 bytes.
-            if let Ok(index) = <[u8; 4]>::try_from(&k[prefix.len()..]) {
-                steps.push((u32::from_be_bytes(index), v));
+            let (k, v) = kv.map_err(sled_error)?;
+            if let Some(index) = step_index(&prefix, &k) {
+                steps.push((index, v));
             }
         }
         Ok(steps)
-    }
-
-    fn put_step(
-        &self,
-        key: &[u8],
-        life: ClaimToken,
-        index: u32,
-        step: Vec<u8>,
-    ) -> Result<(), Error> {
-        self.steps_tree(life)
-            .insert(step_key(key, life, index), step)?;
-        Ok(())
-    }
-
-    fn remove_step(&self, key: &[u8], life: ClaimToken, index: u32) -> Result<(), Error> {
-        self.steps_tree(life).remove(step_key(key, life, index))?;
-        Ok(())
     }
 
     fn remove_record(
@@ -568,14 +527,16 @@ impl Storage for SledStorage {
         let Some(life) = steps_of else {
             return Ok(self
                 .records
-                .compare_and_swap(key, Some(expected), None::<&[u8]>)?
+                .compare_and_swap(key, Some(expected), None::<&[u8]>)
+                .map_err(sled_error)?
                 .is_ok());
         };
         let tree = self.steps_tree(life);
         let step_keys = tree
             .scan_prefix(steps_prefix(key, life))
             .keys()
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(sled_error)?;
         let removed = (&self.records, tree).transaction(|(records, steps)| {
             if records.get(key)?.as_deref() != Some(expected) {
                 return Err(ConflictableTransactionError::Abort(()));
@@ -589,13 +550,13 @@ impl Storage for SledStorage {
         match removed {
             Ok(()) => Ok(true),
             Err(TransactionError::Abort(())) => Ok(false),
-            Err(TransactionError::Storage(e)) => Err(e.into()),
+            Err(TransactionError::Storage(e)) => Err(sled_error(e)),
         }
     }
 
     fn barrier(&self) -> Result<(), Error> {
         match &self.flush {
-            Some(queue) => Ok(queue.wait_durable()?),
+            Some(queue) => Ok(queue.wait_durable().map_err(sled_error)?),
             None => Ok(()),
         }
     }

@@ -1,0 +1,5 @@
+//! The public surface: the store, its builder, and per-call options.
+
+pub(crate) mod call;
+pub(crate) mod config;
+pub(crate) mod store;

@@ -1,0 +1,391 @@
+//! The plain driver: one `execute_once` call as a loop around the rules in `core::rules`.
+//!
+//! Invariants:
+//! - the closure runs only in a call that leads the key in the registry *and* whose claim
+//!   (compare-and-swap to Pending) succeeded and passed the durability barrier; after a claim
+//!   the call always returns, so the closure runs at most once per call;
+//! - from the claim until its outcome is written, a [`ClaimGuard`] owns the Pending record:
+//!   if anything unwinds in between (the closure, a predicate, any user code the store
+//!   calls), the guard records a retryable failure before the registry lets waiters in, so
+//!   this process never mistakes its own claim for an orphan;
+//! - every write of the holder (steps, outcome, release) is fenced by the engine against the
+//!   exact Pending record of this claim, so a record removed or taken over meanwhile is never
+//!   overwritten;
+//! - a recorded outcome is returned only once it is durable: the leader releases the registry
+//!   after its barrier, and a reader that finds a terminal record while the key's leader is
+//!   still running waits for that leader before replaying;
+//! - bad bytes yield an error naming the key; they never cause a run.
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::panic::{self, AssertUnwindSafe};
+
+use crate::core::options::CallOptions;
+use crate::core::outcome::{Outcome, RecordInfo};
+use crate::core::policy::ErrorPolicy;
+use crate::core::replay::{decode_error, replay};
+use crate::core::rules::{self, AsLeader, FirstLook, Refusal};
+use crate::core::settle::{self, Reply};
+use crate::driver::context::{Context, RunClaim};
+use crate::driver::registry::Entry;
+use crate::driver::registry::Leader;
+use crate::driver::state::StoreState;
+use crate::driver::waiting::Waiting;
+use crate::engine::{Engine, Held};
+use crate::error::{Error, ExecuteError};
+use crate::format::codec::Codec;
+use crate::format::record::{self, Header, OutcomeKind, RecordState};
+use crate::key::{KeyHash, KeyName};
+use crate::stats::Counters;
+
+/// Runs `f` once for `key`, or replays its recorded outcome.
+pub(crate) fn execute<S, T, E, P, F>(
+    state: &StoreState<S>,
+    key: &[u8],
+    options: &CallOptions,
+    policy: &P,
+    f: F,
+) -> Result<Outcome<T>, ExecuteError<E>>
+where
+    S: Engine,
+    T: Serialize + DeserializeOwned,
+    P: ErrorPolicy<E>,
+    F: FnOnce(&mut Context<'_>) -> Result<T, E>,
+{
+    state.check_key(key)?;
+    let mut waiting = Waiting::new(state, options);
+    loop {
+        let (leader, first_read, seen) = match lead(state, key, options, policy, &mut waiting)? {
+            Lead::Done(reply) => return reply,
+            Lead::Leader {
+                leader,
+                stored,
+                seen,
+            } => (leader, stored, seen),
+        };
+        // As leader nothing else in this process claims the key. A Pending record seen before
+        // leading may have finished since: read again. Any other state is re-checked by the
+        // claim's compare-and-swap.
+        let fresh_read = match seen {
+            Some(h) if h.state == RecordState::Pending => Some(state.engine.get(key)?),
+            _ => None,
+        };
+        let mut stored = match &fresh_read {
+            Some(fresh) => fresh.as_ref().map(AsRef::as_ref),
+            None => first_read.as_ref().map(AsRef::as_ref),
+        };
+        let now = state.clock.now_millis();
+        let current = match stored {
+            Some(bytes) => Some(record::decode(bytes).map_err(|e| decode_error(key, e))?),
+            None => None,
+        };
+        let header = current.map(|r| r.header);
+        let holder_live = header.is_some_and(|h| {
+            h.state == RecordState::Pending && state.engine.holder_live(key, h.claim, false)
+        });
+        let orphan_policy = state.settings.orphan_policy(options);
+        let plan = match rules::as_leader(header.as_ref(), now, options, orphan_policy, holder_live)
+        {
+            AsLeader::Replay => {
+                // Invariant: Replay is only decided for a record that was read.
+                let Some(rec) = current else { continue };
+                return replayed(state, key, &rec, policy);
+            }
+            AsLeader::Refuse(refusal) => return Err(refused(state, key, refusal).into()),
+            AsLeader::WaitForHolder => {
+                drop(leader);
+                waiting.wait_for_holder(key)?;
+                continue;
+            }
+            AsLeader::Claim(plan) => plan,
+        };
+        if plan.takeover {
+            Counters::bump(&state.counters.orphans_recovered);
+            tracing::warn!(
+                key = %KeyHash(key),
+                attempts = plan.attempt.number - 1,
+                "re-running an interrupted run"
+            );
+        }
+        if let (Some(life), Some(bytes)) = (plan.retire, stored) {
+            // An expired life with steps ends here: its record and steps go together.
+            if !state.engine.remove_record(key, bytes, Some(life))? {
+                continue;
+            }
+            stored = None;
+        }
+        let attempts = plan.attempt.number;
+        let ttl_ms = state.settings.ttl_ms(options);
+        let pending_header = plan.attempt.header(
+            RecordState::Pending,
+            OutcomeKind::None,
+            now,
+            ttl_ms,
+            state.next_claim_token(),
+        );
+        let pending = record::encode(&pending_header, &[]);
+        // The index entry goes first, so a durable record always has one.
+        state.engine.index_expiry(pending_header.expires_ms, key)?;
+        if !state.engine.claim(key, stored, pending.clone())? {
+            // Changed between our read and the claim (removed, or swept): look again.
+            drop(leader);
+            continue;
+        }
+        let held = Held {
+            key,
+            record: &pending,
+            token: pending_header.claim,
+            life: pending_header.life,
+        };
+        if let Err(e) = state.engine.barrier() {
+            // The claim may not be durable: do not run. Put the record back as it was.
+            let _ = state.engine.finish(&held, stored.map(<[u8]>::to_vec));
+            return Err(e.into());
+        }
+        let guard = ClaimGuard {
+            state,
+            held,
+            header: &pending_header,
+            ttl_ms,
+            armed: true,
+        };
+
+        Counters::bump(&state.counters.executions);
+        let span = tracing::debug_span!("idemstore.execute", key = %KeyHash(key), attempts);
+        let _entered = span.enter();
+        tracing::debug!("running operation");
+        // Invariant: this point is reached once per call (every path below returns), so the
+        // closure is called at most once.
+        let codec = state.settings.codec(options);
+        let mut context = Context::new(
+            &state.engine,
+            RunClaim {
+                held,
+                attempt: attempts,
+                codec,
+                max_result_bytes: state.settings.max_result_bytes,
+            },
+        );
+        let ran = panic::catch_unwind(AssertUnwindSafe(|| f(&mut context)));
+        let failure = context.take_failure();
+        let limit = state.settings.max_result_bytes;
+        let result = record_outcome(
+            guard,
+            settle::settle(key, ran, failure, policy, codec, limit),
+        );
+        drop(leader);
+        return match result {
+            Finished::Returned(r) => r,
+            Finished::Panicked(payload) => panic::resume_unwind(payload),
+        };
+    }
+}
+
+/// How a call goes on after its first look at the key's record.
+pub(crate) enum Lead<'r, B, T, E> {
+    /// Answered from a recorded outcome: return this.
+    Done(Result<Outcome<T>, ExecuteError<E>>),
+    /// This call now leads the key. `stored` is what it read before leading, and `seen` that
+    /// record's header (None: absent); neither is a live recorded outcome.
+    Leader {
+        leader: Leader<'r>,
+        stored: Option<B>,
+        seen: Option<Header>,
+    },
+}
+
+/// Replays a live recorded outcome (once durable), or waits for the key's running call, or
+/// becomes the key's leader. The replay path takes no lock when no call is running.
+pub(crate) fn lead<'r, S, T, E, P>(
+    state: &'r StoreState<S>,
+    key: &[u8],
+    options: &CallOptions,
+    policy: &P,
+    waiting: &mut Waiting<'_, S>,
+) -> Result<Lead<'r, S::Bytes, T, E>, Error>
+where
+    S: Engine,
+    T: Serialize + DeserializeOwned,
+    P: ErrorPolicy<E>,
+{
+    loop {
+        let now = state.clock.now_millis();
+        let stored = state.engine.get(key)?;
+        let first = match stored.as_ref() {
+            Some(bytes) => Some(record::decode(bytes.as_ref()).map_err(|e| decode_error(key, e))?),
+            None => None,
+        };
+        let header = first.map(|r| r.header);
+        let live_outcome =
+            header.is_some_and(|h| !h.is_expired(now) && rules::is_terminal(h.state));
+        let writer = match live_outcome && state.settings.immediate {
+            true => state.registry.running(key),
+            false => None,
+        };
+        let look = rules::first_look(
+            header.as_ref(),
+            now,
+            options,
+            writer.is_some(),
+            state.settings.immediate,
+        );
+        match (look, first, &writer) {
+            (FirstLook::Replay, Some(rec), _) => {
+                return Ok(Lead::Done(replayed(state, key, &rec, policy)))
+            }
+            (FirstLook::WaitForWriter, _, Some(flight)) => {
+                // Its writer may still be waiting for the barrier: replay once durable.
+                waiting.wait(key, flight)?;
+                continue;
+            }
+            (FirstLook::Refuse(refusal), _, _) => return Err(refused(state, key, refusal)),
+            _ => {}
+        }
+        match state.registry.enter(key) {
+            Entry::Leader(leader) => {
+                return Ok(Lead::Leader {
+                    leader,
+                    stored,
+                    seen: header,
+                })
+            }
+            Entry::Follower(flight) => waiting.wait(key, &flight)?,
+        }
+    }
+}
+
+/// A recorded outcome, replayed and counted.
+pub(crate) fn replayed<S, T, E, P>(
+    state: &StoreState<S>,
+    key: &[u8],
+    rec: &record::Record<'_>,
+    policy: &P,
+) -> Result<Outcome<T>, ExecuteError<E>>
+where
+    T: Serialize + DeserializeOwned,
+    P: ErrorPolicy<E>,
+{
+    Counters::bump(&state.counters.replays);
+    tracing::trace!(key = %KeyHash(key), "replaying recorded outcome");
+    replay(key, rec, policy)
+}
+
+/// The error for a refusal, counted and logged.
+pub(crate) fn refused<S>(state: &StoreState<S>, key: &[u8], refusal: Refusal) -> Error {
+    match refusal {
+        Refusal::FingerprintMismatch => {
+            Counters::bump(&state.counters.fingerprint_mismatches);
+            tracing::debug!(key = %KeyHash(key), "fingerprint mismatch");
+            Error::FingerprintMismatch {
+                key: KeyName::new(key),
+            }
+        }
+        Refusal::Interrupted { attempts } => {
+            Counters::bump(&state.counters.orphans_reported);
+            tracing::warn!(key = %KeyHash(key), attempts, "interrupted run reported");
+            Error::Interrupted {
+                key: KeyName::new(key),
+                attempts,
+            }
+        }
+    }
+}
+
+/// The Pending record of a running claim. Until [`ClaimGuard::write`] succeeds, dropping the
+/// guard (an unwind from user code anywhere between claim and outcome) records the attempt as
+/// retryable, so waiters in this process find a retryable record, not a false orphan.
+struct ClaimGuard<'a, S: Engine> {
+    state: &'a StoreState<S>,
+    held: Held<'a>,
+    header: &'a Header,
+    ttl_ms: u64,
+    armed: bool,
+}
+
+impl<S: Engine> ClaimGuard<'_, S> {
+    /// Writes the outcome over this claim's Pending record and waits for it to be durable.
+    /// Returns the header written.
+    fn write(
+        &mut self,
+        state: RecordState,
+        outcome: OutcomeKind,
+        encoded: (&[u8], Codec, Option<u64>),
+    ) -> Result<Header, Error> {
+        self.armed = false;
+        let (payload, codec, shape) = encoded;
+        let now = self.state.clock.now_millis();
+        let mut header = Header {
+            state,
+            outcome,
+            updated_ms: now,
+            codec,
+            shape,
+            ..*self.header
+        };
+        if header.is_expired(now) {
+            // The run outlived its TTL: keep the outcome for a full TTL from now.
+            header.expires_ms = now.saturating_add(self.ttl_ms);
+            self.state
+                .engine
+                .index_expiry(header.expires_ms, self.held.key)?;
+        }
+        let bytes = record::encode(&header, payload);
+        if !self.state.engine.finish(&self.held, Some(bytes))? {
+            return Err(Error::OutcomeNotRecorded {
+                key: KeyName::new(self.held.key),
+            });
+        }
+        self.state.engine.barrier()?;
+        Ok(header)
+    }
+}
+
+impl<S: Engine> Drop for ClaimGuard<'_, S> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let retryable = (&[][..], Codec::Bincode, None);
+        if let Err(e) = self.write(RecordState::FailedRetryable, OutcomeKind::None, retryable) {
+            tracing::error!(key = %KeyHash(self.held.key), error = %e, "could not record an unwound run");
+        }
+    }
+}
+
+enum Finished<T, E> {
+    Returned(Result<Outcome<T>, ExecuteError<E>>),
+    Panicked(Box<dyn std::any::Any + Send>),
+}
+
+/// Writes a settled run over its Pending record and waits for it to be durable.
+fn record_outcome<S: Engine, T, E>(
+    mut guard: ClaimGuard<'_, S>,
+    settled: settle::Settled<T, E>,
+) -> Finished<T, E> {
+    let key = guard.held.key;
+    let written = guard.write(
+        settled.state,
+        settled.outcome,
+        (&settled.payload, settled.codec, settled.shape),
+    );
+    let finished = match (written, settled.reply) {
+        (written, Reply::Panic(panic)) => {
+            if let Err(e) = written {
+                tracing::error!(key = %KeyHash(key), error = %e, "could not record a panicked run");
+            }
+            Finished::Panicked(panic)
+        }
+        (Err(e), _) => {
+            tracing::error!(key = %KeyHash(key), error = %e, "outcome not recorded");
+            Finished::Returned(Err(e.into()))
+        }
+        (Ok(header), Reply::Value(value)) => Finished::Returned(Ok(Outcome::new(
+            value,
+            false,
+            RecordInfo::new(&header, settled.payload.len()),
+        ))),
+        (Ok(_), Reply::Error(e)) => Finished::Returned(Err(e)),
+    };
+    tracing::debug!(state = ?settled.state, "outcome recorded");
+    finished
+}

@@ -1,0 +1,11 @@
+//! The loops that run calls around the rules: the plain driver ([`execute`]), steps
+//! ([`context`]), the transactional driver ([`transaction`]), the sweeper, and what they
+//! share (the registry of running calls, waiting budgets, the store's state).
+
+pub(crate) mod context;
+pub(crate) mod execute;
+pub(crate) mod registry;
+pub(crate) mod state;
+pub(crate) mod sweeper;
+pub(crate) mod transaction;
+pub(crate) mod waiting;

@@ -1,0 +1,73 @@
+//! One call's waiting budget, shared by every wait it makes.
+//!
+//! Invariants: a call waits at most its wait timeout in all (the budget starts at its first
+//! wait and is counted once in the stats); past it, the call gets `InProgress`. Waiting for a
+//! call of this store blocks on that call's condition variable (no polling); waiting for a
+//! holder elsewhere (a shared engine's live lease) sleeps in short steps within the budget.
+
+use std::time::{Duration, Instant};
+
+use crate::core::options::CallOptions;
+use crate::driver::registry::RunningCall;
+use crate::driver::state::StoreState;
+use crate::error::Error;
+use crate::key::KeyName;
+use crate::stats::Counters;
+
+/// How long one look waits before looking again at a holder elsewhere.
+const HOLDER_POLL: Duration = Duration::from_millis(20);
+
+/// One call's waiting budget.
+pub(crate) struct Waiting<'a, S> {
+    state: &'a StoreState<S>,
+    timeout: Duration,
+    /// Set at the first wait: None inside means no deadline (an unrepresentable timeout).
+    deadline: Option<Option<Instant>>,
+}
+
+impl<'a, S> Waiting<'a, S> {
+    pub(crate) fn new(state: &'a StoreState<S>, options: &CallOptions) -> Self {
+        Self {
+            state,
+            timeout: options.wait_timeout.unwrap_or(state.settings.wait_timeout),
+            deadline: None,
+        }
+    }
+
+    fn deadline(&mut self) -> Option<Instant> {
+        *self.deadline.get_or_insert_with(|| {
+            Counters::bump(&self.state.counters.waits);
+            Instant::now().checked_add(self.timeout)
+        })
+    }
+
+    fn in_progress(&self, key: &[u8]) -> Error {
+        Counters::bump(&self.state.counters.in_progress_rejections);
+        Error::InProgress {
+            key: KeyName::new(key),
+            waited: self.timeout,
+        }
+    }
+
+    /// Waits for the running call; `InProgress` once this call's budget is spent.
+    pub(crate) fn wait(&mut self, key: &[u8], call: &RunningCall) -> Result<(), Error> {
+        let deadline = self.deadline();
+        match call.wait_until(deadline) {
+            true => Ok(()),
+            false => Err(self.in_progress(key)),
+        }
+    }
+
+    /// Waits a little for a holder elsewhere; `InProgress` once the budget is spent.
+    pub(crate) fn wait_for_holder(&mut self, key: &[u8]) -> Result<(), Error> {
+        let step = match self.deadline() {
+            Some(deadline) => match deadline.checked_duration_since(Instant::now()) {
+                Some(left) if !left.is_zero() => left.min(HOLDER_POLL),
+                _ => return Err(self.in_progress(key)),
+            },
+            None => HOLDER_POLL,
+        };
+        std::thread::sleep(step);
+        Ok(())
+    }
+}

@@ -1,0 +1,298 @@
+//! An in-memory engine that injects faults: the test engine, never a user default.
+//!
+//! Invariants:
+//! - every write applies to the live tables at once and becomes durable at the next barrier
+//!   (in `Immediate` mode; in `Periodic` mode only at `Store::flush` and close);
+//! - [`MemoryEngine::crash`] is a power loss: every write since the last durable point is
+//!   lost, and every later operation fails until a store is opened on the engine again;
+//! - a planned fault fails exactly one operation — the `n`-th write or barrier from when it
+//!   was planned — with a typed storage error (an I/O error), as a full disk would; the
+//!   engine goes on working afterwards;
+//! - one write is one atomic change (a compare-and-swap, a fenced step, a removal of a record
+//!   with its steps), so a crash never splits one;
+//! - like sled, one process owns it: a claim is live exactly when a call of its store runs it.
+
+use parking_lot::Mutex;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use crate::api::config::StoreBuilder;
+use crate::api::store::Store;
+use crate::core::options::Durability;
+use crate::engine::keys::{expiry_key, step_index, step_key, steps_prefix};
+use crate::engine::{Engine, Held, RecordIter};
+use crate::error::{Error, StorageError};
+use crate::format::record::ClaimToken;
+use crate::stats::Counters;
+
+/// An in-memory engine for tests: faults on demand, and crashes that lose unsynced writes.
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use idemstore::{MemoryEngine, Store};
+/// let engine = MemoryEngine::new();
+/// let store = engine.open(Store::builder("memory"))?;
+/// store.execute_once("k", || Ok::<_, std::io::Error>(1u32))?;
+/// engine.fail_nth_write(1); // the next write fails, as on a full disk
+/// assert!(store.execute_once("k2", || Ok::<_, std::io::Error>(2u32)).is_err());
+/// engine.crash(); // a power loss: unsynced writes are gone
+/// drop(store);
+/// let store = engine.open(Store::builder("memory"))?;
+/// assert_eq!(*store.execute_once("k", || Ok::<_, std::io::Error>(9u32))?, 1);
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Default)]
+pub struct MemoryEngine {
+    state: Arc<Mutex<State>>,
+    /// Set for the engine a store holds: barriers sync (`Immediate`) or not (`Periodic`).
+    immediate: bool,
+}
+
+impl std::fmt::Debug for MemoryEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = self.state.lock();
+        f.debug_struct("MemoryEngine")
+            .field("records", &state.live.records.len())
+            .field("writes", &state.writes)
+            .field("barriers", &state.barriers)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Default)]
+struct State {
+    live: Tables,
+    durable: Tables,
+    epoch: u64,
+    writes: u64,
+    barriers: u64,
+    fail_write_at: Option<u64>,
+    fail_barrier_at: Option<u64>,
+    /// Crashed and not reopened: every operation fails.
+    down: bool,
+}
+
+#[derive(Clone, Default)]
+struct Tables {
+    records: BTreeMap<Vec<u8>, Vec<u8>>,
+    expiry: BTreeSet<Vec<u8>>,
+    steps: BTreeMap<Vec<u8>, Vec<u8>>,
+}
+
+fn fault(what: &str) -> Error {
+    let io = std::io::Error::other(format!("injected fault: {what}"));
+    Error::Storage(StorageError::new(io, Some(std::io::ErrorKind::Other)))
+}
+
+impl MemoryEngine {
+    /// An empty engine.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Opens a store on this engine with `builder`'s settings (its path is not used), as a
+    /// process start would: the epoch grows, and a crashed engine comes back with what was
+    /// durable.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for an out-of-range setting.
+    pub fn open(&self, builder: StoreBuilder) -> Result<Store<MemoryEngine>, Error> {
+        builder.validate()?;
+        let epoch = {
+            let mut state = self.state.lock();
+            if state.down {
+                state.live = state.durable.clone();
+                state.down = false;
+            }
+            state.epoch += 1;
+            state.epoch
+        };
+        let engine = MemoryEngine {
+            state: Arc::clone(&self.state),
+            immediate: builder.durability == Durability::Immediate,
+        };
+        Store::start(engine, epoch, Arc::new(Counters::default()), builder, None)
+    }
+
+    /// A power loss: drops every write since the last durable point; every operation fails
+    /// until a store is opened on the engine again.
+    pub fn crash(&self) {
+        let mut state = self.state.lock();
+        state.live = state.durable.clone();
+        state.down = true;
+    }
+
+    /// Makes the `n`-th write from now (1: the next) fail once.
+    pub fn fail_nth_write(&self, n: u64) {
+        let mut state = self.state.lock();
+        state.fail_write_at = Some(state.writes + n.max(1));
+    }
+
+    /// Makes the `n`-th barrier from now (1: the next) fail once.
+    pub fn fail_nth_barrier(&self, n: u64) {
+        let mut state = self.state.lock();
+        state.fail_barrier_at = Some(state.barriers + n.max(1));
+    }
+
+    /// Writes made so far (each compare-and-swap, step, removal or index change is one).
+    pub fn writes(&self) -> u64 {
+        self.state.lock().writes
+    }
+
+    /// Barriers made so far.
+    pub fn barriers(&self) -> u64 {
+        self.state.lock().barriers
+    }
+
+    fn read<R>(&self, f: impl FnOnce(&Tables) -> R) -> Result<R, Error> {
+        let state = self.state.lock();
+        match state.down {
+            true => Err(fault("the engine crashed")),
+            false => Ok(f(&state.live)),
+        }
+    }
+
+    fn write<R>(&self, f: impl FnOnce(&mut Tables) -> R) -> Result<R, Error> {
+        let mut state = self.state.lock();
+        if state.down {
+            return Err(fault("the engine crashed"));
+        }
+        state.writes += 1;
+        if state.fail_write_at == Some(state.writes) {
+            state.fail_write_at = None;
+            return Err(fault("write failed"));
+        }
+        Ok(f(&mut state.live))
+    }
+
+    fn sync(&self) -> Result<(), Error> {
+        let mut state = self.state.lock();
+        if state.down {
+            return Err(fault("the engine crashed"));
+        }
+        state.barriers += 1;
+        if state.fail_barrier_at == Some(state.barriers) {
+            state.fail_barrier_at = None;
+            return Err(fault("sync failed"));
+        }
+        state.durable = state.live.clone();
+        Ok(())
+    }
+}
+
+/// Replaces `key`'s record with `new` (None: removes it) if it is still `expected`.
+fn swap(t: &mut Tables, key: &[u8], expected: Option<&[u8]>, new: Option<Vec<u8>>) -> bool {
+    if t.records.get(key).map(Vec::as_slice) != expected {
+        return false;
+    }
+    match new {
+        Some(bytes) => t.records.insert(key.to_vec(), bytes),
+        None => t.records.remove(key),
+    };
+    true
+}
+
+impl Engine for MemoryEngine {
+    type Bytes = Vec<u8>;
+
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+        self.read(|t| t.records.get(key).cloned())
+    }
+
+    fn records(&self) -> RecordIter<'_, Vec<u8>> {
+        match self.read(|t| t.records.clone()) {
+            Ok(records) => Box::new(records.into_iter().map(Ok)),
+            Err(e) => Box::new(std::iter::once(Err(e))),
+        }
+    }
+
+    fn claim(&self, key: &[u8], expected: Option<&[u8]>, pending: Vec<u8>) -> Result<bool, Error> {
+        self.write(|t| swap(t, key, expected, Some(pending)))
+    }
+
+    fn finish(&self, held: &Held<'_>, record: Option<Vec<u8>>) -> Result<bool, Error> {
+        self.write(|t| swap(t, held.key, Some(held.record), record))
+    }
+
+    fn write_step(&self, held: &Held<'_>, index: u32, step: Vec<u8>) -> Result<bool, Error> {
+        self.write(|t| {
+            let ours = t.records.get(held.key).map(Vec::as_slice) == Some(held.record);
+            if ours {
+                t.steps.insert(step_key(held.key, held.life, index), step);
+            }
+            ours
+        })
+    }
+
+    fn steps(&self, key: &[u8], life: ClaimToken) -> Result<Vec<(u32, Vec<u8>)>, Error> {
+        let prefix = steps_prefix(key, life);
+        self.read(|t| {
+            t.steps
+                .range(prefix.clone()..)
+                .take_while(|(k, _)| k.starts_with(&prefix))
+                .filter_map(|(k, v)| Some((step_index(&prefix, k)?, v.clone())))
+                .collect()
+        })
+    }
+
+    fn remove_record(
+        &self,
+        key: &[u8],
+        expected: &[u8],
+        steps_of: Option<ClaimToken>,
+    ) -> Result<bool, Error> {
+        self.write(|t| {
+            if !swap(t, key, Some(expected), None) {
+                return false;
+            }
+            if let Some(life) = steps_of {
+                let prefix = steps_prefix(key, life);
+                t.steps.retain(|k, _| !k.starts_with(&prefix));
+            }
+            true
+        })
+    }
+
+    fn index_expiry(&self, expires_ms: u64, key: &[u8]) -> Result<(), Error> {
+        self.write(|t| {
+            t.expiry.insert(expiry_key(expires_ms, key));
+        })
+    }
+
+    fn due_expiries(&self, now_ms: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, Error> {
+        self.read(|t| {
+            t.expiry
+                .iter()
+                .filter_map(|k| {
+                    let (time, key) = k.split_first_chunk::<8>()?;
+                    Some((u64::from_be_bytes(*time), key.to_vec()))
+                })
+                .take_while(|(time, _)| *time <= now_ms)
+                .take(limit)
+                .collect()
+        })
+    }
+
+    fn unindex_expiries(&self, entries: &[(u64, Vec<u8>)]) -> Result<(), Error> {
+        self.write(|t| {
+            for (expires_ms, key) in entries {
+                t.expiry.remove(&expiry_key(*expires_ms, key));
+            }
+        })
+    }
+
+    fn barrier(&self) -> Result<(), Error> {
+        match self.immediate {
+            true => self.sync(),
+            false => Ok(()),
+        }
+    }
+
+    fn flush(&self) -> Result<(), Error> {
+        self.sync()
+    }
+
+    fn holder_live(&self, _key: &[u8], _claim: ClaimToken, running_here: bool) -> bool {
+        running_here
+    }
+}

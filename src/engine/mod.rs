@@ -1,0 +1,94 @@
+//! The engine interface: what the drivers need from a storage engine, and the engines.
+//!
+//! Invariants every engine keeps (the conformance suite in `tests/conformance.rs` checks
+//! them on each engine):
+//! - **claims** are compare-and-swap: a claim succeeds only if the key's record is still the
+//!   exact bytes the claimer read (or still absent);
+//! - **holder writes are fenced**: a step, an outcome or a release succeeds only while the
+//!   key's record is still the holder's exact Pending record; otherwise it changes nothing
+//!   (a step written meanwhile is taken back) and reports `false`, so a stale holder can
+//!   never overwrite a newer claim's record or add to its steps;
+//! - **steps belong to a life**: they are stored and read under (key, life, index);
+//! - **one removal**: a record leaves only through [`Engine::remove_record`], together with
+//!   its life's steps, atomically;
+//! - **expiry index**: every durable record has an entry at its expiry (written first);
+//! - **barrier**: returns once every write applied before it is durable (per the mode);
+//! - **liveness**: [`Engine::holder_live`] says whether the holder of a Pending claim is still
+//!   running; an engine one process owns answers from that process's registry.
+
+pub(crate) mod keys;
+pub(crate) mod sled;
+
+#[cfg(feature = "memory-engine")]
+pub mod memory;
+
+use crate::error::Error;
+use crate::format::record::ClaimToken;
+
+/// Every record of an engine, in key order: (key, record bytes).
+pub(crate) type RecordIter<'a, B> = Box<dyn Iterator<Item = Result<(Vec<u8>, B), Error>> + 'a>;
+
+/// A claim as its holder knows it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Held<'a> {
+    pub key: &'a [u8],
+    /// The exact Pending record the holder wrote.
+    pub record: &'a [u8],
+    pub token: ClaimToken,
+    pub life: ClaimToken,
+}
+
+/// What the drivers need from a storage engine.
+pub(crate) trait Engine: Send + Sync + 'static {
+    /// Owned stored bytes.
+    type Bytes: AsRef<[u8]> + Send;
+
+    /// The record stored for `key`.
+    fn get(&self, key: &[u8]) -> Result<Option<Self::Bytes>, Error>;
+
+    /// Every record, in key order (for inspection).
+    fn records(&self) -> RecordIter<'_, Self::Bytes>;
+
+    /// Writes `pending` for `key` if its record is still `expected` (None: absent).
+    fn claim(&self, key: &[u8], expected: Option<&[u8]>, pending: Vec<u8>) -> Result<bool, Error>;
+
+    /// The holder's write of its outcome (or of the record as it was, to release a claim it
+    /// could not make durable: `None` removes it). Fenced: only while the record is `held`'s.
+    fn finish(&self, held: &Held<'_>, record: Option<Vec<u8>>) -> Result<bool, Error>;
+
+    /// Records step `index` of the holder's life. Fenced: if the record is no longer
+    /// `held`'s, the step is taken back and the result is `false`.
+    fn write_step(&self, held: &Held<'_>, index: u32, step: Vec<u8>) -> Result<bool, Error>;
+
+    /// The recorded steps of `key`'s life `life`, as (index, bytes), in index order.
+    fn steps(&self, key: &[u8], life: ClaimToken) -> Result<Vec<(u32, Self::Bytes)>, Error>;
+
+    /// Removes `key`'s record if it is still `expected`, together with the steps of
+    /// `steps_of` (the record's life, when it has steps), atomically. Returns whether it
+    /// removed.
+    fn remove_record(
+        &self,
+        key: &[u8],
+        expected: &[u8],
+        steps_of: Option<ClaimToken>,
+    ) -> Result<bool, Error>;
+
+    /// Adds an expiry index entry pointing at `key`.
+    fn index_expiry(&self, expires_ms: u64, key: &[u8]) -> Result<(), Error>;
+
+    /// Up to `limit` expiry index entries due at `now_ms` (expires_ms <= now_ms), oldest first.
+    fn due_expiries(&self, now_ms: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, Error>;
+
+    /// Removes expiry index entries.
+    fn unindex_expiries(&self, entries: &[(u64, Vec<u8>)]) -> Result<(), Error>;
+
+    /// Returns when every write applied before the call is durable (per the durability mode).
+    fn barrier(&self) -> Result<(), Error>;
+
+    /// Makes every write so far durable, whatever the mode (`Store::flush`, close).
+    fn flush(&self) -> Result<(), Error>;
+
+    /// Whether the holder of `key`'s Pending claim `claim` is still running. `running_here`:
+    /// a call of this store runs the key now.
+    fn holder_live(&self, key: &[u8], claim: ClaimToken, running_here: bool) -> bool;
+}

@@ -68,6 +68,8 @@ struct State {
     barriers: u64,
     fail_write_at: Option<u64>,
     fail_barrier_at: Option<u64>,
+    /// The planned fault crashes the engine instead of failing one operation.
+    crash_at_fault: bool,
     /// Crashed and not reopened: every operation fails.
     down: bool,
 }
@@ -124,14 +126,30 @@ impl MemoryEngine {
 
     /// Makes the `n`-th write from now (1: the next) fail once.
     pub fn fail_nth_write(&self, n: u64) {
-        let mut state = self.state.lock();
-        state.fail_write_at = Some(state.writes + n.max(1));
+        self.plan(Some(n), None, false);
     }
 
     /// Makes the `n`-th barrier from now (1: the next) fail once.
     pub fn fail_nth_barrier(&self, n: u64) {
+        self.plan(None, Some(n), false);
+    }
+
+    /// A power loss just before the `n`-th write from now: it never happens, nor does any
+    /// write since the last durable point, and every later operation fails until reopen.
+    pub fn crash_at_nth_write(&self, n: u64) {
+        self.plan(Some(n), None, true);
+    }
+
+    /// A power loss during the `n`-th barrier from now: what it would have made durable is lost.
+    pub fn crash_at_nth_barrier(&self, n: u64) {
+        self.plan(None, Some(n), true);
+    }
+
+    fn plan(&self, write: Option<u64>, barrier: Option<u64>, crash: bool) {
         let mut state = self.state.lock();
-        state.fail_barrier_at = Some(state.barriers + n.max(1));
+        state.fail_write_at = write.map(|n| state.writes + n.max(1));
+        state.fail_barrier_at = barrier.map(|n| state.barriers + n.max(1));
+        state.crash_at_fault = crash;
     }
 
     /// Writes made so far (each compare-and-swap, step, removal or index change is one).
@@ -160,7 +178,7 @@ impl MemoryEngine {
         state.writes += 1;
         if state.fail_write_at == Some(state.writes) {
             state.fail_write_at = None;
-            return Err(fault("write failed"));
+            return Err(state.fault_hit("write failed"));
         }
         Ok(f(&mut state.live))
     }
@@ -173,10 +191,22 @@ impl MemoryEngine {
         state.barriers += 1;
         if state.fail_barrier_at == Some(state.barriers) {
             state.fail_barrier_at = None;
-            return Err(fault("sync failed"));
+            return Err(state.fault_hit("sync failed"));
         }
         state.durable = state.live.clone();
         Ok(())
+    }
+}
+
+impl State {
+    /// The planned fault is hit: fail this operation, or crash.
+    fn fault_hit(&mut self, what: &str) -> Error {
+        if std::mem::take(&mut self.crash_at_fault) {
+            self.live = self.durable.clone();
+            self.down = true;
+            return fault("the engine crashed");
+        }
+        fault(what)
     }
 }
 

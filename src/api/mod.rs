@@ -2,4 +2,6 @@
 
 pub(crate) mod call;
 pub(crate) mod config;
+#[cfg(feature = "memory-engine")]
+mod memory;
 pub(crate) mod store;

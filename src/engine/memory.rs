@@ -16,14 +16,10 @@ use parking_lot::Mutex;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use crate::api::config::StoreBuilder;
-use crate::api::store::Store;
-use crate::core::options::Durability;
 use crate::engine::keys::{expiry_key, step_index, step_key, steps_prefix};
 use crate::engine::{Engine, Held, RecordIter};
 use crate::error::{Error, StorageError};
 use crate::format::record::ClaimToken;
-use crate::stats::Counters;
 
 /// An in-memory engine for tests: faults on demand, and crashes that lose unsynced writes.
 ///
@@ -92,14 +88,10 @@ impl MemoryEngine {
         Self::default()
     }
 
-    /// Opens a store on this engine with `builder`'s settings (its path is not used), as a
-    /// process start would: the epoch grows, and a crashed engine comes back with what was
-    /// durable.
-    ///
-    /// # Errors
-    /// [`Error::InvalidConfig`] for an out-of-range setting.
-    pub fn open(&self, builder: StoreBuilder) -> Result<Store<MemoryEngine>, Error> {
-        builder.validate()?;
+    /// This engine as a store opening it sees it, after a process start: a crashed engine
+    /// comes back with what was durable, and the epoch grows. Returns the handle the store
+    /// holds (its barriers sync in `Immediate` mode only) and the new epoch.
+    pub(crate) fn start(&self, immediate: bool) -> (MemoryEngine, u64) {
         let epoch = {
             let mut state = self.state.lock();
             if state.down {
@@ -111,9 +103,9 @@ impl MemoryEngine {
         };
         let engine = MemoryEngine {
             state: Arc::clone(&self.state),
-            immediate: builder.durability == Durability::Immediate,
+            immediate,
         };
-        Store::start(engine, epoch, Arc::new(Counters::default()), builder, None)
+        (engine, epoch)
     }
 
     /// A power loss: drops every write since the last durable point; every operation fails

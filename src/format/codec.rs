@@ -171,13 +171,16 @@ pub(crate) fn encode<V: Serialize + DeserializeOwned>(
     };
     match decode::<V>(&encoded.bytes, codec, Some(shape)) {
         Ok(_) => Ok(encoded),
-        Err(message) => Err(EncodeFailure::Serializer(format!(
-            "its encoding does not decode back to the same value ({message}); {}",
-            match codec {
-                Codec::Bincode => "store the type with Codec::Json, or change the type",
-                Codec::Json => "the type does not round-trip through JSON",
-            }
-        ))),
+        Err(message) => {
+            let hint = match codec {
+                _ if message.contains("Codec::Json") => "",
+                Codec::Bincode => "; store the type with Codec::Json, or change the type",
+                Codec::Json => "; the type does not round-trip through JSON",
+            };
+            Err(EncodeFailure::Serializer(format!(
+                "its encoding does not decode back to the same value ({message}){hint}"
+            )))
+        }
     }
 }
 

@@ -436,7 +436,7 @@ impl<S: Engine> Store<S> {
                 break true;
             }
         };
-        engine.barrier()?;
+        engine.wait_durable()?;
         Ok(removed)
     }
 

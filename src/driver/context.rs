@@ -35,7 +35,7 @@ pub(crate) trait StepLog {
     /// Records a step under the claim `held` (fenced); `OutcomeNotRecorded` if the record is
     /// no longer the claim's.
     fn write_step(&self, held: &Held<'_>, index: u32, step: Vec<u8>) -> Result<(), Error>;
-    fn barrier(&self) -> Result<(), Error>;
+    fn wait_durable(&self) -> Result<(), Error>;
 }
 
 impl<S: Engine> StepLog for S {
@@ -53,8 +53,8 @@ impl<S: Engine> StepLog for S {
             }),
         }
     }
-    fn barrier(&self) -> Result<(), Error> {
-        Engine::barrier(self)
+    fn wait_durable(&self) -> Result<(), Error> {
+        Engine::wait_durable(self)
     }
 }
 
@@ -318,7 +318,7 @@ impl<'a> Context<'a> {
         let written = self
             .log
             .write_step(&self.claim.held, index, bytes)
-            .and_then(|()| self.log.barrier());
+            .and_then(|()| self.log.wait_durable());
         match (written, unstorable) {
             (Err(e), _) => Err(self.fail(e, None)),
             (Ok(()), Some((kind, error))) => Err(self.fail(error, Some((kind, encoded.bytes)))),

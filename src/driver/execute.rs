@@ -137,7 +137,7 @@ where
             token: pending_header.claim,
             life: pending_header.life,
         };
-        if let Err(e) = state.engine.barrier() {
+        if let Err(e) = state.engine.wait_durable() {
             // The claim may not be durable: do not run. Put the record back as it was.
             let _ = state.engine.finish(&held, stored.map(<[u8]>::to_vec));
             return Err(e.into());
@@ -335,7 +335,7 @@ impl<S: Engine> ClaimGuard<'_, S> {
                 key: KeyName::new(self.held.key),
             });
         }
-        self.state.engine.barrier()?;
+        self.state.engine.wait_durable()?;
         Ok(header)
     }
 }

@@ -192,7 +192,7 @@ where
             if takeover {
                 Counters::bump(&state.counters.orphans_recovered);
             }
-            engine.barrier()?;
+            engine.wait_durable()?;
             Ok(Outcome::new(
                 value,
                 false,
@@ -287,5 +287,5 @@ fn record_failure<E, P: ErrorPolicy<E>>(
             key: KeyName::new(key),
         });
     }
-    state.engine.barrier()
+    state.engine.wait_durable()
 }

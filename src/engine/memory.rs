@@ -303,7 +303,7 @@ impl Engine for MemoryEngine {
         })
     }
 
-    fn barrier(&self) -> Result<(), Error> {
+    fn wait_durable(&self) -> Result<(), Error> {
         match self.immediate {
             true => self.sync(),
             false => Ok(()),

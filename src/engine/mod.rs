@@ -12,7 +12,7 @@
 //! - **one removal**: a record leaves only through [`Engine::remove_record`], together with
 //!   its life's steps, atomically;
 //! - **expiry index**: every durable record has an entry at its expiry (written first);
-//! - **barrier**: returns once every write applied before it is durable (per the mode);
+//! - **durability**: `wait_durable` returns once every write applied before it is durable (per the mode);
 //! - **liveness**: [`Engine::holder_live`] says whether the holder of a Pending claim is still
 //!   running; an engine one process owns answers from that process's registry.
 
@@ -83,7 +83,7 @@ pub(crate) trait Engine: Send + Sync + 'static {
     fn unindex_expiries(&self, entries: &[(u64, Vec<u8>)]) -> Result<(), Error>;
 
     /// Returns when every write applied before the call is durable (per the durability mode).
-    fn barrier(&self) -> Result<(), Error>;
+    fn wait_durable(&self) -> Result<(), Error>;
 
     /// Makes every write so far durable, whatever the mode (`Store::flush`, close).
     fn flush(&self) -> Result<(), Error>;

@@ -15,7 +15,7 @@
 //! - [`Engine::remove_record`] is the one way a record leaves the store (explicit removal,
 //!   sweeping, retiring an expired life): the record and its life's steps go in one
 //!   transaction, so no crash leaves steps without their record;
-//! - `barrier` returns only when every write applied before it is on disk (`Immediate`), or at
+//! - `wait_durable` returns only when every write applied before it is on disk (`Immediate`), or at
 //!   once (`Periodic`, where sled's own timer flushes). "On disk" covers sled's blob files
 //!   (values over its inline threshold, and large tree nodes, go to `blobs/`) and their
 //!   directory entries, not only its log: see [`DurableFiles`].
@@ -554,7 +554,7 @@ impl Engine for SledEngine {
         }
     }
 
-    fn barrier(&self) -> Result<(), Error> {
+    fn wait_durable(&self) -> Result<(), Error> {
         match &self.flush {
             Some(queue) => Ok(queue.wait_durable().map_err(sled_error)?),
             None => Ok(()),

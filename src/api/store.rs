@@ -10,7 +10,7 @@
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::path::Path;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 
 use crate::api::call::Call;
@@ -199,6 +199,7 @@ impl<S: Engine> Store<S> {
             },
             epoch,
             last_claim: AtomicU64::new(0),
+            durability_failed: AtomicBool::new(false),
         });
         let sweeper = match b.sweep_interval {
             Some(interval) => Some(
@@ -436,7 +437,7 @@ impl<S: Engine> Store<S> {
                 break true;
             }
         };
-        engine.wait_durable()?;
+        self.shared().wait_durable()?;
         Ok(removed)
     }
 

@@ -8,7 +8,7 @@
 use crate::core::options::CallOptions;
 use crate::format::codec::Codec;
 use crate::format::fingerprint::Fingerprint;
-use crate::format::record::{ClaimToken, Header, OutcomeKind, RecordState};
+use crate::format::record::{ClaimToken, Header, OutcomeKind, RecordState, LEGACY_LIFE};
 
 /// The attempt a claim starts, carrying over what the record it replaces knew.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,7 +31,10 @@ impl Attempt {
                 created_ms: h.created_ms,
                 fingerprint: options.fingerprint.or(h.fingerprint),
                 has_steps: options.with_steps || h.has_steps,
-                life: Some(h.life),
+                // A format-1 record without steps has none to keep, but its life's name is
+                // shared with every format-1 life (whose stray steps 0.1 could leave behind):
+                // it continues under a name of its own.
+                life: Some(h.life).filter(|l| *l != LEGACY_LIFE || h.has_steps),
             },
             None => Self {
                 number: 1,

@@ -87,18 +87,34 @@ where
         }
     };
     match (ran, failure) {
-        // A step the store could not record or replay fails the run, whatever it returned.
-        (Ok(_), Some(RunFailure { error, terminal })) => match terminal {
-            Some((outcome, payload)) => Settled {
-                state: RecordState::Completed,
-                outcome,
-                payload,
-                codec,
-                shape: None,
-                reply: Reply::Error(error.into()),
+        // A step ran but could not be stored: the operation is finished with that error,
+        // whatever it returned, and even if it then panicked (the panic goes on).
+        (
+            ran,
+            Some(RunFailure {
+                error,
+                terminal: Some((outcome, payload)),
+            }),
+        ) => Settled {
+            state: RecordState::Completed,
+            outcome,
+            payload,
+            codec,
+            shape: None,
+            reply: match ran {
+                Err(panic) => Reply::Panic(panic),
+                Ok(_) => Reply::Error(error.into()),
             },
-            None => plain(RecordState::FailedRetryable, Reply::Error(error.into())),
         },
+        (Err(panic), _) => plain(RecordState::FailedRetryable, Reply::Panic(panic)),
+        // A step the store could not record or replay fails the run, whatever it returned.
+        (
+            Ok(_),
+            Some(RunFailure {
+                error,
+                terminal: None,
+            }),
+        ) => plain(RecordState::FailedRetryable, Reply::Error(error.into())),
         (Ok(Ok(value)), None) => {
             let encoded = codec::encode(&value, codec, limit);
             stored(RecordState::Completed, encoded, Reply::Value(value))
@@ -118,6 +134,5 @@ where
                 replayed: false,
             }),
         ),
-        (Err(panic), _) => plain(RecordState::FailedRetryable, Reply::Panic(panic)),
     }
 }

@@ -20,6 +20,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use crate::core::settle::RunFailure;
+use crate::driver::state::StoreState;
 use crate::engine::{Engine, Held};
 use crate::error::Error;
 use crate::format::codec::{self, Codec};
@@ -38,15 +39,19 @@ pub(crate) trait StepLog {
     fn wait_durable(&self) -> Result<(), Error>;
 }
 
-impl<S: Engine> StepLog for S {
+impl<S: Engine> StepLog for StoreState<S> {
     fn steps(&self, key: &[u8], life: ClaimToken) -> Result<Vec<(u32, Vec<u8>)>, Error> {
-        Ok(Engine::steps(self, key, life)?
+        // Recorded steps are replayed: they must be durable (see `StoreState`).
+        self.durable_before_replay()?;
+        Ok(self
+            .engine
+            .steps(key, life)?
             .into_iter()
             .map(|(i, b)| (i, b.as_ref().to_vec()))
             .collect())
     }
     fn write_step(&self, held: &Held<'_>, index: u32, step: Vec<u8>) -> Result<(), Error> {
-        match Engine::write_step(self, held, index, step)? {
+        match self.engine.write_step(held, index, step)? {
             true => Ok(()),
             false => Err(Error::OutcomeNotRecorded {
                 key: KeyName::new(held.key),
@@ -54,7 +59,7 @@ impl<S: Engine> StepLog for S {
         }
     }
     fn wait_durable(&self) -> Result<(), Error> {
-        Engine::wait_durable(self)
+        StoreState::wait_durable(self)
     }
 }
 
@@ -133,7 +138,9 @@ impl<'a> Context<'a> {
 
     /// A deterministic key for a downstream call made by step `step` (for example the
     /// Idempotency-Key to send to a payment provider): the same across every attempt of this
-    /// key, different for other steps and other keys. 64 hex digits.
+    /// key — in every life of it too, so after a removal or expiry a provider that still
+    /// remembers the key deduplicates the call — and different for other steps and other
+    /// keys. 64 hex digits.
     pub fn downstream_key(&self, step: &str) -> String {
         downstream_key(self.claim.held.key, step)
     }

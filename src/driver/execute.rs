@@ -137,7 +137,7 @@ where
             token: pending_header.claim,
             life: pending_header.life,
         };
-        if let Err(e) = state.engine.wait_durable() {
+        if let Err(e) = state.wait_durable() {
             // The claim may not be durable: do not run. Put the record back as it was.
             let _ = state.engine.finish(&held, stored.map(<[u8]>::to_vec));
             return Err(e.into());
@@ -158,7 +158,7 @@ where
         // closure is called at most once.
         let codec = state.settings.codec(options);
         let mut context = Context::new(
-            &state.engine,
+            state,
             RunClaim {
                 held,
                 attempt: attempts,
@@ -255,7 +255,7 @@ where
 }
 
 /// A recorded outcome, replayed and counted.
-pub(crate) fn replayed<S, T, E, P>(
+pub(crate) fn replayed<S: Engine, T, E, P>(
     state: &StoreState<S>,
     key: &[u8],
     rec: &record::Record<'_>,
@@ -265,6 +265,7 @@ where
     T: Serialize + DeserializeOwned,
     P: ErrorPolicy<E>,
 {
+    state.durable_before_replay()?;
     Counters::bump(&state.counters.replays);
     tracing::trace!(key = %KeyHash(key), "replaying recorded outcome");
     replay(key, rec, policy)
@@ -311,9 +312,20 @@ impl<S: Engine> ClaimGuard<'_, S> {
         outcome: OutcomeKind,
         encoded: (&[u8], Codec, Option<u64>),
     ) -> Result<Header, Error> {
-        self.armed = false;
-        let (payload, codec, shape) = encoded;
+        // The clock is user code: read it while the guard still covers a panic.
         let now = self.state.clock.now_millis();
+        self.armed = false;
+        self.write_at(now, state, outcome, encoded)
+    }
+
+    fn write_at(
+        &self,
+        now: u64,
+        state: RecordState,
+        outcome: OutcomeKind,
+        encoded: (&[u8], Codec, Option<u64>),
+    ) -> Result<Header, Error> {
+        let (payload, codec, shape) = encoded;
         let mut header = Header {
             state,
             outcome,
@@ -335,7 +347,7 @@ impl<S: Engine> ClaimGuard<'_, S> {
                 key: KeyName::new(self.held.key),
             });
         }
-        self.state.engine.wait_durable()?;
+        self.state.wait_durable()?;
         Ok(header)
     }
 }
@@ -345,8 +357,16 @@ impl<S: Engine> Drop for ClaimGuard<'_, S> {
         if !self.armed {
             return;
         }
+        // No user code here (it may be what is unwinding): the claim's own time stands in for
+        // the clock.
         let retryable = (&[][..], Codec::Bincode, None);
-        if let Err(e) = self.write(RecordState::FailedRetryable, OutcomeKind::None, retryable) {
+        let now = self.header.updated_ms;
+        if let Err(e) = self.write_at(
+            now,
+            RecordState::FailedRetryable,
+            OutcomeKind::None,
+            retryable,
+        ) {
             tracing::error!(key = %KeyHash(self.held.key), error = %e, "could not record an unwound run");
         }
     }

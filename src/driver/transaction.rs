@@ -89,7 +89,10 @@ where
         Lead::Done(reply) => return reply,
         Lead::Leader { leader, .. } => leader,
     };
-    retire_expired_life(state, key)?;
+    // One time for the whole call: the retirement outside the transaction, the decision in
+    // it and a failure recorded after it must agree on what has expired.
+    let now = state.clock.now_millis();
+    retire_expired_life(state, key, now)?;
 
     let engine = &state.engine;
     let codec = state.settings.codec(options);
@@ -103,7 +106,6 @@ where
     let ran = panic::catch_unwind(AssertUnwindSafe(|| {
         all.as_slice().transaction(|views| {
             let (records, expiry, user) = (&views[0], &views[1], &views[2..]);
-            let now = state.clock.now_millis();
             let current = records.get(key)?;
             let seen = match current.as_deref() {
                 Some(bytes) => Some(
@@ -173,7 +175,9 @@ where
     let result = match ran {
         Err(panic) => {
             // The transaction did not commit; record the attempt as retryable, then unwind.
-            if let Err(e) = record_failure(state, key, options, ttl_ms, claim, None::<(&E, &P)>) {
+            if let Err(e) =
+                record_failure(state, key, options, now, ttl_ms, claim, None::<(&E, &P)>)
+            {
                 tracing::error!(key = %KeyHash(key), error = %e, "could not record a panicked run");
             }
             drop(leader);
@@ -192,7 +196,7 @@ where
             if takeover {
                 Counters::bump(&state.counters.orphans_recovered);
             }
-            engine.wait_durable()?;
+            state.wait_durable()?;
             Ok(Outcome::new(
                 value,
                 false,
@@ -205,7 +209,15 @@ where
         }
         Err(TransactionError::Abort(Abort::Operation(error))) => {
             Counters::bump(&state.counters.executions);
-            record_failure(state, key, options, ttl_ms, claim, Some((&error, policy)))?;
+            record_failure(
+                state,
+                key,
+                options,
+                now,
+                ttl_ms,
+                claim,
+                Some((&error, policy)),
+            )?;
             Err(ExecuteError::Operation {
                 error,
                 replayed: false,
@@ -223,12 +235,12 @@ where
 
 /// Ends an expired life that has steps (record and steps together), so the transaction
 /// starts a new life on an absent key. The caller leads the key.
-fn retire_expired_life(state: &StoreState<SledEngine>, key: &[u8]) -> Result<(), Error> {
+fn retire_expired_life(state: &StoreState<SledEngine>, key: &[u8], now: u64) -> Result<(), Error> {
     let Some(bytes) = state.engine.get(key)? else {
         return Ok(());
     };
     let rec = record::decode(&bytes).map_err(|e| decode_error(key, e))?;
-    if rec.header.has_steps && rec.header.is_expired(state.clock.now_millis()) {
+    if rec.header.has_steps && rec.header.is_expired(now) {
         // Unchanged or not, the transaction reads the record afresh.
         state
             .engine
@@ -243,11 +255,11 @@ fn record_failure<E, P: ErrorPolicy<E>>(
     state: &StoreState<SledEngine>,
     key: &[u8],
     options: &CallOptions,
+    now: u64,
     ttl_ms: u64,
     claim: ClaimToken,
     error: Option<(&E, &P)>,
 ) -> Result<(), Error> {
-    let now = state.clock.now_millis();
     let stored = state.engine.get(key)?;
     let previous = match stored.as_deref() {
         Some(bytes) => Some(
@@ -287,5 +299,5 @@ fn record_failure<E, P: ErrorPolicy<E>>(
             key: KeyName::new(key),
         });
     }
-    state.engine.wait_durable()
+    state.wait_durable()
 }

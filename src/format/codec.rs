@@ -162,15 +162,38 @@ pub(crate) fn encode<V: Serialize + DeserializeOwned>(
                 size: writer.attempted,
             })
         }
-        Err(message) => return Err(EncodeFailure::Serializer(message)),
+        Err(message) => {
+            let hint = match codec {
+                Codec::Bincode => {
+                    " (types bincode cannot encode, such as #[serde(flatten)] or sequences of \
+                     unknown length, can be stored with Codec::Json)"
+                }
+                Codec::Json => "",
+            };
+            return Err(EncodeFailure::Serializer(format!("{message}{hint}")));
+        }
     }
     let encoded = Encoded {
         bytes: writer.buf,
         codec,
         shape,
     };
-    match decode::<V>(&encoded.bytes, codec, Some(shape)) {
-        Ok(_) => Ok(encoded),
+    // The decoded copy must carry the same data: same shape, same data whatever the order of
+    // sequences and maps. Its decoding and its drop are user code too.
+    let original = catching(|| walk::data(value))
+        .and_then(|r| r.map_err(|e| e.0))
+        .map_err(EncodeFailure::Serializer)?;
+    let same = catching(|| {
+        let copy = decode::<V>(&encoded.bytes, codec, Some(shape))?;
+        match walk::data(&copy) {
+            Ok(data) if data == original => Ok(()),
+            Ok(_) => Err("it decodes to a different value".to_string()),
+            Err(e) => Err(e.0),
+        }
+    })
+    .and_then(|r| r);
+    match same {
+        Ok(()) => Ok(encoded),
         Err(message) => {
             let hint = match codec {
                 _ if message.contains("Codec::Json") => "",
@@ -203,7 +226,7 @@ pub(crate) fn decode<V: Serialize + DeserializeOwned>(
                 Err(e) => Err(describe_bincode(&e)),
             }
         }
-        Codec::Json => serde_json::from_slice(bytes).map_err(|e| e.to_string()),
+        Codec::Json => serde_json::from_slice(bytes).map_err(|e| describe_json(&e)),
     })
     .and_then(|r| r)?;
     if let Some(expected) = shape {
@@ -231,23 +254,23 @@ pub(crate) fn catching<R>(f: impl FnOnce() -> R) -> Result<R, String> {
     })
 }
 
-/// A sentence a person can act on, for a bincode decoding failure.
+/// A sentence a person can act on, for a bincode decoding failure. It never quotes the stored
+/// bytes (they may be a customer's data).
 fn describe_bincode(e: &bincode::error::DecodeError) -> String {
     use bincode::error::DecodeError as D;
+    let not_this_type = "the type is not the one that was stored";
     match e {
         D::UnexpectedEnd { .. } => {
-            "the stored bytes end before the requested type does: the type is not the one \
-             that was stored"
-                .into()
+            format!("the stored bytes end before the requested type does: {not_this_type}")
         }
         D::LimitExceeded => "the stored bytes claim a length over the decoding limit".into(),
-        D::InvalidBooleanValue(_)
-        | D::InvalidCharEncoding(_)
-        | D::Utf8 { .. }
-        | D::UnexpectedVariant { .. } => format!(
-            "the stored bytes are not a value of the requested type ({e}): the type is not \
-             the one that was stored"
-        ),
+        D::InvalidBooleanValue(_) => format!("a stored boolean is not 0 or 1: {not_this_type}"),
+        D::InvalidCharEncoding(_) | D::Utf8 { .. } => {
+            format!("a stored string or char is not valid UTF-8: {not_this_type}")
+        }
+        D::UnexpectedVariant { type_name, .. } => {
+            format!("a stored enum variant does not exist in {type_name}: {not_this_type}")
+        }
         D::Serde(
             bincode::serde::DecodeError::AnyNotSupported
             | bincode::serde::DecodeError::IdentifierNotSupported
@@ -255,8 +278,24 @@ fn describe_bincode(e: &bincode::error::DecodeError) -> String {
         ) => "the type needs a self-describing format (serde_json::Value, untagged or \
               internally tagged enums, flatten): use Codec::Json"
             .into(),
-        other => format!("the stored bytes do not decode as the requested type: {other}"),
+        _ => format!("the stored bytes do not decode as the requested type: {not_this_type}"),
     }
+}
+
+/// The same for JSON: the category and position of the failure, never the stored text.
+fn describe_json(e: &serde_json::Error) -> String {
+    let what = match e.classify() {
+        serde_json::error::Category::Data => "does not match the requested type",
+        serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
+            "is not valid JSON"
+        }
+        serde_json::error::Category::Io => "could not be read",
+    };
+    format!(
+        "the stored JSON {what} (line {}, column {})",
+        e.line(),
+        e.column()
+    )
 }
 
 #[cfg(test)]

@@ -39,9 +39,24 @@ impl ser::Error for WalkError {
 
 /// The canonical bytes of `value` (see the module docs).
 pub(crate) fn canonical<V: Serialize + ?Sized>(value: &V) -> Result<Vec<u8>, WalkError> {
-    let mut sink = Canonical(Vec::new());
+    let mut sink = Canonical {
+        bytes: Vec::new(),
+        sort_sequences: false,
+    };
     value.serialize(Walker(&mut sink))?;
-    Ok(sink.0)
+    Ok(sink.bytes)
+}
+
+/// The bytes of `value`'s data with the order of every sequence and map left out: equal for a
+/// value and its decoded copy exactly when the codec kept every datum (a `HashSet` decodes in
+/// another order; a float written with too few digits decodes as a neighbour).
+pub(crate) fn data<V: Serialize + ?Sized>(value: &V) -> Result<Vec<u8>, WalkError> {
+    let mut sink = Canonical {
+        bytes: Vec::new(),
+        sort_sequences: true,
+    };
+    value.serialize(Walker(&mut sink))?;
+    Ok(sink.bytes)
 }
 
 /// The shape digest of `value` (see the module docs); never 0.
@@ -96,12 +111,16 @@ trait Sink: Sized {
     fn end_map(&mut self, items: Self::Items);
 }
 
-struct Canonical(Vec<u8>);
+struct Canonical {
+    bytes: Vec<u8>,
+    /// Sort sequence elements too (for [`data`]).
+    sort_sequences: bool,
+}
 
 impl Canonical {
     fn put<V: bincode::Encode + ?Sized>(&mut self, value: &V) {
         // Invariant: encoding a primitive into a Vec cannot fail (no limit, infallible writer).
-        let _ = bincode::encode_into_std_write(value, &mut self.0, bincode::config::standard());
+        let _ = bincode::encode_into_std_write(value, &mut self.bytes, bincode::config::standard());
     }
 }
 
@@ -109,7 +128,10 @@ impl Sink for Canonical {
     type Items = Vec<Vec<u8>>;
 
     fn fresh(&self) -> Self {
-        Canonical(Vec::new())
+        Canonical {
+            bytes: Vec::new(),
+            sort_sequences: self.sort_sequences,
+        }
     }
     fn prim<V: bincode::Encode + ?Sized>(&mut self, _: Kind, value: &V) {
         self.put(value);
@@ -119,11 +141,14 @@ impl Sink for Canonical {
         self.put(&index);
     }
     fn add(items: &mut Self::Items, child: Self) {
-        items.push(child.0);
+        items.push(child.bytes);
     }
-    fn end_seq(&mut self, items: Self::Items) {
+    fn end_seq(&mut self, mut items: Self::Items) {
+        if self.sort_sequences {
+            items.sort_unstable();
+        }
         self.put(&(items.len() as u64));
-        items.iter().for_each(|i| self.0.extend_from_slice(i));
+        items.iter().for_each(|i| self.bytes.extend_from_slice(i));
     }
     fn end_map(&mut self, mut items: Self::Items) {
         items.sort_unstable();
@@ -242,6 +267,12 @@ impl<'a, S: Sink> ser::Serializer for Walker<'a, S> {
     type SerializeMap = Compound<'a, S>;
     type SerializeStruct = Compound<'a, S>;
     type SerializeStructVariant = Compound<'a, S>;
+
+    /// As bincode's serializer: types with a compact form (addresses, UUIDs) use it, so
+    /// canonical bytes equal bincode's and shapes follow the compact form.
+    fn is_human_readable(&self) -> bool {
+        false
+    }
 
     prim! {
         serialize_bool(bool) => Bool,
@@ -508,6 +539,7 @@ mod tests {
         check(&"text");
         check(&Some(E::A));
         check(&[E::B(1), E::B(2)]);
+        check(&std::net::IpAddr::from([10, 0, 0, 1]));
         let bytes = canonical(&sample()).unwrap();
         assert_eq!(
             bytes,

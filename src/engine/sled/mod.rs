@@ -89,8 +89,22 @@ pub(crate) fn open(
     immediate: bool,
     counters: Arc<Counters>,
 ) -> Result<Opened, Error> {
-    check_path(path)?;
-    finish_interrupted_snapshots(path)?;
+    let created = check_path(path)?;
+    // The directories the open will create, outermost first: their entries must be synced in
+    // their parents, or a power loss could take the whole store with it.
+    let new_dirs: Vec<PathBuf> = match created {
+        true => path
+            .ancestors()
+            .take_while(|a| !a.as_os_str().is_empty() && !a.exists())
+            .map(Path::to_path_buf)
+            .collect(),
+        false => Vec::new(),
+    };
+    {
+        // Repair only what no running sled is writing: hold sled's lock meanwhile.
+        let _lock = lock_if_present(path)?;
+        finish_interrupted_snapshots(path)?;
+    }
     let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()));
     let db = match opened {
         Ok(Ok(db)) => db,
@@ -133,6 +147,13 @@ pub(crate) fn open(
     // directory) must be reachable after a power loss too: sync them and their directory.
     for file in [path.join("conf"), path.join("blobs"), path.to_path_buf()] {
         sync_path(&file)?;
+    }
+    for dir in &new_dirs {
+        let parent = match dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        sync_path(parent)?;
     }
     let flush = match immediate {
         true => Some(GroupCommit::new(Arc::clone(&files), counters)),
@@ -185,6 +206,8 @@ fn finish_interrupted_snapshots(path: &Path) -> Result<(), Error> {
         };
         let target = path.join(done);
         if complete && !target.exists() {
+            // Its bytes may not have reached the disk before the crash: sync before naming it.
+            sync_path(&generating)?;
             std::fs::rename(&generating, &target).map_err(io_at(&generating))?;
         } else {
             std::fs::remove_file(&generating).map_err(io_at(&generating))?;
@@ -248,8 +271,10 @@ fn sync_path(path: &Path) -> Result<(), Error> {
 /// could still lose what it "flushed": an `fdatasync` of the data file after it does both.
 /// sled writes values and tree nodes over its inline threshold (a quarter of a segment,
 /// 128 KiB by default) to files under `blobs/` that it never syncs; a lost blob loses its
-/// value, and sled's recovery then also drops what the log holds after it. So every barrier
-/// first syncs each blob file it has not synced at its current size, then the directory.
+/// value, and sled's recovery then also drops what the log holds after it. So every durability
+/// point, after sled's flush (which completes every blob the flushed log points at), syncs
+/// each blob file it has not synced at its current size, then their directory, then the data
+/// file.
 pub(crate) struct DurableFiles {
     db: sled::Db,
     data_file: std::fs::File,
@@ -261,8 +286,11 @@ pub(crate) struct DurableFiles {
 impl DurableFiles {
     /// Makes every write applied so far durable, including against power loss.
     pub(crate) fn make_durable(&self) -> Result<(), sled::Error> {
-        self.sync_blobs()?;
+        // sled writes a blob inside a log reservation, and its flush waits for every
+        // reservation before the point it flushes: only after the flush is each blob the log
+        // can point at complete, so the blobs are synced then, before the data file.
         self.db.flush()?;
+        self.sync_blobs()?;
         self.data_file.sync_data().map_err(sled::Error::Io)
     }
 
@@ -304,14 +332,35 @@ impl SledEngine {
     }
 }
 
+/// Takes the lock sled takes on its data file, if the file exists, for as long as the
+/// returned file lives; `Locked` if a process holds it.
+fn lock_if_present(path: &Path) -> Result<Option<std::fs::File>, Error> {
+    let data = path.join("db");
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&data)
+    {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_at(&data)(e)),
+    };
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::Locked { path: path.into() }),
+        Err(std::fs::TryLockError::Error(e)) => Err(io_at(&data)(e)),
+    }
+}
+
 /// Refuses a path that is a file, or a non-empty directory without a sled database in it.
-fn check_path(path: &Path) -> Result<(), Error> {
+/// Returns whether the directory does not exist yet (the store creates it).
+fn check_path(path: &Path) -> Result<bool, Error> {
     let not_a_store = |reason| Error::NotAStore {
         path: PathBuf::from(path),
         reason,
     };
     match std::fs::metadata(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
         Err(e) => Err(io_at(path)(e)),
         Ok(meta) if !meta.is_dir() => Err(not_a_store("it is not a directory")),
         Ok(_) => {
@@ -328,7 +377,7 @@ fn check_path(path: &Path) -> Result<(), Error> {
                     .next()
                     .is_none()
             {
-                Ok(())
+                Ok(false)
             } else {
                 Err(not_a_store(
                     "the directory holds other files and no database",

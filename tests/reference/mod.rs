@@ -25,7 +25,9 @@
 //! - `remove` while a call runs ends the life: the run's next step write or its final write
 //!   is refused with `OutcomeNotRecorded`, the key stays absent, and the next call starts a
 //!   new life. The running call keeps replaying the steps it had already seen (their values
-//!   are the removed life's; its own outcome is never recorded);
+//!   are the removed life's; its own outcome is never recorded). No operation here removes
+//!   its key before its first step: whether such a run replays the removed life's steps or
+//!   runs them again is left open by the contract (either is safe: nothing of it is recorded);
 //! - a transaction's writes to a user tree apply exactly when it commits a value;
 //! - fingerprints and derived keys of equal `HashMap`s are equal whatever their order.
 #![allow(dead_code)]
@@ -1230,8 +1232,8 @@ impl Model {
             Ok(claim) => claim,
             Err(seen) => return (seen, Vec::new()),
         };
-        // What this run sees of its life's steps: a removal while it runs does not take them
-        // back from it (its own outcome will not be recorded anyway).
+        // What this run sees of its life's steps: a removal while it runs (always after its
+        // first step) does not take them back from it; its own outcome is not recorded anyway.
         let seen_steps = self.steps.get(&key).cloned().unwrap_or_default();
         let mut events = vec![Event::Began];
         let mut removed = false;

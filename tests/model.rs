@@ -4,7 +4,9 @@
 mod reference;
 
 use proptest::prelude::*;
-use reference::{tx_run, End, Fp, Op, Run, Step, StepKind, KEYS};
+use reference::{
+    execute, steps, steps_end, steps_ignoring, tx, tx_run, End, Fp, Op, Run, Step, StepKind, KEYS,
+};
 
 fn run_strategy() -> impl Strategy<Value = Run> {
     prop_oneof![
@@ -33,8 +35,7 @@ fn fingerprint_strategy() -> impl Strategy<Value = Option<Fp>> {
 fn step_strategy() -> impl Strategy<Value = Step> {
     let kind = prop_oneof![
         30 => Just(StepKind::Ok),
-        8 => Just(StepKind::Fail),
-        8 => Just(StepKind::FailIgnored),
+        12 => Just(StepKind::Fail),
         3 => Just(StepKind::Panic),
         3 => Just(StepKind::RemoveThenOk),
         3 => Just(StepKind::RemoveAfter),
@@ -42,7 +43,11 @@ fn step_strategy() -> impl Strategy<Value = Step> {
         3 => Just(StepKind::Unencodable),
         1 => Just(StepKind::Big),
     ];
-    (0u8..3, kind).prop_map(|(name, kind)| Step { name, kind })
+    (0u8..3, kind, proptest::bool::weighted(0.25)).prop_map(|(name, kind, ignored)| Step {
+        name,
+        kind,
+        ignored,
+    })
 }
 
 fn end_strategy() -> impl Strategy<Value = End> {
@@ -93,8 +98,8 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         )
             .prop_map(|(key, steps, end, value)| Op::Steps {
                 key,
+                end: steps_end(&steps, end),
                 steps,
-                end,
                 value
             }),
     ]
@@ -114,38 +119,6 @@ proptest! {
     fn store_matches_the_reference_model(immediate in any::<bool>(), ops in proptest::collection::vec(op_strategy(), 1..40)) {
         reference::quiet_model_panics();
         reference::run(immediate, &ops);
-    }
-}
-
-fn execute(key: u8, run: Run) -> Op {
-    Op::Execute {
-        key,
-        run,
-        fingerprint: None,
-        ttl_s: None,
-        json: false,
-    }
-}
-
-fn tx(key: u8, run: Run) -> Op {
-    Op::Tx {
-        key,
-        run,
-        fingerprint: None,
-        ttl_s: None,
-        json: false,
-    }
-}
-
-fn steps(key: u8, plan: &[(u8, StepKind)], end: End, value: u16) -> Op {
-    Op::Steps {
-        key,
-        steps: plan
-            .iter()
-            .map(|&(name, kind)| Step { name, kind })
-            .collect(),
-        end,
-        value,
     }
 }
 
@@ -177,6 +150,51 @@ fn model_regressions() {
             with(Run::Ok(2), None, None),
         ],
     );
+    // Found by proptest (expiry, per-call TTLs, fingerprints, a reopen and removes).
+    let e = |key, run, fingerprint: Option<u8>, ttl_s| Execute {
+        key,
+        run,
+        fingerprint: fingerprint.map(Fp::Bytes),
+        ttl_s,
+        json: false,
+    };
+    reference::run(
+        true,
+        &[
+            Remove { key: 3 },
+            Sweep,
+            e(0, Run::Permanent(32068), None, Some(102)),
+            e(1, Run::Permanent(62308), None, None),
+            Advance { secs: 166 },
+            Advance { secs: 13 },
+            Advance { secs: 59 },
+            e(2, Run::Retryable(51898), Some(2), Some(98)),
+            Reopen,
+            e(0, Run::Ok(4519), None, None),
+            Advance { secs: 121 },
+            e(0, Run::Retryable(23201), Some(2), None),
+            Advance { secs: 208 },
+            Advance { secs: 58 },
+            Advance { secs: 19 },
+            e(1, Run::Retryable(1995), Some(2), None),
+            e(0, Run::Permanent(46851), Some(3), Some(101)),
+            Advance { secs: 237 },
+            e(3, Run::Ok(65473), None, None),
+            e(2, Run::Permanent(43863), None, Some(26)),
+            e(0, Run::Ok(42538), None, Some(86)),
+            Remove { key: 1 },
+            e(2, Run::Ok(41346), None, None),
+            e(0, Run::Retryable(57732), Some(3), None),
+            Advance { secs: 90 },
+            e(3, Run::Ok(120), None, Some(1)),
+            Remove { key: 2 },
+            e(2, Run::Ok(41105), None, None),
+            e(3, Run::Retryable(38940), None, Some(25)),
+            e(0, Run::Ok(26765), None, None),
+            e(0, Run::Ok(63447), None, Some(60)),
+            e(3, Run::Ok(11080), None, Some(101)),
+        ],
+    );
     // Found by proptest before steps were found by index: a duplicate step name, twice.
     reference::run(
         false,
@@ -188,215 +206,14 @@ fn model_regressions() {
 }
 
 /// One deterministic sequence per rule the model states, so each runs on every `cargo test`
-/// whatever the random sequences draw.
+/// whatever the random sequences draw (the same sequences seed the fuzz corpus).
 #[test]
 fn model_scenarios() {
     reference::quiet_model_panics();
-    use Op::*;
-    use StepKind::*;
-    let scenarios: Vec<(&str, Vec<Op>)> = vec![
-        (
-            "an ignored step error leaves no gap",
-            vec![
-                steps(0, &[(0, FailIgnored), (1, Ok), (2, Fail)], End::Ok, 10),
-                steps(0, &[(0, FailIgnored), (1, Ok), (2, Ok)], End::Ok, 20),
-                steps(0, &[(0, FailIgnored), (1, Ok), (2, Ok)], End::Ok, 30),
-                Reopen,
-                steps(0, &[(0, Ok), (1, Ok), (2, Ok)], End::Ok, 40),
-            ],
-        ),
-        (
-            "a store error in a step stops every later step",
-            vec![
-                steps(1, &[(0, Ok), (0, FailIgnored), (1, Ok)], End::Ok, 1),
-                steps(1, &[(1, Ok), (2, Ok)], End::Ok, 2),
-                steps(1, &[(0, Ok), (1, Ok)], End::Ok, 3),
-            ],
-        ),
-        (
-            "remove from a step, from the operation between steps, and at its end",
-            vec![
-                steps(0, &[(0, Ok), (1, Fail)], End::Ok, 1),
-                steps(0, &[(0, Ok), (1, RemoveThenOk), (2, Ok)], End::Ok, 2),
-                steps(0, &[(0, Ok), (1, Fail)], End::Ok, 3),
-                steps(
-                    0,
-                    &[(0, RemoveAfter), (1, Ok), (2, RemoveThenOk)],
-                    End::Ok,
-                    4,
-                ),
-                steps(0, &[(0, Ok), (1, Ok)], End::RemoveThenOk, 5),
-                steps(0, &[(0, Ok), (1, Ok)], End::Ok, 6),
-                execute(0, Run::Ok(7)),
-                execute(1, Run::RemoveThenOk(8)),
-                execute(1, Run::Ok(9)),
-            ],
-        ),
-        (
-            "step results that cannot be stored never run again",
-            vec![
-                steps(2, &[(0, Ok), (1, TooLarge), (2, Ok)], End::Ok, 1),
-                steps(2, &[(0, Ok), (1, Ok), (2, Ok)], End::Ok, 2),
-                execute(2, Run::Ok(3)),
-                Reopen,
-                tx(2, Run::Ok(4)),
-                steps(3, &[(0, Unencodable)], End::Ok, 5),
-                steps(3, &[(0, Ok)], End::Ok, 6),
-                steps(1, &[(0, Ok), (1, TooLarge)], End::Panic, 7),
-                steps(1, &[(0, Ok), (1, TooLarge)], End::Ok, 8),
-                steps(0, &[(0, Ok)], End::TooLarge, 9),
-                execute(0, Run::Ok(10)),
-            ],
-        ),
-        (
-            "results that cannot be stored, and errors, and JSON",
-            vec![
-                execute(0, Run::TooLarge),
-                execute(0, Run::Ok(1)),
-                execute(1, Run::Unencodable),
-                steps(1, &[], End::Ok, 2),
-                execute(2, Run::PermanentUnencodable(3)),
-                execute(2, Run::Permanent(4)),
-                execute(3, Run::Tagged(5)),
-                Execute {
-                    key: 3,
-                    run: Run::Tagged(6),
-                    fingerprint: None,
-                    ttl_s: None,
-                    json: true,
-                },
-                Advance { secs: 101 },
-                Execute {
-                    key: 3,
-                    run: Run::Tagged(7),
-                    fingerprint: None,
-                    ttl_s: None,
-                    json: true,
-                },
-                Reopen,
-                execute(3, Run::Ok(8)),
-                steps(3, &[], End::Ok, 9),
-                tx(3, Run::Ok(10)),
-            ],
-        ),
-        (
-            "panicking predicates leave a retryable record, never an orphan",
-            vec![
-                execute(0, Run::PredicatePanic(1)),
-                execute(0, Run::PredicatePanic(2)),
-                Reopen,
-                execute(0, Run::Ok(3)),
-                execute(1, Run::Retryable(4)),
-                tx(1, Run::Ok(6)),
-            ],
-        ),
-        (
-            "transactional lives between multi-step lives",
-            vec![
-                steps(0, &[(0, Ok), (1, Fail)], End::Ok, 1),
-                tx(0, Run::Retryable(2)),
-                steps(0, &[(0, Ok), (1, Ok)], End::Err, 3),
-                tx(0, Run::Ok(4)),
-                steps(0, &[(0, Ok), (1, Ok)], End::Ok, 5),
-                Advance { secs: 101 },
-                tx(0, Run::Retryable(6)),
-                steps(0, &[(0, Ok), (1, Ok)], End::Ok, 7),
-                Advance { secs: 101 },
-                tx(0, Run::TooLarge),
-                tx(0, Run::Unencodable),
-                Remove { key: 0 },
-                steps(0, &[(0, Ok)], End::Err, 8),
-                Advance { secs: 101 },
-                tx(0, Run::Tagged(9)),
-                Sweep,
-                tx(0, Run::Permanent(10)),
-                steps(0, &[(0, Ok)], End::Ok, 11),
-                tx(0, Run::Ok(12)),
-            ],
-        ),
-        (
-            "results above the blob threshold replay intact, also after a reopen",
-            vec![
-                execute(0, Run::Big(1)),
-                execute(0, Run::Ok(2)),
-                Reopen,
-                execute(0, Run::Ok(3)),
-                tx(1, Run::Big(4)),
-                Reopen,
-                steps(1, &[], End::Ok, 5),
-                steps(2, &[(0, Big), (1, Fail)], End::Ok, 6),
-                Reopen,
-                steps(2, &[(0, Big), (1, Ok)], End::Ok, 7),
-                Reopen,
-                execute(2, Run::Ok(8)),
-                Execute {
-                    key: 3,
-                    run: Run::Big(9),
-                    fingerprint: None,
-                    ttl_s: None,
-                    json: true,
-                },
-            ],
-        ),
-        (
-            "fingerprints of equal maps match whatever the order; other maps do not",
-            vec![
-                Execute {
-                    key: 0,
-                    run: Run::Retryable(1),
-                    fingerprint: Some(Fp::Map(2)),
-                    ttl_s: None,
-                    json: false,
-                },
-                Execute {
-                    key: 0,
-                    run: Run::Ok(2),
-                    fingerprint: Some(Fp::Map(2)),
-                    ttl_s: None,
-                    json: false,
-                },
-                Execute {
-                    key: 0,
-                    run: Run::Ok(3),
-                    fingerprint: Some(Fp::Map(2)),
-                    ttl_s: None,
-                    json: false,
-                },
-                Execute {
-                    key: 0,
-                    run: Run::Ok(4),
-                    fingerprint: Some(Fp::Map(3)),
-                    ttl_s: None,
-                    json: false,
-                },
-                Execute {
-                    key: 0,
-                    run: Run::Ok(5),
-                    fingerprint: Some(Fp::Bytes(2)),
-                    ttl_s: None,
-                    json: false,
-                },
-                Tx {
-                    key: 0,
-                    run: Run::Ok(6),
-                    fingerprint: Some(Fp::Map(2)),
-                    ttl_s: None,
-                    json: false,
-                },
-                Tx {
-                    key: 0,
-                    run: Run::Ok(6),
-                    fingerprint: Some(Fp::Map(3)),
-                    ttl_s: None,
-                    json: false,
-                },
-            ],
-        ),
-    ];
-    for (name, ops) in scenarios {
+    for (name, ops) in reference::scenarios() {
         for immediate in [true, false] {
             let r = std::panic::catch_unwind(|| reference::run(immediate, &ops));
-            assert!(r.is_ok(), "scenario {name:?} (immediate: {immediate})");
+            assert!(r.is_ok(), "scenario {name} (immediate: {immediate})");
         }
     }
 }
@@ -412,5 +229,23 @@ fn known_divergence_tx_predicate_panic() {
     reference::run(
         true,
         &[execute(1, Run::Retryable(4)), tx(1, Run::PredicatePanic(5))],
+    );
+}
+
+/// The contract: a step whose result cannot be stored ends the run; the record becomes
+/// Completed with that error and neither the step nor the operation runs again, also when the
+/// operation, having ignored the step's error, then panics. The library records
+/// FailedRetryable after the panic, so the next call runs the operation again.
+#[test]
+#[ignore = "known divergence: a panic after an unstorable step leaves the record retryable"]
+fn known_divergence_panic_after_an_unstorable_step() {
+    use StepKind::*;
+    reference::quiet_model_panics();
+    reference::run(
+        true,
+        &[
+            steps_ignoring(0, &[(0, Ok), (1, TooLarge)], &[1], End::Panic, 1),
+            steps(0, &[(0, Ok), (1, TooLarge)], End::Ok, 2),
+        ],
     );
 }

@@ -25,7 +25,9 @@
 //! - `remove` while a call runs ends the life: the run's next step write or its final write
 //!   is refused with `OutcomeNotRecorded`, the key stays absent, and the next call starts a
 //!   new life. The running call keeps replaying the steps it had already seen (their values
-//!   are the removed life's; its own outcome is never recorded);
+//!   are the removed life's; its own outcome is never recorded). No operation here removes
+//!   its key before its first step: whether such a run replays the removed life's steps or
+//!   runs them again is left open by the contract (either is safe: nothing of it is recorded);
 //! - a transaction's writes to a user tree apply exactly when it commits a value;
 //! - fingerprints and derived keys of equal `HashMap`s are equal whatever their order.
 #![allow(dead_code)]
@@ -90,10 +92,8 @@ pub enum Fp {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StepKind {
     Ok,
-    /// Returns an error; the operation propagates it (`?`).
+    /// Returns an error.
     Fail,
-    /// Returns an error; the operation ignores the step's outcome (`let _ =`) and goes on.
-    FailIgnored,
     /// Panics.
     Panic,
     /// Calls `store.remove(key)`, then returns Ok.
@@ -113,6 +113,9 @@ pub struct Step {
     /// The step is named `s{name}`.
     pub name: u8,
     pub kind: StepKind,
+    /// The operation ignores the step's outcome (`let _ = ctx.step(..)`) and goes on;
+    /// otherwise it returns at the step's error (`ctx.step(..)?`).
+    pub ignored: bool,
 }
 
 /// How a `Steps` operation ends once its steps are done.
@@ -174,6 +177,27 @@ pub enum Op {
 /// so the random runs look for other divergences.
 pub const GENERATE_TX_PREDICATE_PANIC: bool = false;
 
+/// Whether generated multi-step operations may panic after a step they ignored whose result
+/// cannot be stored. The contract: that step ends the run, the record becomes Completed with
+/// its error and the operation never runs again (the panic still reaches the caller). The
+/// library records FailedRetryable, so the next call runs the operation again:
+/// `tests/model.rs` `known_divergence_panic_after_an_unstorable_step` shows it. Off until
+/// that is fixed.
+pub const GENERATE_PANIC_AFTER_UNSTORABLE_STEP: bool = false;
+
+/// The end of a generated multi-step operation (see
+/// [`GENERATE_PANIC_AFTER_UNSTORABLE_STEP`]): a panic after an ignored step whose result
+/// cannot be stored becomes an error.
+pub fn steps_end(steps: &[Step], end: End) -> End {
+    let unstorable =
+        |s: &Step| s.ignored && matches!(s.kind, StepKind::TooLarge | StepKind::Unencodable);
+    if end == End::Panic && !GENERATE_PANIC_AFTER_UNSTORABLE_STEP && steps.iter().any(unstorable) {
+        End::Err
+    } else {
+        end
+    }
+}
+
 /// The run of a generated transaction: its operation may not call the store, so
 /// `RemoveThenOk` becomes `Ok` (see also [`GENERATE_TX_PREDICATE_PANIC`]).
 pub fn tx_run(run: Run) -> Run {
@@ -214,11 +238,11 @@ fn end_from(variant: u8) -> End {
     }
 }
 
+/// A step from one byte: name (bits 0-1), kind (bits 2-5), ignored (bit 6).
 fn step_from(b: u8) -> Step {
     let kind = match (b >> 2) & 15 {
-        0..=5 => StepKind::Ok,
-        6..=7 => StepKind::Fail,
-        8..=9 => StepKind::FailIgnored,
+        0..=6 => StepKind::Ok,
+        7..=9 => StepKind::Fail,
         10 => StepKind::Panic,
         11 => StepKind::RemoveThenOk,
         12 => StepKind::RemoveAfter,
@@ -229,6 +253,7 @@ fn step_from(b: u8) -> Step {
     Step {
         name: (b & 3) % 3,
         kind,
+        ignored: b & 0x40 != 0,
     }
 }
 
@@ -287,13 +312,14 @@ fn op_from_bytes(data: &[u8]) -> Option<(Op, &[u8])> {
         16..=19 => {
             let (steps, tail) = rest.split_first_chunk::<3>()?;
             rest = tail;
+            let steps: Vec<Step> = steps[..usize::from(c & 3)]
+                .iter()
+                .map(|&s| step_from(s))
+                .collect();
             Op::Steps {
                 key,
-                steps: steps[..usize::from(c & 3)]
-                    .iter()
-                    .map(|&s| step_from(s))
-                    .collect(),
-                end: end_from(variant),
+                end: steps_end(&steps, end_from(variant)),
+                steps,
                 value,
             }
         }
@@ -329,23 +355,43 @@ pub fn ops_from_bytes(data: &[u8]) -> (bool, Vec<Op>) {
 pub fn ops_to_bytes(immediate: bool, ops: &[Op]) -> Vec<u8> {
     let mut out = vec![u8::from(immediate)];
     for op in ops {
-        let value = match op {
-            Op::Execute { run, .. } | Op::Tx { run, .. } => match run {
-                Run::Ok(v)
-                | Run::Big(v)
-                | Run::Tagged(v)
-                | Run::Permanent(v)
-                | Run::PermanentUnencodable(v)
-                | Run::Retryable(v)
-                | Run::PredicatePanic(v)
-                | Run::RemoveThenOk(v) => *v,
-                Run::TooLarge | Run::Unencodable | Run::Panic => 0,
-            },
-            Op::Steps { value, .. } => *value,
-            _ => 0,
+        let options = |fingerprint: &Option<Fp>, ttl_s: &Option<u8>| {
+            let id = match fingerprint {
+                Some(Fp::Bytes(n) | Fp::Map(n)) => *n,
+                None => 0,
+            };
+            id | ttl_s.map_or(0, |t| 4 | (t << 3))
         };
-        let step_bytes: Vec<u8> = match op {
-            Op::Steps { steps, .. } => {
+        let run_value = |run: &Run| match *run {
+            Run::Ok(v)
+            | Run::Big(v)
+            | Run::Tagged(v)
+            | Run::Permanent(v)
+            | Run::PermanentUnencodable(v)
+            | Run::Retryable(v)
+            | Run::PredicatePanic(v)
+            | Run::RemoveThenOk(v) => v,
+            Run::TooLarge | Run::Unencodable | Run::Panic => 0,
+        };
+        // The bytes after the first two, and the steps' bytes.
+        let (b, c, tail): (u16, u8, Vec<u8>) = match op {
+            Op::Execute {
+                run,
+                fingerprint,
+                ttl_s,
+                ..
+            }
+            | Op::Tx {
+                run,
+                fingerprint,
+                ttl_s,
+                ..
+            } => (run_value(run), options(fingerprint, ttl_s), Vec::new()),
+            Op::Advance { secs } => {
+                let [lo, hi] = secs.to_le_bytes();
+                (u16::from(lo), hi, Vec::new())
+            }
+            Op::Steps { steps, value, .. } => {
                 let mut bytes: Vec<u8> = steps
                     .iter()
                     .map(|s| {
@@ -355,23 +401,17 @@ pub fn ops_to_bytes(immediate: bool, ops: &[Op]) -> Vec<u8> {
                     })
                     .collect();
                 bytes.resize(3, 0);
-                bytes
+                (*value, steps.len() as u8, bytes)
             }
-            _ => Vec::new(),
+            Op::Sweep | Op::Remove { .. } | Op::Reopen => (0, 0, Vec::new()),
         };
+        let b = u8::try_from(b).unwrap_or_else(|_| panic!("a value over 255 in {op:?}"));
         let found = (0..24u8).find_map(|o| {
             (0..=255u8).find_map(|a| {
-                (0..=255u8).find_map(|c| {
-                    let mut chunk = vec![o, a, value.try_into().ok()?, c];
-                    if let Op::Advance { secs } = op {
-                        let [lo, hi] = secs.to_le_bytes();
-                        chunk[2] = lo;
-                        chunk[3] = hi;
-                    }
-                    chunk.extend_from_slice(&step_bytes);
-                    let (decoded, rest) = op_from_bytes(&chunk)?;
-                    (decoded == *op && rest.is_empty()).then_some(chunk)
-                })
+                let mut chunk = vec![o, a, b, c];
+                chunk.extend_from_slice(&tail);
+                let (decoded, rest) = op_from_bytes(&chunk)?;
+                (decoded == *op && rest.is_empty()).then_some(chunk)
             })
         });
         out.extend(found.unwrap_or_else(|| panic!("no bytes for {op:?}")));
@@ -382,6 +422,232 @@ pub fn ops_to_bytes(immediate: bool, ops: &[Op]) -> Vec<u8> {
         "round trip"
     );
     out
+}
+
+// ---------------------------------------------------------------------------------------
+// Deterministic scenarios: one per rule, run by `tests/model.rs` and written as fuzz seeds.
+
+pub fn execute(key: u8, run: Run) -> Op {
+    Op::Execute {
+        key,
+        run,
+        fingerprint: None,
+        ttl_s: None,
+        json: false,
+    }
+}
+
+pub fn execute_with(key: u8, run: Run, fingerprint: Option<Fp>, json: bool) -> Op {
+    Op::Execute {
+        key,
+        run,
+        fingerprint,
+        ttl_s: None,
+        json,
+    }
+}
+
+pub fn tx(key: u8, run: Run) -> Op {
+    tx_with(key, run, None, false)
+}
+
+pub fn tx_with(key: u8, run: Run, fingerprint: Option<Fp>, json: bool) -> Op {
+    Op::Tx {
+        key,
+        run,
+        fingerprint,
+        ttl_s: None,
+        json,
+    }
+}
+
+/// A `Steps` operation whose steps all propagate their errors (`?`).
+pub fn steps(key: u8, plan: &[(u8, StepKind)], end: End, value: u16) -> Op {
+    steps_ignoring(key, plan, &[], end, value)
+}
+
+/// As [`steps`], with the steps at positions `ignored` ignored by the operation (`let _ =`).
+pub fn steps_ignoring(
+    key: u8,
+    plan: &[(u8, StepKind)],
+    ignored: &[usize],
+    end: End,
+    value: u16,
+) -> Op {
+    Op::Steps {
+        key,
+        steps: plan
+            .iter()
+            .enumerate()
+            .map(|(i, &(name, kind))| Step {
+                name,
+                kind,
+                ignored: ignored.contains(&i),
+            })
+            .collect(),
+        end,
+        value,
+    }
+}
+
+/// One short sequence per rule of the model (names are file names for the fuzz corpus).
+pub fn scenarios() -> Vec<(&'static str, Vec<Op>)> {
+    use Op::{Advance, Remove, Reopen, Sweep};
+    use StepKind::*;
+    vec![
+        (
+            "ignored-step-error",
+            vec![
+                steps_ignoring(0, &[(0, Fail), (1, Ok), (2, Fail)], &[0], End::Ok, 10),
+                steps_ignoring(0, &[(0, Fail), (1, Ok), (2, Ok)], &[0], End::Ok, 20),
+                steps_ignoring(0, &[(0, Fail), (1, Ok), (2, Ok)], &[0], End::Ok, 30),
+                Reopen,
+                steps(0, &[(0, Ok), (1, Ok), (2, Ok)], End::Ok, 40),
+                steps_ignoring(1, &[(0, Ok), (1, Fail), (2, Ok)], &[1], End::Err, 50),
+                steps_ignoring(1, &[(0, Ok), (1, Ok), (2, Ok)], &[0, 1, 2], End::Ok, 60),
+            ],
+        ),
+        (
+            "store-error-stops-later-steps",
+            vec![
+                steps_ignoring(1, &[(0, Ok), (0, Ok), (1, Ok)], &[1], End::Ok, 1),
+                steps(1, &[(1, Ok), (2, Ok)], End::Ok, 2),
+                steps(1, &[(0, Ok), (1, Ok)], End::Ok, 3),
+            ],
+        ),
+        (
+            "remove-mid-run",
+            vec![
+                steps(0, &[(0, Ok), (1, Fail)], End::Ok, 1),
+                steps(0, &[(0, Ok), (1, RemoveThenOk), (2, Ok)], End::Ok, 2),
+                steps(0, &[(0, Ok), (1, Fail)], End::Ok, 3),
+                steps(
+                    0,
+                    &[(0, RemoveAfter), (1, Ok), (2, RemoveThenOk)],
+                    End::Ok,
+                    4,
+                ),
+                steps(0, &[(0, Ok), (1, Ok)], End::RemoveThenOk, 5),
+                steps(0, &[(0, Ok), (1, Ok)], End::Ok, 6),
+                execute(0, Run::Ok(7)),
+                execute(1, Run::RemoveThenOk(8)),
+                execute(1, Run::Ok(9)),
+                steps_ignoring(2, &[(0, RemoveThenOk), (1, Ok)], &[0, 1], End::Ok, 10),
+                steps(2, &[(0, Ok)], End::Ok, 11),
+            ],
+        ),
+        (
+            "unstorable-steps",
+            vec![
+                steps(2, &[(0, Ok), (1, TooLarge), (2, Ok)], End::Ok, 1),
+                steps(2, &[(0, Ok), (1, Ok), (2, Ok)], End::Ok, 2),
+                execute(2, Run::Ok(3)),
+                Reopen,
+                tx(2, Run::Ok(4)),
+                steps(3, &[(0, Unencodable)], End::Ok, 5),
+                steps(3, &[(0, Ok)], End::Ok, 6),
+                steps_ignoring(1, &[(0, Ok), (1, TooLarge), (2, Ok)], &[1], End::Ok, 7),
+                steps(1, &[(0, Ok), (1, TooLarge)], End::Ok, 8),
+                steps_ignoring(0, &[(0, Unencodable), (1, Ok)], &[0, 1], End::Err, 8),
+                steps(0, &[(0, Ok)], End::TooLarge, 9),
+                execute(0, Run::Ok(10)),
+                Remove { key: 1 },
+                steps_ignoring(1, &[(0, Unencodable), (1, Panic)], &[0], End::Ok, 11),
+                steps(1, &[(0, Ok)], End::Ok, 12),
+            ],
+        ),
+        (
+            "unstorable-results-and-json",
+            vec![
+                execute(0, Run::TooLarge),
+                execute(0, Run::Ok(1)),
+                execute(1, Run::Unencodable),
+                steps(1, &[], End::Ok, 2),
+                execute(2, Run::PermanentUnencodable(3)),
+                execute(2, Run::Permanent(4)),
+                execute(3, Run::Tagged(5)),
+                execute_with(3, Run::Tagged(6), None, true),
+                Advance { secs: 101 },
+                execute_with(3, Run::Tagged(7), None, true),
+                Reopen,
+                execute(3, Run::Ok(8)),
+                steps(3, &[], End::Ok, 9),
+                tx(3, Run::Ok(10)),
+            ],
+        ),
+        (
+            "panicking-predicates",
+            vec![
+                execute(0, Run::PredicatePanic(1)),
+                execute(0, Run::PredicatePanic(2)),
+                Reopen,
+                execute(0, Run::Ok(3)),
+                execute(1, Run::Retryable(4)),
+                tx(1, Run::Ok(6)),
+            ],
+        ),
+        (
+            "transactional-lives",
+            vec![
+                steps(0, &[(0, Ok), (1, Fail)], End::Ok, 1),
+                tx(0, Run::Retryable(2)),
+                steps(0, &[(0, Ok), (1, Ok)], End::Err, 3),
+                tx(0, Run::Ok(4)),
+                steps(0, &[(0, Ok), (1, Ok)], End::Ok, 5),
+                Advance { secs: 101 },
+                tx(0, Run::Retryable(6)),
+                steps(0, &[(0, Ok), (1, Ok)], End::Ok, 7),
+                Advance { secs: 101 },
+                tx(0, Run::TooLarge),
+                tx(0, Run::Unencodable),
+                Remove { key: 0 },
+                steps(0, &[(0, Ok)], End::Err, 8),
+                Advance { secs: 101 },
+                tx(0, Run::Tagged(9)),
+                Sweep,
+                tx(0, Run::Permanent(10)),
+                steps(0, &[(0, Ok)], End::Ok, 11),
+                tx(0, Run::Ok(12)),
+                tx_with(1, Run::Tagged(13), None, true),
+                tx(1, Run::Ok(14)),
+                tx(2, Run::PermanentUnencodable(15)),
+                tx(2, Run::Ok(16)),
+            ],
+        ),
+        (
+            "big-results-reopen",
+            vec![
+                execute(0, Run::Big(1)),
+                execute(0, Run::Ok(2)),
+                Reopen,
+                execute(0, Run::Ok(3)),
+                tx(1, Run::Big(4)),
+                Reopen,
+                steps(1, &[], End::Ok, 5),
+                steps(2, &[(0, Big), (1, Fail)], End::Ok, 6),
+                Reopen,
+                steps(2, &[(0, Big), (1, Ok)], End::Ok, 7),
+                Reopen,
+                execute(2, Run::Ok(8)),
+                execute_with(3, Run::Big(9), None, true),
+            ],
+        ),
+        (
+            "hashmap-fingerprints",
+            vec![
+                execute_with(0, Run::Retryable(1), Some(Fp::Map(2)), false),
+                execute_with(0, Run::Ok(2), Some(Fp::Map(2)), false),
+                execute_with(0, Run::Ok(3), Some(Fp::Map(2)), false),
+                execute_with(0, Run::Ok(4), Some(Fp::Map(3)), false),
+                execute_with(0, Run::Ok(5), Some(Fp::Bytes(2)), false),
+                tx_with(0, Run::Ok(6), Some(Fp::Map(2)), false),
+                tx_with(0, Run::Ok(6), Some(Fp::Map(3)), false),
+                tx_with(1, Run::Retryable(7), Some(Fp::Map(3)), false),
+                execute_with(1, Run::Ok(8), Some(Fp::Map(2)), false),
+                execute_with(1, Run::Ok(9), Some(Fp::Map(3)), false),
+            ],
+        ),
+    ]
 }
 
 // ---------------------------------------------------------------------------------------
@@ -656,10 +922,25 @@ pub enum Seen {
 /// What the operation's closures did, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
+    /// A multi-step operation's closure was entered.
+    Began,
     /// The operation (0) or step `i` ran.
     Ran(u8),
     /// The operation called `remove`, which returned this.
     Removed(bool),
+    /// What step `i` returned to the operation (unless it panicked).
+    Gave(u8, Gave),
+}
+
+/// What a step returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gave {
+    /// A value, as its weight.
+    Value(u16),
+    /// The step's own error.
+    Failed,
+    /// A store error.
+    Store(Failure),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -701,7 +982,7 @@ struct Claim {
 
 /// Why a multi-step run fails whatever its operation returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Failure {
+pub enum Failure {
     /// A duplicate name or a changed sequence.
     Refused,
     /// A step ran and its result cannot be stored.
@@ -951,10 +1232,10 @@ impl Model {
             Ok(claim) => claim,
             Err(seen) => return (seen, Vec::new()),
         };
-        // What this run sees of its life's steps: a removal while it runs does not take them
-        // back from it (its own outcome will not be recorded anyway).
+        // What this run sees of its life's steps: a removal while it runs (always after its
+        // first step) does not take them back from it; its own outcome is not recorded anyway.
         let seen_steps = self.steps.get(&key).cloned().unwrap_or_default();
-        let mut events = Vec::new();
+        let mut events = vec![Event::Began];
         let mut removed = false;
         let mut failure: Option<Failure> = None;
         let mut names = Vec::new();
@@ -987,7 +1268,7 @@ impl Model {
                     None => {
                         events.push(Event::Ran(i as u8));
                         match step.kind {
-                            StepKind::Fail | StepKind::FailIgnored => Err(None),
+                            StepKind::Fail => Err(None),
                             StepKind::Panic => {
                                 panicked = true;
                                 break;
@@ -1021,14 +1302,22 @@ impl Model {
                     }
                 }
             };
-            match (step.kind, out) {
-                (StepKind::FailIgnored, _) => {}
-                (_, Ok(w)) => sum = sum.wrapping_add(w),
-                (_, Err(None)) => {
+            events.push(Event::Gave(
+                i as u8,
+                match out {
+                    Ok(w) => Gave::Value(w),
+                    Err(None) => Gave::Failed,
+                    Err(Some(f)) => Gave::Store(f),
+                },
+            ));
+            match (step.ignored, out) {
+                (true, _) => {}
+                (false, Ok(w)) => sum = sum.wrapping_add(w),
+                (false, Err(None)) => {
                     returned_error = Some(value);
                     break;
                 }
-                (_, Err(Some(_))) => {
+                (false, Err(Some(_))) => {
                     returned_error = Some(u16::MAX);
                     break;
                 }
@@ -1230,14 +1519,13 @@ fn store_steps(spec: &CallSpec<'_>, steps: &[Step], end: End, value: u16) -> (Se
     };
     let result = catch_unwind(AssertUnwindSafe(|| {
         spec.store.execute_steps(&spec.name, |ctx| {
+            events.borrow_mut().push(Event::Began);
             let mut sum = 0u16;
             for (i, step) in steps.iter().enumerate() {
                 let out = ctx.step(&format!("s{}", step.name), || {
                     events.borrow_mut().push(Event::Ran(i as u8));
                     match step.kind {
-                        StepKind::Fail | StepKind::FailIgnored => {
-                            return Err(ModelError::new(false, value))
-                        }
+                        StepKind::Fail => return Err(ModelError::new(false, value)),
                         StepKind::Panic => panic_any(MODEL_PANIC),
                         StepKind::RemoveThenOk => remove(),
                         _ => {}
@@ -1247,12 +1535,30 @@ fn store_steps(spec: &CallSpec<'_>, steps: &[Step], end: End, value: u16) -> (Se
                         value.wrapping_add(i as u16),
                     ))
                 });
-                match (step.kind, out) {
+                let gave = match &out {
+                    Ok(v) => Gave::Value(weight(&digest(v))),
+                    Err(StepError::Failed(_)) => Gave::Failed,
+                    Err(StepError::Store(e)) => Gave::Store(match e {
+                        Error::StepSequenceChanged { .. } | Error::InvalidStep { .. } => {
+                            Failure::Refused
+                        }
+                        Error::ResultTooLarge { .. } => Failure::Unstorable(Unstorable::TooLarge),
+                        Error::ResultNotEncodable { .. } => {
+                            Failure::Unstorable(Unstorable::NotEncodable)
+                        }
+                        Error::OutcomeNotRecorded { .. } => Failure::NotRecorded,
+                        e => panic!("unexpected store error from step {i}: {e}"),
+                    }),
+                };
+                events.borrow_mut().push(Event::Gave(i as u8, gave));
+                match (step.ignored, out) {
                     // `let _ = ctx.step(..)`: whatever the step gave, the operation goes on.
-                    (StepKind::FailIgnored, _) => {}
-                    (_, Ok(v)) => sum = sum.wrapping_add(weight(&digest(&v))),
-                    (_, Err(StepError::Failed(e))) => return Err(e),
-                    (_, Err(StepError::Store(_))) => return Err(ModelError::new(false, u16::MAX)),
+                    (true, _) => {}
+                    (false, Ok(v)) => sum = sum.wrapping_add(weight(&digest(&v))),
+                    (false, Err(StepError::Failed(e))) => return Err(e),
+                    (false, Err(StepError::Store(_))) => {
+                        return Err(ModelError::new(false, u16::MAX))
+                    }
                 }
                 if step.kind == StepKind::RemoveAfter {
                     remove();

@@ -273,8 +273,21 @@ fn record_failure<E, P: ErrorPolicy<E>>(
     let attempt = Attempt::after(live.as_ref(), now, options);
     let codec = state.settings.codec(options);
     let retryable = (RecordState::FailedRetryable, OutcomeKind::None, None);
+    // The predicate is user code: a panic in it is a retryable failure, recorded before the
+    // panic goes on.
+    let mut predicate_panic = None;
+    let permanent =
+        |e: &E, policy: &P| panic::catch_unwind(AssertUnwindSafe(|| policy.is_permanent(e)));
     let (record_state, outcome, encoded) = match error {
-        Some((e, policy)) if policy.is_permanent(e) => {
+        Some((e, policy))
+            if match permanent(e, policy) {
+                Ok(permanent) => permanent,
+                Err(panic) => {
+                    predicate_panic = Some(panic);
+                    false
+                }
+            } =>
+        {
             match policy.encode(e, codec, state.settings.max_result_bytes) {
                 Ok(enc) => (RecordState::FailedPermanent, OutcomeKind::Stored, Some(enc)),
                 // An unstorable permanent error stays retryable: nothing was applied.
@@ -289,11 +302,28 @@ fn record_failure<E, P: ErrorPolicy<E>>(
         ..attempt.header(record_state, outcome, now, ttl_ms, claim)
     };
     let payload = encoded.map(|e| e.bytes).unwrap_or_default();
+    let written = write_failure(state, key, stored.as_deref(), &header, &payload);
+    if let Some(panic) = predicate_panic {
+        if let Err(e) = written {
+            tracing::error!(key = %KeyHash(key), error = %e, "could not record a panicked run");
+        }
+        panic::resume_unwind(panic);
+    }
+    written
+}
+
+/// Writes a failure record over `expected`, durably.
+fn write_failure(
+    state: &StoreState<SledEngine>,
+    key: &[u8],
+    expected: Option<&[u8]>,
+    header: &Header,
+    payload: &[u8],
+) -> Result<(), Error> {
     state.engine.index_expiry(header.expires_ms, key)?;
-    let expected = stored.as_deref();
     if !state
         .engine
-        .claim(key, expected, record::encode(&header, &payload))?
+        .claim(key, expected, record::encode(header, payload))?
     {
         return Err(Error::OutcomeNotRecorded {
             key: KeyName::new(key),

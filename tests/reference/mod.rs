@@ -170,40 +170,11 @@ pub enum Op {
     },
 }
 
-/// Whether generated transactions include a panicking `permanent_if` predicate. The library
-/// leaves such a transaction's record as it was (absent, or retryable with the old attempt
-/// count) where the contract says it becomes FailedRetryable like any other panic:
-/// `tests/model.rs` `known_divergence_tx_predicate_panic` shows it. Off until that is fixed,
-/// so the random runs look for other divergences.
-pub const GENERATE_TX_PREDICATE_PANIC: bool = false;
-
-/// Whether generated multi-step operations may panic after a step they ignored whose result
-/// cannot be stored. The contract: that step ends the run, the record becomes Completed with
-/// its error and the operation never runs again (the panic still reaches the caller). The
-/// library records FailedRetryable, so the next call runs the operation again:
-/// `tests/model.rs` `known_divergence_panic_after_an_unstorable_step` shows it. Off until
-/// that is fixed.
-pub const GENERATE_PANIC_AFTER_UNSTORABLE_STEP: bool = false;
-
-/// The end of a generated multi-step operation (see
-/// [`GENERATE_PANIC_AFTER_UNSTORABLE_STEP`]): a panic after an ignored step whose result
-/// cannot be stored becomes an error.
-pub fn steps_end(steps: &[Step], end: End) -> End {
-    let unstorable =
-        |s: &Step| s.ignored && matches!(s.kind, StepKind::TooLarge | StepKind::Unencodable);
-    if end == End::Panic && !GENERATE_PANIC_AFTER_UNSTORABLE_STEP && steps.iter().any(unstorable) {
-        End::Err
-    } else {
-        end
-    }
-}
-
 /// The run of a generated transaction: its operation may not call the store, so
-/// `RemoveThenOk` becomes `Ok` (see also [`GENERATE_TX_PREDICATE_PANIC`]).
+/// `RemoveThenOk` becomes `Ok`.
 pub fn tx_run(run: Run) -> Run {
     match run {
         Run::RemoveThenOk(v) => Run::Ok(v),
-        Run::PredicatePanic(v) if !GENERATE_TX_PREDICATE_PANIC => Run::Retryable(v),
         other => other,
     }
 }
@@ -318,7 +289,7 @@ fn op_from_bytes(data: &[u8]) -> Option<(Op, &[u8])> {
                 .collect();
             Op::Steps {
                 key,
-                end: steps_end(&steps, end_from(variant)),
+                end: end_from(variant),
                 steps,
                 value,
             }

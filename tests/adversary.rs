@@ -6,20 +6,13 @@
 
 mod common;
 
-use common::{Scratch, ServiceError};
+use common::{store_error, Scratch, ServiceError};
 use idemstore::{Codec, Error, ExecuteError, Fingerprint, OrphanPolicy, RecordState, StepError};
 use serde::{Deserialize, Serialize};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-
-fn store_error<T: std::fmt::Debug, E: std::fmt::Debug>(r: Result<T, ExecuteError<E>>) -> Error {
-    match r {
-        Err(ExecuteError::Store(e)) => e,
-        other => panic!("expected a store error, got {other:?}"),
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // DEFECT. Promise (design §1, §5; README "A replay returns what was stored, or a typed error"):

@@ -24,7 +24,7 @@
 
 mod common;
 
-use common::{wait_until, ChildProcess, Scratch, PATIENCE, START_MS};
+use common::{store_error, wait_until, ChildProcess, Scratch, PATIENCE, START_MS};
 use idemstore::{
     Clock, Error, ExecuteError, Fingerprint, ManualClock, MemoryEngine, OrphanPolicy, RecordState,
     SledEngine, StepError, Store, StoreBuilder,
@@ -60,14 +60,6 @@ fn receipt(n: u32) -> Receipt {
     Receipt {
         id: format!("ch_{n}"),
         cents: 100 * u64::from(n),
-    }
-}
-
-/// The store error of a call that must fail with one.
-fn store_err<T: std::fmt::Debug, E: std::fmt::Debug>(r: Result<T, ExecuteError<E>>) -> Error {
-    match r {
-        Err(ExecuteError::Store(e)) => e,
-        other => panic!("expected a store error, got {other:?}"),
     }
 }
 
@@ -240,11 +232,11 @@ impl MemoryHarness {
         let store = self.open();
         let engine = self.engine.clone();
         let e = match with_step {
-            false => store_err(store.call(key).fingerprint(fp(ORPHAN_FP)).run(|| {
+            false => store_error(store.call(key).fingerprint(fp(ORPHAN_FP)).run(|| {
                 engine.crash();
                 Ok::<u32, Fail>(0)
             })),
-            true => store_err(store.call(key).fingerprint(fp(ORPHAN_FP)).run_steps(|ctx| {
+            true => store_error(store.call(key).fingerprint(fp(ORPHAN_FP)).run_steps(|ctx| {
                 ctx.step("a", || Ok::<_, Fail>(ORPHAN_STEP_VALUE))?;
                 engine.crash();
                 Ok::<u32, StepError<Fail>>(0)
@@ -462,7 +454,7 @@ macro_rules! conformance {
                 }
                 assert_eq!(store.stats().replays, store_stats.replays + 4);
                 // A call that declares no permanent errors cannot decode one: a clear error.
-                let e = store_err(store.execute_once("declined", || Ok::<_, Fail>(bump(&runs))));
+                let e = store_error(store.execute_once("declined", || Ok::<_, Fail>(bump(&runs))));
                 assert!(matches!(e, Error::PermanentErrorRecorded { .. }), "{e}");
                 // And after a clean reopen.
                 let store = h.reopen(store);
@@ -516,7 +508,7 @@ macro_rules! conformance {
                     let before = store.record(key).unwrap().expect(key);
                     assert_eq!(before.state, state, "{key}");
                     for policy in [OrphanPolicy::Rerun, OrphanPolicy::Report] {
-                        let e = store_err(mismatch(key, policy));
+                        let e = store_error(mismatch(key, policy));
                         assert!(matches!(e, Error::FingerprintMismatch { .. }), "{key}: {e}");
                     }
                     assert_eq!(store.record(key).unwrap(), Some(before), "{key} unchanged");
@@ -534,7 +526,7 @@ macro_rules! conformance {
                     inside.wait();
                     let before = store.record("running").unwrap().unwrap();
                     assert_eq!(before.state, RecordState::Pending);
-                    let e = store_err(mismatch("running", OrphanPolicy::Rerun));
+                    let e = store_error(mismatch("running", OrphanPolicy::Rerun));
                     assert!(matches!(e, Error::FingerprintMismatch { .. }), "{e}");
                     assert_eq!(store.record("running").unwrap(), Some(before));
                     release.wait();
@@ -603,7 +595,7 @@ macro_rules! conformance {
                         })
                     });
                     inside.wait();
-                    let e = store_err(
+                    let e = store_error(
                         store
                             .call("k")
                             .wait_timeout(Duration::from_millis(30))
@@ -614,7 +606,7 @@ macro_rules! conformance {
                         "{e}"
                     );
                     // A zero timeout does not wait at all.
-                    let e = store_err(
+                    let e = store_error(
                         store
                             .call("k")
                             .wait_timeout(Duration::ZERO)
@@ -662,7 +654,7 @@ macro_rules! conformance {
                 let before = store.record("k").unwrap().unwrap();
                 let runs = AtomicU32::new(0);
                 for _ in 0..2 {
-                    let e = store_err(store.execute_once("k", || Ok::<_, Fail>(bump(&runs))));
+                    let e = store_error(store.execute_once("k", || Ok::<_, Fail>(bump(&runs))));
                     assert!(matches!(e, Error::Interrupted { attempts: 1, .. }), "{e}");
                     assert_eq!(store.record("k").unwrap(), Some(before));
                 }
@@ -671,7 +663,7 @@ macro_rules! conformance {
                 // Still reported after another reopen.
                 drop(store);
                 let store = h.open_with(|b| b.orphan_policy(OrphanPolicy::Report));
-                let e = store_err(store.execute_once("k", || Ok::<_, Fail>(bump(&runs))));
+                let e = store_error(store.execute_once("k", || Ok::<_, Fail>(bump(&runs))));
                 assert!(matches!(e, Error::Interrupted { .. }), "{e}");
                 let out = store
                     .call("k")
@@ -782,7 +774,7 @@ macro_rules! conformance {
                 let mut cases: Vec<(&str, RecordState, IsExpected)> = Vec::new();
                 for round in 0..2 {
                     let mut each = |key: &'static str, state, expected: IsExpected, r: Result<(), ExecuteError<Fail>>| {
-                        let e = store_err(r);
+                        let e = store_error(r);
                         assert!(expected(&e), "{key}, call {round}: {e}");
                         if round == 0 {
                             cases.push((key, state, expected));
@@ -818,7 +810,7 @@ macro_rules! conformance {
                         .call(key)
                         .permanent_if(is_permanent)
                         .run(|| Ok::<_, Fail>(bump(&runs)));
-                    let e = store_err(r);
+                    let e = store_error(r);
                     assert!(expected(&e), "{key} after reopen: {e}");
                 }
                 assert_eq!(count(&runs), 5, "never again, after a reopen either");
@@ -830,11 +822,11 @@ macro_rules! conformance {
                 let h = H::new();
                 let store = h.open_with(|b| b.max_key_bytes(8));
                 let runs = AtomicU32::new(0);
-                let e = store_err(store.execute_once("", || Ok::<_, Fail>(bump(&runs))));
+                let e = store_error(store.execute_once("", || Ok::<_, Fail>(bump(&runs))));
                 assert!(matches!(e, Error::EmptyKey), "{e}");
-                let e = store_err(store.execute_once("123456789", || Ok::<_, Fail>(bump(&runs))));
+                let e = store_error(store.execute_once("123456789", || Ok::<_, Fail>(bump(&runs))));
                 assert!(matches!(e, Error::KeyTooLong { len: 9, limit: 8 }), "{e}");
-                let e = store_err(store.execute_steps("", |ctx| {
+                let e = store_error(store.execute_steps("", |ctx| {
                     ctx.step("a", || Ok::<_, Fail>(bump(&runs)))
                 }));
                 assert!(matches!(e, Error::EmptyKey), "{e}");
@@ -854,7 +846,7 @@ macro_rules! conformance {
                 let store = h.open();
                 store.execute_once("k", || Ok::<_, Fail>(String::from("a string"))).unwrap();
                 let runs = AtomicU32::new(0);
-                let e = store_err(store.execute_once("k", || {
+                let e = store_error(store.execute_once("k", || {
                     bump(&runs);
                     Ok::<_, Fail>(receipt(1))
                 }));
@@ -949,7 +941,7 @@ macro_rules! conformance {
                     assert!(matches!(next, Err(StepError::Store(Error::StepSequenceChanged { .. }))), "{next:?}");
                     Ok::<u32, StepError<Fail>>(0) // the operation swallows the errors
                 });
-                match store_err(r) {
+                match store_error(r) {
                     Error::StepSequenceChanged { index, recorded, requested, .. } => {
                         assert_eq!((index, recorded.as_str(), requested.as_str()), (0, "charge", "refund"));
                     }
@@ -985,7 +977,7 @@ macro_rules! conformance {
                         assert!(matches!(next, Err(StepError::Store(Error::InvalidStep { .. }))));
                         Ok::<u32, StepError<Fail>>(0)
                     });
-                    assert!(matches!(store_err(r), Error::InvalidStep { .. }), "{bad:?}");
+                    assert!(matches!(store_error(r), Error::InvalidStep { .. }), "{bad:?}");
                     assert_eq!(store.record(&key).unwrap().unwrap().state, RecordState::FailedRetryable);
                 }
                 assert_eq!(count(&later), 0);
@@ -1004,7 +996,7 @@ macro_rules! conformance {
                         ctx.step("big", || Ok::<_, Fail>(vec![bump(&big); 100]))?;
                         Ok::<u32, StepError<Fail>>(0)
                     });
-                    assert!(matches!(store_err(r), Error::ResultTooLarge { limit: 64, .. }));
+                    assert!(matches!(store_error(r), Error::ResultTooLarge { limit: 64, .. }));
                 }
                 assert_eq!((count(&ops), count(&big)), (1, 1));
                 let store = h.reopen(store);
@@ -1013,7 +1005,7 @@ macro_rules! conformance {
                     ctx.step("big", || Ok::<_, Fail>(vec![bump(&big); 100]))?;
                     Ok::<u32, StepError<Fail>>(0)
                 });
-                assert!(matches!(store_err(r), Error::ResultTooLarge { .. }));
+                assert!(matches!(store_error(r), Error::ResultTooLarge { .. }));
                 assert_eq!((count(&ops), count(&big)), (1, 1));
                 assert_eq!(store.record("k").unwrap().unwrap().state, RecordState::Completed);
             }
@@ -1034,7 +1026,7 @@ macro_rules! conformance {
                         Ok::<_, StepError<Fail>>((a, b))
                     };
                     if policy == OrphanPolicy::Report {
-                        let e = store_err(store.execute_steps("k", op));
+                        let e = store_error(store.execute_steps("k", op));
                         assert!(matches!(e, Error::Interrupted { attempts: 1, .. }), "{e}");
                         assert_eq!((count(&a_runs), count(&b_runs)), (0, 0));
                     }
@@ -1219,7 +1211,7 @@ macro_rules! conformance {
                     assert!(matches!(next, Err(StepError::Store(Error::OutcomeNotRecorded { .. }))), "{next:?}");
                     Ok::<u32, StepError<Fail>>(0)
                 });
-                assert!(matches!(store_err(r), Error::OutcomeNotRecorded { .. }));
+                assert!(matches!(store_error(r), Error::OutcomeNotRecorded { .. }));
                 assert_eq!(store.record("k").unwrap(), None, "nothing overwritten");
                 assert!(store.steps("k").unwrap().is_empty());
                 // Its final write.
@@ -1227,7 +1219,7 @@ macro_rules! conformance {
                     assert!(store.remove("plain").unwrap());
                     Ok::<_, Fail>(1u32)
                 });
-                assert!(matches!(store_err(r), Error::OutcomeNotRecorded { .. }));
+                assert!(matches!(store_error(r), Error::OutcomeNotRecorded { .. }));
                 assert_eq!(store.record("plain").unwrap(), None, "nothing overwritten");
                 // The next life starts afresh.
                 let out = store.execute_steps("k", |ctx| ctx.step("charge", || Ok::<_, Fail>(bump(&charges)))).unwrap();
@@ -1270,7 +1262,7 @@ macro_rules! conformance {
                         assert!(matches!(next, Err(StepError::Store(Error::OutcomeNotRecorded { .. }))), "{next:?}");
                         Ok::<u32, StepError<Fail>>(99)
                     });
-                    assert!(matches!(store_err(r), Error::OutcomeNotRecorded { .. }), "{key}");
+                    assert!(matches!(store_error(r), Error::OutcomeNotRecorded { .. }), "{key}");
                     // The final write alone (no steps) is fenced too.
                     let plain = format!("{key}-plain");
                     let r = store.execute_once(&plain, || {
@@ -1281,7 +1273,7 @@ macro_rules! conformance {
                         assert!(!theirs.is_replayed());
                         Ok::<_, Fail>(99u32)
                     });
-                    assert!(matches!(store_err(r), Error::OutcomeNotRecorded { .. }), "{plain}");
+                    assert!(matches!(store_error(r), Error::OutcomeNotRecorded { .. }), "{plain}");
                     for s in [&store, &other] {
                         let out = s.execute_steps(key, |ctx| {
                             let a = ctx.step("a", || Ok::<_, Fail>(0u32))?;
@@ -1320,7 +1312,7 @@ fn memory_a_failed_final_write_leaves_an_orphan_of_this_process() {
             h.engine.fail_nth_write(1); // the outcome's write
             Ok::<_, Fail>(bump(&runs))
         });
-        assert!(matches!(store_err(r), Error::Storage(_)));
+        assert!(matches!(store_error(r), Error::Storage(_)));
         let info = store.record("k").unwrap().unwrap();
         assert_eq!((info.state, info.attempts), (RecordState::Pending, 1));
         let next = store.execute_once("k", || Ok::<_, Fail>(bump(&runs)));
@@ -1330,7 +1322,7 @@ fn memory_a_failed_final_write_leaves_an_orphan_of_this_process() {
                 assert_eq!((*out, out.record().attempts), (2, 2));
             }
             OrphanPolicy::Report => {
-                let e = store_err(next);
+                let e = store_error(next);
                 assert!(matches!(e, Error::Interrupted { attempts: 1, .. }), "{e}");
                 assert_eq!(count(&runs), 1);
             }
@@ -1348,13 +1340,13 @@ fn memory_storage_errors_before_and_after_the_claim() {
     let runs = AtomicU32::new(0);
     // The claim's barrier fails: f does not run, the claim is taken back.
     h.engine.fail_nth_barrier(1);
-    let e = store_err(store.execute_once("k", || Ok::<_, Fail>(bump(&runs))));
+    let e = store_error(store.execute_once("k", || Ok::<_, Fail>(bump(&runs))));
     assert!(matches!(e, Error::Storage(_)), "{e}");
     assert_eq!(count(&runs), 0);
     assert_eq!(store.record("k").unwrap(), None);
     // The claim's write fails: the same.
     h.engine.fail_nth_write(2);
-    let e = store_err(store.execute_once("k", || Ok::<_, Fail>(bump(&runs))));
+    let e = store_error(store.execute_once("k", || Ok::<_, Fail>(bump(&runs))));
     assert!(matches!(e, Error::Storage(_)), "{e}");
     assert_eq!((count(&runs), store.record("k").unwrap()), (0, None));
     let out = store

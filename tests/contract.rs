@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{wait_until, Scratch, ServiceError};
+use common::{store_error, wait_until, Scratch, ServiceError};
 use idemstore::{Error, ExecuteError, Fingerprint, RecordState, Store};
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -20,13 +20,6 @@ enum PayError {
     Declined(String),
     #[error("gateway timeout")]
     Timeout,
-}
-
-fn store_err<T: std::fmt::Debug, E: std::fmt::Debug>(r: Result<T, ExecuteError<E>>) -> Error {
-    match r {
-        Err(ExecuteError::Store(e)) => e,
-        other => panic!("expected a store error, got {other:?}"),
-    }
 }
 
 #[test]
@@ -146,7 +139,7 @@ fn a_recorded_permanent_error_without_a_decoder_is_a_clear_error() {
         .permanent_if(|_: &PayError| true)
         .run(|| Err::<u32, _>(PayError::Timeout));
     let runs = AtomicUsize::new(0);
-    let e = store_err(store.execute_once("pay-3", || {
+    let e = store_error(store.execute_once("pay-3", || {
         runs.fetch_add(1, Ordering::SeqCst);
         Ok::<u32, ServiceError>(1)
     }));
@@ -167,7 +160,7 @@ fn fingerprint_mismatch_runs_nothing_and_changes_nothing() {
         .unwrap();
     let before = store.record("order-1").unwrap();
     let runs = AtomicUsize::new(0);
-    let e = store_err(store.call("order-1").fingerprint(fp_b).run(|| {
+    let e = store_error(store.call("order-1").fingerprint(fp_b).run(|| {
         runs.fetch_add(1, Ordering::SeqCst);
         Ok::<_, ServiceError>(2u32)
     }));
@@ -197,7 +190,7 @@ fn fingerprint_mismatch_also_guards_a_retryable_record() {
         .call("k")
         .fingerprint(fp_a)
         .run(|| Err::<u32, _>(ServiceError::Declined));
-    let e = store_err(
+    let e = store_error(
         store
             .call("k")
             .fingerprint(Fingerprint::of_bytes(b"b"))
@@ -236,7 +229,7 @@ fn removal_while_running_is_reported_not_overwritten() {
         assert!(store.remove("k").unwrap());
         Ok::<_, ServiceError>(1u32)
     });
-    let e = store_err(r);
+    let e = store_error(r);
     assert!(matches!(e, Error::OutcomeNotRecorded { .. }), "{e}");
     assert_eq!(store.record("k").unwrap(), None);
 }
@@ -251,11 +244,11 @@ fn bad_keys_are_refused_before_anything_is_written() {
         Ok::<_, ServiceError>(1u32)
     };
     assert!(matches!(
-        store_err(store.execute_once("", f)),
+        store_error(store.execute_once("", f)),
         Error::EmptyKey
     ));
     assert!(matches!(
-        store_err(store.execute_once("123456789", f)),
+        store_error(store.execute_once("123456789", f)),
         Error::KeyTooLong { len: 9, limit: 8 }
     ));
     assert_eq!(runs.load(Ordering::SeqCst), 0);
@@ -272,12 +265,12 @@ fn oversized_result_is_an_error_and_the_operation_never_runs_again() {
         runs.fetch_add(1, Ordering::SeqCst);
         Ok::<_, ServiceError>(vec![7u8; 1000])
     };
-    let e = store_err(store.execute_once("big", f));
+    let e = store_error(store.execute_once("big", f));
     assert!(
         matches!(e, Error::ResultTooLarge { size, limit: 64, .. } if size > 64),
         "{e}"
     );
-    let e = store_err(store.execute_once("big", f));
+    let e = store_error(store.execute_once("big", f));
     assert!(matches!(e, Error::ResultTooLarge { limit: 64, .. }), "{e}");
     assert_eq!(runs.load(Ordering::SeqCst), 1);
     assert_eq!(
@@ -308,7 +301,7 @@ fn result_that_fails_to_serialize_is_recorded_as_such() {
         Ok::<_, ServiceError>(Unserializable)
     };
     for _ in 0..2 {
-        let e = store_err(store.execute_once("k", f));
+        let e = store_error(store.execute_once("k", f));
         assert!(
             matches!(&e, Error::ResultNotEncodable { message, .. } if message.contains("cannot serialize")),
             "{e}"
@@ -325,7 +318,7 @@ fn result_type_that_no_longer_decodes_is_a_decode_error_and_nothing_runs() {
         .execute_once("k", || Ok::<_, ServiceError>("a string result".to_string()))
         .unwrap();
     let runs = AtomicUsize::new(0);
-    let e = store_err(store.execute_once("k", || {
+    let e = store_error(store.execute_once("k", || {
         runs.fetch_add(1, Ordering::SeqCst);
         Ok::<_, ServiceError>(Receipt {
             id: String::new(),
@@ -550,7 +543,7 @@ fn corrupt_and_foreign_bytes_are_errors_for_that_key_only() {
         s.poke_record(b"victim", &bytes);
         let store = s.open();
         let runs = AtomicUsize::new(0);
-        let e = store_err(store.execute_once("victim", || {
+        let e = store_error(store.execute_once("victim", || {
             runs.fetch_add(1, Ordering::SeqCst);
             Ok::<_, ServiceError>(9u32)
         }));

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{Scratch, ServiceError};
+use common::{store_error, Scratch, ServiceError};
 use idemstore::{Codec, Error, ExecuteError, Fingerprint, OrphanPolicy, RecordState, StepError};
 use serde::{Deserialize, Serialize};
 use std::cell::Cell;
@@ -14,13 +14,6 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Barrier;
 use std::time::Duration;
-
-fn store_error<T: std::fmt::Debug, E: std::fmt::Debug>(r: Result<T, ExecuteError<E>>) -> Error {
-    match r {
-        Err(ExecuteError::Store(e)) => e,
-        other => panic!("expected a store error, got {other:?}"),
-    }
-}
 
 // 1. Steps are found by their own index.
 #[test]

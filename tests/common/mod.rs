@@ -328,3 +328,13 @@ impl Drop for ChildProcess {
         }
     }
 }
+
+/// The store error of a call that must have failed in the store.
+pub fn store_error<T: std::fmt::Debug, E: std::fmt::Debug>(
+    r: Result<T, idemstore::ExecuteError<E>>,
+) -> idemstore::Error {
+    match r {
+        Err(idemstore::ExecuteError::Store(e)) => e,
+        other => panic!("expected a store error, got {other:?}"),
+    }
+}

@@ -225,7 +225,7 @@ impl<S: Engine> Store<S> {
     /// | completed | return the recorded value with [`Outcome::is_replayed`] true; `f` does not run |
     /// | failed with a permanent error | return it as [`ExecuteError::Operation`] with `replayed: true` |
     /// | running in another call of this process | wait for it (up to the wait timeout), then as above |
-    /// | left Pending by a run that died | by [`OrphanPolicy`]: run `f` again, or [`Error::Interrupted`] |
+    /// | left Pending by a run that died | by [`OrphanPolicy`](crate::OrphanPolicy): run `f` again, or [`Error::Interrupted`] |
     ///
     /// An `Err` from `f` is retryable here (use [`Store::call`] and
     /// [`Call::permanent_if`] to record permanent errors); a panic in `f` leaves the record

@@ -28,7 +28,7 @@ pub enum Durability {
 pub enum OrphanPolicy {
     /// Run the operation again (at-least-once across a crash). The default.
     Rerun,
-    /// Return [`Error::Interrupted`] and leave the record as it is, so the caller can reconcile
+    /// Return [`Error::Interrupted`](crate::Error::Interrupted) and leave the record as it is, so the caller can reconcile
     /// (for example ask the payment provider) before re-running with `Rerun` or removing the key.
     Report,
 }

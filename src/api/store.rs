@@ -350,6 +350,8 @@ impl<S: Engine> Store<S> {
     pub fn steps(&self, key: impl AsRef<[u8]>) -> Result<Vec<StepInfo>, Error> {
         let key = key.as_ref();
         let shared = self.shared();
+        // What inspection shows must be durable, as what a replay returns (see StoreState).
+        shared.durable_before_replay()?;
         let Some(bytes) = shared.engine.get(key)? else {
             return Ok(Vec::new());
         };
@@ -408,6 +410,8 @@ impl<S: Engine> Store<S> {
     /// [`Error::Storage`] for I/O failures.
     pub fn record(&self, key: impl AsRef<[u8]>) -> Result<Option<RecordInfo>, Error> {
         let key = key.as_ref();
+        // What inspection shows must be durable, as what a replay returns (see StoreState).
+        self.shared().durable_before_replay()?;
         let Some(bytes) = self.shared().engine.get(key)? else {
             return Ok(None);
         };
@@ -452,8 +456,13 @@ impl<S: Engine> Store<S> {
     /// assert_eq!(keys, vec![b"a".to_vec()]);
     /// ```
     pub fn records(&self) -> Records<'_, S> {
+        // What inspection shows must be durable, as what a replay returns (see StoreState).
+        let not_durable = self.shared().durable_before_replay().err();
         Records {
-            iter: self.shared().engine.records(),
+            iter: match not_durable {
+                Some(e) => Box::new(std::iter::once(Err(e))),
+                None => self.shared().engine.records(),
+            },
             now_ms: self.shared().clock.now_millis(),
             state: None,
         }

@@ -23,6 +23,10 @@ pub(crate) struct RunFailure {
     /// Set when a step ran but its outcome could not be stored: the run's record ends with
     /// this outcome kind and payload, so the operation never runs again.
     pub terminal: Option<(OutcomeKind, Vec<u8>)>,
+    /// Set when a step ran and its record's write or durability point failed: whether the
+    /// step is recorded is unknown, as for an operation whose outcome write failed, so the
+    /// claim stays Pending (an orphan, handled by the orphan policy).
+    pub in_doubt: bool,
 }
 
 /// What the caller gets, once the record is written.
@@ -34,6 +38,8 @@ pub(crate) enum Reply<T, E> {
 
 /// The record a run's result becomes, and the reply.
 pub(crate) struct Settled<T, E> {
+    /// Leave the claim's Pending record as it is (see [`RunFailure::in_doubt`]).
+    pub keep_claim: bool,
     pub state: RecordState,
     pub outcome: OutcomeKind,
     pub payload: Vec<u8>,
@@ -56,6 +62,7 @@ where
     P: ErrorPolicy<E>,
 {
     let plain = |state, reply| Settled {
+        keep_claim: false,
         state,
         outcome: OutcomeKind::None,
         payload: Vec::new(),
@@ -66,6 +73,7 @@ where
     let stored = |state, encoded: Result<codec::Encoded, codec::EncodeFailure>, ok: Reply<T, E>| {
         match encoded {
             Ok(e) => Settled {
+                keep_claim: false,
                 state,
                 outcome: OutcomeKind::Stored,
                 payload: e.bytes,
@@ -76,6 +84,7 @@ where
             Err(failure) => {
                 let (outcome, payload, error) = unstorable::record(key, failure, limit);
                 Settled {
+                    keep_claim: false,
                     state,
                     outcome,
                     payload,
@@ -87,6 +96,24 @@ where
         }
     };
     match (ran, failure) {
+        // A step ran and whether it is recorded is unknown: leave the claim an orphan.
+        (
+            ran,
+            Some(RunFailure {
+                error,
+                in_doubt: true,
+                ..
+            }),
+        ) => Settled {
+            keep_claim: true,
+            ..plain(
+                RecordState::Pending,
+                match ran {
+                    Err(panic) => Reply::Panic(panic),
+                    Ok(_) => Reply::Error(error.into()),
+                },
+            )
+        },
         // A step ran but could not be stored: the operation is finished with that error,
         // whatever it returned, and even if it then panicked (the panic goes on).
         (
@@ -94,8 +121,10 @@ where
             Some(RunFailure {
                 error,
                 terminal: Some((outcome, payload)),
+                ..
             }),
         ) => Settled {
+            keep_claim: false,
             state: RecordState::Completed,
             outcome,
             payload,
@@ -113,6 +142,7 @@ where
             Some(RunFailure {
                 error,
                 terminal: None,
+                ..
             }),
         ) => plain(RecordState::FailedRetryable, Reply::Error(error.into())),
         (Ok(Ok(value)), None) => {

@@ -219,7 +219,15 @@ impl<'a> Context<'a> {
 
     /// Fails the run with `error` (the first failure wins) and returns the step's error.
     fn fail<E>(&mut self, error: Error, terminal: Option<(OutcomeKind, Vec<u8>)>) -> StepError<E> {
-        let failure = self.failure.get_or_insert(RunFailure { error, terminal });
+        self.fail_with(RunFailure {
+            error,
+            terminal,
+            in_doubt: false,
+        })
+    }
+
+    fn fail_with<E>(&mut self, failure: RunFailure) -> StepError<E> {
+        let failure = self.failure.get_or_insert(failure);
         StepError::Store(failure.error.clone())
     }
 
@@ -327,7 +335,14 @@ impl<'a> Context<'a> {
             .write_step(&self.claim.held, index, bytes)
             .and_then(|()| self.log.wait_durable());
         match (written, unstorable) {
-            (Err(e), _) => Err(self.fail(e, None)),
+            // Refused by fencing: the record is no longer this claim's, nothing to leave.
+            (Err(e @ Error::OutcomeNotRecorded { .. }), _) => Err(self.fail(e, None)),
+            // The step ran; whether its record is stored is unknown.
+            (Err(e), _) => Err(self.fail_with(RunFailure {
+                error: e,
+                terminal: None,
+                in_doubt: true,
+            })),
             (Ok(()), Some((kind, error))) => Err(self.fail(error, Some((kind, encoded.bytes)))),
             (Ok(()), None) => Ok(()),
         }

@@ -383,6 +383,20 @@ fn record_outcome<S: Engine, T, E>(
     settled: settle::Settled<T, E>,
 ) -> Finished<T, E> {
     let key = guard.held.key;
+    if settled.keep_claim {
+        // Whether a step is recorded is unknown: the claim stays Pending, an orphan.
+        guard.armed = false;
+        tracing::error!(key = %KeyHash(key), "a step's record may not be stored; the claim is left to the orphan policy");
+        return match settled.reply {
+            Reply::Panic(panic) => Finished::Panicked(panic),
+            Reply::Error(e) => Finished::Returned(Err(e)),
+            Reply::Value(value) => Finished::Returned(Ok(Outcome::new(
+                value,
+                false,
+                RecordInfo::new(guard.header, 0),
+            ))),
+        };
+    }
     let written = guard.write(
         settled.state,
         settled.outcome,

@@ -28,6 +28,7 @@ use crate::core::outcome::{Outcome, RecordInfo};
 use crate::core::policy::ErrorPolicy;
 use crate::core::replay::decode_error;
 use crate::core::rules::{self, AsLeader, Refusal};
+use crate::core::settle::{self, Reply};
 use crate::driver::execute::{lead, refused, replayed, Lead};
 use crate::driver::state::StoreState;
 use crate::driver::waiting::Waiting;
@@ -35,7 +36,7 @@ use crate::engine::keys::expiry_key;
 use crate::engine::sled::{sled_error, SledEngine};
 use crate::engine::Engine;
 use crate::error::{Error, ExecuteError};
-use crate::format::codec;
+use crate::format::codec::{self, Codec};
 use crate::format::record::{self, ClaimToken, Header, OutcomeKind, RecordState};
 use crate::format::unstorable;
 use crate::key::{KeyHash, KeyName};
@@ -175,9 +176,8 @@ where
     let result = match ran {
         Err(panic) => {
             // The transaction did not commit; record the attempt as retryable, then unwind.
-            if let Err(e) =
-                record_failure(state, key, options, now, ttl_ms, claim, None::<(&E, &P)>)
-            {
+            let failed = Failed::retryable(codec);
+            if let Err(e) = record_failure(state, key, options, now, ttl_ms, claim, &failed) {
                 tracing::error!(key = %KeyHash(key), error = %e, "could not record a panicked run");
             }
             drop(leader);
@@ -209,19 +209,41 @@ where
         }
         Err(TransactionError::Abort(Abort::Operation(error))) => {
             Counters::bump(&state.counters.executions);
-            record_failure(
-                state,
-                key,
-                options,
-                now,
-                ttl_ms,
-                claim,
-                Some((&error, policy)),
-            )?;
-            Err(ExecuteError::Operation {
-                error,
-                replayed: false,
-            })
+            // The same rules as a plain call's error (permanent, retryable, unstorable); the
+            // predicate is user code, and its panic is a retryable failure.
+            let settled = panic::catch_unwind(AssertUnwindSafe(|| {
+                settle::settle::<T, E, P>(key, Ok(Err(error)), None, policy, codec, limit)
+            }));
+            match settled {
+                Err(panic) => {
+                    let failed = Failed::retryable(codec);
+                    if let Err(e) = record_failure(state, key, options, now, ttl_ms, claim, &failed)
+                    {
+                        tracing::error!(key = %KeyHash(key), error = %e, "could not record a panicked run");
+                    }
+                    drop(leader);
+                    panic::resume_unwind(panic);
+                }
+                Ok(settled) => {
+                    let failed = Failed {
+                        state: settled.state,
+                        outcome: settled.outcome,
+                        payload: settled.payload,
+                        codec: settled.codec,
+                        shape: settled.shape,
+                    };
+                    record_failure(state, key, options, now, ttl_ms, claim, &failed)?;
+                    match settled.reply {
+                        Reply::Error(e) => Err(e),
+                        // Invariant: an operation's error settles into an error reply.
+                        Reply::Value(_) | Reply::Panic(_) => Err(Error::CorruptRecord {
+                            key: KeyName::new(key),
+                            reason: "an error settled into a value",
+                        }
+                        .into()),
+                    }
+                }
+            }
         }
         Err(TransactionError::Abort(Abort::Refused(refusal))) => {
             Err(refused(state, key, refusal).into())
@@ -249,16 +271,37 @@ fn retire_expired_life(state: &StoreState<SledEngine>, key: &[u8], now: u64) -> 
     Ok(())
 }
 
-/// Records a failed attempt (permanent if `error` is one, else retryable) over whatever the
-/// record is now. The caller leads the key, so nothing else writes it meanwhile.
-fn record_failure<E, P: ErrorPolicy<E>>(
+/// A failed attempt's record, as `core::settle` decided it.
+struct Failed {
+    state: RecordState,
+    outcome: OutcomeKind,
+    payload: Vec<u8>,
+    codec: Codec,
+    shape: Option<u64>,
+}
+
+impl Failed {
+    fn retryable(codec: Codec) -> Self {
+        Failed {
+            state: RecordState::FailedRetryable,
+            outcome: OutcomeKind::None,
+            payload: Vec::new(),
+            codec,
+            shape: None,
+        }
+    }
+}
+
+/// Records a failed attempt over whatever the record is now. The caller leads the key, so
+/// nothing else writes it meanwhile.
+fn record_failure(
     state: &StoreState<SledEngine>,
     key: &[u8],
     options: &CallOptions,
     now: u64,
     ttl_ms: u64,
     claim: ClaimToken,
-    error: Option<(&E, &P)>,
+    failed: &Failed,
 ) -> Result<(), Error> {
     let stored = state.engine.get(key)?;
     let previous = match stored.as_deref() {
@@ -271,45 +314,12 @@ fn record_failure<E, P: ErrorPolicy<E>>(
     };
     let live = previous.filter(|h| !h.is_expired(now));
     let attempt = Attempt::after(live.as_ref(), now, options);
-    let codec = state.settings.codec(options);
-    let retryable = (RecordState::FailedRetryable, OutcomeKind::None, None);
-    // The predicate is user code: a panic in it is a retryable failure, recorded before the
-    // panic goes on.
-    let mut predicate_panic = None;
-    let permanent =
-        |e: &E, policy: &P| panic::catch_unwind(AssertUnwindSafe(|| policy.is_permanent(e)));
-    let (record_state, outcome, encoded) = match error {
-        Some((e, policy))
-            if match permanent(e, policy) {
-                Ok(permanent) => permanent,
-                Err(panic) => {
-                    predicate_panic = Some(panic);
-                    false
-                }
-            } =>
-        {
-            match policy.encode(e, codec, state.settings.max_result_bytes) {
-                Ok(enc) => (RecordState::FailedPermanent, OutcomeKind::Stored, Some(enc)),
-                // An unstorable permanent error stays retryable: nothing was applied.
-                Err(_) => retryable,
-            }
-        }
-        _ => retryable,
-    };
     let header = Header {
-        codec: encoded.as_ref().map_or(codec, |e| e.codec),
-        shape: encoded.as_ref().map(|e| e.shape),
-        ..attempt.header(record_state, outcome, now, ttl_ms, claim)
+        codec: failed.codec,
+        shape: failed.shape,
+        ..attempt.header(failed.state, failed.outcome, now, ttl_ms, claim)
     };
-    let payload = encoded.map(|e| e.bytes).unwrap_or_default();
-    let written = write_failure(state, key, stored.as_deref(), &header, &payload);
-    if let Some(panic) = predicate_panic {
-        if let Err(e) = written {
-            tracing::error!(key = %KeyHash(key), error = %e, "could not record a panicked run");
-        }
-        panic::resume_unwind(panic);
-    }
-    written
+    write_failure(state, key, stored.as_deref(), &header, &failed.payload)
 }
 
 /// Writes a failure record over `expected`, durably.

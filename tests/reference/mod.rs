@@ -1149,14 +1149,14 @@ impl Model {
                     replayed: false,
                 },
             ),
-            // Nothing was applied, so an error that cannot be stored stays retryable.
-            Run::PermanentUnencodable(value) => (
-                Some(State::Retryable),
-                Seen::OpError {
-                    value,
+            // As in a plain call: a permanent error that cannot be stored is recorded as
+            // such (the operation never runs again), though nothing was applied.
+            Run::PermanentUnencodable(_) => (
+                Some(State::Unstorable {
+                    why: Unstorable::NotEncodable,
                     permanent: true,
-                    replayed: false,
-                },
+                }),
+                Seen::Unstorable(Unstorable::NotEncodable),
             ),
             Run::Retryable(value) => (
                 Some(State::Retryable),

@@ -125,13 +125,6 @@ pub(crate) fn open(
             return Err(e);
         }
     };
-    let sidecar = path.join(SIDECAR);
-    if !sidecar.exists() {
-        let file = std::fs::File::create(&sidecar).map_err(io_at(&sidecar))?;
-        std::io::Write::write_all(&mut &file, format!("idemstore {STORE_FORMAT}\n").as_bytes())
-            .and_then(|()| file.sync_all())
-            .map_err(io_at(&sidecar))?;
-    }
     let records = db.open_tree(RECORDS_TREE).map_err(sled_error)?;
     let expiry = db.open_tree(EXPIRY_TREE).map_err(sled_error)?;
     let steps = db.open_tree(STEPS_TREE).map_err(sled_error)?;
@@ -154,6 +147,16 @@ pub(crate) fn open(
             _ => Path::new("."),
         };
         sync_path(parent)?;
+    }
+    // The marker says "this directory's metadata was durable": write it only now, after
+    // the data, `conf` and the directories are, then make its own entry durable.
+    let sidecar = path.join(SIDECAR);
+    if !sidecar.exists() {
+        let file = std::fs::File::create(&sidecar).map_err(io_at(&sidecar))?;
+        std::io::Write::write_all(&mut &file, format!("idemstore {STORE_FORMAT}\n").as_bytes())
+            .and_then(|()| file.sync_all())
+            .map_err(io_at(&sidecar))?;
+        sync_path(path)?;
     }
     let flush = match immediate {
         true => Some(GroupCommit::new(Arc::clone(&files), counters)),

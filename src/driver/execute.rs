@@ -390,11 +390,12 @@ fn record_outcome<S: Engine, T, E>(
         return match settled.reply {
             Reply::Panic(panic) => Finished::Panicked(panic),
             Reply::Error(e) => Finished::Returned(Err(e)),
-            Reply::Value(value) => Finished::Returned(Ok(Outcome::new(
-                value,
-                false,
-                RecordInfo::new(guard.header, 0),
-            ))),
+            // Invariant: settle keeps a claim only with an error or a panic; a value here would
+            // not be recorded, so it is not returned either.
+            Reply::Value(_) => Finished::Returned(Err(Error::OutcomeNotRecorded {
+                key: KeyName::new(key),
+            }
+            .into())),
         };
     }
     let written = guard.write(

@@ -390,34 +390,13 @@ fn sync_trace() -> Option<(tempfile::TempDir, Vec<SyncEvent>)> {
 
 /// Runs the ignored test `child` of this binary under strace with `SYNC_DIR_VAR` = `dir`.
 fn sync_trace_of(child: &str, dir: &std::path::Path) -> Option<Vec<SyncEvent>> {
-    if std::process::Command::new("strace")
-        .arg("-V")
-        .output()
-        .is_err()
-    {
-        assert!(std::env::var_os("CI").is_none(), "strace is missing");
-        eprintln!("skipped: strace is not installed");
-        return None;
-    }
     let dir_str = dir.to_str().unwrap().to_owned();
-    let trace_file = dir.join("trace");
-    let status = std::process::Command::new("strace")
-        .args([
-            "-f",
-            "-y",
-            "-qq",
-            "-e",
-            "trace=openat,mkdir,mkdirat,unlink,unlinkat,fsync,fdatasync,write",
-            "-o",
-        ])
-        .arg(&trace_file)
-        .arg(std::env::current_exe().unwrap())
-        .args(["--exact", child, "--ignored", "--nocapture"])
-        .env(SYNC_DIR_VAR, &dir_str)
-        .status()
-        .expect("run strace");
-    assert!(status.success(), "the traced child failed: {status}");
-    let trace = std::fs::read_to_string(&trace_file).unwrap();
+    let trace = common::strace_child(
+        child,
+        "openat,mkdir,mkdirat,unlink,unlinkat,fsync,fdatasync,write",
+        std::path::Path::new(&dir_str),
+        SYNC_DIR_VAR,
+    )?;
     let mut events = Vec::new();
     for line in trace.lines() {
         let call = line
@@ -1030,40 +1009,16 @@ mod bytes_as_bytes {
 
 #[test]
 fn a_durable_point_never_depends_on_a_blob_written_during_its_barrier() {
-    if std::process::Command::new("strace")
-        .arg("-V")
-        .output()
-        .is_err()
-    {
-        assert!(std::env::var_os("CI").is_none(), "strace is missing");
-        eprintln!("skipped: strace is not installed");
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
     let dir_str = dir.path().to_str().unwrap().to_owned();
-    let trace_file = dir.path().join("trace");
-    let status = std::process::Command::new("strace")
-        .args([
-            "-f",
-            "-y",
-            "-qq",
-            "-e",
-            "trace=openat,unlink,fsync,fdatasync,write",
-            "-o",
-        ])
-        .arg(&trace_file)
-        .arg(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "adversary_blob_race_child",
-            "--ignored",
-            "--nocapture",
-        ])
-        .env(SYNC_DIR_VAR, &dir_str)
-        .status()
-        .expect("run strace");
-    assert!(status.success(), "the traced child failed: {status}");
-    let trace = std::fs::read_to_string(&trace_file).unwrap();
+    let Some(trace) = common::strace_child(
+        "adversary_blob_race_child",
+        "openat,unlink,fsync,fdatasync,write",
+        std::path::Path::new(&dir_str),
+        SYNC_DIR_VAR,
+    ) else {
+        return;
+    };
     // Per blob: created at, data complete at (last write returned), synced at, removed.
     #[derive(Default, Debug)]
     struct Blob {

@@ -133,34 +133,13 @@ fn adversary2_open_child() {
 /// (syscall, path) for every fsync / fdatasync / O_CREAT open under `dir` made by `child`
 /// of this test binary, in order; None if strace is missing.
 fn traced_syncs(child: &str, dir: &std::path::Path) -> Option<Vec<(String, String)>> {
-    if std::process::Command::new("strace")
-        .arg("-V")
-        .output()
-        .is_err()
-    {
-        assert!(std::env::var_os("CI").is_none(), "strace is missing");
-        eprintln!("skipped: strace is not installed");
-        return None;
-    }
     let dir_str = dir.to_str().unwrap().to_owned();
-    let trace_file = dir.join("trace");
-    let status = std::process::Command::new("strace")
-        .args([
-            "-f",
-            "-y",
-            "-qq",
-            "-e",
-            "trace=openat,fsync,fdatasync",
-            "-o",
-        ])
-        .arg(&trace_file)
-        .arg(std::env::current_exe().unwrap())
-        .args(["--exact", child, "--ignored", "--nocapture"])
-        .env(SYNC_DIR_VAR, &dir_str)
-        .status()
-        .expect("run strace");
-    assert!(status.success(), "the traced child failed: {status}");
-    let trace = std::fs::read_to_string(&trace_file).unwrap();
+    let trace = common::strace_child(
+        child,
+        "openat,fsync,fdatasync",
+        std::path::Path::new(&dir_str),
+        SYNC_DIR_VAR,
+    )?;
     let mut events = Vec::new();
     for line in trace.lines() {
         let call = line

@@ -8,10 +8,11 @@
 //! fails when a sync is missing. It needs `strace`: without it the test says it was skipped,
 //! and fails under `CI`, whose script installs it.
 
+mod common;
+
 use idemstore::Store;
 use std::io::Write;
 use std::path::Path;
-use std::process::Command;
 
 const DIR_VAR: &str = "IDEMSTORE_SYNC_DIR";
 const MARK: &str = "RETURNED ";
@@ -72,34 +73,16 @@ fn parse(trace: &str, dir: &str) -> Vec<Event> {
 
 #[test]
 fn outcomes_are_synced_before_they_are_returned() {
-    if Command::new("strace").arg("-V").output().is_err() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "strace is missing; .ci/run installs it"
-        );
-        eprintln!("skipped: strace is not installed");
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
     let dir_str = dir.path().to_str().unwrap().to_owned();
-    let trace_file = dir.path().join("trace");
-    let status = Command::new("strace")
-        .args([
-            "-f",
-            "-y",
-            "-qq",
-            "-e",
-            "trace=openat,fsync,fdatasync,write",
-            "-o",
-        ])
-        .arg(&trace_file)
-        .arg(std::env::current_exe().unwrap())
-        .args(["--exact", "sync_calls_child", "--ignored", "--nocapture"])
-        .env(DIR_VAR, &dir_str)
-        .status()
-        .expect("run strace");
-    assert!(status.success(), "the traced child failed: {status}");
-    let trace = std::fs::read_to_string(&trace_file).unwrap();
+    let Some(trace) = common::strace_child(
+        "sync_calls_child",
+        "openat,fsync,fdatasync,write",
+        std::path::Path::new(&dir_str),
+        DIR_VAR,
+    ) else {
+        return;
+    };
     let events = parse(&trace, &dir_str);
 
     let db = format!("{dir_str}/db");

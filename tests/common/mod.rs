@@ -338,3 +338,37 @@ pub fn store_error<T: std::fmt::Debug, E: std::fmt::Debug>(
         other => panic!("expected a store error, got {other:?}"),
     }
 }
+
+/// Runs the ignored test `child` of this test binary under `strace -f -y` tracing `calls`,
+/// with `env_var` set to `dir`, and returns the trace. None, after saying so, if strace is
+/// not installed; under `CI` that is a failure (`.ci/run` installs it).
+pub fn strace_child(
+    child: &str,
+    calls: &str,
+    dir: &std::path::Path,
+    env_var: &str,
+) -> Option<String> {
+    use std::process::Command;
+    if Command::new("strace").arg("-V").output().is_err() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "strace is missing; .ci/run installs it"
+        );
+        eprintln!("skipped: strace is not installed");
+        return None;
+    }
+    let trace_file = dir.join("trace");
+    let status = Command::new("strace")
+        .args(["-f", "-y", "-qq", "-e", &format!("trace={calls}"), "-o"])
+        .arg(&trace_file)
+        .arg(std::env::current_exe().expect("test binary"))
+        .args(["--exact", child, "--ignored", "--nocapture"])
+        .env(env_var, dir)
+        .status()
+        .expect("run strace");
+    assert!(
+        status.success(),
+        "the traced child {child} failed: {status}"
+    );
+    Some(std::fs::read_to_string(&trace_file).expect("read the trace"))
+}

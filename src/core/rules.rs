@@ -96,6 +96,12 @@ pub(crate) fn as_leader(
     orphan_policy: OrphanPolicy,
     holder_live: bool,
 ) -> AsLeader {
+    // A holder still running is waited for even past its record's expiry: its writes are
+    // fenced, but its operation would run beside a new one (a shared engine's lease; in one
+    // process the leader is the only caller, so this never holds).
+    if seen.is_some_and(|h| h.state == RecordState::Pending) && holder_live {
+        return AsLeader::WaitForHolder;
+    }
     let Some(h) = seen.filter(|h| !h.is_expired(now_ms)) else {
         return AsLeader::Claim(ClaimPlan {
             attempt: Attempt::after(None, now_ms, options),
@@ -307,6 +313,21 @@ mod tests {
             as_leader(Some(&h), NOW, &o, OrphanPolicy::Rerun, true),
             AsLeader::WaitForHolder
         );
+    }
+
+    #[test]
+    fn a_live_holder_is_waited_for_even_past_its_expiry() {
+        let mut h = header(RecordState::Pending);
+        h.expires_ms = NOW;
+        let o = CallOptions::default();
+        assert_eq!(
+            as_leader(Some(&h), NOW, &o, OrphanPolicy::Rerun, true),
+            AsLeader::WaitForHolder
+        );
+        assert!(matches!(
+            as_leader(Some(&h), NOW, &o, OrphanPolicy::Rerun, false),
+            AsLeader::Claim(_)
+        ));
     }
 
     #[test]

@@ -127,6 +127,11 @@ fn full_disk(outcome_bytes: usize) {
         match r {
             Ok(out) => returned_big.push((key, out.into_value())),
             Err(ExecuteError::Store(Error::Storage(e))) => {
+                assert_eq!(
+                    e.io_kind(),
+                    Some(std::io::ErrorKind::StorageFull),
+                    "a full disk is told apart from other storage errors: {e}"
+                );
                 eprintln!(
                     "disk full after {i} more calls (operation ran: {}): {e}",
                     ran.load(Ordering::SeqCst)

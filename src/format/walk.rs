@@ -388,38 +388,27 @@ impl<S: Sink> ser::SerializeSeq for Compound<'_, S> {
     }
 }
 
-impl<S: Sink> ser::SerializeTuple for Compound<'_, S> {
-    type Ok = ();
-    type Error = WalkError;
-    fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), WalkError> {
-        self.direct(value)
-    }
-    fn end(self) -> Result<(), WalkError> {
-        Ok(())
-    }
+/// Compounds whose parts are walked in order into the parent's sink (tuples).
+macro_rules! in_order {
+    ($($trait:ident :: $method:ident),*) => {$(
+        impl<S: Sink> ser::$trait for Compound<'_, S> {
+            type Ok = ();
+            type Error = WalkError;
+            fn $method<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), WalkError> {
+                self.direct(value)
+            }
+            fn end(self) -> Result<(), WalkError> {
+                Ok(())
+            }
+        }
+    )*};
 }
 
-impl<S: Sink> ser::SerializeTupleStruct for Compound<'_, S> {
-    type Ok = ();
-    type Error = WalkError;
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), WalkError> {
-        self.direct(value)
-    }
-    fn end(self) -> Result<(), WalkError> {
-        Ok(())
-    }
-}
-
-impl<S: Sink> ser::SerializeTupleVariant for Compound<'_, S> {
-    type Ok = ();
-    type Error = WalkError;
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), WalkError> {
-        self.direct(value)
-    }
-    fn end(self) -> Result<(), WalkError> {
-        Ok(())
-    }
-}
+in_order!(
+    SerializeTuple::serialize_element,
+    SerializeTupleStruct::serialize_field,
+    SerializeTupleVariant::serialize_field
+);
 
 impl<S: Sink> ser::SerializeMap for Compound<'_, S> {
     type Ok = ();
@@ -445,45 +434,32 @@ impl<S: Sink> ser::SerializeMap for Compound<'_, S> {
     }
 }
 
-impl<S: Sink> ser::SerializeStruct for Compound<'_, S> {
-    type Ok = ();
-    type Error = WalkError;
-    fn serialize_field<T: Serialize + ?Sized>(
-        &mut self,
-        name: &'static str,
-        value: &T,
-    ) -> Result<(), WalkError> {
-        self.sink.mark(Kind::Field, name);
-        self.direct(value)
-    }
-    fn skip_field(&mut self, name: &'static str) -> Result<(), WalkError> {
-        self.sink.mark(Kind::Skipped, name);
-        Ok(())
-    }
-    fn end(self) -> Result<(), WalkError> {
-        Ok(())
-    }
+/// Compounds of named fields (structs, struct variants): each field's name, then its value.
+macro_rules! named_fields {
+    ($($trait:ident),*) => {$(
+        impl<S: Sink> ser::$trait for Compound<'_, S> {
+            type Ok = ();
+            type Error = WalkError;
+            fn serialize_field<T: Serialize + ?Sized>(
+                &mut self,
+                name: &'static str,
+                value: &T,
+            ) -> Result<(), WalkError> {
+                self.sink.mark(Kind::Field, name);
+                self.direct(value)
+            }
+            fn skip_field(&mut self, name: &'static str) -> Result<(), WalkError> {
+                self.sink.mark(Kind::Skipped, name);
+                Ok(())
+            }
+            fn end(self) -> Result<(), WalkError> {
+                Ok(())
+            }
+        }
+    )*};
 }
 
-impl<S: Sink> ser::SerializeStructVariant for Compound<'_, S> {
-    type Ok = ();
-    type Error = WalkError;
-    fn serialize_field<T: Serialize + ?Sized>(
-        &mut self,
-        name: &'static str,
-        value: &T,
-    ) -> Result<(), WalkError> {
-        self.sink.mark(Kind::Field, name);
-        self.direct(value)
-    }
-    fn skip_field(&mut self, name: &'static str) -> Result<(), WalkError> {
-        self.sink.mark(Kind::Skipped, name);
-        Ok(())
-    }
-    fn end(self) -> Result<(), WalkError> {
-        Ok(())
-    }
-}
+named_fields!(SerializeStruct, SerializeStructVariant);
 
 #[cfg(test)]
 mod tests {

@@ -162,14 +162,7 @@ impl Store<SledEngine> {
         T: Serialize + DeserializeOwned,
         F: Fn(&[sled::transaction::TransactionalTree]) -> TxResult<T, E>,
     {
-        crate::driver::transaction::execute_in_tx(
-            self.shared(),
-            key.as_ref(),
-            &CallOptions::default(),
-            &AllRetryable,
-            trees,
-            f,
-        )
+        self.call(key.as_ref()).run_in_tx(trees, f)
     }
 }
 
@@ -265,13 +258,7 @@ impl<S: Engine> Store<S> {
         T: Serialize + DeserializeOwned,
         F: FnOnce() -> Result<T, E>,
     {
-        crate::driver::execute::execute(
-            self.shared(),
-            key.as_ref(),
-            &CallOptions::default(),
-            &AllRetryable,
-            |_| f(),
-        )
+        self.call(key.as_ref()).run(f)
     }
 
     /// As [`execute_once`](Self::execute_once), for an operation made of named steps
@@ -318,11 +305,7 @@ impl<S: Engine> Store<S> {
         T: Serialize + DeserializeOwned,
         F: FnOnce(&mut Context<'_>) -> Result<T, E>,
     {
-        let options = CallOptions {
-            with_steps: true,
-            ..CallOptions::default()
-        };
-        crate::driver::execute::execute(self.shared(), key.as_ref(), &options, &AllRetryable, f)
+        self.call(key.as_ref()).run_steps(f)
     }
 
     /// The former name of [`execute_steps`](Self::execute_steps).

@@ -677,3 +677,31 @@ fn large_outcomes_replay_after_reopen() {
     let blobs = std::fs::read_dir(s.path().join("blobs")).unwrap().count();
     assert!(blobs > 0, "the test must exercise sled's blob files");
 }
+
+// The documented choice: a downstream key is the same in every life of a key, so a provider
+// that still remembers it deduplicates the call after a removal.
+#[test]
+fn a_downstream_key_is_the_same_in_every_life_of_a_key() {
+    let s = Scratch::new();
+    let store = s.open();
+    let key_in_life = || {
+        store
+            .execute_steps("order-5", |ctx| {
+                Ok::<_, ServiceError>(ctx.downstream_key("charge"))
+            })
+            .unwrap()
+            .into_value()
+    };
+    let first = key_in_life();
+    assert!(store.remove("order-5").unwrap());
+    assert_eq!(key_in_life(), first);
+    let other_step = store
+        .execute_steps("order-6", |ctx| {
+            Ok::<_, ServiceError>(ctx.downstream_key("charge"))
+        })
+        .unwrap();
+    assert_ne!(
+        *other_step, first,
+        "another key gives another downstream key"
+    );
+}

@@ -89,17 +89,10 @@ pub(crate) fn open(
     immediate: bool,
     counters: Arc<Counters>,
 ) -> Result<Opened, Error> {
-    let created = check_path(path)?;
-    // The directories the open will create, outermost first: their entries must be synced in
-    // their parents, or a power loss could take the whole store with it.
-    let new_dirs: Vec<PathBuf> = match created {
-        true => path
-            .ancestors()
-            .take_while(|a| !a.as_os_str().is_empty() && !a.exists())
-            .map(Path::to_path_buf)
-            .collect(),
-        false => Vec::new(),
-    };
+    check_path(path)?;
+    // No marker: this open creates the store, or finishes a creation a crash interrupted, so
+    // the directory entries leading to it may not be durable yet (see the marker below).
+    let creating = !path.join(SIDECAR).exists();
     {
         // Repair only what no running sled is writing: hold sled's lock meanwhile.
         let _lock = lock_if_present(path)?;
@@ -141,12 +134,13 @@ pub(crate) fn open(
     for file in [path.join("conf"), path.join("blobs"), path.to_path_buf()] {
         sync_path(&file)?;
     }
-    for dir in &new_dirs {
-        let parent = match dir.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        sync_path(parent)?;
+    if creating {
+        // Every ancestor's entries, up to the root: the open may have created any of them,
+        // and which is unknown after an interrupted creation.
+        let absolute = std::path::absolute(path).map_err(io_at(path))?;
+        for dir in absolute.ancestors().skip(1) {
+            sync_path(dir)?;
+        }
     }
     // The marker says "this directory's metadata was durable": write it only now, after
     // the data, `conf` and the directories are, then make its own entry durable.
@@ -355,15 +349,16 @@ fn lock_if_present(path: &Path) -> Result<Option<std::fs::File>, Error> {
     }
 }
 
-/// Refuses a path that is a file, or a non-empty directory without a sled database in it.
-/// Returns whether the directory does not exist yet (the store creates it).
-fn check_path(path: &Path) -> Result<bool, Error> {
+/// Refuses a path that is a file, or a non-empty directory without a sled database in it,
+/// except what an interrupted first open leaves (sled's `blobs/` and `conf`, no data file, no
+/// marker): that open is finished.
+fn check_path(path: &Path) -> Result<(), Error> {
     let not_a_store = |reason| Error::NotAStore {
         path: PathBuf::from(path),
         reason,
     };
     match std::fs::metadata(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(io_at(path)(e)),
         Ok(meta) if !meta.is_dir() => Err(not_a_store("it is not a directory")),
         Ok(_) => {
@@ -374,13 +369,21 @@ fn check_path(path: &Path) -> Result<bool, Error> {
                     reason: "its database files are missing",
                 });
             }
-            if has_db
-                || std::fs::read_dir(path)
+            let only_sleds_first_files =
+                std::fs::read_dir(path)
                     .map_err(io_at(path))?
-                    .next()
-                    .is_none()
-            {
-                Ok(false)
+                    .all(|entry| match entry {
+                        Ok(e) => {
+                            let name = e.file_name();
+                            (name == "conf" && e.path().is_file())
+                                || (name == "blobs"
+                                    && std::fs::read_dir(e.path())
+                                        .is_ok_and(|mut blobs| blobs.next().is_none()))
+                        }
+                        Err(_) => false,
+                    });
+            if has_db || only_sleds_first_files {
+                Ok(())
             } else {
                 Err(not_a_store(
                     "the directory holds other files and no database",

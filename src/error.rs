@@ -68,6 +68,15 @@ pub enum Error {
         key: KeyName,
     },
 
+    /// On a shared engine: this call's claim lapsed (its lease ended while it ran, for
+    /// example in a process paused past its lease) and another process took the key over.
+    /// This call's outcome was not recorded; the record holds the new holder's.
+    #[error("{key}: the claim's lease ended and another process took the key over; this outcome was not recorded")]
+    LeaseLost {
+        /// The key.
+        key: KeyName,
+    },
+
     /// The operation's result (or permanent error), encoded, exceeds `max_result_bytes`.
     /// The operation ran; the record remembers that it completed, so it will not run again
     /// for this key, and every later call gets this error too.
@@ -218,6 +227,17 @@ pub enum Error {
         found: u32,
     },
 
+    /// The PostgreSQL schema was written by a newer version of idemstore.
+    #[error(
+        "PostgreSQL schema {schema:?} has version {found}, newer than this idemstore supports"
+    )]
+    UnsupportedSchemaVersion {
+        /// The schema's name.
+        schema: String,
+        /// The version found.
+        found: i32,
+    },
+
     /// A configuration value is out of range.
     #[error("invalid configuration: {0}")]
     InvalidConfig(&'static str),
@@ -253,6 +273,24 @@ pub enum Error {
 pub struct StorageError {
     inner: Arc<dyn std::error::Error + Send + Sync>,
     io_kind: Option<std::io::ErrorKind>,
+    kind: StorageKind,
+}
+
+/// What kind of storage failure a [`StorageError`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StorageKind {
+    /// A local I/O operation failed (see [`StorageError::io_kind`]), or the engine found
+    /// damage.
+    Io,
+    /// The database server could not be reached, or the connection broke (a restart, a
+    /// terminated backend, a network failure). Whether a write sent before the break took
+    /// effect is unknown; the store never assumes it did not.
+    Connection,
+    /// A wait for the database ran out: a statement timeout, or no pooled connection in time.
+    Timeout,
+    /// The database refused a statement (a permission, a constraint, a full disk on the server).
+    Database,
 }
 
 impl StorageError {
@@ -260,15 +298,29 @@ impl StorageError {
         e: impl std::error::Error + Send + Sync + 'static,
         io_kind: Option<std::io::ErrorKind>,
     ) -> Self {
+        Self::of_kind(e, io_kind, StorageKind::Io)
+    }
+
+    pub(crate) fn of_kind(
+        e: impl std::error::Error + Send + Sync + 'static,
+        io_kind: Option<std::io::ErrorKind>,
+        kind: StorageKind,
+    ) -> Self {
         Self {
             inner: Arc::new(e),
             io_kind,
+            kind,
         }
     }
 
     /// The I/O error kind, when the engine failed on an I/O operation.
     pub fn io_kind(&self) -> Option<std::io::ErrorKind> {
         self.io_kind
+    }
+
+    /// What kind of failure this is.
+    pub fn kind(&self) -> StorageKind {
+        self.kind
     }
 }
 
@@ -292,6 +344,7 @@ impl Error {
             | Error::InProgress { key, .. }
             | Error::Interrupted { key, .. }
             | Error::OutcomeNotRecorded { key }
+            | Error::LeaseLost { key }
             | Error::ResultTooLarge { key, .. }
             | Error::ResultNotEncodable { key, .. }
             | Error::Decode { key, .. }

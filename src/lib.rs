@@ -54,6 +54,8 @@ mod stats;
 
 pub use api::call::Call;
 pub use api::config::StoreBuilder;
+#[cfg(feature = "postgres")]
+pub use api::postgres::{PgOptions, PgStore};
 pub use api::store::{Records, StepInfo, Store};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use core::options::{Durability, OrphanPolicy};
@@ -63,8 +65,10 @@ pub use driver::context::{Context, RetryPolicy, StepError};
 pub use driver::transaction::TxResult;
 #[cfg(feature = "memory-engine")]
 pub use engine::memory::MemoryEngine;
+#[cfg(feature = "postgres")]
+pub use engine::postgres::PgEngine;
 pub use engine::sled::SledEngine;
-pub use error::{Error, ExecuteError, StorageError};
+pub use error::{Error, ExecuteError, StorageError, StorageKind};
 pub use format::codec::Codec;
 pub use format::fingerprint::{derive_key, Fingerprint};
 pub use format::record::{ClaimToken, RecordState};

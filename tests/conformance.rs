@@ -24,10 +24,11 @@
 
 mod common;
 
+use common::pg::{pg_url, PgSchema};
 use common::{store_error, wait_until, ChildProcess, Scratch, PATIENCE, START_MS};
 use idemstore::{
-    Clock, Error, ExecuteError, Fingerprint, ManualClock, MemoryEngine, OrphanPolicy, RecordState,
-    SledEngine, StepError, Store, StoreBuilder,
+    Clock, Error, ExecuteError, Fingerprint, ManualClock, MemoryEngine, OrphanPolicy, PgOptions,
+    PgStore, RecordState, SledEngine, StepError, Store, StoreBuilder,
 };
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -131,10 +132,10 @@ struct SledHarness {
 }
 
 impl SledHarness {
-    fn new() -> Self {
-        Self {
+    fn new() -> Option<Self> {
+        Some(Self {
             scratch: Scratch::new(),
-        }
+        })
     }
 
     fn clock(&self) -> &ManualClock {
@@ -188,6 +189,10 @@ impl SledHarness {
             other => panic!("a second sled store on one database must be Locked, got {other:?}"),
         }
     }
+
+    /// Makes the claims `store`'s calls hold look dead to other processes: a holder in one
+    /// process is never seen from another one here, so nothing to do.
+    fn lapse(&self, _store: &Store<SledEngine>) {}
 }
 
 /// The in-memory engine (fault injection, power loss on demand).
@@ -197,11 +202,11 @@ struct MemoryHarness {
 }
 
 impl MemoryHarness {
-    fn new() -> Self {
-        Self {
+    fn new() -> Option<Self> {
+        Some(Self {
             engine: MemoryEngine::new(),
             clock: ManualClock::new(START_MS),
-        }
+        })
     }
 
     fn clock(&self) -> &ManualClock {
@@ -253,6 +258,89 @@ impl MemoryHarness {
     fn another_process(&self, _open: &Store<MemoryEngine>) -> Option<Store<MemoryEngine>> {
         Some(self.open())
     }
+
+    /// As [`SledHarness::lapse`]: another store never sees this one's running calls.
+    fn lapse(&self, _store: &Store<MemoryEngine>) {}
+}
+
+/// The lease of the PostgreSQL harness's stores: short, so a killed holder's claim lapses
+/// soon; long enough that a loaded machine still renews it in time.
+const PG_LEASE: Duration = Duration::from_secs(2);
+
+/// PostgreSQL, in a fresh schema per test, when `IDEMSTORE_TEST_POSTGRES` names a server.
+struct PgHarness {
+    schema: PgSchema,
+    clock: ManualClock,
+}
+
+impl PgHarness {
+    fn new() -> Option<Self> {
+        let url = pg_url()?;
+        Some(Self {
+            schema: PgSchema::new(&url),
+            clock: ManualClock::new(START_MS),
+        })
+    }
+
+    fn clock(&self) -> &ManualClock {
+        &self.clock
+    }
+
+    fn open(&self) -> PgStore {
+        self.open_with(|b| b)
+    }
+
+    fn open_with(&self, tweak: impl FnOnce(StoreBuilder) -> StoreBuilder) -> PgStore {
+        let builder = StoreBuilder::default()
+            .clock(self.clock.clone())
+            .sweep_interval(None);
+        tweak(builder)
+            .open_postgres(self.schema.options().lease(PG_LEASE))
+            .expect("open a PostgreSQL store")
+    }
+
+    fn reopen(&self, store: PgStore) -> PgStore {
+        store.close().expect("clean close");
+        self.open()
+    }
+
+    /// As [`SledHarness::leave_orphan`]: a child process killed with SIGKILL while its
+    /// operation runs; returns once its lease has run out by the database's clock.
+    fn leave_orphan(&self, key: &str, with_step: bool) {
+        let clock = self.clock.now_millis().to_string();
+        let mode = if with_step { "step" } else { "plain" };
+        let mut child = ChildProcess::spawn_test(
+            "orphan_child",
+            &[
+                (ORPHAN_PATH_VAR, "unused".as_ref()),
+                (ORPHAN_PG_URL_VAR, self.schema.url.as_ref()),
+                (ORPHAN_PG_SCHEMA_VAR, self.schema.name.as_ref()),
+                (ORPHAN_KEY_VAR, key.as_ref()),
+                (ORPHAN_MODE_VAR, mode.as_ref()),
+                (ORPHAN_CLOCK_VAR, clock.as_ref()),
+            ],
+        )
+        .labelled(format!("PostgreSQL orphan child ({mode})"));
+        child.wait_for("RUNNING");
+        child.kill();
+        let lapsed = format!(
+            "SELECT 1 FROM {{s}}.records WHERE key = convert_to('{key}', 'UTF8') \
+             AND lease_until < now()"
+        );
+        wait_until("the killed holder's lease to run out", || {
+            !self.schema.sql(&lapsed).is_empty()
+        });
+    }
+
+    /// A second store on the same schema: another replica.
+    fn another_process(&self, _open: &PgStore) -> Option<PgStore> {
+        Some(self.open())
+    }
+
+    /// Ends the leases of `store`'s running calls, as if its process were paused past them.
+    fn lapse(&self, store: &PgStore) {
+        store.__lapse_leases().expect("lapse the leases");
+    }
 }
 
 // The sled orphan's child process.
@@ -260,6 +348,8 @@ const ORPHAN_PATH_VAR: &str = "IDEMSTORE_CONFORMANCE_PATH";
 const ORPHAN_KEY_VAR: &str = "IDEMSTORE_CONFORMANCE_KEY";
 const ORPHAN_MODE_VAR: &str = "IDEMSTORE_CONFORMANCE_MODE";
 const ORPHAN_CLOCK_VAR: &str = "IDEMSTORE_CONFORMANCE_CLOCK";
+const ORPHAN_PG_URL_VAR: &str = "IDEMSTORE_CONFORMANCE_PG_URL";
+const ORPHAN_PG_SCHEMA_VAR: &str = "IDEMSTORE_CONFORMANCE_PG_SCHEMA";
 
 fn say(line: &str) {
     use std::io::Write;
@@ -282,29 +372,45 @@ fn orphan_child() {
     .map(|v| std::env::var(v).expect("orphan_child runs only under the conformance tests"));
     let [path, key, mode, clock] = vars;
     let clock = ManualClock::new(clock.parse().expect("clock millis"));
-    let store = Store::builder(path)
-        .clock(clock)
-        .sweep_interval(None)
-        .open()
-        .expect("open");
+    let builder = StoreBuilder::default()
+        .clock(clock.clone())
+        .sweep_interval(None);
     let hang = || -> ! {
         say("RUNNING");
         loop {
             std::thread::sleep(Duration::from_secs(60));
         }
     };
-    let call = store.call(&key).fingerprint(fp(ORPHAN_FP));
-    match mode.as_str() {
-        "plain" => {
-            let _ = call.run(|| -> Result<u32, Fail> { hang() });
-        }
-        "step" => {
-            let _ = call.run_steps(|ctx| -> Result<u32, StepError<Fail>> {
-                ctx.step("a", || Ok::<_, Fail>(ORPHAN_STEP_VALUE))?;
-                hang()
-            });
-        }
-        other => panic!("unknown mode {other}"),
+    macro_rules! run_and_hang {
+        ($store:expr) => {{
+            let store = $store;
+            let call = store.call(&key).fingerprint(fp(ORPHAN_FP));
+            match mode.as_str() {
+                "plain" => {
+                    let _ = call.run(|| -> Result<u32, Fail> { hang() });
+                }
+                "step" => {
+                    let _ = call.run_steps(|ctx| -> Result<u32, StepError<Fail>> {
+                        ctx.step("a", || Ok::<_, Fail>(ORPHAN_STEP_VALUE))?;
+                        hang()
+                    });
+                }
+                other => panic!("unknown mode {other}"),
+            }
+        }};
+    }
+    match (
+        std::env::var(ORPHAN_PG_URL_VAR),
+        std::env::var(ORPHAN_PG_SCHEMA_VAR),
+    ) {
+        (Ok(url), Ok(schema)) => run_and_hang!(builder
+            .open_postgres(PgOptions::new(url).schema(schema).lease(PG_LEASE))
+            .expect("open")),
+        _ => run_and_hang!(Store::builder(path)
+            .clock(clock)
+            .sweep_interval(None)
+            .open()
+            .expect("open")),
     }
     unreachable!("the operation never returns");
 }
@@ -322,7 +428,7 @@ macro_rules! conformance {
             // §2 row: absent → claim (durable), run, record (durable), return.
             #[test]
             fn an_absent_key_is_claimed_run_recorded_and_returned_durably() {
-                let h = H::new();
+                let Some(h) = H::new() else { return };
                 let store = h.open();
                 let runs = AtomicU32::new(0);
                 let first = store
@@ -348,7 +454,7 @@ macro_rules! conformance {
             // §2 row: expired → a new life (attempt 1), whatever state it expired in.
             #[test]
             fn an_expired_record_reads_as_absent_and_starts_a_new_life_in_every_state() {
-                let h = H::new();
+                let Some(h) = H::new() else { return };
                 let store = h.open_with(|b| b.default_ttl(Duration::from_secs(60)));
                 let runs = AtomicU32::new(0);
                 store
@@ -389,7 +495,7 @@ macro_rules! conformance {
             // §2 row: FailedRetryable → claim again in the same life (attempt + 1).
             #[test]
             fn a_retryable_failure_records_nothing_to_replay_and_the_next_call_runs_again() {
-                let h = H::new();
+                let Some(h) = H::new() else { return };
                 let store = h.open();
                 let runs = AtomicU32::new(0);
                 for attempt in 1..=2 {
@@ -418,7 +524,7 @@ macro_rules! conformance {
             // §2 rows: Completed / FailedPermanent with the same or no fingerprint → replay.
             #[test]
             fn recorded_outcomes_replay_with_the_same_or_no_fingerprint_and_f_never_runs() {
-                let h = H::new();
+                let Some(h) = H::new() else { return };
                 let store = h.open();
                 let runs = AtomicU32::new(0);
                 let pay = |fingerprint: Option<&str>, permanent: bool| {
@@ -478,7 +584,7 @@ macro_rules! conformance {
             // FailedPermanent, FailedRetryable, Pending running here, Pending orphan.
             #[test]
             fn a_different_fingerprint_is_refused_in_every_live_state() {
-                let h = H::new();
+                let Some(h) = H::new() else { return };
                 h.leave_orphan("orphan", false);
                 let store = h.open_with(|b| b.max_result_bytes(64));
                 let runs = AtomicU32::new(0);
@@ -540,7 +646,7 @@ macro_rules! conformance {
             // result, and a permanent error).
             #[test]
             fn a_call_waits_for_a_running_call_then_replays_its_outcome() {
-                let h = H::new();
+                let Some(h) = H::new() else { return };
                 let store = h.open_with(|b| b.wait_timeout(PATIENCE));
                 let waiter_runs = AtomicU32::new(0);
                 for (round, permanent) in [false, true].into_iter().enumerate() {
@@ -582,7 +688,7 @@ macro_rules! conformance {
             // §2 row: Pending, running here, past the wait timeout → InProgress.
             #[test]
             fn a_call_that_waits_past_its_timeout_gets_in_progress_and_runs_nothing() {
-                let h = H::new();
+                let Some(h) = H::new() else { return };
                 let store = h.open();
                 let (inside, release) = (Barrier::new(2), Barrier::new(2));
                 let runs = AtomicU32::new(0);
@@ -625,7 +731,7 @@ macro_rules! conformance {
             // §2 row: an orphan after a reopen, under Rerun: runs again in the same life.
             #[test]
             fn an_orphan_is_rerun_in_the_same_life_under_rerun() {
-                let h = H::new();
+                let Some(h) = H::new() else { return };
                 h.leave_orphan("k", false);
                 let store = h.open();
                 let orphan = store.record("k").unwrap().expect("the orphan's claim is durable");
@@ -648,7 +754,7 @@ macro_rules! conformance {
             // reconciles and re-runs with Rerun on the call.
             #[test]
             fn an_orphan_is_reported_under_report_and_the_record_is_left_unchanged() {
-                let h = H::new();
+                let Some(h) = H::new() else { return };
                 h.leave_orphan("k", false);
                 let store = h.open_with(|b| b.orphan_policy(OrphanPolicy::Report));
                 let before = store.record("k").unwrap().unwrap();
@@ -676,7 +782,7 @@ macro_rules! conformance {
             // §2 + §3: an orphan that expired is over: a new life, even under Report.
             #[test]
             fn an_expired_orphan_is_absent_not_interrupted() {
-                let h = H::new();
+                let Some(h) = H::new() else { return };
                 h.leave_orphan("k", true);
                 let store = h.open_with(|b| b.orphan_policy(OrphanPolicy::Report));
                 h.clock().advance(DAY);
@@ -694,7 +800,7 @@ macro_rules! conformance {
             // of them runs f (waiters never receive an unrecorded failure).
             #[test]
             fn a_panic_leaves_the_record_retryable_and_a_waiter_runs_f_itself() {
-                let h = H::new();
+                let Some(h) = H::new() else { return };
                 let store = h.open_with(|b| b.wait_timeout(PATIENCE).orphan_policy(OrphanPolicy::Report));
                 let inside = Barrier::new(2);
                 std::thread::scope(|scope| {
@@ -742,7 +848,7 @@ macro_rules! conformance {
             // §2: waiters after a retryable error do not receive it: one claims and runs.
             #[test]
             fn a_waiter_after_a_retryable_error_runs_f_itself() {
-                let h = H::new();
+                let Some(h) = H::new() else { return };
                 let store = h.open_with(|b| b.wait_timeout(PATIENCE));
                 let inside = Barrier::new(2);
                 std::thread::scope(|scope| {
@@ -764,7 +870,7 @@ macro_rules! conformance {
             // f never runs again, every call (the first included) gets the error.
             #[test]
             fn unstorable_outcomes_are_recorded_as_such_and_f_never_runs_again() {
-                let h = H::new();
+                let Some(h) = H::new() else { return };
                 let store = h.open_with(|b| b.max_result_bytes(64));
                 let runs = AtomicU32::new(0);
                 type IsExpected = fn(&Error) -> bool;
@@ -819,7 +925,7 @@ macro_rules! conformance {
             // §2 row: bad keys are refused before anything is written.
             #[test]
             fn bad_keys_are_refused_before_anything_is_written() {
-                let h = H::new();
+                let Some(h) = H::new() else { return };
                 let store = h.open_with(|b| b.max_key_bytes(8));
                 let runs = AtomicU32::new(0);
                 let e = store_error(store.execute_once("", || Ok::<_, Fail>(bump(&runs))));
@@ -842,7 +948,7 @@ macro_rules! conformance {
             // §2 row: an outcome that does not decode as the requested type → Decode.
             #[test]
             fn an_outcome_that_no_longer_decodes_is_a_decode_error_and_nothing_runs() {
-                let h = H::new();
+                let Some(h) = H::new() else { return };
                 let store = h.open();
                 store.execute_once("k", || Ok::<_, Fail>(String::from("a string"))).unwrap();
                 let runs = AtomicU32::new(0);
@@ -859,7 +965,7 @@ macro_rules! conformance {
             // later steps run.
             #[test]
             fn a_retry_replays_recorded_steps_and_runs_only_the_rest() {
-                let h = H::new();
+                let Some(h) = H::new() else { return };
                 let store = h.open();
                 let (charges, confirms) = (AtomicU32::new(0), AtomicU32::new(0));
                 let checkout = |confirm_works: bool| {
@@ -900,7 +1006,7 @@ macro_rules! conformance {
             // §4: a step whose error the operation ignored records nothing and shifts nothing.
             #[test]
             fn an_ignored_step_error_records_nothing_and_shifts_no_later_step() {
-                let h = H::new();
+                let Some(h) = H::new() else { return };
                 let store = h.open();
                 let (notes, charges) = (AtomicU32::new(0), AtomicU32::new(0));
                 let run = |finish: bool| {
@@ -927,7 +1033,7 @@ macro_rules! conformance {
             // runs, and the run fails with it whatever the operation returns.
             #[test]
             fn a_changed_step_sequence_is_refused_and_nothing_more_runs() {
-                let h = H::new();
+                let Some(h) = H::new() else { return };
                 let store = h.open();
                 let later = AtomicU32::new(0);
                 let _ = store.execute_steps("k", |ctx| {
@@ -964,7 +1070,7 @@ macro_rules! conformance {
             // step runs and the run fails with it.
             #[test]
             fn after_a_store_error_in_a_step_no_further_step_runs() {
-                let h = H::new();
+                let Some(h) = H::new() else { return };
                 let store = h.open();
                 let later = AtomicU32::new(0);
                 for bad in ["", "a"] {
@@ -987,7 +1093,7 @@ macro_rules! conformance {
             // runs again in this life.
             #[test]
             fn an_unstorable_step_never_runs_again_nor_does_the_operation() {
-                let h = H::new();
+                let Some(h) = H::new() else { return };
                 let store = h.open_with(|b| b.max_result_bytes(64));
                 let (ops, big) = (AtomicU32::new(0), AtomicU32::new(0));
                 for _ in 0..2 {
@@ -1015,7 +1121,7 @@ macro_rules! conformance {
             #[test]
             fn an_orphans_recorded_steps_replay_when_it_is_taken_over() {
                 for policy in [OrphanPolicy::Rerun, OrphanPolicy::Report] {
-                    let h = H::new();
+                    let Some(h) = H::new() else { return };
                     h.leave_orphan("k", true);
                     let store = h.open_with(|b| b.orphan_policy(policy));
                     assert_eq!(store.steps("k").unwrap().len(), 1);
@@ -1044,7 +1150,7 @@ macro_rules! conformance {
             // §4: a new life never sees an earlier life's steps: after remove, expiry, sweep.
             #[test]
             fn a_new_life_never_sees_the_steps_of_an_earlier_life() {
-                let h = H::new();
+                let Some(h) = H::new() else { return };
                 let store = h.open_with(|b| b.default_ttl(Duration::from_secs(60)));
                 let charges = AtomicU32::new(0);
                 let half = |key: &str| {
@@ -1088,7 +1194,7 @@ macro_rules! conformance {
             // §7: an expired record reads as absent everywhere.
             #[test]
             fn an_expired_record_reads_as_absent_everywhere() {
-                let h = H::new();
+                let Some(h) = H::new() else { return };
                 let store = h.open();
                 store.call("short").ttl(Duration::from_secs(5)).run(|| Ok::<_, Fail>(1u32)).unwrap();
                 store.execute_steps("long", |ctx| ctx.step("a", || Ok::<_, Fail>(2u32))).unwrap();
@@ -1108,7 +1214,7 @@ macro_rules! conformance {
             // only those.
             #[test]
             fn a_sweep_removes_expired_records_for_good_and_only_those() {
-                let h = H::new();
+                let Some(h) = H::new() else { return };
                 let store = h.open_with(|b| b.default_ttl(Duration::from_secs(10)));
                 for i in 0..30u32 {
                     store.execute_steps(format!("old-{i}"), |ctx| ctx.step("a", || Ok::<_, Fail>(i))).unwrap();
@@ -1136,7 +1242,7 @@ macro_rules! conformance {
             // expired; the run keeps its outcome for a TTL from completion.
             #[test]
             fn a_sweep_never_removes_a_running_calls_record() {
-                let h = H::new();
+                let Some(h) = H::new() else { return };
                 let store = h.open_with(|b| b.default_ttl(Duration::from_secs(10)));
                 let (inside, swept) = (Barrier::new(2), Barrier::new(2));
                 std::thread::scope(|scope| {
@@ -1170,7 +1276,7 @@ macro_rules! conformance {
             // TTL waits for that call (never a second run beside it), then replays.
             #[test]
             fn a_running_call_that_outlives_its_ttl_is_waited_for_not_run_beside() {
-                let h = H::new();
+                let Some(h) = H::new() else { return };
                 let store = h.open_with(|b| {
                     b.default_ttl(Duration::from_secs(10))
                         .wait_timeout(PATIENCE)
@@ -1200,7 +1306,7 @@ macro_rules! conformance {
             // next step and from its final write; nothing is overwritten.
             #[test]
             fn a_holder_whose_record_was_removed_records_nothing() {
-                let h = H::new();
+                let Some(h) = H::new() else { return };
                 let store = h.open();
                 let (b_runs, charges) = (AtomicU32::new(0), AtomicU32::new(0));
                 // Its next step.
@@ -1229,12 +1335,13 @@ macro_rules! conformance {
             }
 
             // Fencing across processes: while a holder runs, its record is removed and a new
-            // life recorded (or its claim is taken over) by another process; the holder's
-            // next step and final write get OutcomeNotRecorded, and the record that replaced
-            // its own — value, state, steps — is untouched.
+            // life recorded (or, once its lease ended, its claim is taken over) by another
+            // process; the holder's next step and final write get OutcomeNotRecorded (or
+            // LeaseLost), and the record that replaced its own — value, state, steps — is
+            // untouched.
             #[test]
             fn a_stale_holder_never_touches_the_record_that_replaced_its_own() {
-                let h = H::new();
+                let Some(h) = H::new() else { return };
                 let store = h.open();
                 let Some(other) = h.another_process(&store) else {
                     return; // one process per database: no other life can begin meanwhile
@@ -1247,8 +1354,11 @@ macro_rules! conformance {
                         if !takeover {
                             assert!(other.remove(key).unwrap());
                         }
-                        // The other process: a new life, or (its holder not running there)
-                        // an orphan taken over in the same life.
+                        // The other process: a new life, or (its holder's lease ended: it
+                        // looks dead there) an orphan taken over in the same life.
+                        if takeover {
+                            h.lapse(&store);
+                        }
                         let theirs = other
                             .execute_steps(key, |ctx| {
                                 let a = ctx.step("a", || Ok::<_, Fail>(10u32))?;
@@ -1259,21 +1369,33 @@ macro_rules! conformance {
                         assert_eq!(*theirs, if takeover { 21 } else { 30 });
                         assert_eq!(theirs.record().attempts, if takeover { 2 } else { 1 });
                         let next = ctx.step("b", || Ok::<_, Fail>(bump(&stale_b)));
-                        assert!(matches!(next, Err(StepError::Store(Error::OutcomeNotRecorded { .. }))), "{next:?}");
+                        match (takeover, &next) {
+                            (false, Err(StepError::Store(Error::OutcomeNotRecorded { .. })))
+                            | (true, Err(StepError::Store(Error::LeaseLost { .. }))) => {}
+                            _ => panic!("{key}: {next:?}"),
+                        }
                         Ok::<u32, StepError<Fail>>(99)
                     });
-                    assert!(matches!(store_error(r), Error::OutcomeNotRecorded { .. }), "{key}");
+                    match (takeover, store_error(r)) {
+                        (false, Error::OutcomeNotRecorded { .. }) | (true, Error::LeaseLost { .. }) => {}
+                        (_, e) => panic!("{key}: {e}"),
+                    }
                     // The final write alone (no steps) is fenced too.
                     let plain = format!("{key}-plain");
                     let r = store.execute_once(&plain, || {
                         if !takeover {
                             assert!(other.remove(&plain).unwrap());
+                        } else {
+                            h.lapse(&store);
                         }
                         let theirs = other.execute_once(&plain, || Ok::<_, Fail>(30u32)).unwrap();
                         assert!(!theirs.is_replayed());
                         Ok::<_, Fail>(99u32)
                     });
-                    assert!(matches!(store_error(r), Error::OutcomeNotRecorded { .. }), "{plain}");
+                    match (takeover, store_error(r)) {
+                        (false, Error::OutcomeNotRecorded { .. }) | (true, Error::LeaseLost { .. }) => {}
+                        (_, e) => panic!("{plain}: {e}"),
+                    }
                     for s in [&store, &other] {
                         let out = s.execute_steps(key, |ctx| {
                             let a = ctx.step("a", || Ok::<_, Fail>(0u32))?;
@@ -1295,6 +1417,7 @@ macro_rules! conformance {
 
 conformance!(on_sled, SledHarness);
 conformance!(on_memory, MemoryHarness);
+conformance!(on_postgres, PgHarness);
 
 // ---------------------------------------------------------------------------------------
 // Rows whose fault only the memory engine can inject; a future engine with its own fault
@@ -1305,7 +1428,7 @@ conformance!(on_memory, MemoryHarness);
 #[test]
 fn memory_a_failed_final_write_leaves_an_orphan_of_this_process() {
     for policy in [OrphanPolicy::Rerun, OrphanPolicy::Report] {
-        let h = MemoryHarness::new();
+        let h = MemoryHarness::new().expect("the memory engine is always there");
         let store = h.open_with(|b| b.orphan_policy(policy));
         let runs = AtomicU32::new(0);
         let r = store.execute_once("k", || {
@@ -1335,7 +1458,7 @@ fn memory_a_failed_final_write_leaves_an_orphan_of_this_process() {
 /// an orphan.
 #[test]
 fn memory_storage_errors_before_and_after_the_claim() {
-    let h = MemoryHarness::new();
+    let h = MemoryHarness::new().expect("the memory engine is always there");
     let store = h.open();
     let runs = AtomicU32::new(0);
     // The claim's barrier fails: f does not run, the claim is taken back.

@@ -73,6 +73,13 @@ impl std::fmt::Debug for StoreBuilder {
     }
 }
 
+impl Default for StoreBuilder {
+    /// The default settings with no path: for engines that need none (a shared database).
+    fn default() -> Self {
+        Self::new(PathBuf::new())
+    }
+}
+
 impl StoreBuilder {
     pub(crate) fn new(path: PathBuf) -> Self {
         Self {
@@ -166,12 +173,18 @@ impl StoreBuilder {
         Store::open_with(self)
     }
 
+    /// Checks the settings of an embedded store: its path and every engine's settings.
     pub(crate) fn validate(&self) -> Result<(), Error> {
         if self.path.as_os_str().is_empty() {
             return Err(Error::InvalidConfig(
                 "the store path is empty (an unset environment variable?)",
             ));
         }
+        self.validate_settings()
+    }
+
+    /// Checks the settings every engine uses (all but the path).
+    pub(crate) fn validate_settings(&self) -> Result<(), Error> {
         if self.default_ttl < Duration::from_millis(1) {
             return Err(Error::InvalidConfig("default_ttl must be at least 1 ms"));
         }

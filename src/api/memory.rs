@@ -17,7 +17,7 @@ impl MemoryEngine {
     /// # Errors
     /// [`Error::InvalidConfig`] for an out-of-range setting.
     pub fn open(&self, builder: StoreBuilder) -> Result<Store<MemoryEngine>, Error> {
-        builder.validate()?;
+        builder.validate_settings()?;
         let (engine, epoch) = self.start(builder.durability == Durability::Immediate);
         Store::start(engine, epoch, Arc::new(Counters::default()), builder, None)
     }

@@ -4,4 +4,6 @@ pub(crate) mod call;
 pub(crate) mod config;
 #[cfg(feature = "memory-engine")]
 mod memory;
+#[cfg(feature = "postgres")]
+pub(crate) mod postgres;
 pub(crate) mod store;

@@ -60,7 +60,7 @@ pub struct Store<S: Engine = SledEngine> {
 impl<S: Engine> std::fmt::Debug for Store<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
-            .field("epoch", &self.shared().epoch)
+            .field("epoch", &self.epoch())
             .finish_non_exhaustive()
     }
 }
@@ -190,7 +190,7 @@ impl<S: Engine> Store<S> {
                 immediate: b.durability == Durability::Immediate,
                 codec: b.codec,
             },
-            epoch,
+            epoch: AtomicU64::new(epoch),
             last_claim: AtomicU64::new(0),
             durability_failed: AtomicBool::new(false),
         });
@@ -473,9 +473,12 @@ impl<S: Engine> Store<S> {
         self.shared().counters.snapshot()
     }
 
-    /// This open's epoch: 1 for a new store, one more on every open.
+    /// This open's epoch: 1 for a new store, one more on every open (and, on a shared
+    /// engine, larger when a claim needed a token above another process's).
     pub fn epoch(&self) -> u64 {
-        self.shared().epoch
+        self.shared()
+            .epoch
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Makes every write so far durable (useful in `Periodic` mode before a planned exit).

@@ -33,8 +33,8 @@ use crate::key::KeyName;
 /// engine parameter).
 pub(crate) trait StepLog {
     fn steps(&self, key: &[u8], life: ClaimToken) -> Result<Vec<(u32, Vec<u8>)>, Error>;
-    /// Records a step under the claim `held` (fenced); `OutcomeNotRecorded` if the record is
-    /// no longer the claim's.
+    /// Records a step under the claim `held` (fenced); `OutcomeNotRecorded` or `LeaseLost` if
+    /// the record is no longer the claim's.
     fn write_step(&self, held: &Held<'_>, index: u32, step: Vec<u8>) -> Result<(), Error>;
     fn wait_durable(&self) -> Result<(), Error>;
 }
@@ -53,9 +53,7 @@ impl<S: Engine> StepLog for StoreState<S> {
     fn write_step(&self, held: &Held<'_>, index: u32, step: Vec<u8>) -> Result<(), Error> {
         match self.engine.write_step(held, index, step)? {
             true => Ok(()),
-            false => Err(Error::OutcomeNotRecorded {
-                key: KeyName::new(held.key),
-            }),
+            false => Err(self.fenced_out(held)),
         }
     }
     fn wait_durable(&self) -> Result<(), Error> {
@@ -336,7 +334,9 @@ impl<'a> Context<'a> {
             .and_then(|()| self.log.wait_durable());
         match (written, unstorable) {
             // Refused by fencing: the record is no longer this claim's, nothing to leave.
-            (Err(e @ Error::OutcomeNotRecorded { .. }), _) => Err(self.fail(e, None)),
+            (Err(e @ (Error::OutcomeNotRecorded { .. } | Error::LeaseLost { .. })), _) => {
+                Err(self.fail(e, None))
+            }
             // The step ran; whether its record is stored is unknown.
             (Err(e), _) => Err(self.fail_with(RunFailure {
                 error: e,

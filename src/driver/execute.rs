@@ -94,7 +94,10 @@ where
             AsLeader::Refuse(refusal) => return Err(refused(state, key, refusal).into()),
             AsLeader::WaitForHolder => {
                 drop(leader);
-                waiting.wait_for_holder(key)?;
+                // Invariant: WaitForHolder is only decided for a Pending record that was read.
+                if let Some(h) = header {
+                    waiting.wait_for_holder(key, h.claim)?;
+                }
                 continue;
             }
             AsLeader::Claim(plan) => plan,
@@ -121,7 +124,7 @@ where
             OutcomeKind::None,
             now,
             ttl_ms,
-            state.next_claim_token(),
+            state.next_claim_token(header.map(|h| h.claim))?,
         );
         let pending = record::encode(&pending_header, &[]);
         // The index entry goes first, so a durable record always has one.
@@ -343,9 +346,7 @@ impl<S: Engine> ClaimGuard<'_, S> {
         }
         let bytes = record::encode(&header, payload);
         if !self.state.engine.finish(&self.held, Some(bytes))? {
-            return Err(Error::OutcomeNotRecorded {
-                key: KeyName::new(self.held.key),
-            });
+            return Err(self.state.fenced_out(&self.held));
         }
         self.state.wait_durable()?;
         Ok(header)
@@ -386,6 +387,7 @@ fn record_outcome<S: Engine, T, E>(
     if settled.keep_claim {
         // Whether a step is recorded is unknown: the claim stays Pending, an orphan.
         guard.armed = false;
+        guard.state.engine.abandon(&guard.held);
         tracing::error!(key = %KeyHash(key), "a step's record may not be stored; the claim is left to the orphan policy");
         return match settled.reply {
             Reply::Panic(panic) => Finished::Panicked(panic),

@@ -2,8 +2,10 @@
 //! the counters, the settings and the claim counter.
 //!
 //! Invariants: claim tokens are `(epoch, sequence)` with the epoch bumped durably by every
-//! open before any claim and the sequence taken from one atomic counter, so every claim of any
-//! key gets a token larger than every earlier one, across restarts. Every durability point of
+//! open before any claim and the sequence taken from one atomic counter, so tokens are unique.
+//! A claim over a record gets a token larger than the record's: when this open's epoch is not
+//! above it (another process sharing the engine opened later), the engine hands out a fresh
+//! epoch first, so each key's tokens grow with every claim, across processes and restarts. Every durability point of
 //! the drivers goes through [`StoreState::wait_durable`]: once one has failed, a record read
 //! from the engine may be one that never became durable, so every replay (of an outcome or a
 //! step) first makes a durability point of its own, and fails rather than return it if that
@@ -15,9 +17,10 @@ use std::sync::Arc;
 use crate::clock::Clock;
 use crate::core::options::Settings;
 use crate::driver::registry::Registry;
-use crate::engine::Engine;
+use crate::engine::{Engine, Held};
 use crate::error::Error;
-use crate::format::record::ClaimToken;
+use crate::format::record::{self, ClaimToken};
+use crate::key::KeyName;
 use crate::stats::Counters;
 
 /// What every call and background thread of one store shares.
@@ -27,8 +30,8 @@ pub(crate) struct StoreState<S> {
     pub clock: Arc<dyn Clock>,
     pub counters: Arc<Counters>,
     pub settings: Settings,
-    /// This open's epoch (persisted; grows on every open).
-    pub epoch: u64,
+    /// This open's epoch (persisted; grows on every open, and when a claim needs a larger one).
+    pub epoch: AtomicU64,
     /// The last claim sequence number handed out in this epoch.
     pub last_claim: AtomicU64,
     /// A durability point has failed since the store opened.
@@ -54,17 +57,47 @@ impl<S: Engine> StoreState<S> {
             false => Ok(()),
         }
     }
-}
 
-impl<S> StoreState<S> {
-    /// A claim token no earlier claim of any key has had.
-    pub(crate) fn next_claim_token(&self) -> ClaimToken {
-        ClaimToken {
-            epoch: self.epoch,
-            sequence: self.last_claim.fetch_add(1, Ordering::Relaxed) + 1,
+    /// The error for a holder write that fencing refused: [`Error::LeaseLost`] if another
+    /// claim took the key over in the holder's life, else [`Error::OutcomeNotRecorded`] (the
+    /// record was removed, or replaced by a new life).
+    pub(crate) fn fenced_out(&self, held: &Held<'_>) -> Error {
+        let key = KeyName::new(held.key);
+        let taken_over = self
+            .engine
+            .get(held.key)
+            .ok()
+            .flatten()
+            .is_some_and(|bytes| {
+                record::decode(bytes.as_ref())
+                    .is_ok_and(|r| r.header.life == held.life && r.header.claim != held.token)
+            });
+        match taken_over {
+            true => Error::LeaseLost { key },
+            false => Error::OutcomeNotRecorded { key },
         }
     }
 
+    /// A claim token no other claim has had, larger than `above` (the token of the record the
+    /// claim replaces, if any).
+    ///
+    /// # Errors
+    /// [`Error::Storage`] if a fresh epoch was needed and the engine could not give one.
+    pub(crate) fn next_claim_token(&self, above: Option<ClaimToken>) -> Result<ClaimToken, Error> {
+        let sequence = self.last_claim.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut epoch = self.epoch.load(Ordering::SeqCst);
+        if let Some(above) = above {
+            // An equal epoch is this open's own: its sequence is already past `above`'s.
+            if above.epoch > epoch {
+                epoch = self.engine.fresh_epoch()?;
+                self.epoch.fetch_max(epoch, Ordering::SeqCst);
+            }
+        }
+        Ok(ClaimToken { epoch, sequence })
+    }
+}
+
+impl<S> StoreState<S> {
     pub(crate) fn check_key(&self, key: &[u8]) -> Result<(), Error> {
         if key.is_empty() {
             return Err(Error::EmptyKey);

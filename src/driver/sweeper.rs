@@ -5,7 +5,9 @@
 //! O(records stored); a record is removed only through [`Engine::remove_record`] against
 //! the exact bytes that were checked to be expired (with its life's steps, atomically), so a
 //! record refreshed or re-claimed meanwhile survives; a record whose call is running in this
-//! process is never removed (its index entry is kept, so a later pass looks again). The
+//! process, or whose holder elsewhere is live, is never removed (its index entry is kept, so a
+//! later pass looks again). An engine that can sweep in batches itself (one statement per
+//! batch, on a shared database) does, under the same rule. The
 //! sweeper never takes a key's place in the registry, so no call ever waits for it: a replay
 //! of a live record (even one with a stale index entry) is never delayed by a sweep. Entries
 //! are processed in batches of [`BATCH`] and no lock is held across a batch.
@@ -19,7 +21,7 @@ use std::time::Duration;
 use crate::driver::state::StoreState;
 use crate::engine::Engine;
 use crate::error::Error;
-use crate::format::record;
+use crate::format::record::{self, RecordState};
 use crate::key::KeyHash;
 
 const BATCH: usize = 512;
@@ -27,6 +29,13 @@ const BATCH: usize = 512;
 /// Removes every record expired at `now_ms`; returns how many it removed.
 pub(crate) fn sweep<S: Engine>(shared: &StoreState<S>, now_ms: u64) -> Result<u64, Error> {
     let mut swept = 0;
+    while let Some(batch) = shared.engine.sweep_batch(now_ms, BATCH) {
+        let removed = batch?;
+        swept += removed;
+        if removed < BATCH as u64 {
+            return Ok(counted(shared, swept));
+        }
+    }
     loop {
         let mut due = shared.engine.due_expiries(now_ms, BATCH)?;
         let fetched = due.len();
@@ -51,6 +60,10 @@ pub(crate) fn sweep<S: Engine>(shared: &StoreState<S>, now_ms: u64) -> Result<u6
             break;
         }
     }
+    Ok(counted(shared, swept))
+}
+
+fn counted<S>(shared: &StoreState<S>, swept: u64) -> u64 {
     shared
         .counters
         .records_swept
@@ -58,7 +71,7 @@ pub(crate) fn sweep<S: Engine>(shared: &StoreState<S>, now_ms: u64) -> Result<u6
     if swept > 0 {
         tracing::debug!(swept, "swept expired records");
     }
-    Ok(swept)
+    swept
 }
 
 enum Swept {
@@ -80,7 +93,12 @@ fn sweep_one<S: Engine>(shared: &StoreState<S>, key: &[u8], now_ms: u64) -> Resu
     };
     match record::decode(bytes.as_ref()) {
         Ok(rec) if rec.header.is_expired(now_ms) => {
-            if shared.registry.running(key).is_some() {
+            let running_here = shared.registry.running(key).is_some();
+            let h = rec.header;
+            if running_here
+                || (h.state == RecordState::Pending
+                    && shared.engine.holder_live(key, h.claim, false))
+            {
                 return Ok(Swept::Running);
             }
             let steps_of = rec.header.has_steps.then_some(rec.header.life);

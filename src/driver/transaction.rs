@@ -98,7 +98,8 @@ where
     let engine = &state.engine;
     let codec = state.settings.codec(options);
     let ttl_ms = state.settings.ttl_ms(options);
-    let claim = state.next_claim_token();
+    // sled has one process: this open's epoch is above every stored token.
+    let claim = state.next_claim_token(None)?;
     let limit = state.settings.max_result_bytes;
     let orphan_policy = state.settings.orphan_policy(options);
     let mut all: Vec<&sled::Tree> = vec![&engine.records, &engine.expiry];

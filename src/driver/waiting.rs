@@ -3,19 +3,19 @@
 //! Invariants: a call waits at most its wait timeout in all (the budget starts at its first
 //! wait and is counted once in the stats); past it, the call gets `InProgress`. Waiting for a
 //! call of this store blocks on that call's condition variable (no polling); waiting for a
-//! holder elsewhere (a shared engine's live lease) sleeps in short steps within the budget.
+//! holder elsewhere (a shared engine's live lease) waits on the engine in short steps within
+//! the budget, looking at the record again after each.
 
 use std::time::{Duration, Instant};
 
 use crate::core::options::CallOptions;
 use crate::driver::registry::RunningCall;
 use crate::driver::state::StoreState;
+use crate::engine::Engine;
 use crate::error::Error;
+use crate::format::record::ClaimToken;
 use crate::key::KeyName;
 use crate::stats::Counters;
-
-/// How long one look waits before looking again at a holder elsewhere.
-const HOLDER_POLL: Duration = Duration::from_millis(20);
 
 /// One call's waiting budget.
 pub(crate) struct Waiting<'a, S> {
@@ -58,16 +58,20 @@ impl<'a, S> Waiting<'a, S> {
         }
     }
 
-    /// Waits a little for a holder elsewhere; `InProgress` once the budget is spent.
-    pub(crate) fn wait_for_holder(&mut self, key: &[u8]) -> Result<(), Error> {
-        let step = match self.deadline() {
+    /// Waits a little for `key`'s holder `claim` elsewhere; `InProgress` once the budget is
+    /// spent.
+    pub(crate) fn wait_for_holder(&mut self, key: &[u8], claim: ClaimToken) -> Result<(), Error>
+    where
+        S: Engine,
+    {
+        let left = match self.deadline() {
             Some(deadline) => match deadline.checked_duration_since(Instant::now()) {
-                Some(left) if !left.is_zero() => left.min(HOLDER_POLL),
+                Some(left) if !left.is_zero() => left,
                 _ => return Err(self.in_progress(key)),
             },
-            None => HOLDER_POLL,
+            None => Duration::MAX,
         };
-        std::thread::sleep(step);
+        self.state.engine.wait_for_holder(key, claim, left);
         Ok(())
     }
 }

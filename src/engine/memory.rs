@@ -317,4 +317,11 @@ impl Engine for MemoryEngine {
     fn holder_live(&self, _key: &[u8], _claim: ClaimToken, running_here: bool) -> bool {
         running_here
     }
+
+    fn fresh_epoch(&self) -> Result<u64, Error> {
+        self.write(|_| ())?;
+        let mut state = self.state.lock();
+        state.epoch += 1;
+        Ok(state.epoch)
+    }
 }

@@ -14,16 +14,27 @@
 //! - **expiry index**: every durable record has an entry at its expiry (written first);
 //! - **durability**: `wait_durable` returns once every write applied before it is durable (per the mode);
 //! - **liveness**: [`Engine::holder_live`] says whether the holder of a Pending claim is still
-//!   running; an engine one process owns answers from that process's registry.
+//!   running; an engine one process owns answers from that process's registry, a shared
+//!   engine from the claim's lease, which its holder renews until it finishes or abandons it;
+//! - **epochs**: [`Engine::fresh_epoch`] returns an epoch larger than every one handed out
+//!   before, to any open of any process.
 
 pub(crate) mod keys;
 pub(crate) mod sled;
 
+#[cfg(feature = "postgres")]
+pub(crate) mod postgres;
+
 #[cfg(feature = "memory-engine")]
 pub mod memory;
 
+use std::time::Duration;
+
 use crate::error::Error;
 use crate::format::record::ClaimToken;
+
+/// How long one look waits for a holder elsewhere, unless the engine can be told when it ends.
+pub(crate) const HOLDER_POLL: Duration = Duration::from_millis(20);
 
 /// Every record of an engine, in key order: (key, record bytes).
 pub(crate) type RecordIter<'a, B> = Box<dyn Iterator<Item = Result<(Vec<u8>, B), Error>> + 'a>;
@@ -91,4 +102,24 @@ pub(crate) trait Engine: Send + Sync + 'static {
     /// Whether the holder of `key`'s Pending claim `claim` is still running. `running_here`:
     /// a call of this store runs the key now.
     fn holder_live(&self, key: &[u8], claim: ClaimToken, running_here: bool) -> bool;
+
+    /// Blocks for at most `max` while `key`'s Pending claim `claim`, held elsewhere, may still
+    /// be running; returns early when the engine learns that it changed.
+    fn wait_for_holder(&self, _key: &[u8], _claim: ClaimToken, max: Duration) {
+        std::thread::sleep(max.min(HOLDER_POLL));
+    }
+
+    /// The holder leaves its claim Pending without an outcome (to the orphan policy): an
+    /// engine with leases stops renewing it.
+    fn abandon(&self, _held: &Held<'_>) {}
+
+    /// An epoch larger than every epoch handed out before, to any open of any process.
+    fn fresh_epoch(&self) -> Result<u64, Error>;
+
+    /// Removes up to `limit` records expired at `now_ms` whose holders are not live, with
+    /// their steps, in one batch, if the engine does this itself; `None`: the sweeper goes
+    /// through the expiry index and [`Engine::remove_record`].
+    fn sweep_batch(&self, _now_ms: u64, _limit: usize) -> Option<Result<u64, Error>> {
+        None
+    }
 }

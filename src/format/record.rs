@@ -56,7 +56,7 @@ pub enum RecordState {
 }
 
 impl RecordState {
-    fn to_byte(self) -> u8 {
+    pub(crate) fn to_byte(self) -> u8 {
         match self {
             RecordState::Pending => 0,
             RecordState::Completed => 1,

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: real sled databases in temp dirs.
 #![allow(dead_code)]
 
+pub mod pg;
+
 use idemstore::{ManualClock, Store, StoreBuilder};
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::ExitStatusExt;

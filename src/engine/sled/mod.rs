@@ -447,17 +447,23 @@ fn init_meta(path: &Path, db: &sled::Db) -> Result<u64, Error> {
             }
         }
     }
+    bump_epoch(db, &meta)?.ok_or_else(|| not_a_store("its epoch counter is corrupt"))
+}
+
+/// Increments the persisted epoch and flushes; `None` if the stored counter is corrupt.
+fn bump_epoch(db: &sled::Db, meta: &sled::Tree) -> Result<Option<u64>, Error> {
     let previous = match meta.get(EPOCH_KEY).map_err(sled_error)? {
         None => 0,
-        Some(bytes) => <[u8; 8]>::try_from(bytes.as_ref())
-            .map(u64::from_le_bytes)
-            .map_err(|_| not_a_store("its epoch counter is corrupt"))?,
+        Some(bytes) => match <[u8; 8]>::try_from(bytes.as_ref()) {
+            Ok(bytes) => u64::from_le_bytes(bytes),
+            Err(_) => return Ok(None),
+        },
     };
     let epoch = previous + 1;
     meta.insert(EPOCH_KEY, &epoch.to_le_bytes())
         .map_err(sled_error)?;
     db.flush().map_err(sled_error)?;
-    Ok(epoch)
+    Ok(Some(epoch))
 }
 
 impl SledEngine {
@@ -524,6 +530,16 @@ impl Engine for SledEngine {
 
     fn holder_live(&self, _key: &[u8], _claim: ClaimToken, running_here: bool) -> bool {
         running_here
+    }
+
+    fn fresh_epoch(&self) -> Result<u64, Error> {
+        let meta = self.db.open_tree(META_TREE).map_err(sled_error)?;
+        bump_epoch(&self.db, &meta)?.ok_or_else(|| {
+            Error::Storage(StorageError::new(
+                std::io::Error::other("the store's epoch counter is corrupt"),
+                None,
+            ))
+        })
     }
 
     fn index_expiry(&self, expires_ms: u64, key: &[u8]) -> Result<(), Error> {

@@ -1,0 +1,199 @@
+//! Opening a store on PostgreSQL.
+//!
+//! Invariants: every setting is checked before a connection is made ([`Error::InvalidConfig`]);
+//! the schema name is a plain identifier, so it is safe in statements.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::api::config::StoreBuilder;
+use crate::api::store::Store;
+use crate::core::options::Durability;
+use crate::engine::postgres::{self as pg, valid_schema_name, PgEngine, PgSettings};
+use crate::error::Error;
+use crate::stats::Counters;
+
+/// A store on PostgreSQL, shared by every replica of a service.
+pub type PgStore = Store<PgEngine>;
+
+/// Where a [`PgStore`] connects and how it keeps its claims (feature `postgres`).
+///
+/// | setting | default |
+/// |---|---|
+/// | [`schema`](Self::schema) | `idemstore` |
+/// | [`tenant`](Self::tenant) | `""` (one scope for every key) |
+/// | [`pool_size`](Self::pool_size) | 16 connections |
+/// | [`lease`](Self::lease) | 10 seconds |
+/// | [`connect_timeout`](Self::connect_timeout) | 10 seconds |
+/// | [`statement_timeout`](Self::statement_timeout) | none (the server's) |
+///
+/// ```no_run
+/// # fn main() -> Result<(), idemstore::Error> {
+/// use idemstore::{PgOptions, PgStore};
+/// let store = PgStore::connect(
+///     PgOptions::new("host=127.0.0.1 user=postgres dbname=test").tenant("shop-eu"),
+/// )?;
+/// let id = store.execute_once("order-17", || Ok::<_, std::io::Error>(17u64))?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct PgOptions {
+    url: String,
+    schema: String,
+    tenant: String,
+    pool_size: usize,
+    lease: Duration,
+    connect_timeout: Duration,
+    statement_timeout: Option<Duration>,
+}
+
+impl PgOptions {
+    /// Options for the database at `url`: a URL (`postgres://user@host/db`) or key-value
+    /// pairs (`host=... user=... dbname=...`), as libpq takes them. TLS is not supported.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            schema: "idemstore".into(),
+            tenant: String::new(),
+            pool_size: 16,
+            lease: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+            statement_timeout: None,
+        }
+    }
+
+    /// The schema that holds the store's tables (created and migrated on open): a plain
+    /// lower-case identifier, `[a-z_][a-z0-9_]*`, at most 48 bytes.
+    pub fn schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = schema.into();
+        self
+    }
+
+    /// The tenant scope of this store's keys (at most 255 bytes): stores with different
+    /// tenants share the tables but never see each other's keys.
+    pub fn tenant(mut self, tenant: impl Into<String>) -> Self {
+        self.tenant = tenant.into();
+        self
+    }
+
+    /// The most connections the store opens (1 to 1024), plus one for notifications.
+    pub fn pool_size(mut self, size: usize) -> Self {
+        self.pool_size = size;
+        self
+    }
+
+    /// How long a claim stays live without its holder renewing it (at least 300 ms). A
+    /// holder renews every third of it while its operation runs; after a holder's process
+    /// dies (or stays paused longer than about two thirds of it), another replica may take the
+    /// key over once it has ended, by the database's clock.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// How long to wait for a connection (new or from the pool) before an error.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Cancels any statement of the store that runs longer (`statement_timeout`); the call
+    /// gets a [`StorageKind::Timeout`](crate::StorageKind::Timeout) error.
+    pub fn statement_timeout(mut self, timeout: Duration) -> Self {
+        self.statement_timeout = Some(timeout);
+        self
+    }
+
+    fn settings(&self, synchronous_commit: bool) -> Result<PgSettings, Error> {
+        let config = tokio_postgres::Config::from_str(&self.url)
+            .map_err(|_| Error::InvalidConfig("the PostgreSQL connection string does not parse"))?;
+        if !valid_schema_name(&self.schema) {
+            return Err(Error::InvalidConfig(
+                "the schema must match [a-z_][a-z0-9_]* and be at most 48 bytes",
+            ));
+        }
+        if self.tenant.len() > 255 {
+            return Err(Error::InvalidConfig("the tenant must be at most 255 bytes"));
+        }
+        if !(1..=1024).contains(&self.pool_size) {
+            return Err(Error::InvalidConfig("pool_size must be between 1 and 1024"));
+        }
+        if self.lease < Duration::from_millis(300) {
+            return Err(Error::InvalidConfig("the lease must be at least 300 ms"));
+        }
+        if self.connect_timeout.is_zero() || self.statement_timeout.is_some_and(|t| t.is_zero()) {
+            return Err(Error::InvalidConfig("timeouts must be non-zero"));
+        }
+        Ok(PgSettings {
+            config,
+            schema: self.schema.clone(),
+            scope: self.tenant.clone(),
+            pool_size: self.pool_size,
+            lease: self.lease,
+            connect_timeout: self.connect_timeout,
+            statement_timeout: self.statement_timeout,
+            synchronous_commit,
+        })
+    }
+}
+
+impl StoreBuilder {
+    /// Opens a store on PostgreSQL with these settings (the builder's path is not used;
+    /// [`StoreBuilder::default`] has none). [`Durability::Immediate`] makes every commit
+    /// synchronous; [`Durability::Periodic`] maps to `synchronous_commit = off`: a server
+    /// crash (not a replica's) may lose the commits of its last moments (up to three times
+    /// the server's `wal_writer_delay`, 600 ms by default), including recorded outcomes, so
+    /// their operations may run again.
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), idemstore::Error> {
+    /// use idemstore::{PgOptions, StoreBuilder};
+    /// use std::time::Duration;
+    /// let store = StoreBuilder::default()
+    ///     .default_ttl(Duration::from_secs(3600))
+    ///     .open_postgres(PgOptions::new("postgres://postgres@127.0.0.1/test"))?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for an out-of-range setting or a connection string that does
+    /// not parse (nothing is written); [`Error::UnsupportedSchemaVersion`] for a schema
+    /// written by a newer idemstore; [`Error::Storage`] when the server cannot be reached
+    /// ([`StorageKind::Connection`](crate::StorageKind::Connection)) or refuses the schema's
+    /// creation.
+    pub fn open_postgres(self, options: PgOptions) -> Result<PgStore, Error> {
+        self.validate_settings()?;
+        let settings = options.settings(self.durability == Durability::Immediate)?;
+        let opened = pg::open(settings)?;
+        Store::start(
+            opened.engine,
+            opened.epoch,
+            Arc::new(Counters::default()),
+            self,
+            None,
+        )
+    }
+}
+
+impl Store<PgEngine> {
+    /// Opens a store on PostgreSQL with the default settings; see
+    /// [`StoreBuilder::open_postgres`].
+    ///
+    /// # Errors
+    /// As [`StoreBuilder::open_postgres`].
+    pub fn connect(options: PgOptions) -> Result<PgStore, Error> {
+        StoreBuilder::default().open_postgres(options)
+    }
+
+    /// Ends the lease of every running claim of this store's tenant now, and stops renewing
+    /// this store's: as if every holder had been paused past its lease. For tests of
+    /// takeovers; never call it in a service.
+    ///
+    /// # Errors
+    /// [`Error::Storage`] if the database cannot be reached.
+    #[doc(hidden)]
+    pub fn __lapse_leases(&self) -> Result<(), Error> {
+        self.shared().engine.lapse_leases()
+    }
+}

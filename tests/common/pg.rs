@@ -1,0 +1,106 @@
+//! PostgreSQL for the tests: the server named by `IDEMSTORE_TEST_POSTGRES` (a connection
+//! string), a fresh schema per test that is dropped afterwards, and plain SQL beside the store.
+//! With the variable unset, PostgreSQL tests say once per test binary, on stderr past the
+//! output capture, that they were skipped, and pass.
+
+use idemstore::PgOptions;
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+/// The variable that holds the test server's connection string.
+pub const PG_VAR: &str = "IDEMSTORE_TEST_POSTGRES";
+
+/// The test server's connection string, or `None` (after saying so) when it is unset.
+pub fn pg_url() -> Option<String> {
+    match std::env::var(PG_VAR) {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            static SAID: AtomicBool = AtomicBool::new(false);
+            if !SAID.swap(true, Ordering::SeqCst) {
+                let exe = std::env::current_exe().unwrap_or_default();
+                let name = exe.file_name().unwrap_or_default().to_string_lossy();
+                let _ = writeln!(
+                    std::io::stderr().lock(),
+                    "note: PostgreSQL tests in {name} skipped: set {PG_VAR} \
+                     (e.g. host=127.0.0.1 user=postgres dbname=test) to run them"
+                );
+            }
+            None
+        }
+    }
+}
+
+/// Runs one `statement` on the server at `url` and returns its rows.
+pub fn sql(url: &str, statement: &str) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime for test SQL");
+    runtime.block_on(async {
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+        let driver = tokio::spawn(connection);
+        let rows = client.query(statement, &[]).await;
+        drop(client);
+        let _ = driver.await;
+        rows
+    })
+}
+
+/// A schema of its own for one test, dropped with everything in it when this is dropped.
+pub struct PgSchema {
+    pub url: String,
+    pub name: String,
+}
+
+impl PgSchema {
+    /// A new schema name on the server at `url` (created by the first store that opens it).
+    pub fn new(url: &str) -> Self {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let name = format!(
+            "t_{}_{}_{}",
+            std::process::id(),
+            nanos,
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        );
+        Self {
+            url: url.to_owned(),
+            name,
+        }
+    }
+
+    /// The same schema, named in a child process's environment.
+    pub fn existing(url: &str, name: &str) -> Self {
+        Self {
+            url: url.to_owned(),
+            name: name.to_owned(),
+        }
+    }
+
+    /// Options for a store in this schema.
+    pub fn options(&self) -> PgOptions {
+        PgOptions::new(&self.url).schema(&self.name)
+    }
+
+    /// Runs `statement`, with `{s}` standing for this schema.
+    pub fn sql(&self, statement: &str) -> Vec<tokio_postgres::Row> {
+        let statement = statement.replace("{s}", &self.name);
+        sql(&self.url, &statement).unwrap_or_else(|e| panic!("{statement}: {e}"))
+    }
+
+    /// Keeps the schema when dropped (a child process's view of its parent's schema).
+    pub fn keep(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        let _ = sql(
+            &self.url,
+            &format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name),
+        );
+    }
+}

@@ -87,6 +87,10 @@ pub(crate) fn open(settings: PgSettings) -> Result<OpenedPg, Error> {
     let bridge = Arc::new(Bridge::new(2)?);
     let mut config = settings.config.clone();
     config.connect_timeout(settings.connect_timeout);
+    // Operators (and tests) find the store's sessions by name in pg_stat_activity.
+    if config.get_application_name().is_none() {
+        config.application_name("idemstore");
+    }
     let mut options = format!(
         "-c synchronous_commit={}",
         if settings.synchronous_commit {

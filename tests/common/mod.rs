@@ -237,6 +237,14 @@ impl ChildProcess {
         }
     }
 
+    /// Sends `signal` (SIGSTOP, SIGCONT, ...) to the child.
+    pub fn signal(&self, signal: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("a pid fits pid_t");
+        // SAFETY: kill(2) takes two integers and touches no memory of this process.
+        let sent = unsafe { libc::kill(pid, signal) };
+        assert_eq!(sent, 0, "{}: could not send signal {signal}", self.label);
+    }
+
     /// Names the child in failure messages.
     pub fn labelled(mut self, label: impl Into<String>) -> Self {
         self.label = label.into();

@@ -648,3 +648,69 @@ impl Engine for PgEngine {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The claim statement's own guard, which the driver's liveness check normally makes
+    //! redundant: it is what holds when a holder renews between another replica's look at its
+    //! lease and that replica's claim. Needs `IDEMSTORE_TEST_POSTGRES`.
+
+    use super::*;
+    use crate::format::record::{Header, OutcomeKind, RecordState};
+
+    fn pending(token: u64) -> Vec<u8> {
+        let claim = ClaimToken {
+            epoch: 1,
+            sequence: token,
+        };
+        let header = Header {
+            state: RecordState::Pending,
+            outcome: OutcomeKind::None,
+            attempts: 1,
+            created_ms: 0,
+            updated_ms: 0,
+            expires_ms: u64::MAX,
+            claim,
+            fingerprint: None,
+            has_steps: false,
+            life: claim,
+            codec: crate::format::codec::Codec::Bincode,
+            shape: None,
+        };
+        record::encode(&header, &[])
+    }
+
+    #[test]
+    fn a_claim_never_replaces_a_pending_record_whose_lease_runs() {
+        let Ok(url) = std::env::var("IDEMSTORE_TEST_POSTGRES") else {
+            return;
+        };
+        let schema = format!("unit_{}", std::process::id());
+        let settings = PgSettings {
+            config: url.parse().expect("connection string"),
+            schema: schema.clone(),
+            scope: String::new(),
+            pool_size: 2,
+            lease: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+            statement_timeout: None,
+            synchronous_commit: true,
+        };
+        let engine = open(settings).expect("open").engine;
+        let first = pending(1);
+        assert!(engine.claim(b"k", None, first.clone()).expect("claim"));
+        // Another replica that (wrongly) believes the holder dead: refused while the lease runs.
+        assert!(!engine.claim(b"k", Some(&first), pending(2)).expect("claim"));
+        engine.lapse_leases().expect("lapse");
+        assert!(engine.claim(b"k", Some(&first), pending(3)).expect("claim"));
+        engine
+            .run(async {
+                let client = engine.shared.client().await?;
+                client
+                    .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+                    .await
+                    .map_err(pg_error)
+            })
+            .expect("drop the schema");
+    }
+}

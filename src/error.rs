@@ -322,6 +322,12 @@ impl StorageError {
     pub fn kind(&self) -> StorageKind {
         self.kind
     }
+
+    /// The engine's own error, to downcast (for example to `tokio_postgres::Error`, for its
+    /// SQLSTATE).
+    pub fn get_ref(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        &*self.inner
+    }
 }
 
 impl std::fmt::Display for StorageError {

@@ -66,7 +66,7 @@ pub use driver::transaction::TxResult;
 #[cfg(feature = "memory-engine")]
 pub use engine::memory::MemoryEngine;
 #[cfg(feature = "postgres")]
-pub use engine::postgres::PgEngine;
+pub use engine::postgres::{PgEngine, PgTx};
 pub use engine::sled::SledEngine;
 pub use error::{Error, ExecuteError, StorageError, StorageKind};
 pub use format::codec::Codec;
@@ -77,6 +77,10 @@ pub use key::{key_hash, KeyName};
 /// speaks, re-exported so its types need no separate dependency.
 pub use sled;
 pub use stats::Stats;
+/// The PostgreSQL client the PostgreSQL engine speaks, re-exported for [`PgTx`]'s rows and
+/// parameter types.
+#[cfg(feature = "postgres")]
+pub use tokio_postgres;
 
 /// Decodes arbitrary bytes as a stored record; for the fuzz targets and their corpus tests.
 /// Returns the record's metadata or the error a call would get for these bytes.

@@ -103,7 +103,10 @@ fn a_server_restart_mid_run_loses_nothing_and_reruns_only_in_doubt_calls() {
         stop.store(true, Ordering::SeqCst);
     });
     let keys = keys.into_inner().expect("keys");
-    assert!(!errors.lock().expect("errors").is_empty(), "the restart was felt");
+    assert!(
+        !errors.lock().expect("errors").is_empty(),
+        "the restart was felt"
+    );
     let mut reran = 0;
     for (key, k) in &keys {
         assert!(
@@ -115,7 +118,9 @@ fn a_server_restart_mid_run_loses_nothing_and_reruns_only_in_doubt_calls() {
         reran += k.runs.saturating_sub(1);
         if let Some(value) = k.value {
             let again = store
-                .execute_once(format!("during-{key}"), || Ok::<_, std::io::Error>(u32::MAX))
+                .execute_once(format!("during-{key}"), || {
+                    Ok::<_, std::io::Error>(u32::MAX)
+                })
                 .expect("replay");
             assert_eq!((*again, again.is_replayed()), (value, true), "during-{key}");
         }

@@ -7,11 +7,17 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::api::call::Call;
 use crate::api::config::StoreBuilder;
 use crate::api::store::Store;
 use crate::core::options::Durability;
-use crate::engine::postgres::{self as pg, valid_schema_name, PgEngine, PgSettings};
-use crate::error::Error;
+use crate::core::outcome::Outcome;
+use crate::core::policy::ErrorPolicy;
+use crate::engine::postgres::{self as pg, valid_schema_name, PgEngine, PgSettings, PgTx};
+use crate::error::{Error, ExecuteError};
 use crate::stats::Counters;
 
 /// A store on PostgreSQL, shared by every replica of a service.
@@ -186,6 +192,50 @@ impl Store<PgEngine> {
         StoreBuilder::default().open_postgres(options)
     }
 
+    /// Runs `f` exactly once for `key`, with its writes to your own tables and the key's
+    /// outcome committed in one PostgreSQL transaction: after any crash (of a replica or of
+    /// the server), either both are committed or neither is. For effects on data in the same
+    /// database (decrement stock, append to a ledger, mark an order paid): this is what makes
+    /// them exactly-once rather than at-least-once. Replays, fingerprints, TTLs and waiting
+    /// behave as in [`execute_once`](Store::execute_once); no Pending record is ever visible.
+    ///
+    /// `f` writes through the [`PgTx`] it is given. It **may run more than once** (when
+    /// another replica inserts the key first, the transaction rolls back and the call looks
+    /// again); only the run that commits applies anything, so it must have no effects outside
+    /// the transaction. An `Err` from `f` rolls its writes back and is recorded (retryable, or
+    /// permanent with [`Call::permanent_if`] and [`Call::run_in_tx`]) in the same transaction.
+    /// The row of the key's record stays locked while `f` runs: keep it short.
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use idemstore::{PgOptions, PgStore};
+    /// let store = PgStore::connect(PgOptions::new("host=127.0.0.1 user=postgres dbname=test"))?;
+    /// let left = store.execute_once_in_tx("reserve:order-7", |tx| {
+    ///     let row = tx.query_one(
+    ///         "UPDATE stock SET left = left - 1 WHERE sku = $1 AND left > 0 RETURNING left",
+    ///         &[&"sku-1"],
+    ///     )?;
+    ///     Ok::<i64, idemstore::Error>(row.get(0))
+    /// })?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`execute_once`](Store::execute_once). [`Error::Storage`] from the commit leaves
+    /// the outcome unknown, but never half-applied: a retry either replays it or runs `f`
+    /// on data it never touched.
+    pub fn execute_once_in_tx<T, E, F>(
+        &self,
+        key: impl AsRef<[u8]>,
+        f: F,
+    ) -> Result<Outcome<T>, ExecuteError<E>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnMut(&mut PgTx<'_>) -> Result<T, E>,
+    {
+        self.call(key.as_ref()).run_in_tx(f)
+    }
+
     /// Ends the lease of every running claim of this store's tenant now, and stops renewing
     /// this store's: as if every holder had been paused past its lease. For tests of
     /// takeovers; never call it in a service.
@@ -195,5 +245,28 @@ impl Store<PgEngine> {
     #[doc(hidden)]
     pub fn __lapse_leases(&self) -> Result<(), Error> {
         self.shared().engine.lapse_leases()
+    }
+}
+
+/// The PostgreSQL-specific part of a call: exactly-once local effects.
+impl<P> Call<'_, '_, P, PgEngine> {
+    /// As [`run`](Self::run), with the operation's writes committed in one PostgreSQL
+    /// transaction with its outcome; see [`PgStore::execute_once_in_tx`].
+    ///
+    /// # Errors
+    /// As [`PgStore::execute_once_in_tx`].
+    pub fn run_in_tx<T, E, F>(self, f: F) -> Result<Outcome<T>, ExecuteError<E>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnMut(&mut PgTx<'_>) -> Result<T, E>,
+        P: ErrorPolicy<E>,
+    {
+        crate::driver::pg_transaction::execute_in_pg_tx(
+            self.store.shared(),
+            self.key,
+            &self.options,
+            &self.policy,
+            f,
+        )
     }
 }

@@ -1,9 +1,12 @@
 //! The loops that run calls around the rules: the plain driver ([`execute`]), steps
-//! ([`context`]), the transactional driver ([`transaction`]), the sweeper, and what they
+//! ([`context`]), the transactional drivers (sled's [`transaction`], PostgreSQL's
+//! `pg_transaction`), the sweeper, and what they
 //! share (the registry of running calls, waiting budgets, the store's state).
 
 pub(crate) mod context;
 pub(crate) mod execute;
+#[cfg(feature = "postgres")]
+pub(crate) mod pg_transaction;
 pub(crate) mod registry;
 pub(crate) mod state;
 pub(crate) mod sweeper;

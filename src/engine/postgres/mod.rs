@@ -22,6 +22,7 @@ mod bridge;
 mod lease;
 mod listen;
 mod schema;
+mod tx;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,6 +36,7 @@ use crate::format::record::{self, ClaimToken};
 
 pub(crate) use bridge::Bridge;
 pub(crate) use schema::valid_schema_name;
+pub use tx::PgTx;
 
 /// How a store on PostgreSQL connects, where its tables live, and how long claims last.
 #[derive(Debug, Clone)]

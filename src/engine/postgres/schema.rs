@@ -150,6 +150,9 @@ pub(crate) struct Statements {
     pub renew: String,
     pub lapse: String,
     pub next_epoch: String,
+    pub lock: String,
+    pub put: String,
+    pub delete_steps: String,
 }
 
 impl Statements {
@@ -247,6 +250,26 @@ impl Statements {
             lapse: format!(
                 "UPDATE {s}.records SET lease_until = now() - interval '1 millisecond' \
                  WHERE scope = $1 AND state = 0 AND lease_until > now()"
+            ),
+            lock: format!(
+                "SELECT record FROM {s}.records WHERE scope = $1 AND key = $2 FOR UPDATE"
+            ),
+            put: format!(
+                "INSERT INTO {s}.records AS r (scope, key, record, digest, state, expires_ms, \
+                     claim_epoch, claim_seq, life_epoch, life_seq, lease_until) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, NULL) \
+                 ON CONFLICT (scope, key) DO UPDATE SET record = EXCLUDED.record, \
+                     digest = EXCLUDED.digest, state = EXCLUDED.state, \
+                     expires_ms = EXCLUDED.expires_ms, \
+                     claim_epoch = EXCLUDED.claim_epoch, claim_seq = EXCLUDED.claim_seq, \
+                     life_epoch = EXCLUDED.life_epoch, life_seq = EXCLUDED.life_seq, \
+                     lease_until = NULL \
+                 WHERE r.digest = $11 \
+                 RETURNING 1"
+            ),
+            delete_steps: format!(
+                "DELETE FROM {s}.steps WHERE scope = $1 AND key = $2 \
+                     AND life_epoch = $3 AND life_seq = $4"
             ),
             next_epoch: format!("SELECT nextval('{s}.epochs')"),
         }

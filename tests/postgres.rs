@@ -821,3 +821,57 @@ fn pg_tx_holder() {
         }
     });
 }
+
+/// With a pool of one connection every call works: a transaction never asks the pool for a
+/// second connection while it holds one, even to take over another replica's lapsed claim
+/// (which needs a fresh epoch: that replica opened later). Durability modes map to
+/// `synchronous_commit`, as the operation's own transaction sees it.
+#[test]
+fn one_connection_is_enough_and_durability_maps_to_synchronous_commit() {
+    let Some(url) = pg_url() else { return };
+    let schema = PgSchema::new(&url);
+    for (durability, expected) in [
+        (idemstore::Durability::Immediate, "on"),
+        (
+            idemstore::Durability::Periodic(Duration::from_millis(100)),
+            "off",
+        ),
+    ] {
+        let open = || {
+            StoreBuilder::default()
+                .durability(durability)
+                .sweep_interval(None)
+                .open_postgres(schema.options().pool_size(1))
+                .expect("open")
+        };
+        let (older, newer) = (open(), open());
+        assert!(newer.epoch() > older.epoch());
+        let mode = older
+            .execute_once_in_tx(format!("mode-{expected}"), |tx| {
+                Ok::<String, Error>(tx.query_one("SHOW synchronous_commit", &[])?.get(0))
+            })
+            .expect("a transaction on a pool of one");
+        assert_eq!(*mode, expected);
+        let key = format!("taken-{expected}");
+        let mut newer_token = 0;
+        let r = newer.execute_steps(&key, |ctx| {
+            newer_token = ctx.claim_token().as_u128();
+            newer.__lapse_leases().expect("lapse");
+            let taken = older
+                .execute_once_in_tx(&key, |_tx| Ok::<u32, Error>(7))
+                .expect("the older replica takes the lapsed claim over");
+            assert_eq!(taken.record().attempts, 2);
+            assert!(
+                taken.record().claim.as_u128() > newer_token,
+                "a higher token"
+            );
+            Ok::<u32, std::io::Error>(1)
+        });
+        assert!(matches!(store_error(r), Error::LeaseLost { .. }));
+        let replay = newer
+            .execute_once(&key, || Ok::<u32, std::io::Error>(0))
+            .expect("replay");
+        assert_eq!((*replay, replay.is_replayed()), (7, true));
+        older.flush().expect("flush");
+    }
+}

@@ -30,7 +30,6 @@ use crate::driver::execute::{lead, refused, replayed, Lead};
 use crate::driver::state::StoreState;
 use crate::driver::waiting::Waiting;
 use crate::engine::postgres::{PgEngine, PgTx};
-use crate::engine::Engine;
 use crate::error::ExecuteError;
 use crate::format::record::{self, Header, RecordState};
 use crate::stats::Counters;
@@ -64,15 +63,18 @@ where
         };
         let now = state.clock.now_millis();
         let tx = state.engine.begin()?;
-        let current = tx.lock_record(key)?;
+        // Everything until the commit goes through the transaction's connection: with a small
+        // pool, asking for another one could wait on this very call.
+        let (current, lease_runs) = match tx.lock_record(key)? {
+            Some((bytes, lease_runs)) => (Some(bytes), lease_runs),
+            None => (None, false),
+        };
         let seen = match current.as_deref() {
             Some(bytes) => Some(record::decode(bytes).map_err(|e| decode_error(key, e))?),
             None => None,
         };
         let header = seen.map(|r| r.header);
-        let holder_live = header.is_some_and(|h| {
-            h.state == RecordState::Pending && state.engine.holder_live(key, h.claim, false)
-        });
+        let holder_live = header.is_some_and(|h| h.state == RecordState::Pending && lease_runs);
         let plan = match rules::as_leader(header.as_ref(), now, options, orphan_policy, holder_live)
         {
             AsLeader::Replay => {
@@ -96,7 +98,7 @@ where
         if let Some(life) = plan.retire {
             tx.delete_steps(key, life)?;
         }
-        let claim = state.next_claim_token(header.map(|h| h.claim))?;
+        let claim = state.next_claim_token_from(header.map(|h| h.claim), || tx.fresh_epoch())?;
         tx.batch(SAVEPOINT)?;
         Counters::bump(&state.counters.executions);
         if plan.takeover {

@@ -84,12 +84,22 @@ impl<S: Engine> StoreState<S> {
     /// # Errors
     /// [`Error::Storage`] if a fresh epoch was needed and the engine could not give one.
     pub(crate) fn next_claim_token(&self, above: Option<ClaimToken>) -> Result<ClaimToken, Error> {
+        self.next_claim_token_from(above, || self.engine.fresh_epoch())
+    }
+
+    /// As [`next_claim_token`](Self::next_claim_token), with the fresh epoch (if one is
+    /// needed) from `fresh_epoch` (a transaction's own connection, say).
+    pub(crate) fn next_claim_token_from(
+        &self,
+        above: Option<ClaimToken>,
+        fresh_epoch: impl FnOnce() -> Result<u64, Error>,
+    ) -> Result<ClaimToken, Error> {
         let sequence = self.last_claim.fetch_add(1, Ordering::Relaxed) + 1;
         let mut epoch = self.epoch.load(Ordering::SeqCst);
         if let Some(above) = above {
             // An equal epoch is this open's own: its sequence is already past `above`'s.
             if above.epoch > epoch {
-                epoch = self.engine.fresh_epoch()?;
+                epoch = fresh_epoch()?;
                 self.epoch.fetch_max(epoch, Ordering::SeqCst);
             }
         }

@@ -252,7 +252,8 @@ impl Statements {
                  WHERE scope = $1 AND state = 0 AND lease_until > now()"
             ),
             lock: format!(
-                "SELECT record FROM {s}.records WHERE scope = $1 AND key = $2 FOR UPDATE"
+                "SELECT record, state = 0 AND lease_until > now() FROM {s}.records \
+                 WHERE scope = $1 AND key = $2 FOR UPDATE"
             ),
             put: format!(
                 "INSERT INTO {s}.records AS r (scope, key, record, digest, state, expires_ms, \

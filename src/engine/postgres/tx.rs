@@ -44,8 +44,9 @@ impl OpenTx<'_> {
             .expect("an open transaction has its connection")
     }
 
-    /// Reads `key`'s record and locks its row until the transaction ends.
-    pub(crate) fn lock_record(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+    /// Reads `key`'s record and locks its row until the transaction ends; with it, whether
+    /// it is a Pending record whose lease still runs (by the database's clock).
+    pub(crate) fn lock_record(&self, key: &[u8]) -> Result<Option<(Vec<u8>, bool)>, Error> {
         let s = &self.engine.shared;
         let client = self.client();
         self.engine.run(async {
@@ -54,8 +55,15 @@ impl OpenTx<'_> {
                 .query_opt(&statement, &[&s.scope, &key])
                 .await
                 .map_err(pg_error)?;
-            Ok(row.map(|r| r.get(0)))
+            Ok(row.map(|r| (r.get(0), r.get::<_, Option<bool>>(1).unwrap_or(false))))
         })
+    }
+
+    /// A fresh epoch, on this transaction's connection (the pool may have no other).
+    pub(crate) fn fresh_epoch(&self) -> Result<u64, Error> {
+        let client = self.client();
+        self.engine
+            .run(async { super::schema::next_epoch(&***client, &self.engine.shared.sql).await })
     }
 
     /// Removes the steps of `key`'s life `life` (an expired life that this write replaces).

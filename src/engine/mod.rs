@@ -28,6 +28,7 @@ pub(crate) mod postgres;
 #[cfg(feature = "memory-engine")]
 pub mod memory;
 
+use std::future::Future;
 use std::time::Duration;
 
 use crate::error::Error;
@@ -115,6 +116,106 @@ pub(crate) trait Engine: Send + Sync + 'static {
 
     /// An epoch larger than every epoch handed out before, to any open of any process.
     fn fresh_epoch(&self) -> Result<u64, Error>;
+
+    // The async driver's view: the same operations as futures. An embedded engine answers
+    // them in place (its reads and writes do not wait on a device; its durability point does,
+    // and the driver runs that on the blocking pool, see `durability_blocks`); a networked
+    // engine overrides them with its own asynchronous I/O.
+
+    /// As [`Engine::get`].
+    fn get_async<'a>(
+        &'a self,
+        key: &'a [u8],
+    ) -> impl Future<Output = Result<Option<Self::Bytes>, Error>> + Send + 'a {
+        std::future::ready(self.get(key))
+    }
+
+    /// As [`Engine::claim`].
+    fn claim_async<'a>(
+        &'a self,
+        key: &'a [u8],
+        expected: Option<&'a [u8]>,
+        pending: Vec<u8>,
+    ) -> impl Future<Output = Result<bool, Error>> + Send + 'a {
+        std::future::ready(self.claim(key, expected, pending))
+    }
+
+    /// As [`Engine::finish`].
+    fn finish_async<'a>(
+        &'a self,
+        held: &'a Held<'a>,
+        record: Option<Vec<u8>>,
+    ) -> impl Future<Output = Result<bool, Error>> + Send + 'a {
+        std::future::ready(self.finish(held, record))
+    }
+
+    /// As [`Engine::write_step`].
+    fn write_step_async<'a>(
+        &'a self,
+        held: &'a Held<'a>,
+        index: u32,
+        step: Vec<u8>,
+    ) -> impl Future<Output = Result<bool, Error>> + Send + 'a {
+        std::future::ready(self.write_step(held, index, step))
+    }
+
+    /// As [`Engine::steps`].
+    fn steps_async<'a>(
+        &'a self,
+        key: &'a [u8],
+        life: ClaimToken,
+    ) -> impl Future<Output = Result<Vec<(u32, Self::Bytes)>, Error>> + Send + 'a {
+        std::future::ready(self.steps(key, life))
+    }
+
+    /// As [`Engine::remove_record`].
+    fn remove_record_async<'a>(
+        &'a self,
+        key: &'a [u8],
+        expected: &'a [u8],
+        steps_of: Option<ClaimToken>,
+    ) -> impl Future<Output = Result<bool, Error>> + Send + 'a {
+        std::future::ready(self.remove_record(key, expected, steps_of))
+    }
+
+    /// As [`Engine::holder_live`].
+    fn holder_live_async<'a>(
+        &'a self,
+        key: &'a [u8],
+        claim: ClaimToken,
+        running_here: bool,
+    ) -> impl Future<Output = bool> + Send + 'a {
+        std::future::ready(self.holder_live(key, claim, running_here))
+    }
+
+    /// As [`Engine::wait_for_holder`], without blocking a thread.
+    #[cfg(feature = "tokio")]
+    fn wait_for_holder_async<'a>(
+        &'a self,
+        _key: &'a [u8],
+        _claim: ClaimToken,
+        max: Duration,
+    ) -> impl Future<Output = ()> + Send + 'a {
+        tokio::time::sleep(max.min(HOLDER_POLL))
+    }
+
+    /// As [`Engine::fresh_epoch`].
+    fn fresh_epoch_async(&self) -> impl Future<Output = Result<u64, Error>> + Send + '_ {
+        std::future::ready(self.fresh_epoch())
+    }
+
+    /// Whether [`Engine::wait_durable`] may block on a device (the async driver then runs it
+    /// on the blocking pool).
+    fn durability_blocks(&self) -> bool {
+        true
+    }
+
+    /// The holder of a running claim gave up without an outcome (its caller dropped the
+    /// call): as [`Engine::abandon`], and an engine with leases ends the lease now, so the
+    /// claim is an orphan at once rather than when the lease runs out.
+    fn interrupted(&self, held: &Held<'_>) {
+        self.abandon(held);
+    }
 
     /// Removes up to `limit` records expired at `now_ms` whose holders are not live, with
     /// their steps, in one batch, if the engine does this itself; `None`: the sweeper goes

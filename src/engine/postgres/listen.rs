@@ -9,10 +9,10 @@
 //! wait is bounded by the caller's budget. A tag is a hash of (scope, key): collisions only
 //! wake a waiter early, to look again.
 
-use parking_lot::{Condvar, Mutex};
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio_postgres::AsyncMessage;
 
@@ -53,7 +53,7 @@ fn parse_tag(text: &str) -> Option<Tag> {
 #[derive(Default)]
 pub(crate) struct Hub {
     state: Mutex<HubState>,
-    changed: Condvar,
+    changed: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -95,37 +95,35 @@ impl Hub {
             // Everyone looks again (after a reconnect, notifications may have been missed).
             None => state.waiting.values_mut().for_each(|e| e.1 = generation),
         }
-        self.changed.notify_all();
+        self.changed.notify_waiters();
     }
 }
 
 impl Waiter<'_> {
-    /// Blocks until a notification for this waiter's tag arrives or `max` passes.
-    pub(crate) fn wait(&self, max: Duration) {
-        let deadline = Instant::now().checked_add(max);
-        let mut state = self.hub.state.lock();
-        loop {
-            if state
-                .waiting
-                .get(&self.tag)
-                .is_some_and(|e| e.1 > self.since)
-            {
-                return;
-            }
-            match deadline {
-                Some(deadline) => {
-                    if self
-                        .hub
-                        .changed
-                        .wait_until(&mut state, deadline)
-                        .timed_out()
-                    {
-                        return;
-                    }
+    fn notified(&self) -> bool {
+        self.hub
+            .state
+            .lock()
+            .waiting
+            .get(&self.tag)
+            .is_some_and(|e| e.1 > self.since)
+    }
+
+    /// Waits until a notification for this waiter's tag arrives or `max` passes.
+    pub(crate) async fn wait_async(&self, max: Duration) {
+        let waited = tokio::time::timeout(max, async {
+            loop {
+                let changed = self.hub.changed.notified();
+                tokio::pin!(changed);
+                // Registered before looking, so a wake-up in between is not lost.
+                changed.as_mut().enable();
+                if self.notified() {
+                    return;
                 }
-                None => self.hub.changed.wait(&mut state),
+                changed.await;
             }
-        }
+        });
+        let _ = waited.await;
     }
 }
 
@@ -198,9 +196,13 @@ mod tests {
         let t = tag("", b"k");
         let waiter = hub.register(t);
         hub.notify(Some(t)); // arrives before the wait begins
-        let started = Instant::now();
-        waiter.wait(Duration::from_secs(30));
-        assert!(started.elapsed() < Duration::from_secs(30));
+        assert!(waiter.notified());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        // Returns at once (a lost notification would wait out the whole hour).
+        runtime.block_on(waiter.wait_async(Duration::from_secs(3600)));
         drop(waiter);
         assert!(hub.state.lock().waiting.is_empty());
     }

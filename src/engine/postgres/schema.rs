@@ -149,6 +149,7 @@ pub(crate) struct Statements {
     pub mark_waiting: String,
     pub renew: String,
     pub lapse: String,
+    pub end_lease: String,
     pub next_epoch: String,
     pub lock: String,
     pub put: String,
@@ -246,6 +247,10 @@ impl Statements {
                  WHERE r.scope = $1 AND r.key = held.key AND r.digest = held.digest \
                      AND r.state = 0 \
                  RETURNING r.key"
+            ),
+            end_lease: format!(
+                "UPDATE {s}.records SET lease_until = now() - interval '1 millisecond' \
+                 WHERE scope = $1 AND key = $2 AND digest = $3 AND state = 0"
             ),
             lapse: format!(
                 "UPDATE {s}.records SET lease_until = now() - interval '1 millisecond' \

@@ -1,0 +1,525 @@
+//! The engine's operations: each one asynchronous at heart (the async driver awaits it), and
+//! synchronous through the bridge (the sync driver blocks on it).
+//!
+//! Invariants: as in the module above; each operation is one statement (one round trip),
+//! except a holder write that a waiter marked, which sends its notification after it.
+
+use std::time::Duration;
+
+use super::{big, columns, digest, listen, millis, pg_error, schema, PgEngine};
+use crate::engine::{Engine, Held, RecordIter};
+use crate::error::Error;
+use crate::format::record::ClaimToken;
+
+/// Records are read a page at a time, in key order.
+const PAGE: i64 = 512;
+
+impl PgEngine {
+    pub(crate) async fn get_op(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+        let s = &self.shared;
+        let client = s.client().await?;
+        let statement = client.prepare_cached(&s.sql.get).await.map_err(pg_error)?;
+        let row = client
+            .query_opt(&statement, &[&s.scope, &key])
+            .await
+            .map_err(pg_error)?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    async fn page_op(&self, after: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error> {
+        let s = &self.shared;
+        let client = s.client().await?;
+        let rows = client
+            .query(&s.sql.page, &[&s.scope, &after, &PAGE])
+            .await
+            .map_err(pg_error)?;
+        Ok(rows
+            .into_iter()
+            .map(|r| (r.get::<_, Vec<u8>>(0), r.get::<_, Vec<u8>>(1)))
+            .collect())
+    }
+
+    async fn claim_op(
+        &self,
+        key: &[u8],
+        expected: Option<&[u8]>,
+        pending: Vec<u8>,
+    ) -> Result<bool, Error> {
+        let s = &self.shared;
+        let c = columns(key, &pending)?;
+        let new_digest = digest(&pending);
+        let expected_digest = expected.map(digest);
+        let lease_ms = s.lease.as_millis() as f64;
+        let client = s.client().await?;
+        let statement = client
+            .prepare_cached(&s.sql.claim)
+            .await
+            .map_err(pg_error)?;
+        let row = client
+            .query_opt(
+                &statement,
+                &[
+                    &s.scope,
+                    &key,
+                    &pending,
+                    &new_digest,
+                    &c.expires_ms,
+                    &c.claim.0,
+                    &c.claim.1,
+                    &c.life.0,
+                    &c.life.1,
+                    &lease_ms,
+                    &expected_digest,
+                ],
+            )
+            .await
+            .map_err(pg_error)?;
+        if row.is_some() {
+            s.leases.hold(key, new_digest);
+        }
+        Ok(row.is_some())
+    }
+
+    async fn finish_op(&self, held: &Held<'_>, record: Option<Vec<u8>>) -> Result<bool, Error> {
+        let s = &self.shared;
+        let held_digest = digest(held.record);
+        // Whatever happens below, the holder is done with its claim: stop renewing it.
+        s.leases.let_go(held.key, &held_digest);
+        let key = held.key;
+        let client = s.client().await?;
+        let row = match &record {
+            Some(bytes) => {
+                let c = columns(key, bytes)?;
+                let statement = client
+                    .prepare_cached(&s.sql.finish)
+                    .await
+                    .map_err(pg_error)?;
+                client
+                    .query_opt(
+                        &statement,
+                        &[
+                            &s.scope,
+                            &key,
+                            bytes,
+                            &digest(bytes),
+                            &c.state,
+                            &c.expires_ms,
+                            &c.claim.0,
+                            &c.claim.1,
+                            &c.life.0,
+                            &c.life.1,
+                            &held_digest,
+                        ],
+                    )
+                    .await
+            }
+            None => {
+                let statement = client
+                    .prepare_cached(&s.sql.release)
+                    .await
+                    .map_err(pg_error)?;
+                client
+                    .query_opt(&statement, &[&s.scope, &key, &held_digest])
+                    .await
+            }
+        }
+        .map_err(pg_error)?;
+        match row {
+            Some(row) => {
+                if row.get::<_, bool>(0) {
+                    self.notify(&client, key).await;
+                }
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    async fn write_step_op(
+        &self,
+        held: &Held<'_>,
+        index: u32,
+        step: Vec<u8>,
+    ) -> Result<bool, Error> {
+        let s = &self.shared;
+        let held_digest = digest(held.record);
+        let index = i32::try_from(index).map_err(|_| Error::InvalidConfig("too many steps"))?;
+        let client = s.client().await?;
+        let statement = client
+            .prepare_cached(&s.sql.write_step)
+            .await
+            .map_err(pg_error)?;
+        let row = client
+            .query_opt(
+                &statement,
+                &[
+                    &s.scope,
+                    &held.key,
+                    &held_digest,
+                    &big(held.life.epoch),
+                    &big(held.life.sequence),
+                    &index,
+                    &step,
+                ],
+            )
+            .await
+            .map_err(pg_error)?;
+        Ok(row.is_some())
+    }
+
+    async fn steps_op(&self, key: &[u8], life: ClaimToken) -> Result<Vec<(u32, Vec<u8>)>, Error> {
+        let s = &self.shared;
+        let client = s.client().await?;
+        let statement = client
+            .prepare_cached(&s.sql.steps)
+            .await
+            .map_err(pg_error)?;
+        let rows = client
+            .query(
+                &statement,
+                &[&s.scope, &key, &big(life.epoch), &big(life.sequence)],
+            )
+            .await
+            .map_err(pg_error)?;
+        Ok(rows
+            .into_iter()
+            .map(|r| (r.get::<_, i32>(0) as u32, r.get::<_, Vec<u8>>(1)))
+            .collect())
+    }
+
+    async fn remove_record_op(&self, key: &[u8], expected: &[u8]) -> Result<bool, Error> {
+        let s = &self.shared;
+        let expected_digest = digest(expected);
+        // A holder in this process whose record goes stops renewing it.
+        s.leases.let_go(key, &expected_digest);
+        let client = s.client().await?;
+        let statement = client
+            .prepare_cached(&s.sql.remove)
+            .await
+            .map_err(pg_error)?;
+        let row = client
+            .query_opt(&statement, &[&s.scope, &key, &expected_digest])
+            .await
+            .map_err(pg_error)?;
+        match row {
+            Some(row) => {
+                if row.get::<_, bool>(0) {
+                    self.notify(&client, key).await;
+                }
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    async fn holder_live_op(&self, key: &[u8], claim: ClaimToken) -> bool {
+        let s = &self.shared;
+        let live = async {
+            let client = s.client().await?;
+            let statement = client
+                .prepare_cached(&s.sql.holder_live)
+                .await
+                .map_err(pg_error)?;
+            let row = client
+                .query_opt(
+                    &statement,
+                    &[&s.scope, &key, &big(claim.epoch), &big(claim.sequence)],
+                )
+                .await
+                .map_err(pg_error)?;
+            Ok::<_, Error>(row.and_then(|r| r.get::<_, Option<bool>>(0)))
+        };
+        match live.await {
+            Ok(live) => live.unwrap_or(false),
+            Err(e) => {
+                // Unknown: treat it as live. Waiting is bounded; a takeover would not be.
+                tracing::warn!(error = %e, "could not read a claim's lease; treating it as live");
+                true
+            }
+        }
+    }
+
+    /// Marks `key`'s Pending claim `claim` as waited for; false if it is no longer Pending.
+    async fn mark_waiting_op(&self, key: &[u8], claim: ClaimToken) -> Result<bool, Error> {
+        let s = &self.shared;
+        let client = s.client().await?;
+        let statement = client
+            .prepare_cached(&s.sql.mark_waiting)
+            .await
+            .map_err(pg_error)?;
+        let row = client
+            .query_opt(
+                &statement,
+                &[&s.scope, &key, &big(claim.epoch), &big(claim.sequence)],
+            )
+            .await
+            .map_err(pg_error)?;
+        Ok(row.is_some())
+    }
+
+    /// Waits up to `max` for a notification about `key` (see `listen`); returns at once if
+    /// the claim is no longer Pending.
+    pub(crate) async fn wait_for_holder_op(&self, key: &[u8], claim: ClaimToken, max: Duration) {
+        let s = &self.shared;
+        let waiter = s.hub.register(listen::tag(&s.scope, key));
+        match self.mark_waiting_op(key, claim).await {
+            Ok(false) => {}
+            Ok(true) => waiter.wait_async(max.min(listen::POLL)).await,
+            Err(_) => tokio::time::sleep(max.min(listen::POLL)).await,
+        }
+    }
+
+    async fn fresh_epoch_op(&self) -> Result<u64, Error> {
+        let client = self.shared.client().await?;
+        schema::next_epoch(&**client, &self.shared.sql).await
+    }
+
+    async fn due_op(&self, now_ms: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, Error> {
+        let s = &self.shared;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let client = s.client().await?;
+        let rows = client
+            .query(&s.sql.due, &[&s.scope, &millis(now_ms), &limit])
+            .await
+            .map_err(pg_error)?;
+        Ok(rows
+            .into_iter()
+            .map(|r| (r.get::<_, i64>(0) as u64, r.get::<_, Vec<u8>>(1)))
+            .collect())
+    }
+
+    async fn sweep_op(&self, now_ms: u64, limit: usize) -> Result<u64, Error> {
+        let s = &self.shared;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let client = s.client().await?;
+        let row = client
+            .query_one(&s.sql.sweep, &[&s.scope, &millis(now_ms), &limit])
+            .await
+            .map_err(pg_error)?;
+        Ok(row.get::<_, i64>(0) as u64)
+    }
+
+    async fn flush_op(&self) -> Result<(), Error> {
+        let mut client = self.shared.client().await?;
+        // A synchronous commit that writes a commit record flushes the WAL up to it, and so
+        // every earlier (asynchronous) commit.
+        let tx = client.transaction().await.map_err(pg_error)?;
+        tx.batch_execute("SET LOCAL synchronous_commit = on; SELECT txid_current();")
+            .await
+            .map_err(pg_error)?;
+        tx.commit().await.map_err(pg_error)
+    }
+
+    /// Ends the lease of `held` now (its holder gave up), in the background.
+    fn end_lease_now(&self, held: &Held<'_>) {
+        let shared = std::sync::Arc::clone(&self.shared);
+        let (key, held_digest) = (held.key.to_vec(), digest(held.record));
+        self.bridge.spawn(async move {
+            let ended = async {
+                let client = shared.client().await?;
+                client
+                    .execute(&shared.sql.end_lease, &[&shared.scope, &key, &held_digest])
+                    .await
+                    .map_err(pg_error)
+            };
+            if let Err(e) = ended.await {
+                tracing::debug!(error = %e, "could not end an interrupted claim's lease; it runs out");
+            }
+        });
+    }
+}
+
+impl Engine for PgEngine {
+    type Bytes = Vec<u8>;
+
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+        self.run(self.get_op(key))
+    }
+
+    fn records(&self) -> RecordIter<'_, Vec<u8>> {
+        let mut after: Vec<u8> = Vec::new();
+        let mut page: std::vec::IntoIter<(Vec<u8>, Vec<u8>)> = Vec::new().into_iter();
+        let mut done = false;
+        Box::new(std::iter::from_fn(move || loop {
+            if let Some(item) = page.next() {
+                return Some(Ok(item));
+            }
+            if done {
+                return None;
+            }
+            match self.run(self.page_op(&after)) {
+                Ok(rows) => {
+                    done = (rows.len() as i64) < PAGE;
+                    if let Some((last, _)) = rows.last() {
+                        after = last.clone();
+                    }
+                    page = rows.into_iter();
+                }
+                Err(e) => {
+                    done = true;
+                    return Some(Err(e));
+                }
+            }
+        }))
+    }
+
+    fn claim(&self, key: &[u8], expected: Option<&[u8]>, pending: Vec<u8>) -> Result<bool, Error> {
+        self.run(self.claim_op(key, expected, pending))
+    }
+
+    fn finish(&self, held: &Held<'_>, record: Option<Vec<u8>>) -> Result<bool, Error> {
+        self.run(self.finish_op(held, record))
+    }
+
+    fn write_step(&self, held: &Held<'_>, index: u32, step: Vec<u8>) -> Result<bool, Error> {
+        self.run(self.write_step_op(held, index, step))
+    }
+
+    fn steps(&self, key: &[u8], life: ClaimToken) -> Result<Vec<(u32, Vec<u8>)>, Error> {
+        self.run(self.steps_op(key, life))
+    }
+
+    fn remove_record(
+        &self,
+        key: &[u8],
+        expected: &[u8],
+        _steps_of: Option<ClaimToken>,
+    ) -> Result<bool, Error> {
+        // The statement removes the steps of the record's own life, whatever it is.
+        self.run(self.remove_record_op(key, expected))
+    }
+
+    fn index_expiry(&self, _expires_ms: u64, _key: &[u8]) -> Result<(), Error> {
+        // The expiry column is the index: written with the record, in the same statement.
+        Ok(())
+    }
+
+    fn due_expiries(&self, now_ms: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, Error> {
+        self.run(self.due_op(now_ms, limit))
+    }
+
+    fn unindex_expiries(&self, _entries: &[(u64, Vec<u8>)]) -> Result<(), Error> {
+        Ok(())
+    }
+
+    fn sweep_batch(&self, now_ms: u64, limit: usize) -> Option<Result<u64, Error>> {
+        Some(self.run(self.sweep_op(now_ms, limit)))
+    }
+
+    fn wait_durable(&self) -> Result<(), Error> {
+        // Each statement committed before it returned (synchronously, unless relaxed).
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), Error> {
+        self.run(self.flush_op())
+    }
+
+    fn holder_live(&self, key: &[u8], claim: ClaimToken, running_here: bool) -> bool {
+        running_here
+            || self
+                .run(async { Ok(self.holder_live_op(key, claim).await) })
+                .unwrap_or(true)
+    }
+
+    fn wait_for_holder(&self, key: &[u8], claim: ClaimToken, max: Duration) {
+        let waited = self.run(async {
+            self.wait_for_holder_op(key, claim, max).await;
+            Ok(())
+        });
+        if waited.is_err() {
+            std::thread::sleep(max.min(listen::POLL));
+        }
+    }
+
+    fn abandon(&self, held: &Held<'_>) {
+        self.shared.leases.let_go(held.key, &digest(held.record));
+    }
+
+    fn interrupted(&self, held: &Held<'_>) {
+        self.abandon(held);
+        self.end_lease_now(held);
+    }
+
+    fn fresh_epoch(&self) -> Result<u64, Error> {
+        self.run(self.fresh_epoch_op())
+    }
+
+    fn get_async<'a>(
+        &'a self,
+        key: &'a [u8],
+    ) -> impl std::future::Future<Output = Result<Option<Vec<u8>>, Error>> + Send + 'a {
+        self.get_op(key)
+    }
+
+    fn claim_async<'a>(
+        &'a self,
+        key: &'a [u8],
+        expected: Option<&'a [u8]>,
+        pending: Vec<u8>,
+    ) -> impl std::future::Future<Output = Result<bool, Error>> + Send + 'a {
+        self.claim_op(key, expected, pending)
+    }
+
+    fn finish_async<'a>(
+        &'a self,
+        held: &'a Held<'a>,
+        record: Option<Vec<u8>>,
+    ) -> impl std::future::Future<Output = Result<bool, Error>> + Send + 'a {
+        self.finish_op(held, record)
+    }
+
+    fn write_step_async<'a>(
+        &'a self,
+        held: &'a Held<'a>,
+        index: u32,
+        step: Vec<u8>,
+    ) -> impl std::future::Future<Output = Result<bool, Error>> + Send + 'a {
+        self.write_step_op(held, index, step)
+    }
+
+    fn steps_async<'a>(
+        &'a self,
+        key: &'a [u8],
+        life: ClaimToken,
+    ) -> impl std::future::Future<Output = Result<Vec<(u32, Vec<u8>)>, Error>> + Send + 'a {
+        self.steps_op(key, life)
+    }
+
+    fn remove_record_async<'a>(
+        &'a self,
+        key: &'a [u8],
+        expected: &'a [u8],
+        _steps_of: Option<ClaimToken>,
+    ) -> impl std::future::Future<Output = Result<bool, Error>> + Send + 'a {
+        self.remove_record_op(key, expected)
+    }
+
+    fn holder_live_async<'a>(
+        &'a self,
+        key: &'a [u8],
+        claim: ClaimToken,
+        running_here: bool,
+    ) -> impl std::future::Future<Output = bool> + Send + 'a {
+        async move { running_here || self.holder_live_op(key, claim).await }
+    }
+
+    fn wait_for_holder_async<'a>(
+        &'a self,
+        key: &'a [u8],
+        claim: ClaimToken,
+        max: Duration,
+    ) -> impl std::future::Future<Output = ()> + Send + 'a {
+        self.wait_for_holder_op(key, claim, max)
+    }
+
+    fn fresh_epoch_async(
+        &self,
+    ) -> impl std::future::Future<Output = Result<u64, Error>> + Send + '_ {
+        self.fresh_epoch_op()
+    }
+
+    fn durability_blocks(&self) -> bool {
+        false
+    }
+}

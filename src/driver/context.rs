@@ -1,33 +1,20 @@
 //! What an operation sees while it runs: its key, attempt, claim token, and named steps.
 //!
-//! Invariants:
-//! - steps are numbered in the order a run asks for them, and a recorded step is found by its
-//!   own index (never by its position among the recorded ones), so a step whose error the
-//!   operation ignored leaves no gap that shifts later steps;
-//! - step `i` is recorded (durably, in `Immediate` mode) when it finishes, under the key's
-//!   life and fenced by the run's claim: if the record is no longer this claim's Pending
-//!   record (removed, taken over), the step is taken back and the run fails;
-//! - a later attempt of the same life gets step `i`'s recorded outcome back only if it asks
-//!   for step `i` by the same name; otherwise the run fails with `StepSequenceChanged`;
-//! - a step that ran but whose result cannot be stored is recorded as such, so it never runs
-//!   again, and the run ends with that error (recorded, so the operation does not run again);
-//! - after a store error in any step, no further step runs: each returns that error, and the
-//!   run fails with it whatever the operation returns.
+//! Invariants: the rules of steps are `step_run`'s; this is their synchronous I/O: a step is
+//! recorded (durably, in `Immediate` mode) when it finishes, under the key's life and fenced
+//! by the run's claim, before the step returns; the recorded steps are read once per run.
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use crate::core::settle::RunFailure;
 use crate::driver::state::StoreState;
+use crate::driver::step_run::StepRun;
 use crate::engine::{Engine, Held};
 use crate::error::Error;
-use crate::format::codec::{self, Codec};
-use crate::format::record::{ClaimToken, OutcomeKind};
-use crate::format::step::{self, StepRecord};
-use crate::format::unstorable;
-use crate::key::KeyName;
+use crate::format::codec::Codec;
+use crate::format::record::ClaimToken;
 
 /// The engine a context records steps in, as an object-safe trait (so `Context` needs no
 /// engine parameter).
@@ -98,40 +85,34 @@ pub(crate) struct RunClaim<'a> {
 /// ```
 pub struct Context<'a> {
     log: &'a dyn StepLog,
-    claim: RunClaim<'a>,
-    recorded: Option<Vec<(u32, Vec<u8>)>>,
-    next_index: u32,
-    names: HashSet<String>,
-    failure: Option<RunFailure>,
+    held: Held<'a>,
+    run: StepRun,
 }
 
 impl<'a> Context<'a> {
     pub(crate) fn new(log: &'a dyn StepLog, claim: RunClaim<'a>) -> Self {
         Self {
             log,
-            claim,
-            recorded: None,
-            next_index: 0,
-            names: HashSet::new(),
-            failure: None,
+            held: claim.held,
+            run: StepRun::new(claim.attempt, claim.codec, claim.max_result_bytes),
         }
     }
 
     /// The idempotency key this run is for.
     pub fn key(&self) -> &[u8] {
-        self.claim.held.key
+        self.held.key
     }
 
     /// Which attempt this is (1 for the first run of the key).
     pub fn attempt(&self) -> u32 {
-        self.claim.attempt
+        self.run.attempt
     }
 
     /// This run's claim token: it grows with every claim of any key, across restarts, so a
     /// downstream service that remembers the highest token it saw can reject a stale attempt
     /// (fencing).
     pub fn claim_token(&self) -> ClaimToken {
-        self.claim.held.token
+        self.held.token
     }
 
     /// A deterministic key for a downstream call made by step `step` (for example the
@@ -140,7 +121,7 @@ impl<'a> Context<'a> {
     /// remembers the key deduplicates the call — and different for other steps and other
     /// keys. 64 hex digits.
     pub fn downstream_key(&self, step: &str) -> String {
-        downstream_key(self.claim.held.key, step)
+        downstream_key(self.held.key, step)
     }
 
     /// Runs step `name` once per key: on a later attempt, a step that finished returns its
@@ -152,20 +133,21 @@ impl<'a> Context<'a> {
     /// [`Error::StepSequenceChanged`] (this attempt's steps differ from the recorded ones),
     /// [`Error::InvalidStep`], [`Error::CorruptStep`], [`Error::Decode`],
     /// [`Error::ResultTooLarge`] / [`Error::ResultNotEncodable`] (the step ran; it will not
-    /// run again, and neither will the operation), [`Error::OutcomeNotRecorded`] (the record
-    /// was removed or taken over while the run went on) or [`Error::Storage`]. After a store
-    /// error no further step runs: each returns the first store error.
+    /// run again, and neither will the operation), [`Error::OutcomeNotRecorded`] /
+    /// [`Error::LeaseLost`] (the record was removed or taken over while the run went on) or
+    /// [`Error::Storage`]. After a store error no further step runs: each returns the first
+    /// store error.
     pub fn step<S, E, F>(&mut self, name: &str, f: F) -> Result<S, StepError<E>>
     where
         S: Serialize + DeserializeOwned,
         F: FnOnce() -> Result<S, E>,
     {
         let index = self.begin(name)?;
-        if let Some(value) = self.recorded_result(index, name)? {
+        if let Some(value) = self.run.recorded_result(self.held.key, index, name)? {
             return Ok(value);
         }
         let value = f().map_err(StepError::Failed)?;
-        self.record(index, name, &value)?;
+        self.record(name, index, &value)?;
         Ok(value)
     }
 
@@ -188,7 +170,7 @@ impl<'a> Context<'a> {
         R: Fn(&E) -> bool,
     {
         let index = self.begin(name)?;
-        if let Some(value) = self.recorded_result(index, name)? {
+        if let Some(value) = self.run.recorded_result(self.held.key, index, name)? {
             return Ok(value);
         }
         let started = Instant::now();
@@ -198,7 +180,7 @@ impl<'a> Context<'a> {
             match f() {
                 Ok(value) => break value,
                 Err(e) if is_transient(&e) => {
-                    match policy.delay_before(tries + 1, started.elapsed(), self.claim.held.key) {
+                    match policy.delay_before(tries + 1, started.elapsed(), self.held.key) {
                         Some(delay) => std::thread::sleep(delay),
                         None => return Err(StepError::Failed(e)),
                     }
@@ -206,146 +188,38 @@ impl<'a> Context<'a> {
                 Err(e) => return Err(StepError::Failed(e)),
             }
         };
-        self.record(index, name, &value)?;
+        self.record(name, index, &value)?;
         Ok(value)
     }
 
     /// Takes the store failure that failed this run, if any.
     pub(crate) fn take_failure(&mut self) -> Option<RunFailure> {
-        self.failure.take()
+        self.run.take_failure()
     }
 
-    /// Fails the run with `error` (the first failure wins) and returns the step's error.
-    fn fail<E>(&mut self, error: Error, terminal: Option<(OutcomeKind, Vec<u8>)>) -> StepError<E> {
-        self.fail_with(RunFailure {
-            error,
-            terminal,
-            in_doubt: false,
-        })
-    }
-
-    fn fail_with<E>(&mut self, failure: RunFailure) -> StepError<E> {
-        let failure = self.failure.get_or_insert(failure);
-        StepError::Store(failure.error.clone())
-    }
-
-    /// Checks that the run may go on and the name is usable; takes the next step index.
+    /// Takes the next step index, with the recorded steps read (once per run).
     fn begin<E>(&mut self, name: &str) -> Result<u32, StepError<E>> {
-        if let Some(failure) = &self.failure {
-            return Err(StepError::Store(failure.error.clone()));
+        let index = self.run.begin(self.held.key, name)?;
+        if self.run.needs_recorded() {
+            let read = self.log.steps(self.held.key, self.held.life);
+            self.run.load_recorded(read)?;
         }
-        if name.is_empty() || name.len() > step::MAX_NAME || !self.names.insert(name.to_owned()) {
-            let error = Error::InvalidStep {
-                key: KeyName::new(self.claim.held.key),
-                name: name.to_owned(),
-            };
-            return Err(self.fail(error, None));
-        }
-        let index = self.next_index;
-        self.next_index += 1;
         Ok(index)
-    }
-
-    /// The recorded result of step `index`, if an earlier attempt of this life finished it.
-    fn recorded_result<S: Serialize + DeserializeOwned, E>(
-        &mut self,
-        index: u32,
-        name: &str,
-    ) -> Result<Option<S>, StepError<E>> {
-        if self.recorded.is_none() {
-            match self.log.steps(self.claim.held.key, self.claim.held.life) {
-                Ok(steps) => self.recorded = Some(steps),
-                Err(e) => return Err(self.fail(e, None)),
-            }
-        }
-        let key = || KeyName::new(self.claim.held.key);
-        let recorded = self.recorded.as_deref().unwrap_or_default();
-        let Ok(at) = recorded.binary_search_by_key(&index, |(i, _)| *i) else {
-            return Ok(None);
-        };
-        let (error, terminal) = match step::decode(&recorded[at].1) {
-            Err(reason) => (
-                Error::CorruptStep {
-                    key: key(),
-                    index,
-                    reason,
-                },
-                None,
-            ),
-            Ok(step) if step.name != name => (
-                Error::StepSequenceChanged {
-                    key: key(),
-                    index,
-                    recorded: step.name.to_owned(),
-                    requested: name.to_owned(),
-                },
-                None,
-            ),
-            Ok(step) => match unstorable::replay(self.claim.held.key, step.outcome, step.payload) {
-                Some(error) => (error, Some((step.outcome, step.payload.to_vec()))),
-                None => match codec::decode::<S>(step.payload, step.codec, step.shape) {
-                    Ok(value) => return Ok(Some(value)),
-                    Err(message) => (
-                        Error::Decode {
-                            key: key(),
-                            what: "step result",
-                            message,
-                        },
-                        None,
-                    ),
-                },
-            },
-        };
-        Err(self.fail(error, terminal))
     }
 
     /// Records a finished step durably, or that its outcome could not be stored.
     fn record<S: Serialize + DeserializeOwned, E>(
         &mut self,
-        index: u32,
         name: &str,
+        index: u32,
         value: &S,
     ) -> Result<(), StepError<E>> {
-        let limit = self.claim.max_result_bytes;
-        let (encoded, unstorable) = match codec::encode(value, self.claim.codec, limit) {
-            Ok(e) => (e, None),
-            Err(failure) => {
-                let (kind, payload, error) =
-                    unstorable::record(self.claim.held.key, failure, limit);
-                let note = codec::Encoded {
-                    bytes: payload,
-                    codec: self.claim.codec,
-                    shape: 0,
-                };
-                (note, Some((kind, error)))
-            }
-        };
-        let outcome = unstorable.as_ref().map_or(OutcomeKind::Stored, |(k, _)| *k);
-        let bytes = step::encode(&StepRecord {
-            name,
-            outcome,
-            codec: encoded.codec,
-            shape: Some(encoded.shape).filter(|s| *s != 0),
-            payload: &encoded.bytes,
-        });
+        let (bytes, unstorable) = self.run.prepare(self.held.key, name, value).split();
         let written = self
             .log
-            .write_step(&self.claim.held, index, bytes)
+            .write_step(&self.held, index, bytes)
             .and_then(|()| self.log.wait_durable());
-        match (written, unstorable) {
-            // Refused by fencing: the record is no longer this claim's, nothing to leave.
-            (Err(e @ (Error::OutcomeNotRecorded { .. } | Error::LeaseLost { .. })), _) => {
-                Err(self.fail(e, None))
-            }
-            // The step ran; whether its record is stored is unknown.
-            (Err(e), _) => Err(self.fail_with(RunFailure {
-                error: e,
-                terminal: None,
-                in_doubt: true,
-            })),
-            (Ok(()), Some((kind, error))) => Err(self.fail(error, Some((kind, encoded.bytes)))),
-            (Ok(()), None) => Ok(()),
-        }
+        self.run.after_write(written, unstorable)
     }
 }
 

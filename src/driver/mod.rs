@@ -9,6 +9,7 @@ pub(crate) mod execute;
 pub(crate) mod pg_transaction;
 pub(crate) mod registry;
 pub(crate) mod state;
+pub(crate) mod step_run;
 pub(crate) mod sweeper;
 pub(crate) mod transaction;
 pub(crate) mod waiting;

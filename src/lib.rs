@@ -61,6 +61,8 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use core::options::{Durability, OrphanPolicy};
 pub use core::outcome::{Outcome, RecordInfo};
 pub use core::policy::{AllRetryable, ErrorPolicy, PermanentIf};
+#[cfg(feature = "tokio")]
+pub use driver::async_context::AsyncContext;
 pub use driver::context::{Context, RetryPolicy, StepError};
 pub use driver::transaction::TxResult;
 #[cfg(feature = "memory-engine")]

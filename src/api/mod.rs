@@ -1,5 +1,7 @@
 //! The public surface: the store, its builder, and per-call options.
 
+#[cfg(feature = "tokio")]
+mod asynchronous;
 pub(crate) mod call;
 pub(crate) mod config;
 #[cfg(feature = "memory-engine")]

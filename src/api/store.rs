@@ -371,6 +371,11 @@ impl<S: Engine> Store<S> {
         }
     }
 
+    pub(crate) fn shared_arc(&self) -> &Arc<StoreState<S>> {
+        // Invariant: as in `shared`.
+        self.shared.as_ref().expect("store is open")
+    }
+
     pub(crate) fn shared(&self) -> &StoreState<S> {
         // Invariant: only shutdown takes `shared`, and it runs in `close(self)` or `drop`,
         // after which no method can be called.

@@ -71,3 +71,29 @@ impl Attempt {
         }
     }
 }
+
+/// The header of the outcome a run writes at `now_ms` over its claim's Pending header
+/// `pending`. A run that outlived its TTL keeps its outcome a full TTL from now (the writer
+/// then indexes the new expiry, which differs from `pending`'s).
+pub(crate) fn outcome_header(
+    pending: &Header,
+    now_ms: u64,
+    ttl_ms: u64,
+    state: RecordState,
+    outcome: OutcomeKind,
+    codec: Codec,
+    shape: Option<u64>,
+) -> Header {
+    let mut header = Header {
+        state,
+        outcome,
+        updated_ms: now_ms,
+        codec,
+        shape,
+        ..*pending
+    };
+    if header.is_expired(now_ms) {
+        header.expires_ms = now_ms.saturating_add(ttl_ms);
+    }
+    header
+}

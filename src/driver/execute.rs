@@ -20,6 +20,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::panic::{self, AssertUnwindSafe};
 
+use crate::core::attempt::outcome_header;
 use crate::core::options::CallOptions;
 use crate::core::outcome::{Outcome, RecordInfo};
 use crate::core::policy::ErrorPolicy;
@@ -329,17 +330,8 @@ impl<S: Engine> ClaimGuard<'_, S> {
         encoded: (&[u8], Codec, Option<u64>),
     ) -> Result<Header, Error> {
         let (payload, codec, shape) = encoded;
-        let mut header = Header {
-            state,
-            outcome,
-            updated_ms: now,
-            codec,
-            shape,
-            ..*self.header
-        };
-        if header.is_expired(now) {
-            // The run outlived its TTL: keep the outcome for a full TTL from now.
-            header.expires_ms = now.saturating_add(self.ttl_ms);
+        let header = outcome_header(self.header, now, self.ttl_ms, state, outcome, codec, shape);
+        if header.expires_ms != self.header.expires_ms {
             self.state
                 .engine
                 .index_expiry(header.expires_ms, self.held.key)?;

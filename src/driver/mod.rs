@@ -3,8 +3,12 @@
 //! `pg_transaction`), the sweeper, and what they
 //! share (the registry of running calls, waiting budgets, the store's state).
 
+#[cfg(feature = "tokio")]
+pub(crate) mod async_context;
 pub(crate) mod context;
 pub(crate) mod execute;
+#[cfg(feature = "tokio")]
+pub(crate) mod execute_async;
 #[cfg(feature = "postgres")]
 pub(crate) mod pg_transaction;
 pub(crate) mod registry;

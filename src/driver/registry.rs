@@ -5,7 +5,8 @@
 //! only when the leader is done with the record (outcome written and, in `Immediate` mode,
 //! durable), including when the leader unwinds from a panic. Because one process owns the
 //! database, "this key has an entry" is exactly "a call in this process is running it".
-//! Waiting blocks on a condition variable: no spinning, no polling sleeps. Keys hash to one of
+//! Waiting blocks on a condition variable (an async waiter awaits a notification instead): no
+//! spinning, no polling sleeps. Keys hash to one of
 //! [`SHARDS`] maps, so different keys rarely share a lock and never wait on each other.
 //!
 //! `leaders` counts live leaders (incremented before the entry is inserted, decremented after
@@ -35,6 +36,9 @@ pub(crate) struct Registry {
 pub(crate) struct RunningCall {
     done: Mutex<bool>,
     finished: Condvar,
+    /// The same wake-up, for async waiters.
+    #[cfg(feature = "tokio")]
+    finished_async: tokio::sync::Notify,
 }
 
 impl RunningCall {
@@ -53,6 +57,32 @@ impl RunningCall {
             }
         }
         true
+    }
+
+    /// As [`RunningCall::wait_until`], without blocking a thread.
+    #[cfg(feature = "tokio")]
+    pub(crate) async fn wait_until_async(&self, deadline: Option<Instant>) -> bool {
+        let finished = async {
+            loop {
+                let notified = self.finished_async.notified();
+                tokio::pin!(notified);
+                // Registered before looking, so a wake-up in between is not lost.
+                notified.as_mut().enable();
+                if *self.done.lock() {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline.into(), finished)
+                .await
+                .is_ok(),
+            None => {
+                finished.await;
+                true
+            }
+        }
     }
 }
 
@@ -96,6 +126,8 @@ impl Registry {
         let flight = Arc::new(RunningCall {
             done: Mutex::new(false),
             finished: Condvar::new(),
+            #[cfg(feature = "tokio")]
+            finished_async: tokio::sync::Notify::new(),
         });
         self.leaders.fetch_add(1, Ordering::SeqCst);
         map.insert(key.into(), Arc::clone(&flight));
@@ -121,6 +153,8 @@ impl Drop for Leader<'_> {
         self.registry.leaders.fetch_sub(1, Ordering::SeqCst);
         *self.flight.done.lock() = true;
         self.flight.finished.notify_all();
+        #[cfg(feature = "tokio")]
+        self.flight.finished_async.notify_waiters();
     }
 }
 

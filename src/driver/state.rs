@@ -62,16 +62,17 @@ impl<S: Engine> StoreState<S> {
     /// claim took the key over in the holder's life, else [`Error::OutcomeNotRecorded`] (the
     /// record was removed, or replaced by a new life).
     pub(crate) fn fenced_out(&self, held: &Held<'_>) -> Error {
+        let current = self.engine.get(held.key).ok().flatten();
+        self.fenced_out_given(held, current.as_ref().map(AsRef::as_ref))
+    }
+
+    /// As [`fenced_out`](Self::fenced_out), given the key's record as read after the refusal.
+    pub(crate) fn fenced_out_given(&self, held: &Held<'_>, current: Option<&[u8]>) -> Error {
         let key = KeyName::new(held.key);
-        let taken_over = self
-            .engine
-            .get(held.key)
-            .ok()
-            .flatten()
-            .is_some_and(|bytes| {
-                record::decode(bytes.as_ref())
-                    .is_ok_and(|r| r.header.life == held.life && r.header.claim != held.token)
-            });
+        let taken_over = current.is_some_and(|bytes| {
+            record::decode(bytes)
+                .is_ok_and(|r| r.header.life == held.life && r.header.claim != held.token)
+        });
         match taken_over {
             true => Error::LeaseLost { key },
             false => Error::OutcomeNotRecorded { key },

@@ -58,19 +58,52 @@ impl<'a, S> Waiting<'a, S> {
         }
     }
 
+    /// As [`Waiting::wait`], without blocking a thread.
+    #[cfg(feature = "tokio")]
+    pub(crate) async fn wait_async(&mut self, key: &[u8], call: &RunningCall) -> Result<(), Error> {
+        let deadline = self.deadline();
+        match call.wait_until_async(deadline).await {
+            true => Ok(()),
+            false => Err(self.in_progress(key)),
+        }
+    }
+
+    /// As [`Waiting::wait_for_holder`], without blocking a thread.
+    #[cfg(feature = "tokio")]
+    pub(crate) async fn wait_for_holder_async(
+        &mut self,
+        key: &[u8],
+        claim: ClaimToken,
+    ) -> Result<(), Error>
+    where
+        S: Engine,
+    {
+        let left = self.left(key)?;
+        self.state
+            .engine
+            .wait_for_holder_async(key, claim, left)
+            .await;
+        Ok(())
+    }
+
+    /// What is left of the budget; `InProgress` once it is spent.
+    fn left(&mut self, key: &[u8]) -> Result<Duration, Error> {
+        match self.deadline() {
+            Some(deadline) => match deadline.checked_duration_since(Instant::now()) {
+                Some(left) if !left.is_zero() => Ok(left),
+                _ => Err(self.in_progress(key)),
+            },
+            None => Ok(Duration::MAX),
+        }
+    }
+
     /// Waits a little for `key`'s holder `claim` elsewhere; `InProgress` once the budget is
     /// spent.
     pub(crate) fn wait_for_holder(&mut self, key: &[u8], claim: ClaimToken) -> Result<(), Error>
     where
         S: Engine,
     {
-        let left = match self.deadline() {
-            Some(deadline) => match deadline.checked_duration_since(Instant::now()) {
-                Some(left) if !left.is_zero() => left,
-                _ => return Err(self.in_progress(key)),
-            },
-            None => Duration::MAX,
-        };
+        let left = self.left(key)?;
         self.state.engine.wait_for_holder(key, claim, left);
         Ok(())
     }

@@ -1,0 +1,489 @@
+//! The async driver: one `execute_once_async` call, the same loop as the plain driver
+//! (`execute`) around the same rules, awaiting instead of blocking.
+//!
+//! Invariants (beyond the plain driver's, which all hold here):
+//! - no runtime worker blocks: waiting for a same-key call of this process awaits a
+//!   notification, waiting for a holder elsewhere awaits the engine, and an engine whose
+//!   durability point waits on a device makes it on the blocking pool;
+//! - **cancellation**: a call whose future is dropped before its claim leaves nothing; one
+//!   dropped after its claim and before its outcome is written leaves the claim Pending, an
+//!   orphan at once (this process's registry lets go, and a shared engine ends the lease now),
+//!   handled by the orphan policy like an interrupted run (`Rerun` runs the operation again,
+//!   `Report` says `Interrupted`); one dropped while its written outcome awaits its
+//!   durability point finishes that wait (blocking, once) before waiters may replay it. So a
+//!   key is never stuck until its TTL, and nothing runs beyond the contract;
+//! - a panic in the operation's future is caught and settled as a retryable failure, as in
+//!   the plain driver; a panic in user code the store calls after the run (a predicate, a
+//!   `Serialize`) is recorded as a retryable failure while it unwinds.
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::future::Future;
+use std::panic::{self, AssertUnwindSafe};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
+
+use crate::core::attempt::outcome_header;
+use crate::core::options::CallOptions;
+use crate::core::outcome::{Outcome, RecordInfo};
+use crate::core::policy::ErrorPolicy;
+use crate::core::replay::decode_error;
+use crate::core::rules::{self, AsLeader, FirstLook};
+use crate::core::settle::{self, Reply, Settled};
+use crate::driver::async_context::{
+    durable_async, fenced_out_async, AsyncClaim, AsyncContext, StoreLog,
+};
+use crate::driver::execute::{refused, replayed, Lead};
+use crate::driver::registry::Entry;
+use crate::driver::state::StoreState;
+use crate::driver::waiting::Waiting;
+use crate::engine::{Engine, Held};
+use crate::error::{Error, ExecuteError};
+use crate::format::codec::Codec;
+use crate::format::record::{self, Header, OutcomeKind, RecordState};
+use crate::key::{KeyHash, KeyName};
+use crate::stats::Counters;
+
+/// Runs `f` once for `key`, or replays its recorded outcome, without blocking the runtime.
+pub(crate) async fn execute_async<S, T, E, P, F, Fut>(
+    state: &Arc<StoreState<S>>,
+    key: &[u8],
+    options: &CallOptions,
+    policy: &P,
+    f: F,
+) -> Result<Outcome<T>, ExecuteError<E>>
+where
+    S: Engine,
+    T: Serialize + DeserializeOwned,
+    P: ErrorPolicy<E>,
+    F: FnOnce(AsyncContext) -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    state.check_key(key)?;
+    let mut waiting = Waiting::new(state, options);
+    let mut f = Some(f);
+    loop {
+        let (leader, first_read, seen) =
+            match lead_async(state, key, options, policy, &mut waiting).await? {
+                Lead::Done(reply) => return reply,
+                Lead::Leader {
+                    leader,
+                    stored,
+                    seen,
+                } => (leader, stored, seen),
+            };
+        let fresh_read = match seen {
+            Some(h) if h.state == RecordState::Pending => Some(state.engine.get_async(key).await?),
+            _ => None,
+        };
+        let mut stored = match &fresh_read {
+            Some(fresh) => fresh.as_ref().map(AsRef::as_ref),
+            None => first_read.as_ref().map(AsRef::as_ref),
+        };
+        let now = state.clock.now_millis();
+        let current = match stored {
+            Some(bytes) => Some(record::decode(bytes).map_err(|e| decode_error(key, e))?),
+            None => None,
+        };
+        let header = current.map(|r| r.header);
+        let holder_live = match header {
+            Some(h) if h.state == RecordState::Pending => {
+                state.engine.holder_live_async(key, h.claim, false).await
+            }
+            _ => false,
+        };
+        let orphan_policy = state.settings.orphan_policy(options);
+        let plan = match rules::as_leader(header.as_ref(), now, options, orphan_policy, holder_live)
+        {
+            AsLeader::Replay => {
+                // Invariant: Replay is only decided for a record that was read.
+                let Some(rec) = current else { continue };
+                return replayed(state, key, &rec, policy);
+            }
+            AsLeader::Refuse(refusal) => return Err(refused(state, key, refusal).into()),
+            AsLeader::WaitForHolder => {
+                drop(leader);
+                // Invariant: WaitForHolder is only decided for a Pending record that was read.
+                if let Some(h) = header {
+                    waiting.wait_for_holder_async(key, h.claim).await?;
+                }
+                continue;
+            }
+            AsLeader::Claim(plan) => plan,
+        };
+        if plan.takeover {
+            Counters::bump(&state.counters.orphans_recovered);
+            tracing::warn!(
+                key = %KeyHash(key),
+                attempts = plan.attempt.number - 1,
+                "re-running an interrupted run"
+            );
+        }
+        if let (Some(life), Some(bytes)) = (plan.retire, stored) {
+            // An expired life with steps ends here: its record and steps go together.
+            if !state
+                .engine
+                .remove_record_async(key, bytes, Some(life))
+                .await?
+            {
+                continue;
+            }
+            stored = None;
+        }
+        let above = header.map(|h| h.claim);
+        let fresh_epoch = match above {
+            Some(a) if a.epoch > state.epoch.load(std::sync::atomic::Ordering::SeqCst) => {
+                Some(state.engine.fresh_epoch_async().await?)
+            }
+            _ => None,
+        };
+        let token = state.next_claim_token_from(above, || match fresh_epoch {
+            Some(epoch) => Ok(epoch),
+            None => state.engine.fresh_epoch(),
+        })?;
+        let attempts = plan.attempt.number;
+        let ttl_ms = state.settings.ttl_ms(options);
+        let pending_header =
+            plan.attempt
+                .header(RecordState::Pending, OutcomeKind::None, now, ttl_ms, token);
+        let pending = record::encode(&pending_header, &[]);
+        // The index entry goes first, so a durable record always has one.
+        state.engine.index_expiry(pending_header.expires_ms, key)?;
+        if !state
+            .engine
+            .claim_async(key, stored, pending.clone())
+            .await?
+        {
+            drop(leader);
+            continue;
+        }
+        let held = Held {
+            key,
+            record: &pending,
+            token: pending_header.claim,
+            life: pending_header.life,
+        };
+        let mut guard = RunGuard {
+            state,
+            held,
+            header: &pending_header,
+            ttl_ms,
+            phase: Phase::Claimed,
+        };
+        if let Err(e) = durable_async(state).await {
+            // The claim may not be durable: do not run. Put the record back as it was.
+            guard.phase = Phase::Done;
+            let _ = state
+                .engine
+                .finish_async(&guard.held, stored.map(<[u8]>::to_vec))
+                .await;
+            return Err(e.into());
+        }
+
+        Counters::bump(&state.counters.executions);
+        tracing::debug!(key = %KeyHash(key), attempts, "running operation");
+        let codec = state.settings.codec(options);
+        let limit = state.settings.max_result_bytes;
+        let log: Arc<dyn crate::driver::async_context::AsyncStepLog> =
+            Arc::new(StoreLog(Arc::clone(state)));
+        let context = AsyncContext::new(
+            log,
+            AsyncClaim {
+                held,
+                attempt: attempts,
+                codec,
+                max_result_bytes: limit,
+            },
+        );
+        // Invariant: this point is reached once per call (every path below returns), so the
+        // operation is started at most once.
+        let Some(f) = f.take() else {
+            return Err(Error::OutcomeNotRecorded {
+                key: KeyName::new(key),
+            }
+            .into());
+        };
+        guard.phase = Phase::Running;
+        let ran = CatchUnwind::new(|| f(context.clone())).await;
+        let failure = context.take_failure();
+        // User code (a predicate, `Serialize`) runs in `settle`: a panic there unwinds through
+        // the guard, which records a retryable failure.
+        let settled = settle::settle(key, ran, failure, policy, codec, limit);
+        let result = record_outcome_async(guard, settled).await;
+        drop(leader);
+        return match result {
+            Finished::Returned(r) => r,
+            Finished::Panicked(payload) => panic::resume_unwind(payload),
+        };
+    }
+}
+
+/// As the plain driver's `lead`, awaiting instead of blocking.
+async fn lead_async<'r, S, T, E, P>(
+    state: &'r StoreState<S>,
+    key: &[u8],
+    options: &CallOptions,
+    policy: &P,
+    waiting: &mut Waiting<'_, S>,
+) -> Result<Lead<'r, S::Bytes, T, E>, Error>
+where
+    S: Engine,
+    T: Serialize + DeserializeOwned,
+    P: ErrorPolicy<E>,
+{
+    loop {
+        let now = state.clock.now_millis();
+        let stored = state.engine.get_async(key).await?;
+        let first = match stored.as_ref() {
+            Some(bytes) => Some(record::decode(bytes.as_ref()).map_err(|e| decode_error(key, e))?),
+            None => None,
+        };
+        let header = first.map(|r| r.header);
+        let live_outcome =
+            header.is_some_and(|h| !h.is_expired(now) && rules::is_terminal(h.state));
+        let writer = match live_outcome && state.settings.immediate {
+            true => state.registry.running(key),
+            false => None,
+        };
+        let look = rules::first_look(
+            header.as_ref(),
+            now,
+            options,
+            writer.is_some(),
+            state.settings.immediate,
+        );
+        match (look, first, &writer) {
+            (FirstLook::Replay, Some(rec), _) => {
+                return Ok(Lead::Done(replayed(state, key, &rec, policy)))
+            }
+            (FirstLook::WaitForWriter, _, Some(flight)) => {
+                waiting.wait_async(key, flight).await?;
+                continue;
+            }
+            (FirstLook::Refuse(refusal), _, _) => return Err(refused(state, key, refusal)),
+            _ => {}
+        }
+        let flight = match state.registry.enter(key) {
+            Entry::Leader(leader) => {
+                return Ok(Lead::Leader {
+                    leader,
+                    stored,
+                    seen: header,
+                })
+            }
+            Entry::Follower(flight) => flight,
+        };
+        waiting.wait_async(key, &flight).await?;
+    }
+}
+
+/// Where a claimed call is, for what its guard does if the call's future is dropped.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Claimed, the claim's durability point not passed: the operation has not run.
+    Claimed,
+    /// The operation may be running (or ran); no outcome written.
+    Running,
+    /// The outcome is written; its durability point is pending.
+    Written,
+    /// Nothing left to do.
+    Done,
+}
+
+/// The Pending record of a running async claim; see the module's cancellation rules.
+struct RunGuard<'a, S: Engine> {
+    state: &'a Arc<StoreState<S>>,
+    held: Held<'a>,
+    header: &'a Header,
+    ttl_ms: u64,
+    phase: Phase,
+}
+
+impl<S: Engine> Drop for RunGuard<'_, S> {
+    fn drop(&mut self) {
+        match self.phase {
+            Phase::Done => {}
+            Phase::Written => {
+                // Waiters may replay the outcome only once it is durable.
+                if let Err(e) = self.state.wait_durable() {
+                    tracing::error!(key = %KeyHash(self.held.key), error = %e, "outcome not durable");
+                }
+            }
+            Phase::Running if std::thread::panicking() => {
+                // User code the store called after the run panicked: record a retryable
+                // failure, as the plain driver's claim guard does. No clock (user code).
+                let header = outcome_header(
+                    self.header,
+                    self.header.updated_ms,
+                    0,
+                    RecordState::FailedRetryable,
+                    OutcomeKind::None,
+                    Codec::Bincode,
+                    None,
+                );
+                let written = self
+                    .state
+                    .engine
+                    .finish(&self.held, Some(record::encode(&header, &[])))
+                    .and_then(|_| self.state.wait_durable());
+                if let Err(e) = written {
+                    tracing::error!(key = %KeyHash(self.held.key), error = %e, "could not record an unwound run");
+                }
+            }
+            Phase::Claimed | Phase::Running => {
+                tracing::warn!(
+                    key = %KeyHash(self.held.key),
+                    "call dropped while it held its claim; the claim is left to the orphan policy"
+                );
+                self.state.engine.interrupted(&self.held);
+            }
+        }
+    }
+}
+
+enum Finished<T, E> {
+    Returned(Result<Outcome<T>, ExecuteError<E>>),
+    Panicked(Box<dyn std::any::Any + Send>),
+}
+
+/// Writes a settled run over its Pending record and waits for it to be durable.
+async fn record_outcome_async<S: Engine, T, E>(
+    mut guard: RunGuard<'_, S>,
+    settled: Settled<T, E>,
+) -> Finished<T, E> {
+    let key = guard.held.key;
+    // The reply (perhaps a panic payload, which is not `Sync`) is held by value across the
+    // awaits below, never by reference: the call's future stays `Send`.
+    let Settled {
+        keep_claim,
+        state,
+        outcome,
+        payload,
+        codec,
+        shape,
+        reply,
+    } = settled;
+    if keep_claim {
+        // Whether a step is recorded is unknown: the claim stays Pending, an orphan.
+        guard.phase = Phase::Done;
+        guard.state.engine.abandon(&guard.held);
+        tracing::error!(key = %KeyHash(key), "a step's record may not be stored; the claim is left to the orphan policy");
+        return match reply {
+            Reply::Panic(panic) => Finished::Panicked(panic),
+            Reply::Error(e) => Finished::Returned(Err(e)),
+            // Invariant: settle keeps a claim only with an error or a panic.
+            Reply::Value(_) => Finished::Returned(Err(Error::OutcomeNotRecorded {
+                key: KeyName::new(key),
+            }
+            .into())),
+        };
+    }
+    let written = write_outcome(&mut guard, state, outcome, &payload, codec, shape).await;
+    let finished = match (written, reply) {
+        (written, Reply::Panic(panic)) => {
+            if let Err(e) = written {
+                tracing::error!(key = %KeyHash(key), error = %e, "could not record a panicked run");
+            }
+            Finished::Panicked(panic)
+        }
+        (Err(e), _) => {
+            tracing::error!(key = %KeyHash(key), error = %e, "outcome not recorded");
+            Finished::Returned(Err(e.into()))
+        }
+        (Ok(header), Reply::Value(value)) => Finished::Returned(Ok(Outcome::new(
+            value,
+            false,
+            RecordInfo::new(&header, payload.len()),
+        ))),
+        (Ok(_), Reply::Error(e)) => Finished::Returned(Err(e)),
+    };
+    tracing::debug!(state = ?state, "outcome recorded");
+    finished
+}
+
+async fn write_outcome<S: Engine>(
+    guard: &mut RunGuard<'_, S>,
+    state: RecordState,
+    outcome: OutcomeKind,
+    payload: &[u8],
+    codec: Codec,
+    shape: Option<u64>,
+) -> Result<Header, Error> {
+    let store = guard.state;
+    let now = store.clock.now_millis();
+    let header = outcome_header(
+        guard.header,
+        now,
+        guard.ttl_ms,
+        state,
+        outcome,
+        codec,
+        shape,
+    );
+    if header.expires_ms != guard.header.expires_ms {
+        store
+            .engine
+            .index_expiry(header.expires_ms, guard.held.key)?;
+    }
+    let bytes = record::encode(&header, payload);
+    let finished = store.engine.finish_async(&guard.held, Some(bytes)).await;
+    // From here on the guard does not interrupt the claim: the outcome is written (or the
+    // write failed, and the claim is left to the orphan policy like any failed final write).
+    guard.phase = match finished {
+        Ok(true) => Phase::Written,
+        _ => Phase::Done,
+    };
+    if !finished? {
+        return Err(fenced_out_async(store, &guard.held).await);
+    }
+    let durable = durable_async(store).await;
+    guard.phase = Phase::Done;
+    durable.map(|()| header)
+}
+
+/// A future that turns a panic of its inner future (or of the call that makes it) into an
+/// `Err`, as `catch_unwind` does for a closure.
+struct CatchUnwind<Fut> {
+    inner: Option<Pin<Box<Fut>>>,
+    make_failed: Option<Box<dyn std::any::Any + Send>>,
+}
+
+impl<Fut: Future> CatchUnwind<Fut> {
+    fn new(make: impl FnOnce() -> Fut) -> Self {
+        match panic::catch_unwind(AssertUnwindSafe(make)) {
+            Ok(fut) => Self {
+                inner: Some(Box::pin(fut)),
+                make_failed: None,
+            },
+            Err(panic) => Self {
+                inner: None,
+                make_failed: Some(panic),
+            },
+        }
+    }
+}
+
+impl<Fut: Future> Future for CatchUnwind<Fut> {
+    type Output = std::thread::Result<Fut::Output>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        if let Some(panic) = self.make_failed.take() {
+            return Poll::Ready(Err(panic));
+        }
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Pending; // polled after completion: never again ready
+        };
+        match panic::catch_unwind(AssertUnwindSafe(|| inner.as_mut().poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(out)) => {
+                self.inner = None;
+                Poll::Ready(Ok(out))
+            }
+            Err(panic) => {
+                self.inner = None;
+                Poll::Ready(Err(panic))
+            }
+        }
+    }
+}

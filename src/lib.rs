@@ -54,6 +54,9 @@ mod stats;
 
 pub use api::call::Call;
 pub use api::config::StoreBuilder;
+/// An `Idempotency-Key` layer for tower HTTP services (feature `http`).
+#[cfg(feature = "http")]
+pub use api::http;
 #[cfg(feature = "postgres")]
 pub use api::postgres::{PgOptions, PgStore};
 pub use api::store::{Records, StepInfo, Store};

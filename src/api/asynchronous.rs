@@ -100,7 +100,7 @@ impl<P, S: Engine> Call<'_, '_, P, S> {
             self.store.shared_arc(),
             self.key,
             &self.options,
-            &self.policy,
+            self.policy,
             |_| f(),
         )
         .await
@@ -126,7 +126,7 @@ impl<P, S: Engine> Call<'_, '_, P, S> {
             self.store.shared_arc(),
             self.key,
             &self.options,
-            &self.policy,
+            self.policy,
             f,
         )
         .await

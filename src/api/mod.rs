@@ -4,6 +4,8 @@
 mod asynchronous;
 pub(crate) mod call;
 pub(crate) mod config;
+#[cfg(feature = "http")]
+pub mod http;
 #[cfg(feature = "memory-engine")]
 mod memory;
 #[cfg(feature = "postgres")]

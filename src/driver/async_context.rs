@@ -80,25 +80,34 @@ impl<S: Engine> AsyncStepLog for StoreLog<S> {
 }
 
 /// As [`StoreState::fenced_out`], without blocking a thread.
-pub(crate) async fn fenced_out_async<S: Engine>(state: &StoreState<S>, held: &Held<'_>) -> Error {
-    let current = state.engine.get_async(held.key).await.ok().flatten();
-    state.fenced_out_given(held, current.as_ref().map(AsRef::as_ref))
+pub(crate) fn fenced_out_async<'a, S: Engine>(
+    state: &'a StoreState<S>,
+    held: &'a Held<'a>,
+) -> impl Future<Output = Error> + Send + 'a {
+    async move {
+        let current = state.engine.get_async(held.key).await.ok().flatten();
+        state.fenced_out_given(held, current.as_ref().map(AsRef::as_ref))
+    }
 }
 
 /// As [`StoreState::wait_durable`], without blocking a runtime worker: an engine whose
 /// durability point waits on a device waits on the blocking pool.
-pub(crate) async fn durable_async<S: Engine>(state: &Arc<StoreState<S>>) -> Result<(), Error> {
-    if !state.engine.durability_blocks() {
-        return state.wait_durable();
-    }
+pub(crate) fn durable_async<S: Engine>(
+    state: &Arc<StoreState<S>>,
+) -> impl Future<Output = Result<(), Error>> + Send + 'static {
     let state = Arc::clone(state);
-    match tokio::task::spawn_blocking(move || state.wait_durable()).await {
-        Ok(done) => done,
-        // The closure does not panic, and the runtime is running (this future is polled).
-        Err(e) => Err(Error::Storage(crate::error::StorageError::new(
-            std::io::Error::other(e.to_string()),
-            None,
-        ))),
+    async move {
+        if !state.engine.durability_blocks() {
+            return state.wait_durable();
+        }
+        match tokio::task::spawn_blocking(move || state.wait_durable()).await {
+            Ok(done) => done,
+            // The closure does not panic, and the runtime is running (this future is polled).
+            Err(e) => Err(Error::Storage(crate::error::StorageError::new(
+                std::io::Error::other(e.to_string()),
+                None,
+            ))),
+        }
     }
 }
 

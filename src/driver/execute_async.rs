@@ -34,8 +34,8 @@ use crate::core::settle::{self, Reply, Settled};
 use crate::driver::async_context::{
     durable_async, fenced_out_async, AsyncClaim, AsyncContext, StoreLog,
 };
-use crate::driver::execute::{refused, replayed, Lead};
-use crate::driver::registry::Entry;
+use crate::driver::execute::{refused, replayed};
+use crate::driver::registry::{Entry, Leader};
 use crate::driver::state::StoreState;
 use crate::driver::waiting::Waiting;
 use crate::engine::{Engine, Held};
@@ -50,7 +50,7 @@ pub(crate) async fn execute_async<S, T, E, P, F, Fut>(
     state: &Arc<StoreState<S>>,
     key: &[u8],
     options: &CallOptions,
-    policy: &P,
+    policy: P,
     f: F,
 ) -> Result<Outcome<T>, ExecuteError<E>>
 where
@@ -64,15 +64,18 @@ where
     let mut waiting = Waiting::new(state, options);
     let mut f = Some(f);
     loop {
-        let (leader, first_read, seen) =
-            match lead_async(state, key, options, policy, &mut waiting).await? {
-                Lead::Done(reply) => return reply,
-                Lead::Leader {
-                    leader,
-                    stored,
-                    seen,
-                } => (leader, stored, seen),
-            };
+        let (leader, first_read, seen) = match lead_async(state, key, options, &mut waiting).await?
+        {
+            LeadAsync::Replay(bytes) => {
+                let rec = record::decode(bytes.as_ref()).map_err(|e| decode_error(key, e))?;
+                return replayed(state, key, &rec, &policy);
+            }
+            LeadAsync::Leader {
+                leader,
+                stored,
+                seen,
+            } => (leader, stored, seen),
+        };
         let fresh_read = match seen {
             Some(h) if h.state == RecordState::Pending => Some(state.engine.get_async(key).await?),
             _ => None,
@@ -99,7 +102,7 @@ where
             AsLeader::Replay => {
                 // Invariant: Replay is only decided for a record that was read.
                 let Some(rec) = current else { continue };
-                return replayed(state, key, &rec, policy);
+                return replayed(state, key, &rec, &policy);
             }
             AsLeader::Refuse(refusal) => return Err(refused(state, key, refusal).into()),
             AsLeader::WaitForHolder => {
@@ -209,7 +212,7 @@ where
         let failure = context.take_failure();
         // User code (a predicate, `Serialize`) runs in `settle`: a panic there unwinds through
         // the guard, which records a retryable failure.
-        let settled = settle::settle(key, ran, failure, policy, codec, limit);
+        let settled = settle::settle(key, ran, failure, &policy, codec, limit);
         let result = record_outcome_async(guard, settled).await;
         drop(leader);
         return match result {
@@ -219,62 +222,73 @@ where
     }
 }
 
-/// As the plain driver's `lead`, awaiting instead of blocking.
-async fn lead_async<'r, S, T, E, P>(
+/// How a call goes on after its first look, async.
+enum LeadAsync<'r, B> {
+    /// A live recorded outcome: replay these bytes.
+    Replay(B),
+    /// This call now leads the key (as in the plain driver's `Lead::Leader`).
+    Leader {
+        leader: Leader<'r>,
+        stored: Option<B>,
+        seen: Option<Header>,
+    },
+}
+
+/// As the plain driver's `lead`, awaiting instead of blocking. It takes no error policy (the
+/// caller replays), which keeps the call's future provably `Send`.
+fn lead_async<'r, 'a, S: Engine>(
     state: &'r StoreState<S>,
-    key: &[u8],
-    options: &CallOptions,
-    policy: &P,
-    waiting: &mut Waiting<'_, S>,
-) -> Result<Lead<'r, S::Bytes, T, E>, Error>
+    key: &'a [u8],
+    options: &'a CallOptions,
+    waiting: &'a mut Waiting<'r, S>,
+) -> impl Future<Output = Result<LeadAsync<'r, S::Bytes>, Error>> + Send + 'a
 where
-    S: Engine,
-    T: Serialize + DeserializeOwned,
-    P: ErrorPolicy<E>,
+    'r: 'a,
 {
-    loop {
-        let now = state.clock.now_millis();
-        let stored = state.engine.get_async(key).await?;
-        let first = match stored.as_ref() {
-            Some(bytes) => Some(record::decode(bytes.as_ref()).map_err(|e| decode_error(key, e))?),
-            None => None,
-        };
-        let header = first.map(|r| r.header);
-        let live_outcome =
-            header.is_some_and(|h| !h.is_expired(now) && rules::is_terminal(h.state));
-        let writer = match live_outcome && state.settings.immediate {
-            true => state.registry.running(key),
-            false => None,
-        };
-        let look = rules::first_look(
-            header.as_ref(),
-            now,
-            options,
-            writer.is_some(),
-            state.settings.immediate,
-        );
-        match (look, first, &writer) {
-            (FirstLook::Replay, Some(rec), _) => {
-                return Ok(Lead::Done(replayed(state, key, &rec, policy)))
+    async move {
+        loop {
+            let now = state.clock.now_millis();
+            let stored = state.engine.get_async(key).await?;
+            let header = match stored.as_ref() {
+                Some(bytes) => Some(
+                    record::decode(bytes.as_ref())
+                        .map_err(|e| decode_error(key, e))?
+                        .header,
+                ),
+                None => None,
+            };
+            let live_outcome =
+                header.is_some_and(|h| !h.is_expired(now) && rules::is_terminal(h.state));
+            let writer = match live_outcome && state.settings.immediate {
+                true => state.registry.running(key),
+                false => None,
+            };
+            let look = rules::first_look(
+                header.as_ref(),
+                now,
+                options,
+                writer.is_some(),
+                state.settings.immediate,
+            );
+            match (look, stored, writer) {
+                (FirstLook::Replay, Some(bytes), _) => return Ok(LeadAsync::Replay(bytes)),
+                (FirstLook::WaitForWriter, _, Some(flight)) => {
+                    waiting.wait_async(key, &flight).await?;
+                    continue;
+                }
+                (FirstLook::Refuse(refusal), _, _) => return Err(refused(state, key, refusal)),
+                (_, stored, _) => match state.registry.enter(key) {
+                    Entry::Leader(leader) => {
+                        return Ok(LeadAsync::Leader {
+                            leader,
+                            stored,
+                            seen: header,
+                        })
+                    }
+                    Entry::Follower(flight) => waiting.wait_async(key, &flight).await?,
+                },
             }
-            (FirstLook::WaitForWriter, _, Some(flight)) => {
-                waiting.wait_async(key, flight).await?;
-                continue;
-            }
-            (FirstLook::Refuse(refusal), _, _) => return Err(refused(state, key, refusal)),
-            _ => {}
         }
-        let flight = match state.registry.enter(key) {
-            Entry::Leader(leader) => {
-                return Ok(Lead::Leader {
-                    leader,
-                    stored,
-                    seen: header,
-                })
-            }
-            Entry::Follower(flight) => flight,
-        };
-        waiting.wait_async(key, &flight).await?;
     }
 }
 
@@ -402,44 +416,46 @@ async fn record_outcome_async<S: Engine, T, E>(
     finished
 }
 
-async fn write_outcome<S: Engine>(
-    guard: &mut RunGuard<'_, S>,
+fn write_outcome<'g, 'a, S: Engine>(
+    guard: &'g mut RunGuard<'a, S>,
     state: RecordState,
     outcome: OutcomeKind,
-    payload: &[u8],
+    payload: &'g [u8],
     codec: Codec,
     shape: Option<u64>,
-) -> Result<Header, Error> {
-    let store = guard.state;
-    let now = store.clock.now_millis();
-    let header = outcome_header(
-        guard.header,
-        now,
-        guard.ttl_ms,
-        state,
-        outcome,
-        codec,
-        shape,
-    );
-    if header.expires_ms != guard.header.expires_ms {
-        store
-            .engine
-            .index_expiry(header.expires_ms, guard.held.key)?;
+) -> impl Future<Output = Result<Header, Error>> + Send + use<'g, 'a, S> {
+    async move {
+        let store = guard.state;
+        let now = store.clock.now_millis();
+        let header = outcome_header(
+            guard.header,
+            now,
+            guard.ttl_ms,
+            state,
+            outcome,
+            codec,
+            shape,
+        );
+        if header.expires_ms != guard.header.expires_ms {
+            store
+                .engine
+                .index_expiry(header.expires_ms, guard.held.key)?;
+        }
+        let bytes = record::encode(&header, payload);
+        let finished = store.engine.finish_async(&guard.held, Some(bytes)).await;
+        // From here on the guard does not interrupt the claim: the outcome is written (or the
+        // write failed, and the claim is left to the orphan policy like any failed final write).
+        guard.phase = match finished {
+            Ok(true) => Phase::Written,
+            _ => Phase::Done,
+        };
+        if !finished? {
+            return Err(fenced_out_async(store, &guard.held).await);
+        }
+        let durable = durable_async(store).await;
+        guard.phase = Phase::Done;
+        durable.map(|()| header)
     }
-    let bytes = record::encode(&header, payload);
-    let finished = store.engine.finish_async(&guard.held, Some(bytes)).await;
-    // From here on the guard does not interrupt the claim: the outcome is written (or the
-    // write failed, and the claim is left to the orphan policy like any failed final write).
-    guard.phase = match finished {
-        Ok(true) => Phase::Written,
-        _ => Phase::Done,
-    };
-    if !finished? {
-        return Err(fenced_out_async(store, &guard.held).await);
-    }
-    let durable = durable_async(store).await;
-    guard.phase = Phase::Done;
-    durable.map(|()| header)
 }
 
 /// A future that turns a panic of its inner future (or of the call that makes it) into an

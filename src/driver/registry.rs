@@ -61,7 +61,15 @@ impl RunningCall {
 
     /// As [`RunningCall::wait_until`], without blocking a thread.
     #[cfg(feature = "tokio")]
-    pub(crate) async fn wait_until_async(&self, deadline: Option<Instant>) -> bool {
+    pub(crate) fn wait_until_async(
+        &self,
+        deadline: Option<Instant>,
+    ) -> impl std::future::Future<Output = bool> + Send + '_ {
+        async move { self.wait_until_async_inner(deadline).await }
+    }
+
+    #[cfg(feature = "tokio")]
+    async fn wait_until_async_inner(&self, deadline: Option<Instant>) -> bool {
         let finished = async {
             loop {
                 let notified = self.finished_async.notified();

@@ -60,30 +60,41 @@ impl<'a, S> Waiting<'a, S> {
 
     /// As [`Waiting::wait`], without blocking a thread.
     #[cfg(feature = "tokio")]
-    pub(crate) async fn wait_async(&mut self, key: &[u8], call: &RunningCall) -> Result<(), Error> {
-        let deadline = self.deadline();
-        match call.wait_until_async(deadline).await {
-            true => Ok(()),
-            false => Err(self.in_progress(key)),
+    pub(crate) fn wait_async<'w>(
+        &'w mut self,
+        key: &'w [u8],
+        call: &'w RunningCall,
+    ) -> impl std::future::Future<Output = Result<(), Error>> + Send + use<'w, 'a, S>
+    where
+        S: Engine,
+    {
+        async move {
+            let deadline = self.deadline();
+            match call.wait_until_async(deadline).await {
+                true => Ok(()),
+                false => Err(self.in_progress(key)),
+            }
         }
     }
 
     /// As [`Waiting::wait_for_holder`], without blocking a thread.
     #[cfg(feature = "tokio")]
-    pub(crate) async fn wait_for_holder_async(
-        &mut self,
-        key: &[u8],
+    pub(crate) fn wait_for_holder_async<'w>(
+        &'w mut self,
+        key: &'w [u8],
         claim: ClaimToken,
-    ) -> Result<(), Error>
+    ) -> impl std::future::Future<Output = Result<(), Error>> + Send + use<'w, 'a, S>
     where
         S: Engine,
     {
-        let left = self.left(key)?;
-        self.state
-            .engine
-            .wait_for_holder_async(key, claim, left)
-            .await;
-        Ok(())
+        async move {
+            let left = self.left(key)?;
+            self.state
+                .engine
+                .wait_for_holder_async(key, claim, left)
+                .await;
+            Ok(())
+        }
     }
 
     /// What is left of the budget; `InProgress` once it is spent.

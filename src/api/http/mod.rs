@@ -1,0 +1,614 @@
+//! An `Idempotency-Key` layer for tower HTTP services (feature `http`): the semantics of
+//! draft-ietf-httpapi-idempotency-key-header-07 and of Stripe's API, on any engine.
+//!
+//! Invariants:
+//! - a request of a configured method (POST and PATCH by default) runs the handler at most
+//!   once per recorded response for its (tenant, key): concurrent duplicates get 409 (or wait,
+//!   if configured), retries get the stored response, marked `Idempotent-Replayed: true`;
+//! - a request reusing a key with a different request (method, path, query, body and the
+//!   configured headers) gets 422; a missing or malformed key gets 400; none of the layer's
+//!   own answers is stored or claims a key;
+//! - every response of a handler that ran is stored — 5xx included, as Stripe does — except
+//!   429, 503 and responses marked `Cache-Control: no-store`, which release the key so the next
+//!   request runs the handler again;
+//! - bodies are buffered up to their limits only: a request over its limit gets 413 without
+//!   running the handler; a response over its limit streams to the first caller unbuffered,
+//!   and the record keeps its status and headers with a note that the body was too large:
+//!   its replays get a 500 problem saying so (the handler is not run again);
+//! - the handler runs in a task of its own: a client that disconnects does not cancel it,
+//!   and its response is recorded for the retry.
+
+mod key;
+mod problem;
+mod response;
+
+use bytes::Bytes;
+use http::{header, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use parking_lot::Mutex;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use crate::api::store::Store;
+use crate::engine::sled::SledEngine;
+use crate::engine::Engine;
+use crate::error::{Error, ExecuteError};
+use crate::format::fingerprint::Fingerprint;
+use problem::problem;
+use response::{boxed, collect_limited, full, Collected, StoredResponse};
+
+mod body;
+
+pub use body::IdempotentBody;
+
+/// A boxed error, as tower services use.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Who answers a request for a key whose first request is still running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Conflict {
+    /// 409 Conflict at once, with `Retry-After` (seconds, rounded up).
+    Reject {
+        /// What `Retry-After` says.
+        retry_after: Duration,
+    },
+    /// Wait up to this long for the first request to finish and replay its response; 409
+    /// after that.
+    Wait(Duration),
+}
+
+/// The tenant of a request, from its head (an account id from a verified token, say).
+pub type TenantOf = Arc<dyn Fn(&http::request::Parts) -> Option<String> + Send + Sync>;
+
+#[derive(Clone)]
+struct Settings {
+    methods: Vec<Method>,
+    require_key: bool,
+    tenant: Option<TenantOf>,
+    fingerprint_headers: Vec<HeaderName>,
+    replay_headers: Vec<HeaderName>,
+    max_request_bytes: usize,
+    max_response_bytes: usize,
+    conflict: Conflict,
+    ttl: Option<Duration>,
+}
+
+/// A tower [`Layer`](tower_layer::Layer) that makes a service idempotent by the
+/// `Idempotency-Key` request header, recording responses in a [`Store`].
+///
+/// | request | answer |
+/// |---|---|
+/// | configured method (POST, PATCH), no key | 400 problem (`require_key`, the default) |
+/// | malformed key, or more than one | 400 problem |
+/// | body over `max_request_bytes` | 413 problem; the handler does not run |
+/// | new key | the handler runs (in its own task); its response is stored and returned |
+/// | key of a finished request, same request | the stored response, `Idempotent-Replayed: true` |
+/// | key of a finished request, different request | 422 problem |
+/// | key of a request still running | 409 problem with `Retry-After` (or, with [`Conflict::Wait`], the replay once it finishes) |
+/// | handler answered 429, 503 or `Cache-Control: no-store` | returned, not stored; the key is released |
+/// | response body over `max_response_bytes` | streamed to the first caller; replays get a 500 problem |
+/// | the store failed | 503 problem (`Retry-After: 1`) |
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let dir = tempfile::tempdir()?;
+/// use idemstore::http::IdempotencyLayer;
+/// use std::sync::Arc;
+/// let store = Arc::new(idemstore::Store::open(dir.path().join("db"))?);
+/// let layer = IdempotencyLayer::new(store)
+///     .tenant(|head| {
+///         head.headers.get("x-account").and_then(|v| v.to_str().ok()).map(String::from)
+///     });
+/// // axum: Router::new().route("/orders", post(create_order)).layer(layer)
+/// # let _ = layer; Ok(()) }
+/// ```
+#[allow(private_bounds)]
+pub struct IdempotencyLayer<S: Engine = SledEngine> {
+    store: Arc<Store<S>>,
+    settings: Settings,
+}
+
+#[allow(private_bounds)]
+impl<S: Engine> Clone for IdempotencyLayer<S> {
+    fn clone(&self) -> Self {
+        Self {
+            store: Arc::clone(&self.store),
+            settings: self.settings.clone(),
+        }
+    }
+}
+
+#[allow(private_bounds)]
+impl<S: Engine> std::fmt::Debug for IdempotencyLayer<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdempotencyLayer")
+            .field("methods", &self.settings.methods)
+            .field("conflict", &self.settings.conflict)
+            .finish_non_exhaustive()
+    }
+}
+
+#[allow(private_bounds)]
+impl<S: Engine> IdempotencyLayer<S> {
+    /// A layer recording responses in `store`, with the defaults: POST and PATCH need a key;
+    /// the fingerprint covers method, path, query and body; `Content-Type`, `Location`,
+    /// `ETag`, `Last-Modified`, `Content-Language` and `Cache-Control` are replayed; bodies up
+    /// to 1 MiB; a running duplicate gets 409 with `Retry-After: 1`; records live the store's
+    /// default TTL.
+    pub fn new(store: Arc<Store<S>>) -> Self {
+        Self {
+            store,
+            settings: Settings {
+                methods: vec![Method::POST, Method::PATCH],
+                require_key: true,
+                tenant: None,
+                fingerprint_headers: Vec::new(),
+                replay_headers: [
+                    header::CONTENT_TYPE,
+                    header::LOCATION,
+                    header::ETAG,
+                    header::LAST_MODIFIED,
+                    header::CONTENT_LANGUAGE,
+                    header::CACHE_CONTROL,
+                ]
+                .to_vec(),
+                max_request_bytes: 1 << 20,
+                max_response_bytes: 1 << 20,
+                conflict: Conflict::Reject {
+                    retry_after: Duration::from_secs(1),
+                },
+                ttl: None,
+            },
+        }
+    }
+
+    /// The methods the layer applies to (others pass through untouched).
+    pub fn methods(mut self, methods: impl IntoIterator<Item = Method>) -> Self {
+        self.settings.methods = methods.into_iter().collect();
+        self
+    }
+
+    /// Whether a request of a configured method without a key is refused (400, the default)
+    /// or passed through without idempotency.
+    pub fn require_key(mut self, require: bool) -> Self {
+        self.settings.require_key = require;
+        self
+    }
+
+    /// Scopes keys by tenant: two tenants' requests with the same key never meet. Without it
+    /// keys are global, and the draft's warning applies: a low-entropy key could leak one
+    /// client's response to another.
+    pub fn tenant(
+        mut self,
+        tenant: impl Fn(&http::request::Parts) -> Option<String> + Send + Sync + 'static,
+    ) -> Self {
+        self.settings.tenant = Some(Arc::new(tenant));
+        self
+    }
+
+    /// Request headers that count in the fingerprint, beside method, path, query and body.
+    pub fn fingerprint_headers(mut self, names: impl IntoIterator<Item = HeaderName>) -> Self {
+        self.settings.fingerprint_headers = names.into_iter().collect();
+        self
+    }
+
+    /// Response headers stored and replayed (others reach the first caller only).
+    pub fn replay_headers(mut self, names: impl IntoIterator<Item = HeaderName>) -> Self {
+        self.settings.replay_headers = names.into_iter().collect();
+        self
+    }
+
+    /// The largest request body buffered (for the fingerprint); larger ones get 413.
+    pub fn max_request_bytes(mut self, limit: usize) -> Self {
+        self.settings.max_request_bytes = limit;
+        self
+    }
+
+    /// The largest response body stored (keep it within the store's `max_result_bytes`).
+    pub fn max_response_bytes(mut self, limit: usize) -> Self {
+        self.settings.max_response_bytes = limit;
+        self
+    }
+
+    /// What a duplicate of a running request gets; see [`Conflict`].
+    pub fn on_conflict(mut self, conflict: Conflict) -> Self {
+        self.settings.conflict = conflict;
+        self
+    }
+
+    /// How long records live (default: the store's TTL; Stripe keeps keys 24 hours).
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.settings.ttl = Some(ttl);
+        self
+    }
+}
+
+#[allow(private_bounds)]
+impl<Svc, S: Engine> tower_layer::Layer<Svc> for IdempotencyLayer<S> {
+    type Service = IdempotencyService<Svc, S>;
+
+    fn layer(&self, inner: Svc) -> Self::Service {
+        IdempotencyService {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// The service [`IdempotencyLayer`] wraps around another; see there.
+#[allow(private_bounds)]
+pub struct IdempotencyService<Svc, S: Engine = SledEngine> {
+    inner: Svc,
+    layer: IdempotencyLayer<S>,
+}
+
+#[allow(private_bounds)]
+impl<Svc: Clone, S: Engine> Clone for IdempotencyService<Svc, S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            layer: self.layer.clone(),
+        }
+    }
+}
+
+#[allow(private_bounds)]
+impl<Svc, S: Engine> std::fmt::Debug for IdempotencyService<Svc, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdempotencyService")
+            .field("layer", &self.layer)
+            .finish_non_exhaustive()
+    }
+}
+
+#[allow(private_bounds)]
+impl<Svc, S, ReqBody, ResBody> tower_service::Service<Request<ReqBody>>
+    for IdempotencyService<Svc, S>
+where
+    Svc: tower_service::Service<Request<IdempotentBody>, Response = Response<ResBody>>
+        + Clone
+        + Send
+        + 'static,
+    Svc::Future: Send + 'static,
+    Svc::Error: Send + 'static,
+    S: Engine,
+    ReqBody: http_body::Body<Data = Bytes> + Send + 'static,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: http_body::Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    type Response = Response<IdempotentBody>;
+    type Error = Svc::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        // The clone that was polled ready goes with this request (tower's usual swap).
+        let fresh = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, fresh);
+        Box::pin(handle(inner, self.layer.clone(), request))
+    }
+}
+
+/// Why a handler's response is not a recorded outcome.
+enum NotStored<E> {
+    /// 429, 503, `no-store`, or a body that failed to read: returned, the key released.
+    Released(Response<IdempotentBody>),
+    /// The inner service failed: its error goes to the caller, the key is released.
+    Service(E),
+}
+
+async fn handle<Svc, S, ReqBody, ResBody>(
+    mut inner: Svc,
+    layer: IdempotencyLayer<S>,
+    request: Request<ReqBody>,
+) -> Result<Response<IdempotentBody>, Svc::Error>
+where
+    Svc: tower_service::Service<Request<IdempotentBody>, Response = Response<ResBody>>
+        + Send
+        + 'static,
+    Svc::Future: Send + 'static,
+    Svc::Error: Send + 'static,
+    S: Engine,
+    ReqBody: http_body::Body<Data = Bytes> + Send + 'static,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: http_body::Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    let settings = &layer.settings;
+    let pass = |request: Request<ReqBody>| request.map(boxed);
+    if !settings.methods.contains(request.method()) {
+        return Ok(inner.call(pass(request)).await?.map(boxed));
+    }
+    let key = match key::idempotency_key(request.headers()) {
+        Ok(Some(key)) => key,
+        Ok(None) if !settings.require_key => {
+            return Ok(inner.call(pass(request)).await?.map(boxed))
+        }
+        Ok(None) => {
+            return Ok(problem(
+                StatusCode::BAD_REQUEST,
+                "missing-idempotency-key",
+                "Idempotency-Key required",
+                "this request must carry an Idempotency-Key header",
+            ))
+        }
+        Err(bad) => {
+            return Ok(problem(
+                StatusCode::BAD_REQUEST,
+                "invalid-idempotency-key",
+                "Invalid Idempotency-Key",
+                bad.detail(),
+            ))
+        }
+    };
+    let (head, body) = request.into_parts();
+    let body = match collect_limited(body, settings.max_request_bytes).await {
+        Collected::Whole(bytes) => bytes,
+        Collected::TooLarge { .. } => {
+            return Ok(problem(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request-too-large",
+                "Request body too large",
+                "the request body is over the limit this endpoint buffers",
+            ))
+        }
+        Collected::Failed(e) => {
+            tracing::debug!(error = %e, "idempotent request body unreadable");
+            return Ok(problem(
+                StatusCode::BAD_REQUEST,
+                "unreadable-request",
+                "Request body unreadable",
+                "the request body could not be read",
+            ));
+        }
+    };
+    let tenant = settings.tenant.as_ref().and_then(|tenant| tenant(&head));
+    let store_key = scoped_key(tenant.as_deref(), &key);
+    let fingerprint = request_fingerprint(&head, &body, &settings.fingerprint_headers);
+    let request = Request::from_parts(head, full(body));
+
+    // The first run's own response (with every header, or a body too large to store) goes
+    // to its caller from here; replays are rebuilt from the record.
+    let live: Arc<Mutex<Option<Response<IdempotentBody>>>> = Arc::new(Mutex::new(None));
+    let run = {
+        let (store, settings, live) = (
+            Arc::clone(&layer.store),
+            settings.clone(),
+            Arc::clone(&live),
+        );
+        async move {
+            let wait = match settings.conflict {
+                Conflict::Reject { .. } => Duration::ZERO,
+                Conflict::Wait(wait) => wait,
+            };
+            let mut call = store
+                .call(&store_key)
+                .fingerprint(fingerprint)
+                .wait_timeout(wait);
+            if let Some(ttl) = settings.ttl {
+                call = call.ttl(ttl);
+            }
+            // Boxed as `Send` here, where every lifetime is concrete (the compiler cannot
+            // prove it for the spawned future otherwise).
+            let running: Pin<Box<dyn Future<Output = _> + Send + '_>> =
+                Box::pin(call.run_async(|| run_handler(inner, request, &settings, &live)));
+            running.await
+        }
+    };
+    // The handler runs to completion even if this request's client goes away.
+    let outcome = match tokio::spawn(run).await {
+        Ok(outcome) => outcome,
+        Err(_) => {
+            return Ok(problem(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "handler-panicked",
+                "Handler failed",
+                "the handler panicked; the request may be retried with the same key",
+            ))
+        }
+    };
+    let live = live.lock().take();
+    match outcome {
+        Ok(stored) => Ok(match live {
+            Some(response) => response,
+            None => replay(&stored),
+        }),
+        Err(ExecuteError::Operation {
+            error: NotStored::Released(response),
+            ..
+        }) => Ok(response),
+        Err(ExecuteError::Operation {
+            error: NotStored::Service(e),
+            ..
+        }) => Err(e),
+        Err(ExecuteError::Store(e)) => Ok(store_problem(&e, settings)),
+    }
+}
+
+/// Runs the handler and settles its response: stored, or released.
+fn run_handler<'a, Svc, ResBody>(
+    mut inner: Svc,
+    request: Request<IdempotentBody>,
+    settings: &'a Settings,
+    live: &'a Mutex<Option<Response<IdempotentBody>>>,
+) -> impl Future<Output = Result<StoredResponse, NotStored<Svc::Error>>> + Send + 'a
+where
+    Svc: tower_service::Service<Request<IdempotentBody>, Response = Response<ResBody>>
+        + Send
+        + 'static,
+    Svc::Future: Send + 'static,
+    Svc::Error: Send + 'static,
+    ResBody: http_body::Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    let called = inner.call(request);
+    async move {
+        let response = called.await.map_err(NotStored::Service)?;
+        let (head, body) = response.into_parts();
+        let no_store = head
+            .headers
+            .get_all(header::CACHE_CONTROL)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|d| d.trim().eq_ignore_ascii_case("no-store"));
+        if head.status == StatusCode::TOO_MANY_REQUESTS
+            || head.status == StatusCode::SERVICE_UNAVAILABLE
+            || no_store
+        {
+            return Err(NotStored::Released(Response::from_parts(head, boxed(body))));
+        }
+        match collect_limited(body, settings.max_response_bytes).await {
+            Collected::Whole(bytes) => {
+                let stored = StoredResponse::new(
+                    head.status,
+                    &head.headers,
+                    &settings.replay_headers,
+                    bytes.to_vec(),
+                    None,
+                );
+                *live.lock() = Some(Response::from_parts(head, full(bytes)));
+                Ok(stored)
+            }
+            Collected::TooLarge { read, body } => {
+                let stored = StoredResponse::new(
+                    head.status,
+                    &head.headers,
+                    &settings.replay_headers,
+                    Vec::new(),
+                    Some(read),
+                );
+                *live.lock() = Some(Response::from_parts(head, body));
+                Ok(stored)
+            }
+            Collected::Failed(e) => Err(NotStored::Released({
+                tracing::warn!(error = %e, "handler's response body failed; the key is released");
+                problem(
+                    StatusCode::BAD_GATEWAY,
+                    "response-unreadable",
+                    "Response body failed",
+                    "the handler's response body failed while it was read; the key is released",
+                )
+            })),
+        }
+    }
+}
+
+/// The replay of a stored response.
+fn replay(stored: &StoredResponse) -> Response<IdempotentBody> {
+    if let Some(read) = stored.omitted_after {
+        return problem(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "response-not-stored",
+            "Original response too large to replay",
+            &format!(
+                "the request ran once and answered {}, with a body over the {read}-byte \
+                 limit this endpoint stores; it is not run again",
+                stored.status
+            ),
+        );
+    }
+    stored.replay().unwrap_or_else(|| {
+        problem(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "response-not-stored",
+            "Stored response unreadable",
+            "the stored response for this key no longer makes a response",
+        )
+    })
+}
+
+/// The answer for a store error.
+fn store_problem(e: &Error, settings: &Settings) -> Response<IdempotentBody> {
+    let (status, cause, title, detail) = match e {
+        Error::FingerprintMismatch { .. } => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "idempotency-key-reused",
+            "Idempotency-Key reused",
+            "this Idempotency-Key was used for a different request",
+        ),
+        Error::InProgress { .. } => {
+            let retry_after = match settings.conflict {
+                Conflict::Reject { retry_after } => retry_after,
+                Conflict::Wait(_) => Duration::from_secs(1),
+            };
+            let mut response = problem(
+                StatusCode::CONFLICT,
+                "request-in-progress",
+                "A request with this Idempotency-Key is in progress",
+                "retry after the first request finishes",
+            );
+            let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+            return response;
+        }
+        Error::Interrupted { .. } => (
+            StatusCode::CONFLICT,
+            "request-interrupted",
+            "An earlier request with this Idempotency-Key was interrupted",
+            "its outcome is unknown; it must be reconciled before it runs again",
+        ),
+        Error::Storage(_) | Error::LeaseLost { .. } | Error::OutcomeNotRecorded { .. } => {
+            let mut response = problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store-unavailable",
+                "Idempotency store unavailable",
+                "the request's outcome could not be read or recorded; retry with the same key",
+            );
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(1u64));
+            return response;
+        }
+        _ => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "idempotency-error",
+            "Idempotency record unusable",
+            "the record for this Idempotency-Key cannot be used",
+        ),
+    };
+    problem(status, cause, title, detail)
+}
+
+/// The store key of `key` for `tenant`: no two (tenant, key) pairs share one.
+fn scoped_key(tenant: Option<&str>, key: &str) -> Vec<u8> {
+    let tenant = tenant.unwrap_or_default();
+    let mut scoped = Vec::with_capacity(4 + tenant.len() + key.len());
+    scoped.extend_from_slice(b"http");
+    scoped.extend_from_slice(&(tenant.len() as u32).to_le_bytes());
+    scoped.extend_from_slice(tenant.as_bytes());
+    scoped.extend_from_slice(key.as_bytes());
+    scoped
+}
+
+/// What makes two requests the same: method, path, query, the chosen headers, the body.
+fn request_fingerprint(
+    head: &http::request::Parts,
+    body: &[u8],
+    headers: &[HeaderName],
+) -> Fingerprint {
+    let mut h = blake3::Hasher::new_derive_key("idemstore 2026-11 http request fingerprint v1");
+    let mut field = |bytes: &[u8]| {
+        h.update(&(bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    };
+    field(head.method.as_str().as_bytes());
+    field(head.uri.path().as_bytes());
+    field(head.uri.query().unwrap_or_default().as_bytes());
+    for name in headers {
+        field(name.as_str().as_bytes());
+        for value in head.headers.get_all(name) {
+            field(value.as_bytes());
+        }
+    }
+    field(body);
+    Fingerprint::of_bytes(h.finalize().as_bytes())
+}

@@ -287,8 +287,12 @@ pub enum StorageKind {
     /// terminated backend, a network failure). Whether a write sent before the break took
     /// effect is unknown; the store never assumes it did not.
     Connection,
-    /// A wait for the database ran out: a statement timeout, or no pooled connection in time.
+    /// A wait for the database ran out: a statement timeout, no answer within the I/O
+    /// timeout, or no pooled connection in time.
     Timeout,
+    /// A row the call needed stayed locked by another transaction (a transactional call of
+    /// another replica, say) longer than the store waits for a lock.
+    Busy,
     /// The database refused a statement (a permission, a constraint, a full disk on the server).
     Database,
 }
@@ -343,6 +347,11 @@ impl std::error::Error for StorageError {
 }
 
 impl Error {
+    /// Whether the storage failed because a row stayed locked by another transaction.
+    pub(crate) fn is_busy(&self) -> bool {
+        matches!(self, Error::Storage(e) if e.kind() == StorageKind::Busy)
+    }
+
     /// The key this error concerns, if it concerns one.
     pub fn key(&self) -> Option<&KeyName> {
         match self {

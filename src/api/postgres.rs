@@ -20,6 +20,10 @@ use crate::engine::postgres::{self as pg, valid_schema_name, PgEngine, PgSetting
 use crate::error::{Error, ExecuteError};
 use crate::stats::Counters;
 
+/// The longest key the PostgreSQL engine accepts: with the tenant, an index entry must stay
+/// under PostgreSQL's limit of about 2700 bytes.
+const MAX_PG_KEY_BYTES: usize = 2048;
+
 /// A store on PostgreSQL, shared by every replica of a service.
 pub type PgStore = Store<PgEngine>;
 
@@ -33,6 +37,7 @@ pub type PgStore = Store<PgEngine>;
 /// | [`lease`](Self::lease) | 10 seconds |
 /// | [`connect_timeout`](Self::connect_timeout) | 10 seconds |
 /// | [`statement_timeout`](Self::statement_timeout) | none (the server's) |
+/// | [`io_timeout`](Self::io_timeout) | 30 seconds |
 ///
 /// ```no_run
 /// # fn main() -> Result<(), idemstore::Error> {
@@ -52,6 +57,7 @@ pub struct PgOptions {
     lease: Duration,
     connect_timeout: Duration,
     statement_timeout: Option<Duration>,
+    io_timeout: Duration,
 }
 
 impl PgOptions {
@@ -66,6 +72,7 @@ impl PgOptions {
             lease: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             statement_timeout: None,
+            io_timeout: Duration::from_secs(30),
         }
     }
 
@@ -111,6 +118,15 @@ impl PgOptions {
         self
     }
 
+    /// The longest one statement of the store may take by the client's clock (a connection
+    /// the server no longer answers on, a lock held by another session): after it the call
+    /// gets a [`StorageKind::Timeout`](crate::StorageKind::Timeout) error. This bounds the
+    /// statements an operation runs through [`PgTx`](crate::PgTx) too.
+    pub fn io_timeout(mut self, timeout: Duration) -> Self {
+        self.io_timeout = timeout;
+        self
+    }
+
     fn settings(&self, synchronous_commit: bool) -> Result<PgSettings, Error> {
         let config = tokio_postgres::Config::from_str(&self.url)
             .map_err(|_| Error::InvalidConfig("the PostgreSQL connection string does not parse"))?;
@@ -119,8 +135,10 @@ impl PgOptions {
                 "the schema must match [a-z_][a-z0-9_]* and be at most 48 bytes",
             ));
         }
-        if self.tenant.len() > 255 {
-            return Err(Error::InvalidConfig("the tenant must be at most 255 bytes"));
+        if self.tenant.len() > 255 || self.tenant.contains('\0') {
+            return Err(Error::InvalidConfig(
+                "the tenant must be at most 255 bytes, with no NUL character",
+            ));
         }
         if !(1..=1024).contains(&self.pool_size) {
             return Err(Error::InvalidConfig("pool_size must be between 1 and 1024"));
@@ -128,7 +146,10 @@ impl PgOptions {
         if self.lease < Duration::from_millis(300) {
             return Err(Error::InvalidConfig("the lease must be at least 300 ms"));
         }
-        if self.connect_timeout.is_zero() || self.statement_timeout.is_some_and(|t| t.is_zero()) {
+        if self.connect_timeout.is_zero()
+            || self.io_timeout.is_zero()
+            || self.statement_timeout.is_some_and(|t| t.is_zero())
+        {
             return Err(Error::InvalidConfig("timeouts must be non-zero"));
         }
         Ok(PgSettings {
@@ -139,6 +160,11 @@ impl PgOptions {
             lease: self.lease,
             connect_timeout: self.connect_timeout,
             statement_timeout: self.statement_timeout,
+            // A server-side statement timeout answers first; the client's waits a little longer.
+            io_timeout: match self.statement_timeout {
+                Some(t) => self.io_timeout.min(t + Duration::from_secs(1)),
+                None => self.io_timeout,
+            },
             synchronous_commit,
         })
     }
@@ -170,6 +196,11 @@ impl StoreBuilder {
     /// creation.
     pub fn open_postgres(self, options: PgOptions) -> Result<PgStore, Error> {
         self.validate_settings()?;
+        if self.max_key_bytes > MAX_PG_KEY_BYTES {
+            return Err(Error::InvalidConfig(
+                "max_key_bytes must be at most 2048 on PostgreSQL (keys are indexed)",
+            ));
+        }
         let settings = options.settings(self.durability == Durability::Immediate)?;
         let opened = pg::open(settings)?;
         Store::start(

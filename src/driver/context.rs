@@ -108,9 +108,10 @@ impl<'a> Context<'a> {
         self.run.attempt
     }
 
-    /// This run's claim token: it grows with every claim of any key, across restarts, so a
-    /// downstream service that remembers the highest token it saw can reject a stale attempt
-    /// (fencing).
+    /// This run's claim token: larger than the token of every earlier claim of this key's
+    /// life (and, on the embedded engine, of any key, across restarts), so a downstream
+    /// service that remembers the highest token it saw for the key can reject a stale attempt
+    /// (fencing); see [`ClaimToken`].
     pub fn claim_token(&self) -> ClaimToken {
         self.held.token
     }

@@ -35,7 +35,7 @@ use crate::driver::waiting::Waiting;
 use crate::engine::{Engine, Held};
 use crate::error::{Error, ExecuteError};
 use crate::format::codec::Codec;
-use crate::format::record::{self, Header, OutcomeKind, RecordState};
+use crate::format::record::{self, Header, OutcomeKind, RecordState, LEGACY_LIFE};
 use crate::key::{KeyHash, KeyName};
 use crate::stats::Counters;
 
@@ -130,10 +130,21 @@ where
         let pending = record::encode(&pending_header, &[]);
         // The index entry goes first, so a durable record always has one.
         state.engine.index_expiry(pending_header.expires_ms, key)?;
-        if !state.engine.claim(key, stored, pending.clone())? {
+        match state.engine.claim(key, stored, pending.clone()) {
+            Ok(true) => {}
             // Changed between our read and the claim (removed, or swept): look again.
-            drop(leader);
-            continue;
+            Ok(false) => {
+                drop(leader);
+                continue;
+            }
+            // A transaction elsewhere holds the record (a shared engine's transactional call):
+            // the key is busy, as with a live holder.
+            Err(e) if e.is_busy() => {
+                drop(leader);
+                waiting.wait_for_holder(key, header.map_or(LEGACY_LIFE, |h| h.claim))?;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
         }
         let held = Held {
             key,

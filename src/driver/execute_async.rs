@@ -41,7 +41,7 @@ use crate::driver::waiting::Waiting;
 use crate::engine::{Engine, Held};
 use crate::error::{Error, ExecuteError};
 use crate::format::codec::Codec;
-use crate::format::record::{self, Header, OutcomeKind, RecordState};
+use crate::format::record::{self, Header, OutcomeKind, RecordState, LEGACY_LIFE};
 use crate::key::{KeyHash, KeyName};
 use crate::stats::Counters;
 
@@ -153,13 +153,20 @@ where
         let pending = record::encode(&pending_header, &[]);
         // The index entry goes first, so a durable record always has one.
         state.engine.index_expiry(pending_header.expires_ms, key)?;
-        if !state
-            .engine
-            .claim_async(key, stored, pending.clone())
-            .await?
-        {
-            drop(leader);
-            continue;
+        match state.engine.claim_async(key, stored, pending.clone()).await {
+            Ok(true) => {}
+            Ok(false) => {
+                drop(leader);
+                continue;
+            }
+            // As in the plain driver: a transaction elsewhere holds the record.
+            Err(e) if e.is_busy() => {
+                drop(leader);
+                let claim = header.map_or(LEGACY_LIFE, |h| h.claim);
+                waiting.wait_for_holder_async(key, claim).await?;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
         }
         let held = Held {
             key,

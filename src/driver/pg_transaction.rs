@@ -30,11 +30,14 @@ use crate::driver::execute::{lead, refused, replayed, Lead};
 use crate::driver::state::StoreState;
 use crate::driver::waiting::Waiting;
 use crate::engine::postgres::{PgEngine, PgTx};
-use crate::error::ExecuteError;
-use crate::format::record::{self, Header, RecordState};
+use crate::error::{Error, ExecuteError};
+use crate::format::record::{self, Header, RecordState, LEGACY_LIFE};
+use crate::key::KeyHash;
 use crate::stats::Counters;
 
-const SAVEPOINT: &str = "SAVEPOINT idemstore_operation";
+/// The operation's statements wait for locks as long as the I/O timeout allows, not the
+/// store's short lock wait.
+const SAVEPOINT: &str = "SET LOCAL lock_timeout = 0; SAVEPOINT idemstore_operation";
 const ROLLBACK_TO_SAVEPOINT: &str = "ROLLBACK TO SAVEPOINT idemstore_operation";
 
 /// Runs `f` in one transaction with `key`'s record, or replays its outcome.
@@ -65,9 +68,16 @@ where
         let tx = state.engine.begin()?;
         // Everything until the commit goes through the transaction's connection: with a small
         // pool, asking for another one could wait on this very call.
-        let (current, lease_runs) = match tx.lock_record(key)? {
-            Some((bytes, lease_runs)) => (Some(bytes), lease_runs),
-            None => (None, false),
+        let (current, lease_runs) = match tx.lock_record(key) {
+            Ok(Some((bytes, lease_runs))) => (Some(bytes), lease_runs),
+            Ok(None) => (None, false),
+            // Another transaction holds the record: the key is busy.
+            Err(e) if e.is_busy() => {
+                drop((tx, leader));
+                waiting.wait_for_holder(key, LEGACY_LIFE)?;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
         };
         let seen = match current.as_deref() {
             Some(bytes) => Some(record::decode(bytes).map_err(|e| decode_error(key, e))?),
@@ -105,9 +115,26 @@ where
             Counters::bump(&state.counters.orphans_recovered);
         }
         let ran = panic::catch_unwind(AssertUnwindSafe(|| f(&mut tx.user())));
-        if !matches!(ran, Ok(Ok(_))) {
-            // An error or a panic: none of the operation's writes apply.
-            tx.batch(ROLLBACK_TO_SAVEPOINT)?;
+        // A store failure from here on ends the call; after a panic, the panic goes on (the
+        // transaction rolls back as `tx` drops) and the failure is only logged.
+        let fail = |e: Error| -> ExecuteError<E> {
+            tracing::error!(key = %KeyHash(key), error = %e, "transactional call failed");
+            e.into()
+        };
+        let outcome = (|| {
+            if !matches!(ran, Ok(Ok(_))) {
+                // An error or a panic: none of the operation's writes apply.
+                tx.batch(ROLLBACK_TO_SAVEPOINT)?;
+            }
+            Ok::<_, Error>(())
+        })();
+        if let Err(e) = outcome {
+            if let Err(panic) = ran {
+                drop((tx, leader));
+                tracing::error!(key = %KeyHash(key), error = %e, "a panicked transactional run could not be rolled back to its savepoint");
+                panic::resume_unwind(panic);
+            }
+            return Err(fail(e));
         }
         // The policy's predicate and the value's Serialize are user code: a panic there
         // rolls the whole transaction back (dropping `tx`) and unwinds.
@@ -120,24 +147,44 @@ where
                 .header(settled.state, settled.outcome, now, ttl_ms, claim)
         };
         let bytes = record::encode(&header, &settled.payload);
-        if !tx.put(key, current.as_deref(), &bytes)? {
-            // Another replica inserted the key first: roll back and look again.
-            drop((tx, leader));
-            if let Reply::Panic(panic) = settled.reply {
+        let written = tx
+            .put(key, current.as_deref(), &bytes)
+            .and_then(|put| match put {
+                true => tx.commit().map(|()| true),
+                false => Ok(false),
+            });
+        match (written, settled.reply) {
+            (written, Reply::Panic(panic)) => {
+                if let Err(e) = written {
+                    tracing::error!(key = %KeyHash(key), error = %e, "could not record a panicked transactional run");
+                }
+                drop(leader);
                 panic::resume_unwind(panic);
             }
-            continue;
+            (Ok(true), reply) => {
+                drop(leader);
+                return match reply {
+                    Reply::Value(value) => Ok(Outcome::new(
+                        value,
+                        false,
+                        RecordInfo::new(&header, settled.payload.len()),
+                    )),
+                    Reply::Error(e) => Err(e),
+                    // Invariant: matched above.
+                    Reply::Panic(panic) => panic::resume_unwind(panic),
+                };
+            }
+            // Another replica inserted the key first (or holds it): roll back and look again,
+            // within the call's wait budget.
+            (Ok(false), _) => {
+                drop(leader);
+                waiting.wait_for_holder(key, LEGACY_LIFE)?;
+            }
+            (Err(e), _) if e.is_busy() => {
+                drop(leader);
+                waiting.wait_for_holder(key, LEGACY_LIFE)?;
+            }
+            (Err(e), _) => return Err(fail(e)),
         }
-        tx.commit()?;
-        drop(leader);
-        return match settled.reply {
-            Reply::Value(value) => Ok(Outcome::new(
-                value,
-                false,
-                RecordInfo::new(&header, settled.payload.len()),
-            )),
-            Reply::Error(e) => Err(e),
-            Reply::Panic(panic) => panic::resume_unwind(panic),
-        };
     }
 }

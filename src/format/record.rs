@@ -111,8 +111,11 @@ impl OutcomeKind {
 }
 
 /// The identity of one claim of a key: the store's open epoch and a sequence number within it.
-/// Tokens only grow: across claims, across keys, and across restarts of the store, so a
-/// downstream service can reject work from a stale claim (fencing).
+/// Tokens are unique. A claim that replaces a record of its key (a retry, a takeover) always
+/// gets a larger token than that record's, whichever process makes it, so a downstream service
+/// can reject work from a stale claim of the key (fencing). On the embedded engine (one
+/// process) tokens also grow across keys, lives and restarts; on a shared engine a new life
+/// (after a removal or an expiry) starts from its store's own epoch, which may be lower.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ClaimToken {
     /// The store's open count when the claim was made (persisted, grows on every open).

@@ -4,14 +4,14 @@
 //! Invariants: a claim is in [`Leases`] from its successful claim statement until its holder
 //! writes an outcome, releases it, or abandons it; the heartbeat renews exactly those whose
 //! record is still the holder's exact Pending record (same digest), using the database's
-//! clock, every third of the lease, so a live holder's lease never runs out unless the
-//! process stops (killed, paused, cut off from the database) for longer than about two
-//! thirds of it. A claim whose record changed (taken over, removed) is dropped from the set at
+//! clock, every third of the lease, on a connection of its own (a busy pool never delays
+//! it), so a live holder's lease never runs out unless the process stops (killed, paused, cut
+//! off from the database) for longer than about two thirds of it. A claim whose record changed (taken over, removed) is dropped from the set at
 //! the next beat. The heartbeat never writes anything else.
 
 use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::{Arc, Weak};
+use std::sync::Weak;
 use std::time::Duration;
 
 use super::Shared;
@@ -49,27 +49,63 @@ impl Leases {
     }
 }
 
-/// Renews the leases of `shared`'s held claims until the engine is gone.
-pub(crate) async fn heartbeat(shared: Weak<Shared>, every: Duration) {
+/// Renews the leases of `shared`'s held claims until the engine is gone, on a connection of
+/// its own (never waiting for the pool, which the calls may have exhausted). A beat that the
+/// database does not answer within `every` is abandoned with its connection; the next beat
+/// reconnects.
+pub(crate) async fn heartbeat(
+    shared: Weak<Shared>,
+    config: tokio_postgres::Config,
+    every: Duration,
+) {
+    let mut connection: Option<tokio_postgres::Client> = None;
     loop {
         tokio::time::sleep(every).await;
         let Some(shared) = shared.upgrade() else {
             return;
         };
-        if let Err(e) = beat(&shared).await {
-            tracing::warn!(error = %e, "could not renew idemstore leases; will retry");
+        let beat = async {
+            let client = match connection.take() {
+                Some(client) if !client.is_closed() => client,
+                _ => connect(&config).await?,
+            };
+            beat(&shared, &client).await?;
+            Ok::<_, crate::error::Error>(client)
+        };
+        match tokio::time::timeout(every, beat).await {
+            Ok(Ok(client)) => connection = Some(client),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not renew idemstore leases; will retry")
+            }
+            Err(_) => {
+                tracing::warn!("renewing idemstore leases took longer than a beat; reconnecting")
+            }
         }
     }
 }
 
-async fn beat(shared: &Arc<Shared>) -> Result<(), crate::error::Error> {
+async fn connect(
+    config: &tokio_postgres::Config,
+) -> Result<tokio_postgres::Client, crate::error::Error> {
+    let (client, connection) = config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map_err(super::pg_error)?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "idemstore heartbeat connection closed");
+        }
+    });
+    Ok(client)
+}
+
+async fn beat(shared: &Shared, client: &tokio_postgres::Client) -> Result<(), crate::error::Error> {
     let (keys, digests) = shared.leases.snapshot();
     if keys.is_empty() {
         return Ok(());
     }
-    let client = shared.client().await?;
     let statement = client
-        .prepare_cached(&shared.sql.renew)
+        .prepare(&shared.sql.renew)
         .await
         .map_err(super::pg_error)?;
     let lease_ms = shared.lease.as_millis() as f64;

@@ -48,8 +48,14 @@ pub(crate) struct PgSettings {
     pub lease: Duration,
     pub connect_timeout: Duration,
     pub statement_timeout: Option<Duration>,
+    pub io_timeout: Duration,
     pub synchronous_commit: bool,
 }
+
+/// How long the store's own statements wait for a row lock another transaction holds
+/// (`lock_timeout`): a claim blocked longer treats the key as busy and waits its turn within
+/// the call's wait budget; a holder's own write tries again.
+pub(crate) const LOCK_WAIT: Duration = Duration::from_millis(250);
 
 /// The engine on PostgreSQL: every replica of a service shares one database (or one schema
 /// in it); opened by [`StoreBuilder::open_postgres`](crate::StoreBuilder::open_postgres).
@@ -66,6 +72,8 @@ pub(crate) struct Shared {
     pub(crate) scope: String,
     pub(crate) schema: String,
     pub(crate) lease: Duration,
+    /// The longest one operation may take, by the client's clock.
+    pub(crate) io_timeout: Duration,
     pub(crate) leases: lease::Leases,
     hub: Arc<listen::Hub>,
     channel: String,
@@ -93,21 +101,30 @@ pub(crate) fn open(settings: PgSettings) -> Result<OpenedPg, Error> {
     if config.get_application_name().is_none() {
         config.application_name("idemstore");
     }
-    let mut options = format!(
-        "-c synchronous_commit={}",
+    // A half-open connection (a network partition) is noticed in seconds, not hours.
+    if config.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
+        config.keepalives_idle(Duration::from_secs(10));
+        config.keepalives_interval(Duration::from_secs(2));
+        config.keepalives_retries(3);
+    }
+    // The user's options first, the store's last (the last setting of a name wins).
+    let mut options = config.get_options().map(str::to_owned).unwrap_or_default();
+    options.push_str(&format!(
+        " -c synchronous_commit={} -c lock_timeout={}",
         if settings.synchronous_commit {
             "on"
         } else {
             "off"
-        }
-    );
+        },
+        LOCK_WAIT.as_millis()
+    ));
     if let Some(timeout) = settings.statement_timeout {
         options.push_str(&format!(
             " -c statement_timeout={}",
             timeout.as_millis().max(1)
         ));
     }
-    config.options(&options);
+    config.options(options.trim_start());
     let manager = Manager::from_config(
         config.clone(),
         tokio_postgres::NoTls,
@@ -129,6 +146,7 @@ pub(crate) fn open(settings: PgSettings) -> Result<OpenedPg, Error> {
         scope: settings.scope.clone(),
         schema: settings.schema.clone(),
         lease: settings.lease,
+        io_timeout: settings.io_timeout,
         leases: lease::Leases::default(),
         hub: Arc::new(listen::Hub::default()),
         channel: channel.clone(),
@@ -140,6 +158,7 @@ pub(crate) fn open(settings: PgSettings) -> Result<OpenedPg, Error> {
     })?;
     bridge.spawn(lease::heartbeat(
         Arc::downgrade(&shared),
+        config.clone(),
         settings.lease / 3,
     ));
     bridge.spawn(listen::listen_forever(
@@ -160,13 +179,11 @@ fn storage(e: impl std::error::Error + Send + Sync + 'static, kind: StorageKind)
 
 /// A client error as a typed storage error.
 pub(crate) fn pg_error(e: tokio_postgres::Error) -> Error {
+    let io = std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>());
     let kind = match e.code() {
-        _ if e.is_closed() => StorageKind::Connection,
-        Some(code)
-            if *code == SqlState::QUERY_CANCELED || *code == SqlState::LOCK_NOT_AVAILABLE =>
-        {
-            StorageKind::Timeout
-        }
+        _ if e.is_closed() || io => StorageKind::Connection,
+        Some(code) if *code == SqlState::QUERY_CANCELED => StorageKind::Timeout,
+        Some(code) if *code == SqlState::LOCK_NOT_AVAILABLE => StorageKind::Busy,
         Some(code)
             if code.code().starts_with("08")
                 || *code == SqlState::ADMIN_SHUTDOWN
@@ -175,11 +192,21 @@ pub(crate) fn pg_error(e: tokio_postgres::Error) -> Error {
         {
             StorageKind::Connection
         }
-        Some(_) => StorageKind::Database,
-        // No server error code: the connection or the socket failed.
-        None => StorageKind::Connection,
+        // A server error, or one of the client's own (a row count, a type conversion).
+        Some(_) | None => StorageKind::Database,
     };
     storage(e, kind)
+}
+
+/// The error of an operation the database did not answer within `limit`.
+pub(crate) fn no_answer(limit: Duration) -> Error {
+    storage(
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer from the database within {limit:?}"),
+        ),
+        StorageKind::Timeout,
+    )
 }
 
 fn pool_error(e: deadpool_postgres::PoolError) -> Error {
@@ -230,7 +257,22 @@ impl PgEngine {
         &self,
         f: impl std::future::Future<Output = Result<T, Error>> + Send,
     ) -> Result<T, Error> {
-        self.bridge.run(f)
+        self.bridge.run(self.timed(f))
+    }
+
+    /// `f`, failing with a typed timeout if the database does not answer within the store's
+    /// I/O timeout (a dead connection the server never saw, a lock held for long).
+    pub(crate) fn timed<T>(
+        &self,
+        f: impl std::future::Future<Output = Result<T, Error>> + Send,
+    ) -> impl std::future::Future<Output = Result<T, Error>> + Send {
+        let limit = self.shared.io_timeout;
+        async move {
+            match tokio::time::timeout(limit, f).await {
+                Ok(done) => done,
+                Err(_) => Err(no_answer(limit)),
+            }
+        }
     }
 
     /// Tells waiters in every replica that `key`'s record changed (only when one marked it).
@@ -328,6 +370,7 @@ mod tests {
             lease: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
             statement_timeout: None,
+            io_timeout: Duration::from_secs(30),
             synchronous_commit: true,
         };
         let engine = open(settings).expect("open").engine;

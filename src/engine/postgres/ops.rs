@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::{big, columns, digest, listen, millis, pg_error, schema, PgEngine};
 use crate::engine::{Engine, Held, RecordIter};
-use crate::error::Error;
+use crate::error::{Error, StorageKind};
 use crate::format::record::ClaimToken;
 
 /// Records are read a page at a time, in key order.
@@ -51,43 +51,51 @@ impl PgEngine {
         let expected_digest = expected.map(digest);
         let lease_ms = s.lease.as_millis() as f64;
         let client = s.client().await?;
-        let statement = client
-            .prepare_cached(&s.sql.claim)
-            .await
-            .map_err(pg_error)?;
-        let row = client
-            .query_opt(
-                &statement,
-                &[
-                    &s.scope,
-                    &key,
-                    &pending,
-                    &new_digest,
-                    &c.expires_ms,
-                    &c.claim.0,
-                    &c.claim.1,
-                    &c.life.0,
-                    &c.life.1,
-                    &lease_ms,
-                    &expected_digest,
-                ],
-            )
-            .await
-            .map_err(pg_error)?;
+        let common: [&(dyn tokio_postgres::types::ToSql + Sync); 10] = [
+            &s.scope,
+            &key,
+            &pending,
+            &new_digest,
+            &c.expires_ms,
+            &c.claim.0,
+            &c.claim.1,
+            &c.life.0,
+            &c.life.1,
+            &lease_ms,
+        ];
+        let row = match &expected_digest {
+            None => {
+                let statement = client
+                    .prepare_cached(&s.sql.claim_new)
+                    .await
+                    .map_err(pg_error)?;
+                client.query_opt(&statement, &common).await
+            }
+            Some(expected) => {
+                let statement = client
+                    .prepare_cached(&s.sql.claim_over)
+                    .await
+                    .map_err(pg_error)?;
+                let mut params = common.to_vec();
+                params.push(expected);
+                client.query_opt(&statement, &params).await
+            }
+        }
+        .map_err(pg_error)?;
         if row.is_some() {
             s.leases.hold(key, new_digest);
         }
         Ok(row.is_some())
     }
 
-    async fn finish_op(&self, held: &Held<'_>, record: Option<Vec<u8>>) -> Result<bool, Error> {
+    async fn finish_op(&self, held: &Held<'_>, record: Option<&[u8]>) -> Result<bool, Error> {
         let s = &self.shared;
         let held_digest = digest(held.record);
         // Whatever happens below, the holder is done with its claim: stop renewing it.
         s.leases.let_go(held.key, &held_digest);
         let key = held.key;
         let client = s.client().await?;
-        let row = match &record {
+        let row = match record {
             Some(bytes) => {
                 let c = columns(key, bytes)?;
                 let statement = client
@@ -100,7 +108,7 @@ impl PgEngine {
                         &[
                             &s.scope,
                             &key,
-                            bytes,
+                            &bytes,
                             &digest(bytes),
                             &c.state,
                             &c.expires_ms,
@@ -135,12 +143,7 @@ impl PgEngine {
         }
     }
 
-    async fn write_step_op(
-        &self,
-        held: &Held<'_>,
-        index: u32,
-        step: Vec<u8>,
-    ) -> Result<bool, Error> {
+    async fn write_step_op(&self, held: &Held<'_>, index: u32, step: &[u8]) -> Result<bool, Error> {
         let s = &self.shared;
         let held_digest = digest(held.record);
         let index = i32::try_from(index).map_err(|_| Error::InvalidConfig("too many steps"))?;
@@ -190,8 +193,6 @@ impl PgEngine {
     async fn remove_record_op(&self, key: &[u8], expected: &[u8]) -> Result<bool, Error> {
         let s = &self.shared;
         let expected_digest = digest(expected);
-        // A holder in this process whose record goes stops renewing it.
-        s.leases.let_go(key, &expected_digest);
         let client = s.client().await?;
         let statement = client
             .prepare_cached(&s.sql.remove)
@@ -203,6 +204,8 @@ impl PgEngine {
             .map_err(pg_error)?;
         match row {
             Some(row) => {
+                // A holder in this process whose record went stops renewing it.
+                s.leases.let_go(key, &expected_digest);
                 if row.get::<_, bool>(0) {
                     self.notify(&client, key).await;
                 }
@@ -229,7 +232,7 @@ impl PgEngine {
                 .map_err(pg_error)?;
             Ok::<_, Error>(row.and_then(|r| r.get::<_, Option<bool>>(0)))
         };
-        match live.await {
+        match self.timed(live).await {
             Ok(live) => live.unwrap_or(false),
             Err(e) => {
                 // Unknown: treat it as live. Waiting is bounded; a takeover would not be.
@@ -262,7 +265,7 @@ impl PgEngine {
     pub(crate) async fn wait_for_holder_op(&self, key: &[u8], claim: ClaimToken, max: Duration) {
         let s = &self.shared;
         let waiter = s.hub.register(listen::tag(&s.scope, key));
-        match self.mark_waiting_op(key, claim).await {
+        match self.timed(self.mark_waiting_op(key, claim)).await {
             Ok(false) => {}
             Ok(true) => waiter.wait_async(max.min(listen::POLL)).await,
             Err(_) => tokio::time::sleep(max.min(listen::POLL)).await,
@@ -329,6 +332,22 @@ impl PgEngine {
     }
 }
 
+/// Runs `op` again while a row it needs stays locked by another transaction: a holder's own
+/// write is refused only by fencing or a failure, never by a passing lock (the caller bounds
+/// the whole by the I/O timeout).
+async fn retry_busy<T, F, Fut>(mut op: F) -> Result<T, Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Error>>,
+{
+    loop {
+        match op().await {
+            Err(Error::Storage(e)) if e.kind() == StorageKind::Busy => continue,
+            done => return done,
+        }
+    }
+}
+
 impl Engine for PgEngine {
     type Bytes = Vec<u8>;
 
@@ -368,11 +387,11 @@ impl Engine for PgEngine {
     }
 
     fn finish(&self, held: &Held<'_>, record: Option<Vec<u8>>) -> Result<bool, Error> {
-        self.run(self.finish_op(held, record))
+        self.run(retry_busy(|| self.finish_op(held, record.as_deref())))
     }
 
     fn write_step(&self, held: &Held<'_>, index: u32, step: Vec<u8>) -> Result<bool, Error> {
-        self.run(self.write_step_op(held, index, step))
+        self.run(retry_busy(|| self.write_step_op(held, index, &step)))
     }
 
     fn steps(&self, key: &[u8], life: ClaimToken) -> Result<Vec<(u32, Vec<u8>)>, Error> {
@@ -386,7 +405,7 @@ impl Engine for PgEngine {
         _steps_of: Option<ClaimToken>,
     ) -> Result<bool, Error> {
         // The statement removes the steps of the record's own life, whatever it is.
-        self.run(self.remove_record_op(key, expected))
+        self.run(retry_busy(|| self.remove_record_op(key, expected)))
     }
 
     fn index_expiry(&self, _expires_ms: u64, _key: &[u8]) -> Result<(), Error> {
@@ -449,7 +468,7 @@ impl Engine for PgEngine {
         &'a self,
         key: &'a [u8],
     ) -> impl std::future::Future<Output = Result<Option<Vec<u8>>, Error>> + Send + 'a {
-        self.get_op(key)
+        self.timed(self.get_op(key))
     }
 
     fn claim_async<'a>(
@@ -458,7 +477,7 @@ impl Engine for PgEngine {
         expected: Option<&'a [u8]>,
         pending: Vec<u8>,
     ) -> impl std::future::Future<Output = Result<bool, Error>> + Send + 'a {
-        self.claim_op(key, expected, pending)
+        self.timed(self.claim_op(key, expected, pending))
     }
 
     fn finish_async<'a>(
@@ -466,7 +485,10 @@ impl Engine for PgEngine {
         held: &'a Held<'a>,
         record: Option<Vec<u8>>,
     ) -> impl std::future::Future<Output = Result<bool, Error>> + Send + 'a {
-        self.finish_op(held, record)
+        async move {
+            self.timed(retry_busy(|| self.finish_op(held, record.as_deref())))
+                .await
+        }
     }
 
     fn write_step_async<'a>(
@@ -475,7 +497,10 @@ impl Engine for PgEngine {
         index: u32,
         step: Vec<u8>,
     ) -> impl std::future::Future<Output = Result<bool, Error>> + Send + 'a {
-        self.write_step_op(held, index, step)
+        async move {
+            self.timed(retry_busy(|| self.write_step_op(held, index, &step)))
+                .await
+        }
     }
 
     fn steps_async<'a>(
@@ -483,7 +508,7 @@ impl Engine for PgEngine {
         key: &'a [u8],
         life: ClaimToken,
     ) -> impl std::future::Future<Output = Result<Vec<(u32, Vec<u8>)>, Error>> + Send + 'a {
-        self.steps_op(key, life)
+        self.timed(self.steps_op(key, life))
     }
 
     fn remove_record_async<'a>(
@@ -492,7 +517,7 @@ impl Engine for PgEngine {
         expected: &'a [u8],
         _steps_of: Option<ClaimToken>,
     ) -> impl std::future::Future<Output = Result<bool, Error>> + Send + 'a {
-        self.remove_record_op(key, expected)
+        self.timed(retry_busy(|| self.remove_record_op(key, expected)))
     }
 
     fn holder_live_async<'a>(
@@ -516,7 +541,7 @@ impl Engine for PgEngine {
     fn fresh_epoch_async(
         &self,
     ) -> impl std::future::Future<Output = Result<u64, Error>> + Send + '_ {
-        self.fresh_epoch_op()
+        self.timed(self.fresh_epoch_op())
     }
 
     fn durability_blocks(&self) -> bool {

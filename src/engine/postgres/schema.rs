@@ -1,7 +1,8 @@
 //! The PostgreSQL schema: its versioned migrations and the statements the engine runs.
 //!
 //! Invariants: the schema name is a plain lower-case identifier (checked before any SQL is
-//! built, so it is safe to splice into statements); every other value is a bound parameter.
+//! built, so it is safe to splice into statements, always double-quoted, so reserved words
+//! work too); every other value is a bound parameter.
 //! Migrations run in one transaction under a transaction-scoped advisory lock named after the
 //! schema, so replicas starting together apply each version exactly once and none starts on
 //! a half-made schema; every migration is idempotent (`IF NOT EXISTS`). A schema whose version
@@ -54,8 +55,12 @@ CREATE SEQUENCE IF NOT EXISTS {s}.epochs;
 pub(crate) const MAX_SCHEMA_LEN: usize = 48;
 
 /// Whether `name` is a schema name the engine accepts: `[a-z_][a-z0-9_]*`, at most
-/// [`MAX_SCHEMA_LEN`] bytes.
+/// [`MAX_SCHEMA_LEN`] bytes, not `pg_...` (PostgreSQL's own). Statements quote it, so reserved
+/// words (`user`) are fine.
 pub(crate) fn valid_schema_name(name: &str) -> bool {
+    if name.starts_with("pg_") {
+        return false;
+    }
     let mut chars = name.chars();
     let first_ok = chars
         .next()
@@ -82,8 +87,8 @@ pub(crate) async fn migrate(
     .await
     .map_err(super::pg_error)?;
     let setup = format!(
-        "CREATE SCHEMA IF NOT EXISTS {schema};
-         CREATE TABLE IF NOT EXISTS {schema}.schema_version (
+        "CREATE SCHEMA IF NOT EXISTS \"{schema}\";
+         CREATE TABLE IF NOT EXISTS \"{schema}\".schema_version (
              version    integer     PRIMARY KEY,
              applied_at timestamptz NOT NULL DEFAULT now()
          );"
@@ -91,7 +96,7 @@ pub(crate) async fn migrate(
     tx.batch_execute(&setup).await.map_err(super::pg_error)?;
     let found: i32 = tx
         .query_one(
-            &format!("SELECT coalesce(max(version), 0) FROM {schema}.schema_version"),
+            &format!("SELECT coalesce(max(version), 0) FROM \"{schema}\".schema_version"),
             &[],
         )
         .await
@@ -105,12 +110,12 @@ pub(crate) async fn migrate(
     }
     for version in found + 1..=SCHEMA_VERSION {
         // Invariant: 1 <= version <= SCHEMA_VERSION = MIGRATIONS.len().
-        let migration = MIGRATIONS[version as usize - 1].replace("{s}", schema);
+        let migration = MIGRATIONS[version as usize - 1].replace("{s}", &format!("\"{schema}\""));
         tx.batch_execute(&migration)
             .await
             .map_err(super::pg_error)?;
         tx.execute(
-            &format!("INSERT INTO {schema}.schema_version (version) VALUES ($1)"),
+            &format!("INSERT INTO \"{schema}\".schema_version (version) VALUES ($1)"),
             &[&version],
         )
         .await
@@ -137,7 +142,8 @@ pub(crate) async fn next_epoch(
 pub(crate) struct Statements {
     pub get: String,
     pub page: String,
-    pub claim: String,
+    pub claim_new: String,
+    pub claim_over: String,
     pub finish: String,
     pub release: String,
     pub write_step: String,
@@ -159,109 +165,114 @@ pub(crate) struct Statements {
 impl Statements {
     pub(crate) fn new(s: &str) -> Self {
         Self {
-            get: format!("SELECT record FROM {s}.records WHERE scope = $1 AND key = $2"),
+            get: format!("SELECT record FROM \"{s}\".records WHERE scope = $1 AND key = $2"),
             page: format!(
-                "SELECT key, record FROM {s}.records WHERE scope = $1 AND key > $2 \
+                "SELECT key, record FROM \"{s}\".records WHERE scope = $1 AND key > $2 \
                  ORDER BY key LIMIT $3"
             ),
-            // One statement for every claim: insert when absent, else take over the exact
-            // record read, never while another holder's lease runs (the database's clock).
-            claim: format!(
-                "INSERT INTO {s}.records AS r (scope, key, record, digest, state, expires_ms, \
+            // A claim is one statement: an insert when the key was read absent; otherwise a
+            // takeover of the exact record read, never while another holder's lease runs (by
+            // the database's clock). Never an upsert: after a concurrent removal an upsert
+            // would insert, continuing the removed life.
+            claim_new: format!(
+                "INSERT INTO \"{s}\".records (scope, key, record, digest, state, expires_ms, \
                      claim_epoch, claim_seq, life_epoch, life_seq, lease_until) \
                  VALUES ($1, $2, $3, $4, 0, $5, $6, $7, $8, $9, \
                      now() + $10::float8 * interval '1 millisecond') \
-                 ON CONFLICT (scope, key) DO UPDATE SET record = EXCLUDED.record, \
-                     digest = EXCLUDED.digest, state = 0, expires_ms = EXCLUDED.expires_ms, \
-                     claim_epoch = EXCLUDED.claim_epoch, claim_seq = EXCLUDED.claim_seq, \
-                     life_epoch = EXCLUDED.life_epoch, life_seq = EXCLUDED.life_seq, \
-                     lease_until = EXCLUDED.lease_until, waiters = false \
-                 WHERE r.digest = $11 \
-                     AND (r.state <> 0 OR r.lease_until IS NULL OR r.lease_until <= now()) \
+                 ON CONFLICT (scope, key) DO NOTHING \
+                 RETURNING 1"
+            ),
+            claim_over: format!(
+                "UPDATE \"{s}\".records SET record = $3, digest = $4, state = 0, \
+                     expires_ms = $5, claim_epoch = $6, claim_seq = $7, life_epoch = $8, \
+                     life_seq = $9, lease_until = now() + $10::float8 * interval '1 millisecond', \
+                     waiters = false \
+                 WHERE scope = $1 AND key = $2 AND digest = $11 \
+                     AND (state <> 0 OR lease_until IS NULL OR lease_until <= now()) \
                  RETURNING 1"
             ),
             finish: format!(
-                "UPDATE {s}.records SET record = $3, digest = $4, state = $5, expires_ms = $6, \
+                "UPDATE \"{s}\".records SET record = $3, digest = $4, state = $5, expires_ms = $6, \
                      claim_epoch = $7, claim_seq = $8, life_epoch = $9, life_seq = $10, \
                      lease_until = NULL \
                  WHERE scope = $1 AND key = $2 AND digest = $11 RETURNING waiters"
             ),
             release: format!(
-                "DELETE FROM {s}.records WHERE scope = $1 AND key = $2 AND digest = $3 \
+                "DELETE FROM \"{s}\".records WHERE scope = $1 AND key = $2 AND digest = $3 \
                  RETURNING waiters"
             ),
             // The record row is locked (shared) while the step goes in, so a takeover or
             // removal either happens before (no row matches: nothing written) or after.
             write_step: format!(
-                "WITH held AS (SELECT 1 FROM {s}.records \
+                "WITH held AS (SELECT 1 FROM \"{s}\".records \
                      WHERE scope = $1 AND key = $2 AND digest = $3 FOR SHARE) \
-                 INSERT INTO {s}.steps (scope, key, life_epoch, life_seq, idx, step) \
+                 INSERT INTO \"{s}\".steps (scope, key, life_epoch, life_seq, idx, step) \
                  SELECT $1, $2, $4, $5, $6, $7 FROM held \
                  ON CONFLICT (scope, key, life_epoch, life_seq, idx) \
                      DO UPDATE SET step = EXCLUDED.step \
                  RETURNING 1"
             ),
             steps: format!(
-                "SELECT idx, step FROM {s}.steps WHERE scope = $1 AND key = $2 \
+                "SELECT idx, step FROM \"{s}\".steps WHERE scope = $1 AND key = $2 \
                      AND life_epoch = $3 AND life_seq = $4 ORDER BY idx"
             ),
             remove: format!(
-                "WITH gone AS (DELETE FROM {s}.records \
+                "WITH gone AS (DELETE FROM \"{s}\".records \
                      WHERE scope = $1 AND key = $2 AND digest = $3 \
                      RETURNING key, life_epoch, life_seq, waiters), \
-                 gone_steps AS (DELETE FROM {s}.steps t USING gone \
+                 gone_steps AS (DELETE FROM \"{s}\".steps t USING gone \
                      WHERE t.scope = $1 AND t.key = gone.key \
                      AND t.life_epoch = gone.life_epoch AND t.life_seq = gone.life_seq) \
                  SELECT waiters FROM gone"
             ),
             due: format!(
-                "SELECT expires_ms, key FROM {s}.records WHERE scope = $1 AND expires_ms <= $2 \
+                "SELECT expires_ms, key FROM \"{s}\".records WHERE scope = $1 AND expires_ms <= $2 \
                  ORDER BY expires_ms LIMIT $3"
             ),
             // Batched expiry: several replicas may sweep at once (SKIP LOCKED); a Pending
             // record whose lease runs is never taken.
             sweep: format!(
-                "WITH due AS (SELECT key FROM {s}.records \
+                "WITH due AS (SELECT key FROM \"{s}\".records \
                      WHERE scope = $1 AND expires_ms <= $2 \
                      AND (state <> 0 OR lease_until IS NULL OR lease_until <= now()) \
                      ORDER BY expires_ms LIMIT $3 FOR UPDATE SKIP LOCKED), \
-                 gone AS (DELETE FROM {s}.records r USING due \
+                 gone AS (DELETE FROM \"{s}\".records r USING due \
                      WHERE r.scope = $1 AND r.key = due.key \
                      RETURNING r.key, r.life_epoch, r.life_seq), \
-                 gone_steps AS (DELETE FROM {s}.steps t USING gone \
+                 gone_steps AS (DELETE FROM \"{s}\".steps t USING gone \
                      WHERE t.scope = $1 AND t.key = gone.key \
                      AND t.life_epoch = gone.life_epoch AND t.life_seq = gone.life_seq) \
                  SELECT count(*) FROM gone"
             ),
             holder_live: format!(
-                "SELECT lease_until > now() FROM {s}.records WHERE scope = $1 AND key = $2 \
+                "SELECT lease_until > now() FROM \"{s}\".records WHERE scope = $1 AND key = $2 \
                      AND state = 0 AND claim_epoch = $3 AND claim_seq = $4"
             ),
             mark_waiting: format!(
-                "UPDATE {s}.records SET waiters = true WHERE scope = $1 AND key = $2 \
+                "UPDATE \"{s}\".records SET waiters = true WHERE scope = $1 AND key = $2 \
                      AND state = 0 AND claim_epoch = $3 AND claim_seq = $4 RETURNING 1"
             ),
             renew: format!(
-                "UPDATE {s}.records r SET lease_until = now() + $2::float8 * interval '1 millisecond' \
+                "UPDATE \"{s}\".records r SET lease_until = now() + $2::float8 * interval '1 millisecond' \
                  FROM unnest($3::bytea[], $4::bytea[]) AS held(key, digest) \
                  WHERE r.scope = $1 AND r.key = held.key AND r.digest = held.digest \
                      AND r.state = 0 \
                  RETURNING r.key"
             ),
             end_lease: format!(
-                "UPDATE {s}.records SET lease_until = now() - interval '1 millisecond' \
+                "UPDATE \"{s}\".records SET lease_until = now() - interval '1 millisecond' \
                  WHERE scope = $1 AND key = $2 AND digest = $3 AND state = 0"
             ),
             lapse: format!(
-                "UPDATE {s}.records SET lease_until = now() - interval '1 millisecond' \
+                "UPDATE \"{s}\".records SET lease_until = now() - interval '1 millisecond' \
                  WHERE scope = $1 AND state = 0 AND lease_until > now()"
             ),
             lock: format!(
-                "SELECT record, state = 0 AND lease_until > now() FROM {s}.records \
+                "SELECT record, state = 0 AND lease_until > now() FROM \"{s}\".records \
                  WHERE scope = $1 AND key = $2 FOR UPDATE"
             ),
             put: format!(
-                "INSERT INTO {s}.records AS r (scope, key, record, digest, state, expires_ms, \
+                "INSERT INTO \"{s}\".records AS r (scope, key, record, digest, state, expires_ms, \
                      claim_epoch, claim_seq, life_epoch, life_seq, lease_until) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, NULL) \
                  ON CONFLICT (scope, key) DO UPDATE SET record = EXCLUDED.record, \
@@ -274,10 +285,10 @@ impl Statements {
                  RETURNING 1"
             ),
             delete_steps: format!(
-                "DELETE FROM {s}.steps WHERE scope = $1 AND key = $2 \
+                "DELETE FROM \"{s}\".steps WHERE scope = $1 AND key = $2 \
                      AND life_epoch = $3 AND life_seq = $4"
             ),
-            next_epoch: format!("SELECT nextval('{s}.epochs')"),
+            next_epoch: format!("SELECT nextval('\"{s}\".epochs')"),
         }
     }
 }
@@ -288,7 +299,14 @@ mod tests {
 
     #[test]
     fn schema_names_are_plain_identifiers() {
-        for ok in ["idemstore", "_x", "a1_b2", &"a".repeat(MAX_SCHEMA_LEN)] {
+        for ok in [
+            "idemstore",
+            "_x",
+            "a1_b2",
+            "user",
+            "select",
+            &"a".repeat(MAX_SCHEMA_LEN),
+        ] {
             assert!(valid_schema_name(ok), "{ok}");
         }
         for bad in [
@@ -299,6 +317,7 @@ mod tests {
             "a;drop table x",
             "a b",
             "\"a\"",
+            "pg_catalog",
             &"a".repeat(MAX_SCHEMA_LEN + 1),
         ] {
             assert!(!valid_schema_name(bad), "{bad}");

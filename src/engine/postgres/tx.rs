@@ -14,6 +14,10 @@ use super::{big, columns, digest, pg_error, PgEngine};
 use crate::error::Error;
 use crate::format::record::ClaimToken;
 
+/// What ends an operation's session state.
+const RESET_SESSION: &str = "SET SESSION AUTHORIZATION DEFAULT; RESET ALL; UNLISTEN *; \
+     SELECT pg_advisory_unlock_all(); DISCARD TEMP";
+
 /// An open transaction of the store's.
 pub(crate) struct OpenTx<'e> {
     engine: &'e PgEngine,
@@ -127,12 +131,22 @@ impl OpenTx<'_> {
 
     /// Commits; the connection goes back to the pool.
     pub(crate) fn commit(mut self) -> Result<(), Error> {
-        let committed = self.batch("COMMIT");
-        if committed.is_ok() {
-            // Back to the pool only outside a transaction.
+        let client = self.client();
+        // Sent together (one round trip, run in order): the commit, then the end of whatever
+        // session state the operation set (SET, LISTEN, locks, temporary tables), so the
+        // connection goes back to the pool as it came.
+        let (committed, reset) = self.engine.run(async {
+            Ok(tokio::join!(
+                client.batch_execute("COMMIT"),
+                client.batch_execute(RESET_SESSION)
+            ))
+        })?;
+        committed.map_err(pg_error)?;
+        if reset.is_ok() {
             drop(self.client.take());
         }
-        committed
+        // Otherwise Drop discards the connection, whatever state it is in.
+        Ok(())
     }
 
     /// The view the operation writes through.
@@ -167,6 +181,38 @@ impl std::fmt::Debug for PgTx<'_> {
 
 type Params<'p> = &'p [&'p (dyn ToSql + Sync)];
 
+/// Statements that would end or split the store's transaction: refused in [`PgTx`].
+const TRANSACTION_CONTROL: [&str; 9] = [
+    "BEGIN",
+    "START",
+    "COMMIT",
+    "END",
+    "ROLLBACK",
+    "ABORT",
+    "SAVEPOINT",
+    "RELEASE",
+    "PREPARE",
+];
+
+/// Refuses a statement that controls the transaction (its first word, any case).
+fn check_statement(statement: &str) -> Result<(), Error> {
+    let first = statement
+        .trim_start_matches(|c: char| c.is_whitespace() || c == '(' || c == ';')
+        .split(|c: char| !c.is_ascii_alphabetic())
+        .next()
+        .unwrap_or_default();
+    match TRANSACTION_CONTROL
+        .iter()
+        .any(|word| word.eq_ignore_ascii_case(first))
+    {
+        true => Err(Error::InvalidConfig(
+            "an operation must not control the store's transaction (BEGIN, COMMIT, ROLLBACK, \
+             SAVEPOINT...): its writes commit with the outcome",
+        )),
+        false => Ok(()),
+    }
+}
+
 impl PgTx<'_> {
     fn run<T: Send>(
         &self,
@@ -180,7 +226,10 @@ impl PgTx<'_> {
     /// # Errors
     /// [`Error::Storage`] with the server's error; the operation should return an error then
     /// (the transaction is aborted until it does, and its writes are rolled back).
+    /// [`Error::InvalidConfig`] for a statement that controls the transaction (`BEGIN`,
+    /// `COMMIT`, `ROLLBACK`, `SAVEPOINT`...): nothing is sent.
     pub fn execute(&mut self, statement: &str, params: Params<'_>) -> Result<u64, Error> {
+        check_statement(statement)?;
         let client = self.tx.client();
         self.run(async { client.execute(statement, params).await })
     }
@@ -190,6 +239,7 @@ impl PgTx<'_> {
     /// # Errors
     /// As [`PgTx::execute`].
     pub fn query(&mut self, statement: &str, params: Params<'_>) -> Result<Vec<Row>, Error> {
+        check_statement(statement)?;
         let client = self.tx.client();
         self.run(async { client.query(statement, params).await })
     }
@@ -199,6 +249,7 @@ impl PgTx<'_> {
     /// # Errors
     /// As [`PgTx::execute`], and an error if it returns more than one row.
     pub fn query_opt(&mut self, statement: &str, params: Params<'_>) -> Result<Option<Row>, Error> {
+        check_statement(statement)?;
         let client = self.tx.client();
         self.run(async { client.query_opt(statement, params).await })
     }
@@ -208,6 +259,7 @@ impl PgTx<'_> {
     /// # Errors
     /// As [`PgTx::execute`], and an error unless it returns exactly one row.
     pub fn query_one(&mut self, statement: &str, params: Params<'_>) -> Result<Row, Error> {
+        check_statement(statement)?;
         let client = self.tx.client();
         self.run(async { client.query_one(statement, params).await })
     }
@@ -217,7 +269,37 @@ impl PgTx<'_> {
     /// # Errors
     /// As [`PgTx::execute`].
     pub fn batch_execute(&mut self, statements: &str) -> Result<(), Error> {
+        for statement in statements.split(';') {
+            check_statement(statement)?;
+        }
         let client = self.tx.client();
         self.run(async { client.batch_execute(statements).await })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_statement;
+
+    #[test]
+    fn transaction_control_is_refused_and_everything_else_passes() {
+        for refused in [
+            "COMMIT",
+            " commit;",
+            "rollback to savepoint x",
+            "BEGIN",
+            "End",
+            "(SAVEPOINT s)",
+        ] {
+            assert!(check_statement(refused).is_err(), "{refused}");
+        }
+        for fine in [
+            "UPDATE stock SET n = n - 1",
+            "select 1",
+            "INSERT INTO commits VALUES (1)",
+            "",
+        ] {
+            assert!(check_statement(fine).is_ok(), "{fine}");
+        }
     }
 }

@@ -467,8 +467,10 @@ fn terminated_backends_give_typed_errors_and_lose_nothing() {
     assert_eq!(*before, "before");
 }
 
-/// A statement timeout while another session holds the record's row: a typed timeout, the
-/// operation does not run; once the row is free, the call runs once.
+/// Another session holds the record's row: with a statement timeout shorter than the store's
+/// lock wait, a typed timeout; without one, the key is busy as with a live holder (the call
+/// waits its budget, then `InProgress`). Either way the operation does not run; once the row
+/// is free, the call runs once.
 #[test]
 fn a_statement_timeout_is_a_typed_timeout_and_nothing_runs() {
     let Some(url) = pg_url() else { return };
@@ -478,8 +480,13 @@ fn a_statement_timeout_is_a_typed_timeout_and_nothing_runs() {
         .open_postgres(
             schema
                 .options()
-                .statement_timeout(Duration::from_millis(300)),
+                .statement_timeout(Duration::from_millis(100)),
         )
+        .expect("open");
+    let patient = StoreBuilder::default()
+        .sweep_interval(None)
+        .wait_timeout(Duration::from_millis(800))
+        .open_postgres(schema.options())
         .expect("open");
     let runs = AtomicU32::new(0);
     let failed = store.execute_once("k", || {
@@ -518,6 +525,14 @@ fn a_statement_timeout_is_a_typed_timeout_and_nothing_runs() {
             }
             other => panic!("expected a timeout, got {other:?}"),
         }
+        let busy = patient.execute_once("k", || {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Ok::<u32, std::io::Error>(7)
+        });
+        assert!(
+            matches!(busy, Err(ExecuteError::Store(Error::InProgress { .. }))),
+            "{busy:?}"
+        );
         tx.rollback().await.expect("release the row");
         drop(client);
         let _ = driver.await;
@@ -525,7 +540,7 @@ fn a_statement_timeout_is_a_typed_timeout_and_nothing_runs() {
     assert_eq!(
         runs.load(Ordering::SeqCst),
         1,
-        "the blocked call ran nothing"
+        "the blocked calls ran nothing"
     );
     let out = store
         .execute_once("k", || {

@@ -343,11 +343,13 @@ fn main() {
         });
     };
     let fresh = || tempfile::tempdir_in(std::env::current_dir().unwrap()).unwrap();
-    // `--only TEXT` keeps the measurements whose "group: system" contains TEXT.
+    // `--only TEXT` keeps the measurements whose "group: system" contains TEXT, in any case.
     let wanted = |group: &str, system: &str| {
-        s.only
-            .as_ref()
-            .is_none_or(|o| format!("{group}: {system}").contains(o.as_str()))
+        s.only.as_ref().is_none_or(|o| {
+            format!("{group}: {system}")
+                .to_lowercase()
+                .contains(&o.to_lowercase())
+        })
     };
     type Measure<'a> = Box<dyn Fn(&Path) -> f64 + 'a>;
     let secs = s.seconds;

@@ -445,7 +445,18 @@ fn main() {
     let table = render_table(&rows);
     println!("{table}");
     std::fs::write(s.out.join("results.md"), &table).unwrap();
-    std::fs::write(s.out.join("durable-threads.svg"), render_svg(&rows)).unwrap();
+    let durable_svg = render_svg(
+        &rows,
+        "new key, durable",
+        "New key, durable: ops/s against threads (log scale)",
+        &[
+            ("idemstore Immediate", "#1f77b4"),
+            ("raw sled + 2 flushes", "#ff7f0e"),
+            ("raw sled + 2 (flush + fdatasync)", "#9467bd"),
+            ("SQLite WAL FULL", "#2ca02c"),
+        ],
+    );
+    std::fs::write(s.out.join("durable-threads.svg"), durable_svg).unwrap();
     let mut csv = std::fs::File::create(s.out.join("results.csv")).unwrap();
     writeln!(csv, "group,system,threads,ops_per_sec").unwrap();
     for r in &rows {
@@ -480,29 +491,28 @@ fn render_table(rows: &[Row]) -> String {
     out
 }
 
-/// A log-scale line chart of durable new-key throughput against threads.
-fn render_svg(rows: &[Row]) -> String {
-    let series: Vec<(&str, &str)> = vec![
-        ("idemstore Immediate", "#1f77b4"),
-        ("raw sled + 2 flushes", "#ff7f0e"),
-        ("raw sled + 2 (flush + fdatasync)", "#9467bd"),
-        ("SQLite WAL FULL", "#2ca02c"),
-    ];
-    let points: Vec<(&str, Vec<(usize, f64)>)> = series
+/// A chart line's points: (threads, ops/s).
+type Points = Vec<(usize, f64)>;
+
+/// A log-scale line chart of `group`'s throughput against threads, one line per system of
+/// `series` (name, colour) that has rows.
+fn render_svg(rows: &[Row], group: &str, title: &str, series: &[(&str, &str)]) -> String {
+    // (name, colour, points) of each series with rows.
+    let lines: Vec<(&str, &str, Points)> = series
         .iter()
-        .map(|(name, _)| {
-            (
-                *name,
-                rows.iter()
-                    .filter(|r| r.group == "new key, durable" && r.system == *name)
-                    .map(|r| (r.threads, r.ops))
-                    .collect(),
-            )
+        .map(|&(name, color)| {
+            let pts = rows
+                .iter()
+                .filter(|r| r.group == group && r.system == name)
+                .map(|r| (r.threads, r.ops))
+                .collect();
+            (name, color, pts)
         })
+        .filter(|(_, _, pts): &(_, _, Points)| !pts.is_empty())
         .collect();
-    let all: Vec<f64> = points
+    let all: Vec<f64> = lines
         .iter()
-        .flat_map(|(_, p)| p.iter().map(|(_, o)| *o))
+        .flat_map(|(_, _, p)| p.iter().map(|(_, o)| *o))
         .collect();
     let (lo, hi) = (
         all.iter()
@@ -513,10 +523,14 @@ fn render_svg(rows: &[Row]) -> String {
             .floor(),
         all.iter().cloned().fold(1.0, f64::max).log10().ceil(),
     );
-    let threads: Vec<usize> = points
-        .first()
-        .map(|(_, p)| p.iter().map(|(t, _)| *t).collect())
-        .unwrap_or_default();
+    // Every thread count any series has, in order: a series' point sits at its count's place.
+    let mut threads: Vec<usize> = lines
+        .iter()
+        .flat_map(|(_, _, p)| p.iter().map(|(t, _)| *t))
+        .collect();
+    threads.sort_unstable();
+    threads.dedup();
+    let place = |t: usize| threads.iter().position(|&u| u == t).unwrap_or_default();
     let (w, h, left, right, top, bottom) = (800.0, 420.0, 80.0, 280.0, 40.0, 60.0);
     let x = |i: usize| left + (w - left - right) * i as f64 / (threads.len().max(2) - 1) as f64;
     let y = |ops: f64| {
@@ -525,7 +539,7 @@ fn render_svg(rows: &[Row]) -> String {
     let mut svg = format!(
         "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-family='sans-serif' font-size='12'>\
          <rect width='100%' height='100%' fill='white'/>\
-         <text x='{}' y='22' font-size='15' text-anchor='middle'>New key, durable: ops/s against threads (log scale)</text>",
+         <text x='{}' y='22' font-size='15' text-anchor='middle'>{title}</text>",
         w / 2.0
     );
     let mut decade = lo;
@@ -552,20 +566,19 @@ fn render_svg(rows: &[Row]) -> String {
         (left + w - right) / 2.0,
         h - 18.0
     );
-    for (k, ((name, color), (_, pts))) in series.iter().zip(&points).enumerate() {
+    for (k, (name, color, pts)) in lines.iter().enumerate() {
         let path: Vec<String> = pts
             .iter()
-            .enumerate()
-            .map(|(i, (_, o))| format!("{:.1},{:.1}", x(i), y(*o)))
+            .map(|(t, o)| format!("{:.1},{:.1}", x(place(*t)), y(*o)))
             .collect();
         svg += &format!(
             "<polyline fill='none' stroke='{color}' stroke-width='2.5' points='{}'/>",
             path.join(" ")
         );
-        for (i, (_, o)) in pts.iter().enumerate() {
+        for (t, o) in pts {
             svg += &format!(
                 "<circle cx='{:.1}' cy='{:.1}' r='3.5' fill='{color}'/>",
-                x(i),
+                x(place(*t)),
                 y(*o)
             );
         }

@@ -3,7 +3,8 @@
 //! Every system does the same idempotency protocol for a new key: look up, claim, durable
 //! point, record the completion, durable point. Replay is one lookup of a completed key. Each
 //! figure is operations per second over a fixed time; ratios are to idemstore's figure in the
-//! same row group, so they compare systems measured minutes apart on the same disk.
+//! same row group and thread count, so they compare systems measured minutes apart on the
+//! same disk.
 //!
 //! Run: `cargo run --release -p idemstore-compare [-- --seconds 3 --out target/compare]`
 
@@ -14,6 +15,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 const VALUE: &[u8] = b"receipt:ch_1N8vJkLq2eZvKYlo2C0fG8yZ"; // a small, typical result
+
+/// Row groups measured against threads (the others run on one thread).
+const DURABLE: &str = "new key, durable";
+const REPLAY_SMALL: &str = "replay, small result";
+const REPLAY_LARGE: &str = "replay, 4 KiB result";
 
 /// The result idemstore records: a small receipt, or a 4 KiB response body.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -356,10 +362,7 @@ fn main() {
     let mut plan: Vec<(&'static str, &'static str, usize, Measure)> = Vec::new();
     let small = VALUE.to_vec();
     let large = vec![7u8; 4096];
-    for (group, value) in [
-        ("replay, small result", small),
-        ("replay, 4 KiB result", large),
-    ] {
+    for (group, value) in [(REPLAY_SMALL, small), (REPLAY_LARGE, large)] {
         let v = value.clone();
         plan.push((
             group,
@@ -381,8 +384,20 @@ fn main() {
             Box::new(move |d| sqlite_replay(d, 1, secs, &value)),
         ));
     }
+    // Replays against threads.
     for &t in &s.threads {
-        let group = "new key, durable";
+        let group = REPLAY_SMALL;
+        if t != 1 {
+            plan.push((
+                group,
+                "idemstore",
+                t,
+                Box::new(move |d| idemstore_replay(d, t, secs, VALUE)),
+            ));
+        }
+    }
+    for &t in &s.threads {
+        let group = DURABLE;
         plan.push((
             group,
             "idemstore Immediate",
@@ -447,7 +462,7 @@ fn main() {
     std::fs::write(s.out.join("results.md"), &table).unwrap();
     let durable_svg = render_svg(
         &rows,
-        "new key, durable",
+        DURABLE,
         "New key, durable: ops/s against threads (log scale)",
         &[
             ("idemstore Immediate", "#1f77b4"),
@@ -457,13 +472,20 @@ fn main() {
         ],
     );
     std::fs::write(s.out.join("durable-threads.svg"), durable_svg).unwrap();
+    let replay_svg = render_svg(
+        &rows,
+        REPLAY_SMALL,
+        "Replay, small result: ops/s against threads (log scale)",
+        &[("idemstore", "#1f77b4")],
+    );
+    std::fs::write(s.out.join("replay-threads.svg"), replay_svg).unwrap();
     let mut csv = std::fs::File::create(s.out.join("results.csv")).unwrap();
     writeln!(csv, "group,system,threads,ops_per_sec").unwrap();
     for r in &rows {
         writeln!(csv, "{},{},{},{:.0}", r.group, r.system, r.threads, r.ops).unwrap();
     }
     eprintln!(
-        "wrote {}/results.md, results.csv, durable-threads.svg",
+        "wrote {}/results.md, results.csv, durable-threads.svg, replay-threads.svg",
         s.out.display()
     );
 }

@@ -3,10 +3,16 @@
 //! Every system does the same idempotency protocol for a new key: look up, claim, durable
 //! point, record the completion, durable point. Replay is one lookup of a completed key. Each
 //! figure is operations per second over a fixed time; ratios are to idemstore's figure in the
-//! same row group and thread count, so they compare systems measured minutes apart on the
-//! same disk.
+//! same row group and thread count on the same kind of storage (PostgreSQL rows to
+//! idemstore's PostgreSQL engine, every other row to idemstore on sled), so they compare
+//! systems measured minutes apart on the same disk.
+//!
+//! PostgreSQL rows need a server: `IDEMSTORE_TEST_POSTGRES` (default
+//! `host=127.0.0.1 user=postgres dbname=test`); when it does not answer they are skipped.
 //!
 //! Run: `cargo run --release -p idemstore-compare [-- --seconds 3 --out target/compare]`
+
+mod postgres;
 
 use idemstore::{Durability, Store};
 use std::io::Write;
@@ -15,6 +21,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 const VALUE: &[u8] = b"receipt:ch_1N8vJkLq2eZvKYlo2C0fG8yZ"; // a small, typical result
+
+/// The server PostgreSQL rows run on when `IDEMSTORE_TEST_POSTGRES` is not set.
+const DEFAULT_POSTGRES: &str = "host=127.0.0.1 user=postgres dbname=test";
+
+/// Row names of the PostgreSQL systems.
+const PG_ENGINE: &str = "idemstore PostgreSQL";
+const PG_BY_HAND: &str = "PostgreSQL by hand";
 
 /// Row groups measured against threads (the others run on one thread).
 const DURABLE: &str = "new key, durable";
@@ -326,6 +339,24 @@ fn unsafe_free_fdatasync(fd: i32) -> i32 {
     }
 }
 
+// ---- PostgreSQL ----
+
+/// The PostgreSQL server of this run, or None (with a note saying why its rows are skipped).
+fn postgres_server(notes: &mut Vec<String>) -> Option<postgres::Server> {
+    let url =
+        std::env::var("IDEMSTORE_TEST_POSTGRES").unwrap_or_else(|_| DEFAULT_POSTGRES.to_string());
+    match postgres::Server::connect(&url) {
+        Ok(server) => Some(server),
+        Err(e) => {
+            let note =
+                format!("PostgreSQL rows skipped: the server at `{url}` did not answer ({e}).");
+            eprintln!("{note}");
+            notes.push(note);
+            None
+        }
+    }
+}
+
 // ---- report ----
 
 struct Row {
@@ -357,6 +388,14 @@ fn main() {
                 .contains(&o.to_lowercase())
         })
     };
+    let mut notes: Vec<String> = Vec::new();
+    let pg_wanted = [DURABLE, REPLAY_SMALL]
+        .iter()
+        .any(|g| wanted(g, PG_ENGINE) || wanted(g, PG_BY_HAND));
+    let pg = match pg_wanted {
+        true => postgres_server(&mut notes),
+        false => None,
+    };
     type Measure<'a> = Box<dyn Fn(&Path) -> f64 + 'a>;
     let secs = s.seconds;
     let mut plan: Vec<(&'static str, &'static str, usize, Measure)> = Vec::new();
@@ -384,7 +423,7 @@ fn main() {
             Box::new(move |d| sqlite_replay(d, 1, secs, &value)),
         ));
     }
-    // Replays against threads.
+    // Replays against threads: idemstore on sled and both PostgreSQL systems.
     for &t in &s.threads {
         let group = REPLAY_SMALL;
         if t != 1 {
@@ -393,6 +432,20 @@ fn main() {
                 "idemstore",
                 t,
                 Box::new(move |d| idemstore_replay(d, t, secs, VALUE)),
+            ));
+        }
+        if let Some(server) = &pg {
+            plan.push((
+                group,
+                PG_ENGINE,
+                t,
+                Box::new(move |_| postgres::engine_replay(server, t, secs)),
+            ));
+            plan.push((
+                group,
+                PG_BY_HAND,
+                t,
+                Box::new(move |_| postgres::by_hand_replay(server, t, secs)),
             ));
         }
     }
@@ -422,6 +475,20 @@ fn main() {
             t,
             Box::new(move |d| sqlite_new_keys(d, "FULL", t, secs)),
         ));
+        if let Some(server) = &pg {
+            plan.push((
+                group,
+                PG_ENGINE,
+                t,
+                Box::new(move |_| postgres::engine_new_keys(server, t, secs)),
+            ));
+            plan.push((
+                group,
+                PG_BY_HAND,
+                t,
+                Box::new(move |_| postgres::by_hand_new_keys(server, t, secs)),
+            ));
+        }
     }
     let group = "new key, not durable";
     let periodic = Durability::Periodic(Duration::from_millis(500));
@@ -457,7 +524,10 @@ fn main() {
         }
     }
 
-    let table = render_table(&rows);
+    let mut table = render_table(&rows);
+    for note in &notes {
+        table += &format!("\n{note}\n");
+    }
     println!("{table}");
     std::fs::write(s.out.join("results.md"), &table).unwrap();
     let durable_svg = render_svg(
@@ -469,6 +539,8 @@ fn main() {
             ("raw sled + 2 flushes", "#ff7f0e"),
             ("raw sled + 2 (flush + fdatasync)", "#9467bd"),
             ("SQLite WAL FULL", "#2ca02c"),
+            (PG_ENGINE, "#d62728"),
+            (PG_BY_HAND, "#8c564b"),
         ],
     );
     std::fs::write(s.out.join("durable-threads.svg"), durable_svg).unwrap();
@@ -476,7 +548,11 @@ fn main() {
         &rows,
         REPLAY_SMALL,
         "Replay, small result: ops/s against threads (log scale)",
-        &[("idemstore", "#1f77b4")],
+        &[
+            ("idemstore", "#1f77b4"),
+            (PG_ENGINE, "#d62728"),
+            (PG_BY_HAND, "#8c564b"),
+        ],
     );
     std::fs::write(s.out.join("replay-threads.svg"), replay_svg).unwrap();
     let mut csv = std::fs::File::create(s.out.join("results.csv")).unwrap();
@@ -494,11 +570,16 @@ fn render_table(rows: &[Row]) -> String {
     let mut out = String::from(
         "| workload | system | threads | ops/s | idemstore ÷ system |\n|---|---|---:|---:|---:|\n",
     );
+    // PostgreSQL rows compare with idemstore's PostgreSQL engine, the others with sled's.
+    let on_postgres = |system: &str| system.contains("PostgreSQL");
     for r in rows {
         let base = rows
             .iter()
             .find(|b| {
-                b.group == r.group && b.threads == r.threads && b.system.starts_with("idemstore")
+                b.group == r.group
+                    && b.threads == r.threads
+                    && b.system.starts_with("idemstore")
+                    && on_postgres(&b.system) == on_postgres(&r.system)
             })
             .map(|b| b.ops);
         let ratio = match base {

@@ -558,12 +558,25 @@ fn main() {
     let mut csv = std::fs::File::create(s.out.join("results.csv")).unwrap();
     writeln!(csv, "group,system,threads,ops_per_sec").unwrap();
     for r in &rows {
-        writeln!(csv, "{},{},{},{:.0}", r.group, r.system, r.threads, r.ops).unwrap();
+        writeln!(
+            csv,
+            "{},{},{},{:.0}",
+            csv_field(r.group),
+            csv_field(&r.system),
+            r.threads,
+            r.ops
+        )
+        .unwrap();
     }
     eprintln!(
         "wrote {}/results.md, results.csv, durable-threads.svg, replay-threads.svg",
         s.out.display()
     );
+}
+
+/// A CSV field: quoted, as group names hold commas ("replay, small result").
+fn csv_field(text: &str) -> String {
+    format!("\"{}\"", text.replace('"', "\"\""))
 }
 
 fn render_table(rows: &[Row]) -> String {

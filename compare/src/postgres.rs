@@ -68,7 +68,10 @@ impl Server {
                 tokio::spawn(connection);
                 Ok::<_, tokio_postgres::Error>(client)
             })
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| match std::error::Error::source(&e) {
+                Some(cause) => format!("{e}: {cause}"),
+                None => e.to_string(),
+            })?;
         let started = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()

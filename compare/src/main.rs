@@ -3,9 +3,16 @@
 //! Every system does the same idempotency protocol for a new key: look up, claim, durable
 //! point, record the completion, durable point. Replay is one lookup of a completed key. Each
 //! figure is operations per second over a fixed time; ratios are to idemstore's figure in the
-//! same row group, so they compare systems measured minutes apart on the same disk.
+//! same row group and thread count on the same kind of storage (PostgreSQL rows to
+//! idemstore's PostgreSQL engine, every other row to idemstore on sled), so they compare
+//! systems measured minutes apart on the same disk.
+//!
+//! PostgreSQL rows need a server: `IDEMSTORE_TEST_POSTGRES` (default
+//! `host=127.0.0.1 user=postgres dbname=test`); when it does not answer they are skipped.
 //!
 //! Run: `cargo run --release -p idemstore-compare [-- --seconds 3 --out target/compare]`
+
+mod postgres;
 
 use idemstore::{Durability, Store};
 use std::io::Write;
@@ -14,6 +21,18 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 const VALUE: &[u8] = b"receipt:ch_1N8vJkLq2eZvKYlo2C0fG8yZ"; // a small, typical result
+
+/// The server PostgreSQL rows run on when `IDEMSTORE_TEST_POSTGRES` is not set.
+const DEFAULT_POSTGRES: &str = "host=127.0.0.1 user=postgres dbname=test";
+
+/// Row names of the PostgreSQL systems.
+const PG_ENGINE: &str = "idemstore PostgreSQL";
+const PG_BY_HAND: &str = "PostgreSQL by hand";
+
+/// Row groups measured against threads (the others run on one thread).
+const DURABLE: &str = "new key, durable";
+const REPLAY_SMALL: &str = "replay, small result";
+const REPLAY_LARGE: &str = "replay, 4 KiB result";
 
 /// The result idemstore records: a small receipt, or a 4 KiB response body.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -320,6 +339,24 @@ fn unsafe_free_fdatasync(fd: i32) -> i32 {
     }
 }
 
+// ---- PostgreSQL ----
+
+/// The PostgreSQL server of this run, or None (with a note saying why its rows are skipped).
+fn postgres_server(notes: &mut Vec<String>) -> Option<postgres::Server> {
+    let url =
+        std::env::var("IDEMSTORE_TEST_POSTGRES").unwrap_or_else(|_| DEFAULT_POSTGRES.to_string());
+    match postgres::Server::connect(&url) {
+        Ok(server) => Some(server),
+        Err(e) => {
+            let note =
+                format!("PostgreSQL rows skipped: the server at `{url}` did not answer ({e}).");
+            eprintln!("{note}");
+            notes.push(note);
+            None
+        }
+    }
+}
+
 // ---- report ----
 
 struct Row {
@@ -343,21 +380,28 @@ fn main() {
         });
     };
     let fresh = || tempfile::tempdir_in(std::env::current_dir().unwrap()).unwrap();
-    // `--only TEXT` keeps the measurements whose "group: system" contains TEXT.
+    // `--only TEXT` keeps the measurements whose "group: system" contains TEXT, in any case.
     let wanted = |group: &str, system: &str| {
-        s.only
-            .as_ref()
-            .is_none_or(|o| format!("{group}: {system}").contains(o.as_str()))
+        s.only.as_ref().is_none_or(|o| {
+            format!("{group}: {system}")
+                .to_lowercase()
+                .contains(&o.to_lowercase())
+        })
+    };
+    let mut notes: Vec<String> = Vec::new();
+    let pg_wanted = [DURABLE, REPLAY_SMALL]
+        .iter()
+        .any(|g| wanted(g, PG_ENGINE) || wanted(g, PG_BY_HAND));
+    let pg = match pg_wanted {
+        true => postgres_server(&mut notes),
+        false => None,
     };
     type Measure<'a> = Box<dyn Fn(&Path) -> f64 + 'a>;
     let secs = s.seconds;
     let mut plan: Vec<(&'static str, &'static str, usize, Measure)> = Vec::new();
     let small = VALUE.to_vec();
     let large = vec![7u8; 4096];
-    for (group, value) in [
-        ("replay, small result", small),
-        ("replay, 4 KiB result", large),
-    ] {
+    for (group, value) in [(REPLAY_SMALL, small), (REPLAY_LARGE, large)] {
         let v = value.clone();
         plan.push((
             group,
@@ -379,8 +423,34 @@ fn main() {
             Box::new(move |d| sqlite_replay(d, 1, secs, &value)),
         ));
     }
+    // Replays against threads: idemstore on sled and both PostgreSQL systems.
     for &t in &s.threads {
-        let group = "new key, durable";
+        let group = REPLAY_SMALL;
+        if t != 1 {
+            plan.push((
+                group,
+                "idemstore",
+                t,
+                Box::new(move |d| idemstore_replay(d, t, secs, VALUE)),
+            ));
+        }
+        if let Some(server) = &pg {
+            plan.push((
+                group,
+                PG_ENGINE,
+                t,
+                Box::new(move |_| postgres::engine_replay(server, t, secs)),
+            ));
+            plan.push((
+                group,
+                PG_BY_HAND,
+                t,
+                Box::new(move |_| postgres::by_hand_replay(server, t, secs)),
+            ));
+        }
+    }
+    for &t in &s.threads {
+        let group = DURABLE;
         plan.push((
             group,
             "idemstore Immediate",
@@ -405,6 +475,20 @@ fn main() {
             t,
             Box::new(move |d| sqlite_new_keys(d, "FULL", t, secs)),
         ));
+        if let Some(server) = &pg {
+            plan.push((
+                group,
+                PG_ENGINE,
+                t,
+                Box::new(move |_| postgres::engine_new_keys(server, t, secs)),
+            ));
+            plan.push((
+                group,
+                PG_BY_HAND,
+                t,
+                Box::new(move |_| postgres::by_hand_new_keys(server, t, secs)),
+            ));
+        }
     }
     let group = "new key, not durable";
     let periodic = Durability::Periodic(Duration::from_millis(500));
@@ -440,30 +524,75 @@ fn main() {
         }
     }
 
-    let table = render_table(&rows);
+    let mut table = render_table(&rows);
+    for note in &notes {
+        table += &format!("\n{note}\n");
+    }
     println!("{table}");
     std::fs::write(s.out.join("results.md"), &table).unwrap();
-    std::fs::write(s.out.join("durable-threads.svg"), render_svg(&rows)).unwrap();
+    let durable_svg = render_svg(
+        &rows,
+        DURABLE,
+        "New key, durable: ops/s against threads (log scale)",
+        &[
+            ("idemstore Immediate", "#1f77b4"),
+            ("raw sled + 2 flushes", "#ff7f0e"),
+            ("raw sled + 2 (flush + fdatasync)", "#9467bd"),
+            ("SQLite WAL FULL", "#2ca02c"),
+            (PG_ENGINE, "#d62728"),
+            (PG_BY_HAND, "#8c564b"),
+        ],
+    );
+    std::fs::write(s.out.join("durable-threads.svg"), durable_svg).unwrap();
+    let replay_svg = render_svg(
+        &rows,
+        REPLAY_SMALL,
+        "Replay, small result: ops/s against threads (log scale)",
+        &[
+            ("idemstore", "#1f77b4"),
+            (PG_ENGINE, "#d62728"),
+            (PG_BY_HAND, "#8c564b"),
+        ],
+    );
+    std::fs::write(s.out.join("replay-threads.svg"), replay_svg).unwrap();
     let mut csv = std::fs::File::create(s.out.join("results.csv")).unwrap();
     writeln!(csv, "group,system,threads,ops_per_sec").unwrap();
     for r in &rows {
-        writeln!(csv, "{},{},{},{:.0}", r.group, r.system, r.threads, r.ops).unwrap();
+        writeln!(
+            csv,
+            "{},{},{},{:.0}",
+            csv_field(r.group),
+            csv_field(&r.system),
+            r.threads,
+            r.ops
+        )
+        .unwrap();
     }
     eprintln!(
-        "wrote {}/results.md, results.csv, durable-threads.svg",
+        "wrote {}/results.md, results.csv, durable-threads.svg, replay-threads.svg",
         s.out.display()
     );
+}
+
+/// A CSV field: quoted, as group names hold commas ("replay, small result").
+fn csv_field(text: &str) -> String {
+    format!("\"{}\"", text.replace('"', "\"\""))
 }
 
 fn render_table(rows: &[Row]) -> String {
     let mut out = String::from(
         "| workload | system | threads | ops/s | idemstore ÷ system |\n|---|---|---:|---:|---:|\n",
     );
+    // PostgreSQL rows compare with idemstore's PostgreSQL engine, the others with sled's.
+    let on_postgres = |system: &str| system.contains("PostgreSQL");
     for r in rows {
         let base = rows
             .iter()
             .find(|b| {
-                b.group == r.group && b.threads == r.threads && b.system.starts_with("idemstore")
+                b.group == r.group
+                    && b.threads == r.threads
+                    && b.system.starts_with("idemstore")
+                    && on_postgres(&b.system) == on_postgres(&r.system)
             })
             .map(|b| b.ops);
         let ratio = match base {
@@ -478,29 +607,28 @@ fn render_table(rows: &[Row]) -> String {
     out
 }
 
-/// A log-scale line chart of durable new-key throughput against threads.
-fn render_svg(rows: &[Row]) -> String {
-    let series: Vec<(&str, &str)> = vec![
-        ("idemstore Immediate", "#1f77b4"),
-        ("raw sled + 2 flushes", "#ff7f0e"),
-        ("raw sled + 2 (flush + fdatasync)", "#9467bd"),
-        ("SQLite WAL FULL", "#2ca02c"),
-    ];
-    let points: Vec<(&str, Vec<(usize, f64)>)> = series
+/// A chart line's points: (threads, ops/s).
+type Points = Vec<(usize, f64)>;
+
+/// A log-scale line chart of `group`'s throughput against threads, one line per system of
+/// `series` (name, colour) that has rows.
+fn render_svg(rows: &[Row], group: &str, title: &str, series: &[(&str, &str)]) -> String {
+    // (name, colour, points) of each series with rows.
+    let lines: Vec<(&str, &str, Points)> = series
         .iter()
-        .map(|(name, _)| {
-            (
-                *name,
-                rows.iter()
-                    .filter(|r| r.group == "new key, durable" && r.system == *name)
-                    .map(|r| (r.threads, r.ops))
-                    .collect(),
-            )
+        .map(|&(name, color)| {
+            let pts = rows
+                .iter()
+                .filter(|r| r.group == group && r.system == name)
+                .map(|r| (r.threads, r.ops))
+                .collect();
+            (name, color, pts)
         })
+        .filter(|(_, _, pts): &(_, _, Points)| !pts.is_empty())
         .collect();
-    let all: Vec<f64> = points
+    let all: Vec<f64> = lines
         .iter()
-        .flat_map(|(_, p)| p.iter().map(|(_, o)| *o))
+        .flat_map(|(_, _, p)| p.iter().map(|(_, o)| *o))
         .collect();
     let (lo, hi) = (
         all.iter()
@@ -511,10 +639,14 @@ fn render_svg(rows: &[Row]) -> String {
             .floor(),
         all.iter().cloned().fold(1.0, f64::max).log10().ceil(),
     );
-    let threads: Vec<usize> = points
-        .first()
-        .map(|(_, p)| p.iter().map(|(t, _)| *t).collect())
-        .unwrap_or_default();
+    // Every thread count any series has, in order: a series' point sits at its count's place.
+    let mut threads: Vec<usize> = lines
+        .iter()
+        .flat_map(|(_, _, p)| p.iter().map(|(t, _)| *t))
+        .collect();
+    threads.sort_unstable();
+    threads.dedup();
+    let place = |t: usize| threads.iter().position(|&u| u == t).unwrap_or_default();
     let (w, h, left, right, top, bottom) = (800.0, 420.0, 80.0, 280.0, 40.0, 60.0);
     let x = |i: usize| left + (w - left - right) * i as f64 / (threads.len().max(2) - 1) as f64;
     let y = |ops: f64| {
@@ -523,7 +655,7 @@ fn render_svg(rows: &[Row]) -> String {
     let mut svg = format!(
         "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-family='sans-serif' font-size='12'>\
          <rect width='100%' height='100%' fill='white'/>\
-         <text x='{}' y='22' font-size='15' text-anchor='middle'>New key, durable: ops/s against threads (log scale)</text>",
+         <text x='{}' y='22' font-size='15' text-anchor='middle'>{title}</text>",
         w / 2.0
     );
     let mut decade = lo;
@@ -550,20 +682,19 @@ fn render_svg(rows: &[Row]) -> String {
         (left + w - right) / 2.0,
         h - 18.0
     );
-    for (k, ((name, color), (_, pts))) in series.iter().zip(&points).enumerate() {
+    for (k, (name, color, pts)) in lines.iter().enumerate() {
         let path: Vec<String> = pts
             .iter()
-            .enumerate()
-            .map(|(i, (_, o))| format!("{:.1},{:.1}", x(i), y(*o)))
+            .map(|(t, o)| format!("{:.1},{:.1}", x(place(*t)), y(*o)))
             .collect();
         svg += &format!(
             "<polyline fill='none' stroke='{color}' stroke-width='2.5' points='{}'/>",
             path.join(" ")
         );
-        for (i, (_, o)) in pts.iter().enumerate() {
+        for (t, o) in pts {
             svg += &format!(
                 "<circle cx='{:.1}' cy='{:.1}' r='3.5' fill='{color}'/>",
-                x(i),
+                x(place(*t)),
                 y(*o)
             );
         }

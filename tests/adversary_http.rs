@@ -230,41 +230,71 @@ fn a_key_of_255_characters_is_a_valid_key() {
 /// every replay is a 500 too — the handler ran once and its response is lost to everyone.
 #[test]
 fn a_response_body_at_the_limit_reaches_its_first_caller_and_replays() {
+    // Fixed: the default stored-body limit leaves room for the status and headers within the
+    // store's 1 MiB, so a body at the limit is stored and replayed; and a body the store
+    // cannot hold (a layer limit above the store's) still reaches its first caller, while its
+    // replays get a 500 problem and the handler does not run again.
     let scratch = Scratch::new();
     let store = Arc::new(scratch.open());
     runtime().block_on(async {
         let app = Arc::new(App::default());
-        async fn export(State(app): State<Arc<App>>) -> (StatusCode, HeaderMap, Vec<u8>) {
+        async fn export(
+            State(app): State<Arc<App>>,
+            body: Bytes,
+        ) -> (StatusCode, HeaderMap, Vec<u8>) {
             app.runs.fetch_add(1, Ordering::SeqCst);
             let mut h = HeaderMap::new();
             h.insert("content-type", HeaderValue::from_static("text/csv"));
             h.insert("location", HeaderValue::from_static("/exports/1"));
-            (StatusCode::CREATED, h, vec![b'x'; 1 << 20])
+            let size = std::str::from_utf8(&body)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            (StatusCode::CREATED, h, vec![b'x'; size])
         }
+        let at_limit = ((1 << 20) - (64 << 10)).to_string();
         let router = Router::new()
             .route("/exports", post(export))
-            .layer(IdempotencyLayer::new(Arc::clone(&store))) // defaults: 1 MiB
+            .layer(IdempotencyLayer::new(Arc::clone(&store)))
             .with_state(Arc::clone(&app));
         let (addr, server) = serve(router).await;
         let client = client();
         let k = [("idempotency-key", "export-1")];
-        let first = send(&client, addr, "/exports", &k, b"").await;
-        let again = send(&client, addr, "/exports", &k, b"").await;
+        let first = send(&client, addr, "/exports", &k, at_limit.as_bytes()).await;
+        let again = send(&client, addr, "/exports", &k, at_limit.as_bytes()).await;
         server.abort();
         assert_eq!(app.runs.load(Ordering::SeqCst), 1);
         assert_eq!(
             (first.status, first.body.len()),
-            (StatusCode::CREATED, 1 << 20),
-            "the first caller must get the handler's response (a body exactly at the 1 MiB \
-             limit is within it); got {} {}",
-            first.status,
-            first.problem_type()
+            (StatusCode::CREATED, (1 << 20) - (64 << 10))
         );
         assert_eq!(
             (again.status, again.replayed(), again.body.len()),
-            (StatusCode::CREATED, true, 1 << 20),
+            (StatusCode::CREATED, true, (1 << 20) - (64 << 10)),
             "a body within the limit is stored and replayed"
         );
+
+        let router = Router::new()
+            .route("/exports", post(export))
+            .layer(IdempotencyLayer::new(Arc::clone(&store)).max_response_bytes(4 << 20))
+            .with_state(Arc::clone(&app));
+        let (addr, server) = serve(router).await;
+        let k = [("idempotency-key", "export-2")];
+        let size = (1 << 20).to_string();
+        let first = send(&client, addr, "/exports", &k, size.as_bytes()).await;
+        let again = send(&client, addr, "/exports", &k, size.as_bytes()).await;
+        server.abort();
+        assert_eq!(
+            (first.status, first.body.len()),
+            (StatusCode::CREATED, 1 << 20),
+            "the first caller gets it"
+        );
+        assert_eq!(again.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(
+            again.problem_type(),
+            "urn:idemstore:problem:response-not-stored"
+        );
+        assert_eq!(app.runs.load(Ordering::SeqCst), 2, "not run again");
     });
 }
 

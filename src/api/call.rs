@@ -80,6 +80,16 @@ impl<'s, 'k, P, S: Engine> Call<'s, 'k, P, S> {
         self
     }
 
+    /// A retryable error (or a panic) of this call leaves no record: the key is released, as
+    /// if it had never been used, so the next call with it runs afresh — with any fingerprint
+    /// — and starts again at attempt 1. (By default a retryable failure is recorded: the next
+    /// call must carry the same fingerprint, and the attempt count grows.) Permanent errors
+    /// and results are recorded as always.
+    pub fn forget_retryable_errors(mut self) -> Self {
+        self.options.forget_retryable = true;
+        self
+    }
+
     /// What this call does with an interrupted earlier run; see [`OrphanPolicy`].
     /// `Rerun` here lets a caller that reconciled after [`Error::Interrupted`](crate::Error::Interrupted) proceed.
     pub fn orphan_policy(mut self, policy: OrphanPolicy) -> Self {

@@ -44,6 +44,8 @@ pub(crate) struct CallOptions {
     pub with_steps: bool,
     /// How this call encodes its outcome (None: the store's setting).
     pub codec: Option<Codec>,
+    /// A retryable failure removes the record instead of recording it (`forget_retryable_errors`).
+    pub forget_retryable: bool,
 }
 
 /// The store-wide settings the rules and drivers read on every call.

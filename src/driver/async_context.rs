@@ -3,8 +3,8 @@
 //! Invariants: the rules of steps are `step_run`'s, as for the sync context; a step is
 //! recorded (durably, in `Immediate` mode) before its `step` future completes, and no lock is
 //! held across an `.await`. The context is a cheap handle (clones share the run); a clone kept
-//! past the run can only be refused: its claim's record is no longer Pending, so fencing
-//! refuses its writes.
+//! past the run is refused before its step runs (`OutcomeNotRecorded`): the run's claim is no
+//! longer its to use.
 
 use parking_lot::Mutex;
 use serde::de::DeserializeOwned;
@@ -119,6 +119,8 @@ struct AsyncRun {
     token: ClaimToken,
     life: ClaimToken,
     run: Mutex<StepRun>,
+    /// The run is over: a step asked for now is refused before it runs.
+    ended: std::sync::atomic::AtomicBool,
 }
 
 /// The run of one async operation: passed to the closure of
@@ -176,6 +178,7 @@ impl AsyncContext {
                     claim.codec,
                     claim.max_result_bytes,
                 )),
+                ended: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
@@ -222,6 +225,12 @@ impl AsyncContext {
         Fut: Future<Output = Result<V, E>>,
     {
         let key = self.key();
+        if self.inner.ended.load(std::sync::atomic::Ordering::SeqCst) {
+            // A clone kept past its run: its claim is no longer this run's to use.
+            return Err(StepError::Store(Error::OutcomeNotRecorded {
+                key: crate::key::KeyName::new(key),
+            }));
+        }
         let (index, read) = {
             let mut run = self.inner.run.lock();
             (run.begin(key, name)?, run.needs_recorded())
@@ -242,8 +251,24 @@ impl AsyncContext {
         Ok(value)
     }
 
+    /// A guard that marks the run ended when dropped.
+    pub(crate) fn ender(&self) -> RunEnder {
+        RunEnder(Arc::clone(&self.inner))
+    }
+
     /// Takes the store failure that failed this run, if any.
     pub(crate) fn take_failure(&self) -> Option<RunFailure> {
         self.inner.run.lock().take_failure()
+    }
+}
+
+/// Marks its run ended when dropped (when the run returns, or its call's future is dropped).
+pub(crate) struct RunEnder(Arc<AsyncRun>);
+
+impl Drop for RunEnder {
+    fn drop(&mut self) {
+        self.0
+            .ended
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }

@@ -32,10 +32,10 @@ use crate::driver::registry::Entry;
 use crate::driver::registry::Leader;
 use crate::driver::state::StoreState;
 use crate::driver::waiting::Waiting;
-use crate::engine::{Engine, Held};
+use crate::engine::{ClaimOrGet, Engine, Held};
 use crate::error::{Error, ExecuteError};
 use crate::format::codec::Codec;
-use crate::format::record::{self, Header, OutcomeKind, RecordState, LEGACY_LIFE};
+use crate::format::record::{self, ClaimToken, Header, OutcomeKind, RecordState, LEGACY_LIFE};
 use crate::key::{KeyHash, KeyName};
 use crate::stats::Counters;
 
@@ -56,13 +56,20 @@ where
     state.check_key(key)?;
     let mut waiting = Waiting::new(state, options);
     loop {
-        let (leader, first_read, seen) = match lead(state, key, options, policy, &mut waiting)? {
-            Lead::Done(reply) => return reply,
-            Lead::Leader {
+        let first = match state.engine.claims_first() {
+            true => claim_first(state, key, options, policy, &mut waiting)?,
+            false => First::Look(lead(state, key, options, policy, &mut waiting)?),
+        };
+        let (leader, first_read, seen) = match first {
+            First::Look(Lead::Done(reply)) => return reply,
+            First::Claimed { leader, pending } => {
+                return run_claimed(state, key, options, policy, leader, pending, None, f);
+            }
+            First::Look(Lead::Leader {
                 leader,
                 stored,
                 seen,
-            } => (leader, stored, seen),
+            }) => (leader, stored, seen),
         };
         // As leader nothing else in this process claims the key. A Pending record seen before
         // leading may have finished since: read again. Any other state is re-checked by the
@@ -118,7 +125,6 @@ where
             }
             stored = None;
         }
-        let attempts = plan.attempt.number;
         let ttl_ms = state.settings.ttl_ms(options);
         let pending_header = plan.attempt.header(
             RecordState::Pending,
@@ -144,55 +150,95 @@ where
                 waiting.wait_for_holder(key, header.map_or(LEGACY_LIFE, |h| h.claim))?;
                 continue;
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                // Whether the claim was written is unknown: if it was, a shared engine ends
+                // its lease now rather than leave the key held.
+                interrupted(state, key, &pending, pending_header.claim);
+                return Err(e.into());
+            }
         }
-        let held = Held {
+        return run_claimed(
+            state,
             key,
-            record: &pending,
-            token: pending_header.claim,
-            life: pending_header.life,
-        };
-        if let Err(e) = state.wait_durable() {
-            // The claim may not be durable: do not run. Put the record back as it was.
-            let _ = state.engine.finish(&held, stored.map(<[u8]>::to_vec));
-            return Err(e.into());
-        }
-        let guard = ClaimGuard {
-            state,
-            held,
-            header: &pending_header,
-            ttl_ms,
-            armed: true,
-        };
+            options,
+            policy,
+            leader,
+            (pending_header, pending),
+            stored,
+            f,
+        );
+    }
+}
 
-        Counters::bump(&state.counters.executions);
-        let span = tracing::debug_span!("idemstore.execute", key = %KeyHash(key), attempts);
-        let _entered = span.enter();
-        tracing::debug!("running operation");
-        // Invariant: this point is reached once per call (every path below returns), so the
-        // closure is called at most once.
-        let codec = state.settings.codec(options);
-        let mut context = Context::new(
-            state,
-            RunClaim {
-                held,
-                attempt: attempts,
-                codec,
-                max_result_bytes: state.settings.max_result_bytes,
-            },
-        );
-        let ran = panic::catch_unwind(AssertUnwindSafe(|| f(&mut context)));
-        let failure = context.take_failure();
-        let limit = state.settings.max_result_bytes;
-        let result = record_outcome(
-            guard,
-            settle::settle(key, ran, failure, policy, codec, limit),
-        );
-        drop(leader);
-        return match result {
-            Finished::Returned(r) => r,
-            Finished::Panicked(payload) => panic::resume_unwind(payload),
-        };
+/// Runs `f` under the claim this call just wrote (`pending`: its Pending header and bytes,
+/// which replaced `stored`), records the outcome and returns it.
+#[allow(clippy::too_many_arguments)]
+fn run_claimed<S, T, E, P, F>(
+    state: &StoreState<S>,
+    key: &[u8],
+    options: &CallOptions,
+    policy: &P,
+    leader: Leader<'_>,
+    pending: (Header, Vec<u8>),
+    stored: Option<&[u8]>,
+    f: F,
+) -> Result<Outcome<T>, ExecuteError<E>>
+where
+    S: Engine,
+    T: Serialize + DeserializeOwned,
+    P: ErrorPolicy<E>,
+    F: FnOnce(&mut Context<'_>) -> Result<T, E>,
+{
+    let (pending_header, pending) = pending;
+    let attempts = pending_header.attempts;
+    let ttl_ms = state.settings.ttl_ms(options);
+    let held = Held {
+        key,
+        record: &pending,
+        token: pending_header.claim,
+        life: pending_header.life,
+    };
+    if let Err(e) = state.wait_durable() {
+        // The claim may not be durable: do not run. Put the record back as it was.
+        let _ = state.engine.finish(&held, stored.map(<[u8]>::to_vec));
+        return Err(e.into());
+    }
+    let guard = ClaimGuard {
+        state,
+        held,
+        header: &pending_header,
+        ttl_ms,
+        forget: options.forget_retryable,
+        armed: true,
+    };
+
+    Counters::bump(&state.counters.executions);
+    let span = tracing::debug_span!("idemstore.execute", key = %KeyHash(key), attempts);
+    let _entered = span.enter();
+    tracing::debug!("running operation");
+    // Invariant: this point is reached once per call (every path below returns), so the
+    // closure is called at most once.
+    let codec = state.settings.codec(options);
+    let mut context = Context::new(
+        state,
+        RunClaim {
+            held,
+            attempt: attempts,
+            codec,
+            max_result_bytes: state.settings.max_result_bytes,
+        },
+    );
+    let ran = panic::catch_unwind(AssertUnwindSafe(|| f(&mut context)));
+    let failure = context.take_failure();
+    let limit = state.settings.max_result_bytes;
+    let result = record_outcome(
+        guard,
+        settle::settle(key, ran, failure, policy, codec, limit),
+    );
+    drop(leader);
+    match result {
+        Finished::Returned(r) => r,
+        Finished::Panicked(payload) => panic::resume_unwind(payload),
     }
 }
 
@@ -207,6 +253,113 @@ pub(crate) enum Lead<'r, B, T, E> {
         stored: Option<B>,
         seen: Option<Header>,
     },
+}
+
+/// The first look of a call: an ordinary look, or a claim made first.
+pub(crate) enum First<'r, B, T, E> {
+    Look(Lead<'r, B, T, E>),
+    /// This call leads the key and has claimed it (it had no record): run under `pending`.
+    Claimed {
+        leader: Leader<'r>,
+        pending: (Header, Vec<u8>),
+    },
+}
+
+/// The first look of an engine that claims first ([`Engine::claims_first`]): lead the key in
+/// this process, then, in one engine operation, claim it if it has no record or read the
+/// record it has (which the rules then take as any read record: replay, refuse, wait or
+/// claim over it).
+pub(crate) fn claim_first<'r, S, T, E, P>(
+    state: &'r StoreState<S>,
+    key: &[u8],
+    options: &CallOptions,
+    policy: &P,
+    waiting: &mut Waiting<'_, S>,
+) -> Result<First<'r, S::Bytes, T, E>, Error>
+where
+    S: Engine,
+    T: Serialize + DeserializeOwned,
+    P: ErrorPolicy<E>,
+{
+    loop {
+        let leader = match state.registry.enter(key) {
+            Entry::Leader(leader) => leader,
+            // A call of this process runs the key: the ordinary look decides (a mismatch is
+            // refused at once, an outcome replayed, the call waited for).
+            Entry::Follower(_) => {
+                return Ok(First::Look(lead(state, key, options, policy, waiting)?))
+            }
+        };
+        let Some((header, pending)) = absent_claim(state, options)? else {
+            return Ok(First::Look(Lead::Leader {
+                leader,
+                stored: None,
+                seen: None,
+            }));
+        };
+        state.engine.index_expiry(header.expires_ms, key)?;
+        match state.engine.claim_or_get(key, pending.clone()) {
+            Ok(Some(ClaimOrGet::Claimed)) => {
+                return Ok(First::Claimed {
+                    leader,
+                    pending: (header, pending),
+                })
+            }
+            Ok(Some(ClaimOrGet::Existing(bytes))) => {
+                let seen = record::decode(bytes.as_ref())
+                    .map_err(|e| decode_error(key, e))?
+                    .header;
+                return Ok(First::Look(Lead::Leader {
+                    leader,
+                    stored: Some(bytes),
+                    seen: Some(seen),
+                }));
+            }
+            // A record appeared meanwhile, not yet visible: look again.
+            Ok(None) => drop(leader),
+            Err(e) if e.is_busy() => {
+                drop(leader);
+                waiting.wait_for_holder(key, LEGACY_LIFE)?;
+            }
+            Err(e) => {
+                interrupted(state, key, &pending, header.claim);
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// Tells the engine that a claim whose answer was lost may be written: a shared engine ends
+/// its lease at once.
+fn interrupted<S: Engine>(state: &StoreState<S>, key: &[u8], pending: &[u8], token: ClaimToken) {
+    state.engine.interrupted(&Held {
+        key,
+        record: pending,
+        token,
+        life: token,
+    });
+}
+
+/// The Pending record (header and bytes) a claim of an absent key writes now, as the rules
+/// plan it; `None` if they plan something else (they never do for an absent key).
+pub(crate) fn absent_claim<S: Engine>(
+    state: &StoreState<S>,
+    options: &CallOptions,
+) -> Result<Option<(Header, Vec<u8>)>, Error> {
+    let now = state.clock.now_millis();
+    let orphan_policy = state.settings.orphan_policy(options);
+    let AsLeader::Claim(plan) = rules::as_leader(None, now, options, orphan_policy, false) else {
+        return Ok(None);
+    };
+    let header = plan.attempt.header(
+        RecordState::Pending,
+        OutcomeKind::None,
+        now,
+        state.settings.ttl_ms(options),
+        state.next_claim_token(None)?,
+    );
+    let pending = record::encode(&header, &[]);
+    Ok(Some((header, pending)))
 }
 
 /// Replays a live recorded outcome (once durable), or waits for the key's running call, or
@@ -307,6 +460,31 @@ pub(crate) fn refused<S>(state: &StoreState<S>, key: &[u8], refusal: Refusal) ->
     }
 }
 
+/// Whether a run that settled into `state` leaves no record (a retryable failure of a call
+/// that forgets them).
+pub(crate) fn forgets(state: RecordState, forget: bool) -> bool {
+    forget && state == RecordState::FailedRetryable
+}
+
+/// Removes the claim's Pending record (and its life's steps), fenced, and waits for it to be
+/// durable: the key is released as if never used. A failed removal leaves the claim to the
+/// orphan policy.
+fn release<S: Engine>(
+    state: &StoreState<S>,
+    held: &Held<'_>,
+    pending: &Header,
+) -> Result<(), Error> {
+    let steps_of = pending.has_steps.then_some(pending.life);
+    match state.engine.remove_record(held.key, held.record, steps_of) {
+        Ok(true) => state.wait_durable(),
+        Ok(false) => Err(state.fenced_out(held)),
+        Err(e) => {
+            state.engine.abandon(held);
+            Err(e)
+        }
+    }
+}
+
 /// The Pending record of a running claim. Until [`ClaimGuard::write`] succeeds, dropping the
 /// guard (an unwind from user code anywhere between claim and outcome) records the attempt as
 /// retryable, so waiters in this process find a retryable record, not a false orphan.
@@ -315,6 +493,8 @@ struct ClaimGuard<'a, S: Engine> {
     held: Held<'a>,
     header: &'a Header,
     ttl_ms: u64,
+    /// A retryable failure removes the record (`Call::forget_retryable_errors`).
+    forget: bool,
     armed: bool,
 }
 
@@ -342,6 +522,10 @@ impl<S: Engine> ClaimGuard<'_, S> {
     ) -> Result<Header, Error> {
         let (payload, codec, shape) = encoded;
         let header = outcome_header(self.header, now, self.ttl_ms, state, outcome, codec, shape);
+        if forgets(state, self.forget) {
+            release(self.state, &self.held, self.header)?;
+            return Ok(header);
+        }
         if header.expires_ms != self.header.expires_ms {
             self.state
                 .engine

@@ -34,14 +34,14 @@ use crate::core::settle::{self, Reply, Settled};
 use crate::driver::async_context::{
     durable_async, fenced_out_async, AsyncClaim, AsyncContext, StoreLog,
 };
-use crate::driver::execute::{refused, replayed};
+use crate::driver::execute::{absent_claim, forgets, refused, replayed};
 use crate::driver::registry::{Entry, Leader};
 use crate::driver::state::StoreState;
 use crate::driver::waiting::Waiting;
-use crate::engine::{Engine, Held};
+use crate::engine::{ClaimOrGet, Engine, Held};
 use crate::error::{Error, ExecuteError};
 use crate::format::codec::Codec;
-use crate::format::record::{self, Header, OutcomeKind, RecordState, LEGACY_LIFE};
+use crate::format::record::{self, ClaimToken, Header, OutcomeKind, RecordState, LEGACY_LIFE};
 use crate::key::{KeyHash, KeyName};
 use crate::stats::Counters;
 
@@ -62,19 +62,24 @@ where
 {
     state.check_key(key)?;
     let mut waiting = Waiting::new(state, options);
-    let mut f = Some(f);
-    loop {
-        let (leader, first_read, seen) = match lead_async(state, key, options, &mut waiting).await?
-        {
-            LeadAsync::Replay(bytes) => {
+    // The loop ends with this call's claim written: its leadership, Pending header and
+    // bytes, and the record it replaced (to put back if the claim cannot be made durable).
+    let (leader, pending_header, pending, replaced) = loop {
+        let first = match state.engine.claims_first() {
+            true => claim_first_async(state, key, options, &mut waiting).await?,
+            false => FirstAsync::Look(lead_async(state, key, options, &mut waiting).await?),
+        };
+        let (leader, first_read, seen) = match first {
+            FirstAsync::Claimed { leader, pending } => break (leader, pending.0, pending.1, None),
+            FirstAsync::Look(LeadAsync::Replay(bytes)) => {
                 let rec = record::decode(bytes.as_ref()).map_err(|e| decode_error(key, e))?;
                 return replayed(state, key, &rec, &policy);
             }
-            LeadAsync::Leader {
+            FirstAsync::Look(LeadAsync::Leader {
                 leader,
                 stored,
                 seen,
-            } => (leader, stored, seen),
+            }) => (leader, stored, seen),
         };
         let fresh_read = match seen {
             Some(h) if h.state == RecordState::Pending => Some(state.engine.get_async(key).await?),
@@ -145,7 +150,6 @@ where
             Some(epoch) => Ok(epoch),
             None => state.engine.fresh_epoch(),
         })?;
-        let attempts = plan.attempt.number;
         let ttl_ms = state.settings.ttl_ms(options);
         let pending_header =
             plan.attempt
@@ -153,7 +157,10 @@ where
         let pending = record::encode(&pending_header, &[]);
         // The index entry goes first, so a durable record always has one.
         state.engine.index_expiry(pending_header.expires_ms, key)?;
-        match state.engine.claim_async(key, stored, pending.clone()).await {
+        let in_flight = InFlight::new(&state.engine, key, &pending, pending_header.claim);
+        let claimed = state.engine.claim_async(key, stored, pending.clone()).await;
+        in_flight.settled(matches!(claimed, Ok(_)));
+        match claimed {
             Ok(true) => {}
             Ok(false) => {
                 drop(leader);
@@ -168,64 +175,133 @@ where
             }
             Err(e) => return Err(e.into()),
         }
-        let held = Held {
-            key,
-            record: &pending,
-            token: pending_header.claim,
-            life: pending_header.life,
-        };
-        let mut guard = RunGuard {
-            state,
-            held,
-            header: &pending_header,
-            ttl_ms,
-            phase: Phase::Claimed,
-        };
-        if let Err(e) = durable_async(state).await {
-            // The claim may not be durable: do not run. Put the record back as it was.
-            guard.phase = Phase::Done;
-            let _ = state
-                .engine
-                .finish_async(&guard.held, stored.map(<[u8]>::to_vec))
-                .await;
-            return Err(e.into());
-        }
+        break (leader, pending_header, pending, stored.map(<[u8]>::to_vec));
+    };
+    let attempts = pending_header.attempts;
+    let ttl_ms = state.settings.ttl_ms(options);
+    let held = Held {
+        key,
+        record: &pending,
+        token: pending_header.claim,
+        life: pending_header.life,
+    };
+    let mut guard = RunGuard {
+        state,
+        held,
+        header: &pending_header,
+        ttl_ms,
+        forget: options.forget_retryable,
+        phase: Phase::Claimed,
+    };
+    if let Err(e) = durable_async(state).await {
+        // The claim may not be durable: do not run. Put the record back as it was.
+        guard.phase = Phase::Done;
+        let _ = state.engine.finish_async(&guard.held, replaced).await;
+        return Err(e.into());
+    }
 
-        Counters::bump(&state.counters.executions);
-        tracing::debug!(key = %KeyHash(key), attempts, "running operation");
-        let codec = state.settings.codec(options);
-        let limit = state.settings.max_result_bytes;
-        let log: Arc<dyn crate::driver::async_context::AsyncStepLog> =
-            Arc::new(StoreLog(Arc::clone(state)));
-        let context = AsyncContext::new(
-            log,
-            AsyncClaim {
-                held,
-                attempt: attempts,
-                codec,
-                max_result_bytes: limit,
-            },
-        );
-        // Invariant: this point is reached once per call (every path below returns), so the
-        // operation is started at most once.
-        let Some(f) = f.take() else {
-            return Err(Error::OutcomeNotRecorded {
-                key: KeyName::new(key),
+    Counters::bump(&state.counters.executions);
+    tracing::debug!(key = %KeyHash(key), attempts, "running operation");
+    let codec = state.settings.codec(options);
+    let limit = state.settings.max_result_bytes;
+    let log: Arc<dyn crate::driver::async_context::AsyncStepLog> =
+        Arc::new(StoreLog(Arc::clone(state)));
+    let context = AsyncContext::new(
+        log,
+        AsyncClaim {
+            held,
+            attempt: attempts,
+            codec,
+            max_result_bytes: limit,
+        },
+    );
+    // Invariant: this point is reached once per call, so the operation is started at most
+    // once.
+    guard.phase = Phase::Running;
+    // However the run ends (returned, or this future dropped), its context's later steps
+    // are refused before they run.
+    let ended = context.ender();
+    let ran = CatchUnwind::new(|| f(context.clone())).await;
+    drop(ended);
+    let failure = context.take_failure();
+    // User code (a predicate, `Serialize`) runs in `settle`: a panic there unwinds through
+    // the guard, which records a retryable failure.
+    guard.phase = Phase::Settling;
+    let settled = settle::settle(key, ran, failure, &policy, codec, limit);
+    let result = record_outcome_async(guard, settled).await;
+    drop(leader);
+    match result {
+        Finished::Returned(r) => r,
+        Finished::Panicked(payload) => panic::resume_unwind(payload),
+    }
+}
+
+/// The first look of a call, async: an ordinary look, or a claim made first.
+enum FirstAsync<'r, B> {
+    Look(LeadAsync<'r, B>),
+    Claimed {
+        leader: Leader<'r>,
+        pending: (Header, Vec<u8>),
+    },
+}
+
+/// As the plain driver's `claim_first`, awaiting instead of blocking.
+fn claim_first_async<'r, 'a, S: Engine>(
+    state: &'r StoreState<S>,
+    key: &'a [u8],
+    options: &'a CallOptions,
+    waiting: &'a mut Waiting<'r, S>,
+) -> impl Future<Output = Result<FirstAsync<'r, S::Bytes>, Error>> + Send + 'a
+where
+    'r: 'a,
+{
+    async move {
+        loop {
+            let leader = match state.registry.enter(key) {
+                Entry::Leader(leader) => leader,
+                // As in the plain driver: the ordinary look decides.
+                Entry::Follower(_) => {
+                    return Ok(FirstAsync::Look(
+                        lead_async(state, key, options, waiting).await?,
+                    ))
+                }
+            };
+            let Some((header, pending)) = absent_claim(state, options)? else {
+                return Ok(FirstAsync::Look(LeadAsync::Leader {
+                    leader,
+                    stored: None,
+                    seen: None,
+                }));
+            };
+            state.engine.index_expiry(header.expires_ms, key)?;
+            let in_flight = InFlight::new(&state.engine, key, &pending, header.claim);
+            let found = state.engine.claim_or_get_async(key, pending.clone()).await;
+            in_flight.settled(found.is_ok());
+            match found {
+                Ok(Some(ClaimOrGet::Claimed)) => {
+                    return Ok(FirstAsync::Claimed {
+                        leader,
+                        pending: (header, pending),
+                    })
+                }
+                Ok(Some(ClaimOrGet::Existing(bytes))) => {
+                    let seen = record::decode(bytes.as_ref())
+                        .map_err(|e| decode_error(key, e))?
+                        .header;
+                    return Ok(FirstAsync::Look(LeadAsync::Leader {
+                        leader,
+                        stored: Some(bytes),
+                        seen: Some(seen),
+                    }));
+                }
+                Ok(None) => drop(leader),
+                Err(e) if e.is_busy() => {
+                    drop(leader);
+                    waiting.wait_for_holder_async(key, LEGACY_LIFE).await?;
+                }
+                Err(e) => return Err(e),
             }
-            .into());
-        };
-        guard.phase = Phase::Running;
-        let ran = CatchUnwind::new(|| f(context.clone())).await;
-        let failure = context.take_failure();
-        // User code (a predicate, `Serialize`) runs in `settle`: a panic there unwinds through
-        // the guard, which records a retryable failure.
-        let settled = settle::settle(key, ran, failure, &policy, codec, limit);
-        let result = record_outcome_async(guard, settled).await;
-        drop(leader);
-        return match result {
-            Finished::Returned(r) => r,
-            Finished::Panicked(payload) => panic::resume_unwind(payload),
-        };
+        }
     }
 }
 
@@ -299,13 +375,55 @@ where
     }
 }
 
+/// A claim statement on its way: if the call's future is dropped before the answer comes
+/// (or the answer is a failure, which leaves the claim unknown), the claim may still be
+/// written; the engine is told it was interrupted, so a shared engine ends its lease at once
+/// rather than leave the key held until the lease runs out.
+struct InFlight<'a, S: Engine> {
+    engine: &'a S,
+    held: Held<'a>,
+    answered: bool,
+}
+
+impl<'a, S: Engine> InFlight<'a, S> {
+    fn new(engine: &'a S, key: &'a [u8], pending: &'a [u8], token: ClaimToken) -> Self {
+        Self {
+            engine,
+            // The claim's own life is not needed to end its lease.
+            held: Held {
+                key,
+                record: pending,
+                token,
+                life: token,
+            },
+            answered: false,
+        }
+    }
+
+    /// The claim was answered (`ok`), so the caller knows whether it is written.
+    fn settled(mut self, ok: bool) {
+        self.answered = ok;
+    }
+}
+
+impl<S: Engine> Drop for InFlight<'_, S> {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.engine.interrupted(&self.held);
+        }
+    }
+}
+
 /// Where a claimed call is, for what its guard does if the call's future is dropped.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Phase {
     /// Claimed, the claim's durability point not passed: the operation has not run.
     Claimed,
-    /// The operation may be running (or ran); no outcome written.
+    /// The operation may be running; no outcome written.
     Running,
+    /// The operation returned; the store is settling its result (user code: a predicate, a
+    /// `Serialize`), no outcome written.
+    Settling,
     /// The outcome is written; its durability point is pending.
     Written,
     /// Nothing left to do.
@@ -318,6 +436,8 @@ struct RunGuard<'a, S: Engine> {
     held: Held<'a>,
     header: &'a Header,
     ttl_ms: u64,
+    /// A retryable failure removes the record (`Call::forget_retryable_errors`).
+    forget: bool,
     phase: Phase,
 }
 
@@ -331,9 +451,10 @@ impl<S: Engine> Drop for RunGuard<'_, S> {
                     tracing::error!(key = %KeyHash(self.held.key), error = %e, "outcome not durable");
                 }
             }
-            Phase::Running if std::thread::panicking() => {
+            Phase::Settling => {
                 // User code the store called after the run panicked: record a retryable
-                // failure, as the plain driver's claim guard does. No clock (user code).
+                // failure (or, for a call that forgets them, release the key), as the plain
+                // driver's claim guard does. No clock (user code).
                 let header = outcome_header(
                     self.header,
                     self.header.updated_ms,
@@ -343,11 +464,19 @@ impl<S: Engine> Drop for RunGuard<'_, S> {
                     Codec::Bincode,
                     None,
                 );
-                let written = self
-                    .state
-                    .engine
-                    .finish(&self.held, Some(record::encode(&header, &[])))
-                    .and_then(|_| self.state.wait_durable());
+                let written = match self.forget {
+                    true => {
+                        let steps_of = self.header.has_steps.then_some(self.header.life);
+                        self.state
+                            .engine
+                            .remove_record(self.held.key, self.held.record, steps_of)
+                    }
+                    false => self
+                        .state
+                        .engine
+                        .finish(&self.held, Some(record::encode(&header, &[]))),
+                }
+                .and_then(|_| self.state.wait_durable());
                 if let Err(e) = written {
                     tracing::error!(key = %KeyHash(self.held.key), error = %e, "could not record an unwound run");
                 }
@@ -443,6 +572,22 @@ fn write_outcome<'g, 'a, S: Engine>(
             codec,
             shape,
         );
+        if forgets(state, guard.forget) {
+            let steps_of = guard.header.has_steps.then_some(guard.header.life);
+            let removed = store
+                .engine
+                .remove_record_async(guard.held.key, guard.held.record, steps_of)
+                .await;
+            guard.phase = Phase::Done;
+            return match removed {
+                Ok(true) => durable_async(store).await.map(|()| header),
+                Ok(false) => Err(fenced_out_async(store, &guard.held).await),
+                Err(e) => {
+                    store.engine.abandon(&guard.held);
+                    Err(e)
+                }
+            };
+        }
         if header.expires_ms != guard.header.expires_ms {
             store
                 .engine

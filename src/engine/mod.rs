@@ -40,6 +40,14 @@ pub(crate) const HOLDER_POLL: Duration = Duration::from_millis(20);
 /// Every record of an engine, in key order: (key, record bytes).
 pub(crate) type RecordIter<'a, B> = Box<dyn Iterator<Item = Result<(Vec<u8>, B), Error>> + 'a>;
 
+/// What a claim-first attempt found.
+pub(crate) enum ClaimOrGet<B> {
+    /// The key had no record: the claim is written.
+    Claimed,
+    /// The key's record, as it is: nothing written.
+    Existing(B),
+}
+
 /// A claim as its holder knows it.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Held<'a> {
@@ -202,6 +210,37 @@ pub(crate) trait Engine: Send + Sync + 'static {
     /// As [`Engine::fresh_epoch`].
     fn fresh_epoch_async(&self) -> impl Future<Output = Result<u64, Error>> + Send + '_ {
         std::future::ready(self.fresh_epoch())
+    }
+
+    /// Whether calls should try to claim a key before reading it: an engine whose every
+    /// write is durable when it returns, and whose round trips cost more than a write, answers
+    /// a new key in one statement and a replay from the same statement.
+    fn claims_first(&self) -> bool {
+        false
+    }
+
+    /// Claims `key` with `pending` if it has no record, else returns its record; `None` if
+    /// neither could be decided (a record that appeared meanwhile: look again).
+    fn claim_or_get(
+        &self,
+        key: &[u8],
+        pending: Vec<u8>,
+    ) -> Result<Option<ClaimOrGet<Self::Bytes>>, Error> {
+        match self.get(key)? {
+            Some(bytes) => Ok(Some(ClaimOrGet::Existing(bytes))),
+            None => Ok(self
+                .claim(key, None, pending)?
+                .then_some(ClaimOrGet::Claimed)),
+        }
+    }
+
+    /// As [`Engine::claim_or_get`].
+    fn claim_or_get_async<'a>(
+        &'a self,
+        key: &'a [u8],
+        pending: Vec<u8>,
+    ) -> impl Future<Output = Result<Option<ClaimOrGet<Self::Bytes>>, Error>> + Send + 'a {
+        std::future::ready(self.claim_or_get(key, pending))
     }
 
     /// Whether [`Engine::wait_durable`] may block on a device (the async driver then runs it

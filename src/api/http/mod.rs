@@ -8,9 +8,10 @@
 //! - a request reusing a key with a different request (method, path, query, body and the
 //!   configured headers) gets 422; a missing or malformed key gets 400; none of the layer's
 //!   own answers is stored or claims a key;
-//! - every response of a handler that ran is stored — 5xx included, as Stripe does — except
-//!   429, 503 and responses marked `Cache-Control: no-store`, which release the key so the next
-//!   request runs the handler again;
+//! - every response of a handler that ran is stored — 5xx included, as Stripe does, and a 502
+//!   standing for a response whose body failed mid-stream — except 429, 503 and responses
+//!   marked `Cache-Control: no-store`, which release the key (no record is left) so the next
+//!   request runs the handler again, whatever its body;
 //! - bodies are buffered up to their limits only: a request over its limit gets 413 without
 //!   running the handler; a response over its limit streams to the first caller unbuffered,
 //!   and the record keeps its status and headers with a note that the body was too large:
@@ -37,7 +38,7 @@ use crate::engine::Engine;
 use crate::error::{Error, ExecuteError};
 use crate::format::fingerprint::Fingerprint;
 use problem::problem;
-use response::{boxed, collect_limited, full, Collected, StoredResponse};
+use response::{boxed, collect_limited, full, with_trailers, Collected, StoredResponse};
 
 mod body;
 
@@ -87,7 +88,8 @@ struct Settings {
 /// | key of a finished request, same request | the stored response, `Idempotent-Replayed: true` |
 /// | key of a finished request, different request | 422 problem |
 /// | key of a request still running | 409 problem with `Retry-After` (or, with [`Conflict::Wait`], the replay once it finishes) |
-/// | handler answered 429, 503 or `Cache-Control: no-store` | returned, not stored; the key is released |
+/// | handler answered 429, 503 or `Cache-Control: no-store` | returned, not stored; the key is released (no record: the next request runs afresh, whatever its body) |
+/// | handler's response body failed mid-stream | 502 problem, stored (the handler ran; it does not run again) |
 /// | response body over `max_response_bytes` | streamed to the first caller; replays get a 500 problem |
 /// | the store failed | 503 problem (`Retry-After: 1`) |
 ///
@@ -133,10 +135,11 @@ impl<S: Engine> std::fmt::Debug for IdempotencyLayer<S> {
 #[allow(private_bounds)]
 impl<S: Engine> IdempotencyLayer<S> {
     /// A layer recording responses in `store`, with the defaults: POST and PATCH need a key;
-    /// the fingerprint covers method, path, query and body; `Content-Type`, `Location`,
-    /// `ETag`, `Last-Modified`, `Content-Language` and `Cache-Control` are replayed; bodies up
-    /// to 1 MiB; a running duplicate gets 409 with `Retry-After: 1`; records live the store's
-    /// default TTL.
+    /// the fingerprint covers method, path, query and body; `Content-Type`,
+    /// `Content-Encoding`, `Content-Language`, `Content-Disposition`, `Location`, `ETag`,
+    /// `Last-Modified`, `Cache-Control` and `Vary` are replayed; request bodies up to 1 MiB,
+    /// stored response bodies up to 960 KiB; a running duplicate gets 409 with
+    /// `Retry-After: 1`; records live the store's default TTL.
     pub fn new(store: Arc<Store<S>>) -> Self {
         Self {
             store,
@@ -147,15 +150,20 @@ impl<S: Engine> IdempotencyLayer<S> {
                 fingerprint_headers: Vec::new(),
                 replay_headers: [
                     header::CONTENT_TYPE,
+                    header::CONTENT_ENCODING,
+                    header::CONTENT_LANGUAGE,
+                    header::CONTENT_DISPOSITION,
                     header::LOCATION,
                     header::ETAG,
                     header::LAST_MODIFIED,
-                    header::CONTENT_LANGUAGE,
                     header::CACHE_CONTROL,
+                    header::VARY,
                 ]
                 .to_vec(),
                 max_request_bytes: 1 << 20,
-                max_response_bytes: 1 << 20,
+                // Within the store's default `max_result_bytes` (1 MiB) with room for the
+                // status and headers stored beside the body.
+                max_response_bytes: (1 << 20) - (64 << 10),
                 conflict: Conflict::Reject {
                     retry_after: Duration::from_secs(1),
                 },
@@ -206,7 +214,9 @@ impl<S: Engine> IdempotencyLayer<S> {
         self
     }
 
-    /// The largest response body stored (keep it within the store's `max_result_bytes`).
+    /// The largest response body stored. Keep it below the store's `max_result_bytes`, less
+    /// room for the status and headers: a response the store cannot hold still reaches its
+    /// first caller, and its replays get a 500 problem.
     pub fn max_response_bytes(mut self, limit: usize) -> Self {
         self.settings.max_response_bytes = limit;
         self
@@ -349,7 +359,7 @@ where
     };
     let (head, body) = request.into_parts();
     let body = match collect_limited(body, settings.max_request_bytes).await {
-        Collected::Whole(bytes) => bytes,
+        Collected::Whole(bytes, _) => bytes,
         Collected::TooLarge { .. } => {
             return Ok(problem(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -368,7 +378,22 @@ where
             ));
         }
     };
-    let tenant = settings.tenant.as_ref().and_then(|tenant| tenant(&head));
+    let tenant = match settings.tenant.as_ref() {
+        None => None,
+        Some(tenant) => {
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tenant(&head))) {
+                Ok(tenant) => tenant,
+                Err(_) => {
+                    return Ok(problem(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "tenant-unknown",
+                        "Tenant unknown",
+                        "the function that tells this request's tenant failed",
+                    ))
+                }
+            }
+        }
+    };
     let store_key = scoped_key(tenant.as_deref(), &key);
     let fingerprint = request_fingerprint(&head, &body, &settings.fingerprint_headers);
     let request = Request::from_parts(head, full(body));
@@ -387,10 +412,13 @@ where
                 Conflict::Reject { .. } => Duration::ZERO,
                 Conflict::Wait(wait) => wait,
             };
+            // A released answer (429, 503, no-store) leaves no record: the next request with
+            // the key runs the handler afresh, whatever its body.
             let mut call = store
                 .call(&store_key)
                 .fingerprint(fingerprint)
-                .wait_timeout(wait);
+                .wait_timeout(wait)
+                .forget_retryable_errors();
             if let Some(ttl) = settings.ttl {
                 call = call.ttl(ttl);
             }
@@ -414,20 +442,32 @@ where
         }
     };
     let live = live.lock().take();
-    match outcome {
-        Ok(stored) => Ok(match live {
-            Some(response) => response,
-            None => replay(&stored),
-        }),
-        Err(ExecuteError::Operation {
-            error: NotStored::Released(response),
-            ..
-        }) => Ok(response),
-        Err(ExecuteError::Operation {
-            error: NotStored::Service(e),
-            ..
-        }) => Err(e),
-        Err(ExecuteError::Store(e)) => Ok(store_problem(&e, settings)),
+    match (outcome, live) {
+        (Ok(_), Some(response)) => Ok(response),
+        (Ok(stored), None) => Ok(replay(&stored)),
+        (
+            Err(ExecuteError::Operation {
+                error: NotStored::Released(response),
+                ..
+            }),
+            _,
+        ) => Ok(response),
+        (
+            Err(ExecuteError::Operation {
+                error: NotStored::Service(e),
+                ..
+            }),
+            _,
+        ) => Err(e),
+        // The handler ran but its response could not be stored: its first caller still gets
+        // it; replays get a problem.
+        (
+            Err(ExecuteError::Store(
+                Error::ResultTooLarge { .. } | Error::ResultNotEncodable { .. },
+            )),
+            Some(response),
+        ) => Ok(response),
+        (Err(ExecuteError::Store(e)), _) => Ok(store_problem(&e, settings)),
     }
 }
 
@@ -465,7 +505,7 @@ where
             return Err(NotStored::Released(Response::from_parts(head, boxed(body))));
         }
         match collect_limited(body, settings.max_response_bytes).await {
-            Collected::Whole(bytes) => {
+            Collected::Whole(bytes, trailers) => {
                 let stored = StoredResponse::new(
                     head.status,
                     &head.headers,
@@ -473,7 +513,7 @@ where
                     bytes.to_vec(),
                     None,
                 );
-                *live.lock() = Some(Response::from_parts(head, full(bytes)));
+                *live.lock() = Some(Response::from_parts(head, with_trailers(bytes, trailers)));
                 Ok(stored)
             }
             Collected::TooLarge { read, body } => {
@@ -487,15 +527,28 @@ where
                 *live.lock() = Some(Response::from_parts(head, body));
                 Ok(stored)
             }
-            Collected::Failed(e) => Err(NotStored::Released({
-                tracing::warn!(error = %e, "handler's response body failed; the key is released");
-                problem(
+            Collected::Failed(e) => {
+                // The handler ran: what it answered is lost, and a 502 stands for it, stored
+                // like any response so the handler does not run again.
+                tracing::warn!(error = %e, "handler's response body failed; a 502 is recorded");
+                let (status, cause, title, detail) = (
                     StatusCode::BAD_GATEWAY,
                     "response-unreadable",
                     "Response body failed",
-                    "the handler's response body failed while it was read; the key is released",
-                )
-            })),
+                    "the request ran, but its response body failed while it was read; it is not \
+                     run again",
+                );
+                let answer = problem(status, cause, title, detail);
+                let stored = StoredResponse::new(
+                    status,
+                    answer.headers(),
+                    &[header::CONTENT_TYPE],
+                    problem::problem_body(status, cause, title, detail).to_vec(),
+                    None,
+                );
+                *live.lock() = Some(answer);
+                Ok(stored)
+            }
         }
     }
 }
@@ -556,12 +609,19 @@ fn store_problem(e: &Error, settings: &Settings) -> Response<IdempotentBody> {
             "An earlier request with this Idempotency-Key was interrupted",
             "its outcome is unknown; it must be reconciled before it runs again",
         ),
+        Error::ResultTooLarge { .. } | Error::ResultNotEncodable { .. } => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "response-not-stored",
+            "Original response not stored",
+            "the request ran once, but its response could not be stored; it is not run again",
+        ),
         Error::Storage(_) | Error::LeaseLost { .. } | Error::OutcomeNotRecorded { .. } => {
             let mut response = problem(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "store-unavailable",
                 "Idempotency store unavailable",
-                "the request's outcome could not be read or recorded; retry with the same key",
+                "the idempotency store failed; if this request ran, a retry with the same key \
+                 may run it again",
             );
             response
                 .headers_mut()
@@ -578,14 +638,23 @@ fn store_problem(e: &Error, settings: &Settings) -> Response<IdempotentBody> {
     problem(status, cause, title, detail)
 }
 
-/// The store key of `key` for `tenant`: no two (tenant, key) pairs share one.
+/// The store key of `key` for `tenant`: a fixed-size digest (so any valid key fits any store
+/// setting), and no two (tenant, key) pairs share one.
 fn scoped_key(tenant: Option<&str>, key: &str) -> Vec<u8> {
-    let tenant = tenant.unwrap_or_default();
-    let mut scoped = Vec::with_capacity(4 + tenant.len() + key.len());
-    scoped.extend_from_slice(b"http");
-    scoped.extend_from_slice(&(tenant.len() as u32).to_le_bytes());
-    scoped.extend_from_slice(tenant.as_bytes());
-    scoped.extend_from_slice(key.as_bytes());
+    let mut h = blake3::Hasher::new_derive_key("idemstore 2026-11 http idempotency key v1");
+    match tenant {
+        Some(tenant) => {
+            h.update(&[1]);
+            h.update(&(tenant.len() as u64).to_le_bytes());
+            h.update(tenant.as_bytes());
+        }
+        None => {
+            h.update(&[0]);
+        }
+    }
+    h.update(key.as_bytes());
+    let mut scoped = b"http:".to_vec();
+    scoped.extend_from_slice(h.finalize().as_bytes());
     scoped
 }
 
@@ -605,7 +674,9 @@ fn request_fingerprint(
     field(head.uri.query().unwrap_or_default().as_bytes());
     for name in headers {
         field(name.as_str().as_bytes());
-        for value in head.headers.get_all(name) {
+        let values = head.headers.get_all(name);
+        field(&(values.iter().count() as u64).to_le_bytes());
+        for value in values {
             field(value.as_bytes());
         }
     }

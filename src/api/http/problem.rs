@@ -3,12 +3,24 @@
 //!
 //! Invariants: every answer the layer makes without running the handler is one of these, with
 //! a stable `type` per cause (`urn:idemstore:problem:<cause>`), so clients can tell them apart
-//! without parsing prose; none of them is stored, and none of them claims a key.
+//! without parsing prose; none of them claims a key, and only one is ever stored: the 502 for a
+//! handler whose response body failed after it ran.
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 
 use super::IdempotentBody;
+
+/// The body of a problem answer.
+pub(crate) fn problem_body(status: StatusCode, cause: &str, title: &str, detail: &str) -> Bytes {
+    let body = serde_json::json!({
+        "type": format!("urn:idemstore:problem:{cause}"),
+        "title": title,
+        "status": status.as_u16(),
+        "detail": detail,
+    });
+    Bytes::from(body.to_string())
+}
 
 /// A problem answer: `status`, the cause's slug, a title and a detail.
 pub(crate) fn problem(
@@ -17,13 +29,8 @@ pub(crate) fn problem(
     title: &str,
     detail: &str,
 ) -> Response<IdempotentBody> {
-    let body = serde_json::json!({
-        "type": format!("urn:idemstore:problem:{cause}"),
-        "title": title,
-        "status": status.as_u16(),
-        "detail": detail,
-    });
-    let mut response = Response::new(super::response::full(Bytes::from(body.to_string())));
+    let body = problem_body(status, cause, title, detail);
+    let mut response = Response::new(super::response::full(body));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -123,6 +123,45 @@ pub(crate) fn full(bytes: Bytes) -> IdempotentBody {
     )
 }
 
+/// A body of bytes in memory followed by trailers.
+pub(crate) fn with_trailers(bytes: Bytes, trailers: Option<HeaderMap>) -> IdempotentBody {
+    match trailers {
+        None => full(bytes),
+        Some(trailers) => IdempotentBody(
+            Complete {
+                data: Some(bytes),
+                trailers: Some(trailers),
+            }
+            .boxed_unsync(),
+        ),
+    }
+}
+
+/// Data, then trailers.
+struct Complete {
+    data: Option<Bytes>,
+    trailers: Option<HeaderMap>,
+}
+
+impl Body for Complete {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(data) = self.data.take() {
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none() && self.trailers.is_none()
+    }
+}
+
 /// Any body, boxed.
 pub(crate) fn boxed<B>(body: B) -> IdempotentBody
 where
@@ -134,8 +173,8 @@ where
 
 /// A body read up to a limit.
 pub(crate) enum Collected {
-    /// The whole body, within the limit.
-    Whole(Bytes),
+    /// The whole body, within the limit, and its trailers if it had any.
+    Whole(Bytes, Option<HeaderMap>),
     /// Over the limit: the body as it goes on (what was read, then the rest), unbuffered.
     TooLarge { read: u64, body: IdempotentBody },
     /// Reading failed.
@@ -151,6 +190,7 @@ where
     let mut body = Box::pin(body);
     let mut chunks = VecDeque::new();
     let mut read = 0usize;
+    let mut trailers: Option<HeaderMap> = None;
     loop {
         match body.as_mut().frame().await {
             None => {
@@ -158,13 +198,19 @@ where
                 chunks
                     .iter()
                     .for_each(|c: &Bytes| whole.extend_from_slice(c));
-                return Collected::Whole(Bytes::from(whole));
+                return Collected::Whole(Bytes::from(whole), trailers);
             }
             Some(Err(e)) => return Collected::Failed(e.into()),
             Some(Ok(frame)) => {
-                // Trailers are not stored (nor replayed).
-                let Ok(data) = frame.into_data() else {
-                    continue;
+                let data = match frame.into_data() {
+                    Ok(data) => data,
+                    Err(frame) => {
+                        // Trailers go to the first caller (they are not stored for replays).
+                        if let Ok(t) = frame.into_trailers() {
+                            trailers.get_or_insert_with(HeaderMap::new).extend(t);
+                        }
+                        continue;
+                    }
                 };
                 read += data.len();
                 chunks.push_back(data);

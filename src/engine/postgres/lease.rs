@@ -7,30 +7,33 @@
 //! clock, every third of the lease, on a connection of its own (a busy pool never delays
 //! it), so a live holder's lease never runs out unless the process stops (killed, paused, cut
 //! off from the database) for longer than about two thirds of it. A claim whose record changed (taken over, removed) is dropped from the set at
-//! the next beat. The heartbeat never writes anything else.
+//! the next beat. A claim younger than a beat is left for the next one (renewed by the time it
+//! is two thirds of a lease old). The heartbeat never writes anything else.
 
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::Weak;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::Shared;
 
-/// Held claims: key → digest of the holder's Pending record.
+/// Held claims: key → digest of the holder's Pending record, and when it was claimed.
 #[derive(Default)]
 pub(crate) struct Leases {
-    held: Mutex<HashMap<Vec<u8>, Vec<u8>>>,
+    held: Mutex<HashMap<Vec<u8>, (Vec<u8>, Instant)>>,
 }
 
 impl Leases {
     pub(crate) fn hold(&self, key: &[u8], digest: Vec<u8>) {
-        self.held.lock().insert(key.to_vec(), digest);
+        self.held
+            .lock()
+            .insert(key.to_vec(), (digest, Instant::now()));
     }
 
     /// Stops renewing `key`'s claim with `digest` (a newer claim of the key stays).
     pub(crate) fn let_go(&self, key: &[u8], digest: &[u8]) {
         let mut held = self.held.lock();
-        if held.get(key).is_some_and(|d| d == digest) {
+        if held.get(key).is_some_and(|(d, _)| d == digest) {
             held.remove(key);
         }
     }
@@ -40,11 +43,14 @@ impl Leases {
         self.held.lock().clear();
     }
 
-    fn snapshot(&self) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+    /// The claims held for at least `age` (younger ones have most of their lease left, and
+    /// renewing them would only make their holders' writes wait on the renewal's row locks).
+    fn snapshot(&self, age: Duration) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
         self.held
             .lock()
             .iter()
-            .map(|(k, d)| (k.clone(), d.clone()))
+            .filter(|(_, (_, since))| since.elapsed() >= age)
+            .map(|(k, (d, _))| (k.clone(), d.clone()))
             .unzip()
     }
 }
@@ -69,7 +75,7 @@ pub(crate) async fn heartbeat(
                 Some(client) if !client.is_closed() => client,
                 _ => connect(&config).await?,
             };
-            beat(&shared, &client).await?;
+            beat(&shared, &client, every).await?;
             Ok::<_, crate::error::Error>(client)
         };
         match tokio::time::timeout(every, beat).await {
@@ -99,8 +105,12 @@ async fn connect(
     Ok(client)
 }
 
-async fn beat(shared: &Shared, client: &tokio_postgres::Client) -> Result<(), crate::error::Error> {
-    let (keys, digests) = shared.leases.snapshot();
+async fn beat(
+    shared: &Shared,
+    client: &tokio_postgres::Client,
+    every: Duration,
+) -> Result<(), crate::error::Error> {
+    let (keys, digests) = shared.leases.snapshot(every);
     if keys.is_empty() {
         return Ok(());
     }

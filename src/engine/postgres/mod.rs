@@ -94,7 +94,9 @@ pub(crate) struct OpenedPg {
 
 /// Connects, migrates the schema and starts the heartbeat and the listener.
 pub(crate) fn open(settings: PgSettings) -> Result<OpenedPg, Error> {
-    let bridge = Arc::new(Bridge::new(2)?);
+    // Workers for the connections' I/O: as many as the machine's cores, within reason.
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8));
+    let bridge = Arc::new(Bridge::new(workers)?);
     let mut config = settings.config.clone();
     config.connect_timeout(settings.connect_timeout);
     // Operators (and tests) find the store's sessions by name in pg_stat_activity.

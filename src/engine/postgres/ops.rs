@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use super::{big, columns, digest, listen, millis, pg_error, schema, PgEngine};
-use crate::engine::{Engine, Held, RecordIter};
+use crate::engine::{ClaimOrGet, Engine, Held, RecordIter};
 use crate::error::{Error, StorageKind};
 use crate::format::record::ClaimToken;
 
@@ -86,6 +86,48 @@ impl PgEngine {
             s.leases.hold(key, new_digest);
         }
         Ok(row.is_some())
+    }
+
+    async fn claim_or_get_op(
+        &self,
+        key: &[u8],
+        pending: Vec<u8>,
+    ) -> Result<Option<ClaimOrGet<Vec<u8>>>, Error> {
+        let s = &self.shared;
+        let c = columns(key, &pending)?;
+        let new_digest = digest(&pending);
+        let lease_ms = s.lease.as_millis() as f64;
+        let client = s.client().await?;
+        let statement = client
+            .prepare_cached(&s.sql.claim_or_get)
+            .await
+            .map_err(pg_error)?;
+        let row = client
+            .query_opt(
+                &statement,
+                &[
+                    &s.scope,
+                    &key,
+                    &pending,
+                    &new_digest,
+                    &c.expires_ms,
+                    &c.claim.0,
+                    &c.claim.1,
+                    &c.life.0,
+                    &c.life.1,
+                    &lease_ms,
+                ],
+            )
+            .await
+            .map_err(pg_error)?;
+        Ok(match row {
+            None => None,
+            Some(row) if row.get::<_, bool>(0) => {
+                s.leases.hold(key, new_digest);
+                Some(ClaimOrGet::Claimed)
+            }
+            Some(row) => Some(ClaimOrGet::Existing(row.get(1))),
+        })
     }
 
     async fn finish_op(&self, held: &Held<'_>, record: Option<&[u8]>) -> Result<bool, Error> {
@@ -546,5 +588,26 @@ impl Engine for PgEngine {
 
     fn durability_blocks(&self) -> bool {
         false
+    }
+
+    fn claims_first(&self) -> bool {
+        true
+    }
+
+    fn claim_or_get(
+        &self,
+        key: &[u8],
+        pending: Vec<u8>,
+    ) -> Result<Option<ClaimOrGet<Vec<u8>>>, Error> {
+        self.run(self.claim_or_get_op(key, pending))
+    }
+
+    fn claim_or_get_async<'a>(
+        &'a self,
+        key: &'a [u8],
+        pending: Vec<u8>,
+    ) -> impl std::future::Future<Output = Result<Option<ClaimOrGet<Vec<u8>>>, Error>> + Send + 'a
+    {
+        self.timed(self.claim_or_get_op(key, pending))
     }
 }

@@ -143,6 +143,7 @@ pub(crate) struct Statements {
     pub get: String,
     pub page: String,
     pub claim_new: String,
+    pub claim_or_get: String,
     pub claim_over: String,
     pub finish: String,
     pub release: String,
@@ -181,6 +182,21 @@ impl Statements {
                      now() + $10::float8 * interval '1 millisecond') \
                  ON CONFLICT (scope, key) DO NOTHING \
                  RETURNING 1"
+            ),
+            // A new key's claim and a replay's read in one statement: the insert when the key
+            // is absent, else the record (none: it was committed after this statement's
+            // snapshot; look again).
+            claim_or_get: format!(
+                "WITH claimed AS (INSERT INTO \"{s}\".records (scope, key, record, digest, \
+                     state, expires_ms, claim_epoch, claim_seq, life_epoch, life_seq, \
+                     lease_until) \
+                 VALUES ($1, $2, $3, $4, 0, $5, $6, $7, $8, $9, \
+                     now() + $10::float8 * interval '1 millisecond') \
+                 ON CONFLICT (scope, key) DO NOTHING RETURNING 1) \
+                 SELECT true, NULL::bytea FROM claimed \
+                 UNION ALL \
+                 SELECT false, record FROM \"{s}\".records \
+                     WHERE scope = $1 AND key = $2 AND NOT EXISTS (SELECT 1 FROM claimed)"
             ),
             claim_over: format!(
                 "UPDATE \"{s}\".records SET record = $3, digest = $4, state = 0, \

@@ -28,6 +28,8 @@ const DEFAULT_POSTGRES: &str = "host=127.0.0.1 user=postgres dbname=test";
 /// Row names of the PostgreSQL systems.
 const PG_ENGINE: &str = "idemstore PostgreSQL";
 const PG_BY_HAND: &str = "PostgreSQL by hand";
+/// A replay by hand as a request makes it, not knowing it is one: the claim, then the read.
+const PG_BY_HAND_REQUEST: &str = "PostgreSQL by hand, claim then read";
 
 /// Row groups measured against threads (the others run on one thread).
 const DURABLE: &str = "new key, durable";
@@ -447,6 +449,12 @@ fn main() {
                 t,
                 Box::new(move |_| postgres::by_hand_replay(server, t, secs)),
             ));
+            plan.push((
+                group,
+                PG_BY_HAND_REQUEST,
+                t,
+                Box::new(move |_| postgres::by_hand_request_replay(server, t, secs)),
+            ));
         }
     }
     for &t in &s.threads {
@@ -552,6 +560,7 @@ fn main() {
             ("idemstore", "#1f77b4"),
             (PG_ENGINE, "#d62728"),
             (PG_BY_HAND, "#8c564b"),
+            (PG_BY_HAND_REQUEST, "#e377c2"),
         ],
     );
     std::fs::write(s.out.join("replay-threads.svg"), replay_svg).unwrap();

@@ -381,3 +381,36 @@ pub fn by_hand_replay(server: &Server, threads: usize, secs: f64) -> f64 {
     server.wait_sessions_gone(&schema);
     ops
 }
+
+/// Replays by hand as a request makes them, not knowing it is a retry: the claim (which finds
+/// the key taken), then the read.
+pub fn by_hand_request_replay(server: &Server, threads: usize, secs: f64) -> f64 {
+    let schema = server.fresh_schema();
+    let by_hand = ByHand::create(server, &schema);
+    let rt = &server.runtime;
+    let keys: Vec<String> = (0..REPLAY_KEYS).map(|i| format!("k{i}")).collect();
+    for k in &keys {
+        rt.block_on(by_hand.claim(k.as_bytes()))
+            .expect("the claim statement runs");
+        rt.block_on(by_hand.complete(k.as_bytes(), VALUE))
+            .expect("the completion statement runs");
+    }
+    let ops = server.window(threads, secs, |_, n| {
+        let k = &keys[(n % REPLAY_KEYS) as usize];
+        let claimed = rt
+            .block_on(by_hand.claim(k.as_bytes()))
+            .expect("the claim statement runs");
+        assert!(!claimed, "a preloaded key is taken");
+        let found = rt
+            .block_on(by_hand.replay(k.as_bytes()))
+            .expect("the replay statement runs");
+        assert!(
+            matches!(&found, Some((COMPLETED, Some(_)))),
+            "a preloaded key is completed"
+        );
+        std::hint::black_box(found);
+    });
+    drop(by_hand);
+    server.wait_sessions_gone(&schema);
+    ops
+}

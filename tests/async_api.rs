@@ -339,7 +339,7 @@ fn postgres_async_calls_and_a_dropped_holder_free_the_key_at_once() {
 
         let dropped = tokio::time::timeout(
             Duration::from_millis(200),
-            a.execute_once_async("d", || std::future::pending::<Result<u32, String>>()),
+            a.execute_once_async("d", std::future::pending::<Result<u32, String>>),
         )
         .await;
         assert!(dropped.is_err());

@@ -6,6 +6,11 @@
 //! past the run is refused before its step runs (`OutcomeNotRecorded`): the run's claim is no
 //! longer its to use.
 
+// Futures are returned as `impl Future + Send` on purpose: declared `Send` where every
+// lifetime is concrete, they stay provably `Send` inside the callers' futures (an `async fn`'s
+// would be re-proven there, which the compiler cannot do across its generic lifetimes).
+#![allow(clippy::manual_async_fn)]
+
 use parking_lot::Mutex;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -24,14 +29,13 @@ use crate::format::record::ClaimToken;
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// Recorded steps as read: (index, bytes), in index order.
+type StepsRead = Result<Vec<(u32, Vec<u8>)>, Error>;
+
 /// The engine an async context records steps in, as an object-safe trait (so the context
 /// needs no engine parameter).
 pub(crate) trait AsyncStepLog: Send + Sync {
-    fn steps<'a>(
-        &'a self,
-        key: &'a [u8],
-        life: ClaimToken,
-    ) -> BoxFuture<'a, Result<Vec<(u32, Vec<u8>)>, Error>>;
+    fn steps<'a>(&'a self, key: &'a [u8], life: ClaimToken) -> BoxFuture<'a, StepsRead>;
     /// Records a step under the claim `held` (fenced) and waits for it to be durable.
     fn write_step<'a>(
         &'a self,
@@ -45,11 +49,7 @@ pub(crate) trait AsyncStepLog: Send + Sync {
 pub(crate) struct StoreLog<S>(pub Arc<StoreState<S>>);
 
 impl<S: Engine> AsyncStepLog for StoreLog<S> {
-    fn steps<'a>(
-        &'a self,
-        key: &'a [u8],
-        life: ClaimToken,
-    ) -> BoxFuture<'a, Result<Vec<(u32, Vec<u8>)>, Error>> {
+    fn steps<'a>(&'a self, key: &'a [u8], life: ClaimToken) -> BoxFuture<'a, StepsRead> {
         Box::pin(async move {
             // Recorded steps are replayed: they must be durable (see `StoreState`).
             self.0.durable_before_replay()?;

@@ -16,6 +16,11 @@
 //!   the plain driver; a panic in user code the store calls after the run (a predicate, a
 //!   `Serialize`) is recorded as a retryable failure while it unwinds.
 
+// Futures are returned as `impl Future + Send` on purpose: declared `Send` where every
+// lifetime is concrete, they stay provably `Send` inside the callers' futures (an `async fn`'s
+// would be re-proven there, which the compiler cannot do across its generic lifetimes).
+#![allow(clippy::manual_async_fn)]
+
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::future::Future;
@@ -159,7 +164,7 @@ where
         state.engine.index_expiry(pending_header.expires_ms, key)?;
         let in_flight = InFlight::new(&state.engine, key, &pending, pending_header.claim);
         let claimed = state.engine.claim_async(key, stored, pending.clone()).await;
-        in_flight.settled(matches!(claimed, Ok(_)));
+        in_flight.settled(claimed.is_ok());
         match claimed {
             Ok(true) => {}
             Ok(false) => {

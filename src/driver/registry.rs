@@ -13,6 +13,11 @@
 //! it is removed), so `running` can answer "none" without a lock when nothing runs: a reader
 //! that saw a leader's write and then reads zero knows that leader has finished.
 
+// Futures are returned as `impl Future + Send` on purpose: declared `Send` where every
+// lifetime is concrete, they stay provably `Send` inside the callers' futures (an `async fn`'s
+// would be re-proven there, which the compiler cannot do across its generic lifetimes).
+#![allow(clippy::manual_async_fn)]
+
 use parking_lot::{Condvar, Mutex};
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};

@@ -40,12 +40,16 @@ pub(crate) struct StepRun {
     failure: Option<RunFailure>,
 }
 
+/// A step that ran but whose result cannot be stored: the kind, the payload (the reason) and
+/// the error the run ends with.
+pub(crate) type Unstorable = (OutcomeKind, Vec<u8>, Error);
+
 /// A finished step's record, encoded, and what it means for the run once written.
 pub(crate) struct PreparedStep {
     pub bytes: Vec<u8>,
     /// The step ran but its result cannot be stored: the kind, the payload (the reason) and
     /// the error the run ends with.
-    unstorable: Option<(OutcomeKind, Vec<u8>, Error)>,
+    unstorable: Option<Unstorable>,
 }
 
 impl StepRun {
@@ -201,7 +205,7 @@ impl StepRun {
     pub(crate) fn after_write<E>(
         &mut self,
         written: Result<(), Error>,
-        unstorable: Option<(OutcomeKind, Vec<u8>, Error)>,
+        unstorable: Option<Unstorable>,
     ) -> Result<(), StepError<E>> {
         match (written, unstorable) {
             // Refused by fencing: the record is no longer this claim's, nothing to leave.
@@ -222,7 +226,7 @@ impl StepRun {
 
 impl PreparedStep {
     /// Splits into the bytes to write and what [`StepRun::after_write`] needs.
-    pub(crate) fn split(self) -> (Vec<u8>, Option<(OutcomeKind, Vec<u8>, Error)>) {
+    pub(crate) fn split(self) -> (Vec<u8>, Option<Unstorable>) {
         (self.bytes, self.unstorable)
     }
 }

@@ -6,6 +6,11 @@
 //! holder elsewhere (a shared engine's live lease) waits on the engine in short steps within
 //! the budget, looking at the record again after each.
 
+// Futures are returned as `impl Future + Send` on purpose: declared `Send` where every
+// lifetime is concrete, they stay provably `Send` inside the callers' futures (an `async fn`'s
+// would be re-proven there, which the compiler cannot do across its generic lifetimes).
+#![allow(clippy::manual_async_fn)]
+
 use std::time::{Duration, Instant};
 
 use crate::core::options::CallOptions;

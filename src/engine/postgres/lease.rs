@@ -18,9 +18,12 @@ use std::time::{Duration, Instant};
 use super::Shared;
 
 /// Held claims: key → digest of the holder's Pending record, and when it was claimed.
+type Held = HashMap<Vec<u8>, (Vec<u8>, Instant)>;
+
+/// The claims this process holds.
 #[derive(Default)]
 pub(crate) struct Leases {
-    held: Mutex<HashMap<Vec<u8>, (Vec<u8>, Instant)>>,
+    held: Mutex<Held>,
 }
 
 impl Leases {

@@ -4,6 +4,11 @@
 //! Invariants: as in the module above; each operation is one statement (one round trip),
 //! except a holder write that a waiter marked, which sends its notification after it.
 
+// Futures are returned as `impl Future + Send` on purpose: declared `Send` where every
+// lifetime is concrete, they stay provably `Send` inside the callers' futures (an `async fn`'s
+// would be re-proven there, which the compiler cannot do across its generic lifetimes).
+#![allow(clippy::manual_async_fn)]
+
 use std::time::Duration;
 
 use super::{big, columns, digest, listen, millis, pg_error, schema, PgEngine};

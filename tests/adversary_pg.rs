@@ -565,6 +565,11 @@ fn pump(mut from: TcpStream, mut to: TcpStream, bh: &AtomicBool, cut: &AtomicBoo
                 return;
             }
             Ok(n) => {
+                // Read just as the hole opened: swallowed too (checking only before the read
+                // let a request through, and the call it belonged to succeed).
+                if bh.load(Ordering::SeqCst) && !born_cut {
+                    continue;
+                }
                 if to.write_all(&buf[..n]).is_err() {
                     return;
                 }

@@ -8,7 +8,10 @@
 //! systems measured minutes apart on the same disk.
 //!
 //! The async API rows set `execute_once_async` on tokio tasks against `execute_once` on
-//! threads (see `async_api`); their ratio is async ÷ sync, in a section of its own.
+//! threads (see `async_api`); their ratio is async ÷ sync, in a section of its own. The HTTP
+//! rows set a handler behind `IdempotencyLayer` against the bare handler, every request a
+//! replay, loaded by `wrk` over loopback (see `http_layer`; skipped without wrk); their ratio
+//! is layer ÷ bare.
 //!
 //! PostgreSQL rows need a server: `IDEMSTORE_TEST_POSTGRES` (default
 //! `host=127.0.0.1 user=postgres dbname=test`); when it does not answer they are skipped.
@@ -16,6 +19,7 @@
 //! Run: `cargo run --release -p idemstore-compare [-- --seconds 3 --out target/compare]`
 
 mod async_api;
+mod http_layer;
 mod postgres;
 
 use idemstore::{Durability, Store};
@@ -44,6 +48,11 @@ const ASYNC_REPLAY: &str = "async API, replay small result";
 const ASYNC_DURABLE: &str = "async API, new key durable";
 const SYNC_CALLERS: &str = "idemstore sync (threads)";
 const ASYNC_CALLERS: &str = "idemstore async (tasks)";
+
+/// The row group of the HTTP layer against the bare handler (threads: wrk's connections).
+const HTTP_REPLAY: &str = "HTTP replay, wrk over loopback";
+const HTTP_BARE: &str = "bare handler";
+const HTTP_LAYER: &str = "idemstore layer";
 
 /// The result idemstore records: a small receipt, or a 4 KiB response body.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -391,6 +400,21 @@ fn postgres_server(notes: &mut Vec<String>) -> Option<postgres::Server> {
     }
 }
 
+// ---- HTTP ----
+
+/// Whether wrk runs here; if not, a note says the HTTP rows are skipped.
+fn wrk_found(notes: &mut Vec<String>) -> bool {
+    match http_layer::wrk_missing() {
+        None => true,
+        Some(e) => {
+            let note = format!("HTTP rows skipped: wrk did not start ({e}).");
+            eprintln!("{note}");
+            notes.push(note);
+            false
+        }
+    }
+}
+
 // ---- report ----
 
 struct Row {
@@ -429,6 +453,10 @@ fn main() {
         true => postgres_server(&mut notes),
         false => None,
     };
+    let wrk = [HTTP_BARE, HTTP_LAYER]
+        .iter()
+        .any(|system| wanted(HTTP_REPLAY, system))
+        && wrk_found(&mut notes);
     type Measure<'a> = Box<dyn Fn(&Path) -> f64 + 'a>;
     let secs = s.seconds;
     let mut plan: Vec<(&'static str, &'static str, usize, Measure)> = Vec::new();
@@ -553,6 +581,21 @@ fn main() {
             Box::new(move |d| async_api::new_keys(d, t, secs)),
         ));
     }
+    if wrk {
+        let c = http_layer::CONNECTIONS;
+        plan.push((
+            HTTP_REPLAY,
+            HTTP_BARE,
+            c,
+            Box::new(move |d| http_layer::replay(d, http_layer::Route::Bare, secs)),
+        ));
+        plan.push((
+            HTTP_REPLAY,
+            HTTP_LAYER,
+            c,
+            Box::new(move |d| http_layer::replay(d, http_layer::Route::Idem, secs)),
+        ));
+    }
     let group = "new key, not durable";
     let periodic = Durability::Periodic(Duration::from_millis(500));
     plan.push((
@@ -589,6 +632,7 @@ fn main() {
 
     let mut table = render_table(&rows);
     table += &render_versus(&rows, &ASYNC_VERSUS);
+    table += &render_versus(&rows, &HTTP_VERSUS);
     for note in &notes {
         table += &format!("\n{note}\n");
     }
@@ -707,6 +751,16 @@ const ASYNC_VERSUS: Versus = Versus {
     base: SYNC_CALLERS,
     system: ASYNC_CALLERS,
     ratio: "async ÷ sync",
+};
+
+const HTTP_VERSUS: Versus = Versus {
+    title:
+        "HTTP layer against the bare handler, every request a replay (target: layer ÷ bare ≥ 0.85)",
+    callers: "connections",
+    groups: &[HTTP_REPLAY],
+    base: HTTP_BARE,
+    system: HTTP_LAYER,
+    ratio: "layer ÷ bare",
 };
 
 /// `v`'s section: a row per group and thread count with both systems measured, with

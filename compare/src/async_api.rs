@@ -11,9 +11,11 @@
 //! - both sides open their store the same way, in a fresh directory, with the same keys and
 //!   values: replays read [`crate::replay_store`]'s completed keys round robin; new keys are
 //!   `key(caller, n)`, never seen before, with `Durability::Immediate`;
-//! - a caller gives its worker back every so often (tokio's cooperative budget, a thread-local
-//!   count): a replay on sled never awaits anything that is not ready, so without it the
-//!   first tasks would hold both workers for the whole window and the others never call;
+//! - a caller gives its worker back every so often (tokio's cooperative budget: a yield every
+//!   128 calls, a thread-local count otherwise): a replay on sled never awaits anything that
+//!   is not ready, so without it the first two tasks would hold both workers, the others would
+//!   never call, and nothing would turn the timer that ends the window (tried: with 64 tasks
+//!   the window never ended);
 //! - a window counts the calls that returned from its start until every caller has stopped,
 //!   as [`crate::measure`] does: a caller sees the stop flag between calls, so its last call
 //!   counts and the wait for it is inside the window;

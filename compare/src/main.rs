@@ -7,11 +7,19 @@
 //! idemstore's PostgreSQL engine, every other row to idemstore on sled), so they compare
 //! systems measured minutes apart on the same disk.
 //!
+//! The async API rows set `execute_once_async` on tokio tasks against `execute_once` on
+//! threads (see `async_api`); their ratio is async ÷ sync, in a section of its own. The HTTP
+//! rows set a handler behind `IdempotencyLayer` against the bare handler, every request a
+//! replay, loaded by `wrk` over loopback (see `http_layer`; skipped without wrk); their ratio
+//! is layer ÷ bare.
+//!
 //! PostgreSQL rows need a server: `IDEMSTORE_TEST_POSTGRES` (default
 //! `host=127.0.0.1 user=postgres dbname=test`); when it does not answer they are skipped.
 //!
 //! Run: `cargo run --release -p idemstore-compare [-- --seconds 3 --out target/compare]`
 
+mod async_api;
+mod http_layer;
 mod postgres;
 
 use idemstore::{Durability, Store};
@@ -35,6 +43,18 @@ const PG_BY_HAND_REQUEST: &str = "PostgreSQL by hand, claim then read";
 const DURABLE: &str = "new key, durable";
 const REPLAY_SMALL: &str = "replay, small result";
 const REPLAY_LARGE: &str = "replay, 4 KiB result";
+
+/// Row groups of the async API against the sync one, at each thread count: the sync side's
+/// callers are threads, the async side's are tasks on a runtime of two workers.
+const ASYNC_REPLAY: &str = "async API, replay small result";
+const ASYNC_DURABLE: &str = "async API, new key durable";
+const SYNC_CALLERS: &str = "idemstore sync (threads)";
+const ASYNC_CALLERS: &str = "idemstore async (tasks)";
+
+/// The row group of the HTTP layer against the bare handler (threads: wrk's connections).
+const HTTP_REPLAY: &str = "HTTP replay, wrk over loopback";
+const HTTP_BARE: &str = "bare handler";
+const HTTP_LAYER: &str = "idemstore layer";
 
 /// The result idemstore records: a small receipt, or a 4 KiB response body.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -116,6 +136,18 @@ where
     done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
 }
 
+/// Whether `text` contains `part`, in any case, where a word of `text` starts: `async` is in
+/// "async API" but not in "fdatasync".
+fn contains_from_word_start(text: &str, part: &str) -> bool {
+    let (text, part) = (text.to_lowercase(), part.to_lowercase());
+    text.match_indices(&part).any(|(i, _)| {
+        text[..i]
+            .chars()
+            .next_back()
+            .is_none_or(|c| !c.is_alphanumeric())
+    })
+}
+
 fn key(t: usize, n: u64) -> String {
     format!("order-{t}-{n}")
 }
@@ -132,6 +164,13 @@ fn idemstore_new_keys(dir: &Path, durability: Durability, threads: usize, secs: 
             .execute_once(key(t, n), || Ok::<_, std::io::Error>(receipt(VALUE)))
             .unwrap();
     });
+    note_batching(&store);
+    drop(store);
+    r
+}
+
+/// Says how many durable points a flush of `store` served, when it flushed at all.
+fn note_batching(store: &Store) {
     let stats = store.stats();
     if stats.flush_batches > 0 {
         eprintln!(
@@ -139,18 +178,22 @@ fn idemstore_new_keys(dir: &Path, durability: Durability, threads: usize, secs: 
             (2 * stats.executions) as f64 / stats.flush_batches as f64
         );
     }
-    drop(store);
-    r
+}
+
+/// A store in `dir` with 1000 completed keys recording `value`, and those keys.
+fn replay_store(dir: &Path, value: &[u8]) -> (Store, Vec<String>) {
+    let store = Store::builder(dir.join("idem-replay")).open().unwrap();
+    let keys: Vec<String> = (0..1000).map(|i| format!("k{i}")).collect();
+    for k in &keys {
+        store
+            .execute_once(k, || Ok::<_, std::io::Error>(receipt(value)))
+            .unwrap();
+    }
+    (store, keys)
 }
 
 fn idemstore_replay(dir: &Path, threads: usize, secs: f64, value: &[u8]) -> f64 {
-    let store = Store::builder(dir.join("idem-replay")).open().unwrap();
-    for i in 0..1000u64 {
-        store
-            .execute_once(format!("k{i}"), || Ok::<_, std::io::Error>(receipt(value)))
-            .unwrap();
-    }
-    let keys: Vec<String> = (0..1000).map(|i| format!("k{i}")).collect();
+    let (store, keys) = replay_store(dir, value);
     measure(threads, secs, |_, n| {
         let out = store
             .execute_once(
@@ -359,6 +402,21 @@ fn postgres_server(notes: &mut Vec<String>) -> Option<postgres::Server> {
     }
 }
 
+// ---- HTTP ----
+
+/// Whether wrk runs here; if not, a note says the HTTP rows are skipped.
+fn wrk_found(notes: &mut Vec<String>) -> bool {
+    match http_layer::wrk_missing() {
+        None => true,
+        Some(e) => {
+            let note = format!("HTTP rows skipped: wrk did not start ({e}).");
+            eprintln!("{note}");
+            notes.push(note);
+            false
+        }
+    }
+}
+
 // ---- report ----
 
 struct Row {
@@ -382,13 +440,12 @@ fn main() {
         });
     };
     let fresh = || tempfile::tempdir_in(std::env::current_dir().unwrap()).unwrap();
-    // `--only TEXT` keeps the measurements whose "group: system" contains TEXT, in any case.
+    // `--only TEXT` keeps the measurements whose "group: system" contains TEXT, in any case,
+    // from the start of a word.
     let wanted = |group: &str, system: &str| {
-        s.only.as_ref().is_none_or(|o| {
-            format!("{group}: {system}")
-                .to_lowercase()
-                .contains(&o.to_lowercase())
-        })
+        s.only
+            .as_ref()
+            .is_none_or(|o| contains_from_word_start(&format!("{group}: {system}"), o))
     };
     let mut notes: Vec<String> = Vec::new();
     let pg_wanted = [DURABLE, REPLAY_SMALL]
@@ -398,6 +455,10 @@ fn main() {
         true => postgres_server(&mut notes),
         false => None,
     };
+    let wrk = [HTTP_BARE, HTTP_LAYER]
+        .iter()
+        .any(|system| wanted(HTTP_REPLAY, system))
+        && wrk_found(&mut notes);
     type Measure<'a> = Box<dyn Fn(&Path) -> f64 + 'a>;
     let secs = s.seconds;
     let mut plan: Vec<(&'static str, &'static str, usize, Measure)> = Vec::new();
@@ -498,6 +559,51 @@ fn main() {
             ));
         }
     }
+    // The async API against the sync one: each async figure right after its sync twin, so
+    // the two are measured seconds apart.
+    for &t in &s.threads {
+        plan.push((
+            ASYNC_REPLAY,
+            SYNC_CALLERS,
+            t,
+            Box::new(move |d| idemstore_replay(d, t, secs, VALUE)),
+        ));
+        plan.push((
+            ASYNC_REPLAY,
+            ASYNC_CALLERS,
+            t,
+            Box::new(move |d| async_api::replay(d, t, secs)),
+        ));
+    }
+    for &t in &s.threads {
+        plan.push((
+            ASYNC_DURABLE,
+            SYNC_CALLERS,
+            t,
+            Box::new(move |d| idemstore_new_keys(d, Durability::Immediate, t, secs)),
+        ));
+        plan.push((
+            ASYNC_DURABLE,
+            ASYNC_CALLERS,
+            t,
+            Box::new(move |d| async_api::new_keys(d, t, secs)),
+        ));
+    }
+    if wrk {
+        let c = http_layer::CONNECTIONS;
+        plan.push((
+            HTTP_REPLAY,
+            HTTP_BARE,
+            c,
+            Box::new(move |d| http_layer::replay(d, http_layer::Route::Bare, secs)),
+        ));
+        plan.push((
+            HTTP_REPLAY,
+            HTTP_LAYER,
+            c,
+            Box::new(move |d| http_layer::replay(d, http_layer::Route::Idem, secs)),
+        ));
+    }
     let group = "new key, not durable";
     let periodic = Durability::Periodic(Duration::from_millis(500));
     plan.push((
@@ -533,6 +639,8 @@ fn main() {
     }
 
     let mut table = render_table(&rows);
+    table += &render_versus(&rows, &ASYNC_VERSUS);
+    table += &render_versus(&rows, &HTTP_VERSUS);
     for note in &notes {
         table += &format!("\n{note}\n");
     }
@@ -564,6 +672,21 @@ fn main() {
         ],
     );
     std::fs::write(s.out.join("replay-threads.svg"), replay_svg).unwrap();
+    let async_series = [(SYNC_CALLERS, "#1f77b4"), (ASYNC_CALLERS, "#17becf")];
+    let async_replay_svg = render_svg(
+        &rows,
+        ASYNC_REPLAY,
+        "Async API, replay: ops/s against callers (log scale)",
+        &async_series,
+    );
+    std::fs::write(s.out.join("async-replay.svg"), async_replay_svg).unwrap();
+    let async_durable_svg = render_svg(
+        &rows,
+        ASYNC_DURABLE,
+        "Async API, new key durable: ops/s against callers (log scale)",
+        &async_series,
+    );
+    std::fs::write(s.out.join("async-durable.svg"), async_durable_svg).unwrap();
     let mut csv = std::fs::File::create(s.out.join("results.csv")).unwrap();
     writeln!(csv, "group,system,threads,ops_per_sec").unwrap();
     for r in &rows {
@@ -578,7 +701,8 @@ fn main() {
         .unwrap();
     }
     eprintln!(
-        "wrote {}/results.md, results.csv, durable-threads.svg, replay-threads.svg",
+        "wrote {}/results.md, results.csv, durable-threads.svg, replay-threads.svg, \
+         async-replay.svg, async-durable.svg",
         s.out.display()
     );
 }
@@ -614,6 +738,70 @@ fn render_table(rows: &[Row]) -> String {
         ));
     }
     out
+}
+
+/// A section of the report that sets one system against another, row by row.
+struct Versus {
+    title: &'static str,
+    /// What the threads column counts here.
+    callers: &'static str,
+    groups: &'static [&'static str],
+    /// The system the ratio divides by, and the one it divides.
+    base: &'static str,
+    system: &'static str,
+    /// The ratio column's heading.
+    ratio: &'static str,
+}
+
+const ASYNC_VERSUS: Versus = Versus {
+    title: "Async API against the sync one (target: replays within 10%, async ÷ sync ≥ 0.90)",
+    callers: "callers",
+    groups: &[ASYNC_REPLAY, ASYNC_DURABLE],
+    base: SYNC_CALLERS,
+    system: ASYNC_CALLERS,
+    ratio: "async ÷ sync",
+};
+
+const HTTP_VERSUS: Versus = Versus {
+    title:
+        "HTTP layer against the bare handler, every request a replay (target: layer ÷ bare ≥ 0.85)",
+    callers: "connections",
+    groups: &[HTTP_REPLAY],
+    base: HTTP_BARE,
+    system: HTTP_LAYER,
+    ratio: "layer ÷ bare",
+};
+
+/// `v`'s section: a row per group and thread count with both systems measured, with
+/// `system ÷ base`; empty when there is none.
+fn render_versus(rows: &[Row], v: &Versus) -> String {
+    let find = |group: &str, system: &str, threads: usize| {
+        rows.iter()
+            .find(|r| r.group == group && r.system == system && r.threads == threads)
+            .map(|r| r.ops)
+    };
+    let mut body = String::new();
+    for r in rows
+        .iter()
+        .filter(|r| v.groups.contains(&r.group) && r.system == v.base)
+    {
+        if let Some(ops) = find(r.group, v.system, r.threads) {
+            body += &format!(
+                "| {} | {} | {:.0} | {ops:.0} | {:.2} |\n",
+                r.group,
+                r.threads,
+                r.ops,
+                ops / r.ops
+            );
+        }
+    }
+    if body.is_empty() {
+        return body;
+    }
+    format!(
+        "\n## {}\n\n| workload | {} | {} | {} | {} |\n|---|---:|---:|---:|---:|\n{body}",
+        v.title, v.callers, v.base, v.system, v.ratio
+    )
 }
 
 /// A chart line's points: (threads, ops/s).

@@ -605,7 +605,14 @@ fn a_call_on_a_dead_connection_ends_with_a_typed_error() {
     };
     let port = config.get_ports().first().copied().unwrap_or(5432);
     let proxy = Proxy::start((host, port));
-    let proxied = format!("{url} host=127.0.0.1 port={}", proxy.port);
+    // Only the proxy's address: appending host and port to a string that names its own would
+    // make a list of hosts, and the store would connect around the proxy.
+    let proxied = format!(
+        "host=127.0.0.1 port={} user={} dbname={}",
+        proxy.port,
+        config.get_user().unwrap_or("postgres"),
+        config.get_dbname().unwrap_or("test"),
+    );
     let store = Arc::new(
         StoreBuilder::default()
             .sweep_interval(None)

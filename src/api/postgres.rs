@@ -40,7 +40,7 @@ pub type PgStore = Store<PgEngine>;
 /// | [`io_timeout`](Self::io_timeout) | 30 seconds |
 ///
 /// ```no_run
-/// # fn main() -> Result<(), idemstore::Error> {
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// use idemstore::{PgOptions, PgStore};
 /// let store = PgStore::connect(
 ///     PgOptions::new("host=127.0.0.1 user=postgres dbname=test").tenant("shop-eu"),

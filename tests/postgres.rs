@@ -890,3 +890,77 @@ fn one_connection_is_enough_and_durability_maps_to_synchronous_commit() {
         older.flush().expect("flush");
     }
 }
+
+/// A holder whose record a waiter in another replica marked sends a notification on the
+/// schema's channel when it finishes (waiters are woken by it, not only by polling). Checked by
+/// listening on the channel from a plain connection: a notification with the key's tag comes.
+#[test]
+fn a_finished_holder_notifies_the_replicas_waiting_for_it() {
+    let Some(url) = pg_url() else { return };
+    let schema = PgSchema::new(&url);
+    let lease = Duration::from_secs(10);
+    let (holder, waiter) = (parent_store(&schema, lease), parent_store(&schema, lease));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (client, mut connection) = runtime
+        .block_on(tokio_postgres::connect(&url, tokio_postgres::NoTls))
+        .expect("connect");
+    let (notes_tx, notes) = std::sync::mpsc::channel::<String>();
+    let listen_to = format!("LISTEN \"idemstore.{}\"", schema.name);
+    let listening = std::thread::spawn(move || {
+        runtime.block_on(async move {
+            let listen = client.batch_execute(&listen_to);
+            tokio::pin!(listen);
+            let mut subscribed = false;
+            loop {
+                tokio::select! {
+                    done = &mut listen, if !subscribed => { done.expect("listen"); subscribed = true; let _ = notes_tx.send(String::from("LISTENING")); }
+                    message = std::future::poll_fn(|cx| connection.poll_message(cx)) => match message {
+                        Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => { let _ = notes_tx.send(n.payload().to_owned()); return; }
+                        Some(Ok(_)) => {}
+                        _ => return,
+                    },
+                }
+            }
+        })
+    });
+    assert_eq!(
+        notes.recv_timeout(PATIENCE).expect("listening"),
+        "LISTENING"
+    );
+    let started = std::sync::Barrier::new(2);
+    let release = std::sync::Barrier::new(2);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            holder
+                .execute_once("k", || {
+                    started.wait();
+                    release.wait();
+                    Ok::<_, std::io::Error>(1u32)
+                })
+                .expect("holder");
+        });
+        started.wait();
+        let waiting = s.spawn(|| {
+            waiter
+                .call("k")
+                .wait_timeout(PATIENCE)
+                .run(|| Ok::<_, std::io::Error>(2u32))
+                .expect("waiter")
+        });
+        // Let the waiter mark the record before the holder finishes: the mark is what makes
+        // the holder notify (a waiter that comes too late finds the outcome and replays).
+        common::wait_until("the waiter to mark the record", || {
+            !schema
+                .sql("SELECT 1 FROM {s}.records WHERE waiters")
+                .is_empty()
+        });
+        release.wait();
+        assert_eq!(*waiting.join().expect("join"), 1);
+    });
+    let note = notes.recv_timeout(PATIENCE).expect("a notification");
+    assert_eq!(note.len(), 32, "the key's tag, in hex: {note}");
+    listening.join().expect("listener");
+}

@@ -302,6 +302,23 @@ impl ByHand {
         }
     }
 
+    /// A table in `schema` holding `REPLAY_KEYS` completed keys, and those keys.
+    fn preloaded(server: &Server, schema: &Schema<'_>) -> (ByHand, Vec<String>) {
+        let by_hand = ByHand::create(server, schema);
+        let keys: Vec<String> = (0..REPLAY_KEYS).map(|i| format!("k{i}")).collect();
+        for k in &keys {
+            server
+                .runtime
+                .block_on(by_hand.claim(k.as_bytes()))
+                .expect("the claim statement runs");
+            server
+                .runtime
+                .block_on(by_hand.complete(k.as_bytes(), VALUE))
+                .expect("the completion statement runs");
+        }
+        (by_hand, keys)
+    }
+
     /// Claims `key`: true when this call inserted its Pending row.
     async fn claim(&self, key: &[u8]) -> Result<bool, deadpool_postgres::PoolError> {
         let client = self.pool.get().await?;
@@ -357,15 +374,8 @@ pub fn by_hand_new_keys(server: &Server, threads: usize, secs: f64) -> f64 {
 /// Replays by hand: one SELECT of a completed key.
 pub fn by_hand_replay(server: &Server, threads: usize, secs: f64) -> f64 {
     let schema = server.fresh_schema();
-    let by_hand = ByHand::create(server, &schema);
+    let (by_hand, keys) = ByHand::preloaded(server, &schema);
     let rt = &server.runtime;
-    let keys: Vec<String> = (0..REPLAY_KEYS).map(|i| format!("k{i}")).collect();
-    for k in &keys {
-        rt.block_on(by_hand.claim(k.as_bytes()))
-            .expect("the claim statement runs");
-        rt.block_on(by_hand.complete(k.as_bytes(), VALUE))
-            .expect("the completion statement runs");
-    }
     let ops = server.window(threads, secs, |_, n| {
         let k = &keys[(n % REPLAY_KEYS) as usize];
         let found = rt
@@ -386,15 +396,8 @@ pub fn by_hand_replay(server: &Server, threads: usize, secs: f64) -> f64 {
 /// the key taken), then the read.
 pub fn by_hand_request_replay(server: &Server, threads: usize, secs: f64) -> f64 {
     let schema = server.fresh_schema();
-    let by_hand = ByHand::create(server, &schema);
+    let (by_hand, keys) = ByHand::preloaded(server, &schema);
     let rt = &server.runtime;
-    let keys: Vec<String> = (0..REPLAY_KEYS).map(|i| format!("k{i}")).collect();
-    for k in &keys {
-        rt.block_on(by_hand.claim(k.as_bytes()))
-            .expect("the claim statement runs");
-        rt.block_on(by_hand.complete(k.as_bytes(), VALUE))
-            .expect("the completion statement runs");
-    }
     let ops = server.window(threads, secs, |_, n| {
         let k = &keys[(n % REPLAY_KEYS) as usize];
         let claimed = rt

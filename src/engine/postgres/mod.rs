@@ -236,7 +236,7 @@ fn millis(v: u64) -> i64 {
 }
 
 /// The columns derived from a record's header.
-struct Columns {
+pub(crate) struct Columns {
     state: i16,
     expires_ms: i64,
     claim: (i64, i64),

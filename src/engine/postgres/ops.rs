@@ -51,23 +51,10 @@ impl PgEngine {
         pending: Vec<u8>,
     ) -> Result<bool, Error> {
         let s = &self.shared;
-        let c = columns(key, &pending)?;
-        let new_digest = digest(&pending);
+        let claim = NewClaim::of(key, pending, s.lease)?;
         let expected_digest = expected.map(digest);
-        let lease_ms = s.lease.as_millis() as f64;
         let client = s.client().await?;
-        let common: [&(dyn tokio_postgres::types::ToSql + Sync); 10] = [
-            &s.scope,
-            &key,
-            &pending,
-            &new_digest,
-            &c.expires_ms,
-            &c.claim.0,
-            &c.claim.1,
-            &c.life.0,
-            &c.life.1,
-            &lease_ms,
-        ];
+        let common = claim.params(&s.scope, &key);
         let row = match &expected_digest {
             None => {
                 let statement = client
@@ -88,7 +75,7 @@ impl PgEngine {
         }
         .map_err(pg_error)?;
         if row.is_some() {
-            s.leases.hold(key, new_digest);
+            s.leases.hold(key, claim.digest);
         }
         Ok(row.is_some())
     }
@@ -99,36 +86,20 @@ impl PgEngine {
         pending: Vec<u8>,
     ) -> Result<Option<ClaimOrGet<Vec<u8>>>, Error> {
         let s = &self.shared;
-        let c = columns(key, &pending)?;
-        let new_digest = digest(&pending);
-        let lease_ms = s.lease.as_millis() as f64;
+        let claim = NewClaim::of(key, pending, s.lease)?;
         let client = s.client().await?;
         let statement = client
             .prepare_cached(&s.sql.claim_or_get)
             .await
             .map_err(pg_error)?;
         let row = client
-            .query_opt(
-                &statement,
-                &[
-                    &s.scope,
-                    &key,
-                    &pending,
-                    &new_digest,
-                    &c.expires_ms,
-                    &c.claim.0,
-                    &c.claim.1,
-                    &c.life.0,
-                    &c.life.1,
-                    &lease_ms,
-                ],
-            )
+            .query_opt(&statement, &claim.params(&s.scope, &key))
             .await
             .map_err(pg_error)?;
         Ok(match row {
             None => None,
             Some(row) if row.get::<_, bool>(0) => {
-                s.leases.hold(key, new_digest);
+                s.leases.hold(key, claim.digest);
                 Some(ClaimOrGet::Claimed)
             }
             Some(row) => Some(ClaimOrGet::Existing(row.get(1))),
@@ -376,6 +347,44 @@ impl PgEngine {
                 tracing::debug!(error = %e, "could not end an interrupted claim's lease; it runs out");
             }
         });
+    }
+}
+
+/// A Pending record about to be claimed, with what its claim statements bind.
+struct NewClaim {
+    pending: Vec<u8>,
+    digest: Vec<u8>,
+    columns: super::Columns,
+    lease_ms: f64,
+}
+
+type Param<'a> = &'a (dyn tokio_postgres::types::ToSql + Sync);
+
+impl NewClaim {
+    fn of(key: &[u8], pending: Vec<u8>, lease: Duration) -> Result<Self, Error> {
+        Ok(Self {
+            columns: columns(key, &pending)?,
+            digest: digest(&pending),
+            pending,
+            lease_ms: lease.as_millis() as f64,
+        })
+    }
+
+    /// `$1` to `$10` of every claim statement (schema.rs).
+    fn params<'a>(&'a self, scope: &'a String, key: &'a &'a [u8]) -> [Param<'a>; 10] {
+        let c = &self.columns;
+        [
+            scope,
+            key,
+            &self.pending,
+            &self.digest,
+            &c.expires_ms,
+            &c.claim.0,
+            &c.claim.1,
+            &c.life.0,
+            &c.life.1,
+            &self.lease_ms,
+        ]
     }
 }
 

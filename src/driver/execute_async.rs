@@ -483,6 +483,8 @@ impl<S: Engine> Drop for RunGuard<'_, S> {
                 }
                 .and_then(|_| self.state.wait_durable());
                 if let Err(e) = written {
+                    // The claim is left to the orphan policy: stop renewing it.
+                    self.state.engine.abandon(&self.held);
                     tracing::error!(key = %KeyHash(self.held.key), error = %e, "could not record an unwound run");
                 }
             }

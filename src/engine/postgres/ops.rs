@@ -251,7 +251,9 @@ impl PgEngine {
             Ok::<_, Error>(row.and_then(|r| r.get::<_, Option<bool>>(0)))
         };
         match self.timed(live).await {
-            Ok(live) => live.unwrap_or(false),
+            // No row: the claim is no longer Pending (finished, removed, taken over). Not an
+            // orphan: answer "live", so the caller waits a moment and reads the record again.
+            Ok(live) => live.unwrap_or(true),
             Err(e) => {
                 // Unknown: treat it as live. Waiting is bounded; a takeover would not be.
                 tracing::warn!(error = %e, "could not read a claim's lease; treating it as live");

@@ -4,7 +4,9 @@
 //! Invariants:
 //! - the server runs in this process, on a tokio runtime of its own with [`WORKERS`] workers,
 //!   on 127.0.0.1 at a port the system picks; `POST /bare` and `POST /idem` run the same
-//!   handler (201 and a small JSON body), `/idem` behind `IdempotencyLayer` with its defaults
+//!   handler (it reads the request body, as a handler of a POST does, and answers 201 with a
+//!   small JSON body; a bare handler that never reads the body lets hyper skip the body
+//!   channel the layer must use, a cost of reading the request, not of idempotency), `/idem` behind `IdempotencyLayer` with its defaults
 //!   on a sled store in the measurement's directory. Both rows start the same server the same
 //!   way and differ in the path wrk asks for only;
 //! - the load is `wrk` as a child process, [`WRK_THREADS`] threads over [`CONNECTIONS`]
@@ -15,8 +17,13 @@
 //!   same method, path, body and key records it (checked: 201, and the handler ran once);
 //!   after the window the handler has still run once, and wrk saw no answer outside 2xx
 //!   (both checked);
-//! - wrk and the server share this machine's cores: a figure is what the pair sustains, and
-//!   compares only with the other path's figure under the same load;
+//! - [`Cores::Shared`]: wrk and the server share this machine's cores, a figure is what the
+//!   pair sustains. There every microsecond the server spends is amplified: when it answers
+//!   later, wrk's threads run out of requests, sleep, and preempt the server when they wake
+//!   (measured with the layer: 0.69 context switches per request against 0.26 bare).
+//!   [`Cores::Split`]: the server (one worker) on CPU 0, wrk (one thread) on CPU 1, so a
+//!   figure is what one server core sustains. A figure compares only with the other path's
+//!   figure under the same placement;
 //! - a measurement that breaks one of these is broken, not a figure: it panics saying what
 //!   broke. Without wrk the rows are skipped with a note ([`wrk_missing`], before the plan).
 
@@ -51,6 +58,48 @@ const KEY: &str = "\"bench-1\"";
 /// The handler's answer: a small JSON body.
 const ORDER: &str = r#"{"order":"ord_1N8vJkLq2eZvKYlo","status":"created"}"#;
 
+/// Where the server and the load generator run.
+#[derive(Clone, Copy)]
+pub enum Cores {
+    /// Both on every core, scheduled by the system.
+    Shared,
+    /// The server on CPU 0 with one worker, wrk on CPU 1 with one thread.
+    Split,
+}
+
+impl Cores {
+    /// Server workers and wrk threads.
+    fn threads(self) -> (usize, usize) {
+        match self {
+            Cores::Shared => (WORKERS, WRK_THREADS),
+            Cores::Split => (1, 1),
+        }
+    }
+}
+
+/// Pins the calling thread to `cpu`; false if the system refused (a machine with one CPU).
+/// It allocates nothing, so a forked child may call it before exec.
+fn set_affinity(cpu: usize) -> bool {
+    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET writes within it for cpu < 1024,
+    // and sched_setaffinity only reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+    }
+}
+
+/// Pins the calling thread to `cpu`; a failure is reported and the thread runs where the
+/// system puts it.
+fn pin_to(cpu: usize) {
+    if !set_affinity(cpu) {
+        eprintln!(
+            "  (could not pin a thread to CPU {cpu}: {})",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// Which path a window loads.
 #[derive(Clone, Copy)]
 pub enum Route {
@@ -77,10 +126,13 @@ pub fn wrk_missing() -> Option<String> {
     }
 }
 
-/// The handler of both paths: counts its runs, answers 201 with [`ORDER`].
+/// The handler of both paths: reads the order it is sent (as any handler of a POST does),
+/// counts its runs, answers 201 with [`ORDER`].
 async fn order(
     State(runs): State<Arc<AtomicU64>>,
+    body: axum::body::Bytes,
 ) -> (StatusCode, [(HeaderName, &'static str); 1], &'static str) {
+    assert_eq!(body.len(), BODY.len(), "the handler gets the whole order");
     runs.fetch_add(1, Ordering::Relaxed);
     (
         StatusCode::CREATED,
@@ -101,9 +153,14 @@ struct Server {
 
 impl Server {
     /// Serves `/bare` and `/idem` (on a store in `dir`) on 127.0.0.1.
-    fn start(dir: &Path) -> Server {
+    fn start(dir: &Path, cores: Cores) -> Server {
         let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(WORKERS)
+            .worker_threads(cores.threads().0)
+            .on_thread_start(move || {
+                if let Cores::Split = cores {
+                    pin_to(0)
+                }
+            })
             .thread_name("compare-http")
             .enable_all()
             .build()
@@ -178,11 +235,22 @@ struct Report {
 }
 
 /// Runs wrk against `route` of the server at `addr` for `secs` (rounded up to whole seconds).
-fn run_wrk(dir: &Path, addr: SocketAddr, route: Route, secs: f64) -> Report {
+fn run_wrk(dir: &Path, addr: SocketAddr, route: Route, cores: Cores, secs: f64) -> Report {
     let script = dir.join("replay.lua");
     std::fs::write(&script, SCRIPT).expect("the wrk script is written in a fresh directory");
-    let out = Command::new("wrk")
-        .arg(format!("-t{WRK_THREADS}"))
+    let mut wrk = Command::new("wrk");
+    if let Cores::Split = cores {
+        // SAFETY: the closure runs in the forked child before exec and only makes one
+        // system call, allocating nothing. If the system refuses, wrk runs unpinned.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut wrk, || {
+                let _ = set_affinity(1);
+                Ok(())
+            });
+        }
+    }
+    let out = wrk
+        .arg(format!("-t{}", cores.threads().1))
         .arg(format!("-c{CONNECTIONS}"))
         .arg(format!("-d{}s", secs.ceil().max(1.0)))
         .arg("-s")
@@ -217,10 +285,10 @@ fn parse_wrk(stdout: &str) -> Option<Report> {
 }
 
 /// Requests per second wrk sustains on `route`, every `/idem` request a replay.
-pub fn replay(dir: &Path, route: Route, secs: f64) -> f64 {
-    let server = Server::start(dir);
+pub fn replay(dir: &Path, route: Route, cores: Cores, secs: f64) -> f64 {
+    let server = Server::start(dir, cores);
     server.record_key();
-    let report = run_wrk(dir, server.addr, route, secs);
+    let report = run_wrk(dir, server.addr, route, cores, secs);
     assert_eq!(server.runs(), 1, "every request of the window was a replay");
     assert_eq!(report.not_2xx, 0, "every answer of the window was 2xx");
     if let Some(errors) = report.socket_errors {

@@ -96,13 +96,18 @@ impl<P, S: Engine> Call<'_, '_, P, S> {
         Fut: Future<Output = Result<T, E>>,
         P: ErrorPolicy<E>,
     {
-        execute_async(
+        if let Some(replayed) = self.try_replay() {
+            return replayed;
+        }
+        // Boxed: the whole call's future is large, and a replay answered above should not
+        // pay for moving it.
+        Box::pin(execute_async(
             self.store.shared_arc(),
             self.key,
             &self.options,
             self.policy,
             |_| f(),
-        )
+        ))
         .await
     }
 
@@ -122,13 +127,16 @@ impl<P, S: Engine> Call<'_, '_, P, S> {
         P: ErrorPolicy<E>,
     {
         self.options.with_steps = true;
-        execute_async(
+        if let Some(replayed) = self.try_replay() {
+            return replayed;
+        }
+        Box::pin(execute_async(
             self.store.shared_arc(),
             self.key,
             &self.options,
             self.policy,
             f,
-        )
+        ))
         .await
     }
 }

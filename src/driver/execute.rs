@@ -19,6 +19,7 @@
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::panic::{self, AssertUnwindSafe};
+use std::sync::Arc;
 
 use crate::core::attempt::outcome_header;
 use crate::core::options::CallOptions;
@@ -28,8 +29,7 @@ use crate::core::replay::{decode_error, replay};
 use crate::core::rules::{self, AsLeader, FirstLook, Refusal};
 use crate::core::settle::{self, Reply};
 use crate::driver::context::{Context, RunClaim};
-use crate::driver::registry::Entry;
-use crate::driver::registry::Leader;
+use crate::driver::registry::{Entry, Leader, RunningCall};
 use crate::driver::state::StoreState;
 use crate::driver::waiting::Waiting;
 use crate::engine::{ClaimOrGet, Engine, Held};
@@ -377,36 +377,17 @@ where
     P: ErrorPolicy<E>,
 {
     loop {
-        let now = state.clock.now_millis();
         let stored = state.engine.get(key)?;
-        let first = match stored.as_ref() {
-            Some(bytes) => Some(record::decode(bytes.as_ref()).map_err(|e| decode_error(key, e))?),
-            None => None,
-        };
-        let header = first.map(|r| r.header);
-        let live_outcome =
-            header.is_some_and(|h| !h.is_expired(now) && rules::is_terminal(h.state));
-        let writer = match live_outcome && state.settings.immediate {
-            true => state.registry.running(key),
-            false => None,
-        };
-        let look = rules::first_look(
-            header.as_ref(),
-            now,
-            options,
-            writer.is_some(),
-            state.settings.immediate,
-        );
-        match (look, first, &writer) {
-            (FirstLook::Replay, Some(rec), _) => {
-                return Ok(Lead::Done(replayed(state, key, &rec, policy)))
-            }
-            (FirstLook::WaitForWriter, _, Some(flight)) => {
+        let (first, look) = look(state, key, options, stored.as_ref().map(AsRef::as_ref))?;
+        let header = first.as_ref().map(|r| r.header);
+        match (look, first) {
+            (Look::Replay, Some(rec)) => return Ok(Lead::Done(replayed(state, key, &rec, policy))),
+            (Look::WaitForWriter(flight), _) => {
                 // Its writer may still be waiting for the barrier: replay once durable.
-                waiting.wait(key, flight)?;
+                waiting.wait(key, &flight)?;
                 continue;
             }
-            (FirstLook::Refuse(refusal), _, _) => return Err(refused(state, key, refusal)),
+            (Look::Refuse(refusal), _) => return Err(refused(state, key, refusal)),
             _ => {}
         }
         match state.registry.enter(key) {
@@ -419,6 +400,95 @@ where
             }
             Entry::Follower(flight) => waiting.wait(key, &flight)?,
         }
+    }
+}
+
+/// What a first look at a key's stored bytes decides, before leading.
+pub(crate) enum Look {
+    /// A live recorded outcome, durable: replay it.
+    Replay,
+    /// A live recorded outcome whose writer in this process may not have made it durable yet:
+    /// wait for that call, then look again.
+    WaitForWriter(Arc<RunningCall>),
+    /// The rules refuse the call.
+    Refuse(Refusal),
+    /// Nothing to replay: lead the key.
+    Lead,
+}
+
+/// The rules' first look at `stored` (the key's bytes as just read), decoded. A live outcome
+/// is waited for only on an engine where a write is seen before it is durable, and only while
+/// a call of this process still runs the key.
+pub(crate) fn look<'b, S: Engine>(
+    state: &StoreState<S>,
+    key: &[u8],
+    options: &CallOptions,
+    stored: Option<&'b [u8]>,
+) -> Result<(Option<record::Record<'b>>, Look), Error> {
+    let now = state.clock.now_millis();
+    let first = match stored {
+        Some(bytes) => Some(record::decode(bytes).map_err(|e| decode_error(key, e))?),
+        None => None,
+    };
+    let header = first.as_ref().map(|r| r.header);
+    let replays_wait = state.settings.immediate && state.engine.visible_before_durable();
+    let live_outcome = header.is_some_and(|h| !h.is_expired(now) && rules::is_terminal(h.state));
+    let writer = match live_outcome && replays_wait {
+        true => state.registry.running(key),
+        false => None,
+    };
+    let look = match rules::first_look(
+        header.as_ref(),
+        now,
+        options,
+        writer.is_some(),
+        replays_wait,
+    ) {
+        FirstLook::Replay => Look::Replay,
+        FirstLook::Refuse(refusal) => Look::Refuse(refusal),
+        FirstLook::WaitForWriter => match writer {
+            Some(flight) => Look::WaitForWriter(flight),
+            // Invariant: WaitForWriter is only decided with a writer running.
+            None => Look::Lead,
+        },
+        FirstLook::Lead => Look::Lead,
+    };
+    Ok((first, look))
+}
+
+/// A replay answered from one local read, for callers that would pay for a run's setup
+/// before the full call: the outcome when the key's record is a durable live outcome, the
+/// refusal when the rules refuse, `None` when the call must go the whole way (no record, a
+/// record Pending or expired, a writer to wait for), or on an engine that claims before it
+/// reads (there a read is a round trip the full call does not make).
+#[cfg(feature = "tokio")]
+pub(crate) fn try_replay<S, T, E, P>(
+    state: &StoreState<S>,
+    key: &[u8],
+    options: &CallOptions,
+    policy: &P,
+) -> Option<Result<Outcome<T>, ExecuteError<E>>>
+where
+    S: Engine,
+    T: Serialize + DeserializeOwned,
+    P: ErrorPolicy<E>,
+{
+    if state.engine.claims_first() {
+        return None;
+    }
+    let answer = (|| {
+        state.check_key(key)?;
+        let stored = state.engine.get(key)?;
+        let (first, look) = look(state, key, options, stored.as_ref().map(AsRef::as_ref))?;
+        Ok(match (look, first) {
+            (Look::Replay, Some(rec)) => Some(replayed(state, key, &rec, policy)),
+            (Look::Refuse(refusal), _) => Some(Err(refused(state, key, refusal).into())),
+            _ => None,
+        })
+    })();
+    match answer {
+        Ok(answer) => answer,
+        Err(e) => Some(Err(ExecuteError::Store(e))),
     }
 }
 

@@ -34,12 +34,12 @@ use crate::core::options::CallOptions;
 use crate::core::outcome::{Outcome, RecordInfo};
 use crate::core::policy::ErrorPolicy;
 use crate::core::replay::decode_error;
-use crate::core::rules::{self, AsLeader, FirstLook};
+use crate::core::rules::{self, AsLeader};
 use crate::core::settle::{self, Reply, Settled};
 use crate::driver::async_context::{
     durable_async, fenced_out_async, AsyncClaim, AsyncContext, StoreLog,
 };
-use crate::driver::execute::{absent_claim, forgets, refused, replayed};
+use crate::driver::execute::{absent_claim, forgets, look, refused, replayed, Look};
 use crate::driver::registry::{Entry, Leader};
 use crate::driver::state::StoreState;
 use crate::driver::waiting::Waiting;
@@ -335,37 +335,19 @@ where
 {
     async move {
         loop {
-            let now = state.clock.now_millis();
             let stored = state.engine.get_async(key).await?;
-            let header = match stored.as_ref() {
-                Some(bytes) => Some(
-                    record::decode(bytes.as_ref())
-                        .map_err(|e| decode_error(key, e))?
-                        .header,
-                ),
-                None => None,
+            let (header, look) = {
+                let (first, look) = look(state, key, options, stored.as_ref().map(AsRef::as_ref))?;
+                (first.map(|r| r.header), look)
             };
-            let live_outcome =
-                header.is_some_and(|h| !h.is_expired(now) && rules::is_terminal(h.state));
-            let writer = match live_outcome && state.settings.immediate {
-                true => state.registry.running(key),
-                false => None,
-            };
-            let look = rules::first_look(
-                header.as_ref(),
-                now,
-                options,
-                writer.is_some(),
-                state.settings.immediate,
-            );
-            match (look, stored, writer) {
-                (FirstLook::Replay, Some(bytes), _) => return Ok(LeadAsync::Replay(bytes)),
-                (FirstLook::WaitForWriter, _, Some(flight)) => {
+            match (look, stored) {
+                (Look::Replay, Some(bytes)) => return Ok(LeadAsync::Replay(bytes)),
+                (Look::WaitForWriter(flight), _) => {
                     waiting.wait_async(key, &flight).await?;
                     continue;
                 }
-                (FirstLook::Refuse(refusal), _, _) => return Err(refused(state, key, refusal)),
-                (_, stored, _) => match state.registry.enter(key) {
+                (Look::Refuse(refusal), _) => return Err(refused(state, key, refusal)),
+                (_, stored) => match state.registry.enter(key) {
                     Entry::Leader(leader) => {
                         return Ok(LeadAsync::Leader {
                             leader,

@@ -243,6 +243,13 @@ pub(crate) trait Engine: Send + Sync + 'static {
         std::future::ready(self.claim_or_get(key, pending))
     }
 
+    /// Whether another caller may read a write before it is durable (a write lands in memory,
+    /// a later durability point makes it durable). Where it may, a replay of an outcome that a
+    /// call of this process still makes durable waits for that call.
+    fn visible_before_durable(&self) -> bool {
+        true
+    }
+
     /// Whether [`Engine::wait_durable`] may block on a device (the async driver then runs it
     /// on the blocking pool).
     fn durability_blocks(&self) -> bool {

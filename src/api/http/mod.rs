@@ -28,7 +28,7 @@ use http::{header, HeaderName, HeaderValue, Method, Request, Response, StatusCod
 use parking_lot::Mutex;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -109,7 +109,7 @@ struct Settings {
 #[allow(private_bounds)]
 pub struct IdempotencyLayer<S: Engine = SledEngine> {
     store: Arc<Store<S>>,
-    settings: Settings,
+    settings: Arc<Settings>,
 }
 
 #[allow(private_bounds)]
@@ -117,7 +117,7 @@ impl<S: Engine> Clone for IdempotencyLayer<S> {
     fn clone(&self) -> Self {
         Self {
             store: Arc::clone(&self.store),
-            settings: self.settings.clone(),
+            settings: Arc::clone(&self.settings),
         }
     }
 }
@@ -143,7 +143,7 @@ impl<S: Engine> IdempotencyLayer<S> {
     pub fn new(store: Arc<Store<S>>) -> Self {
         Self {
             store,
-            settings: Settings {
+            settings: Arc::new(Settings {
                 methods: vec![Method::POST, Method::PATCH],
                 require_key: true,
                 tenant: None,
@@ -168,20 +168,25 @@ impl<S: Engine> IdempotencyLayer<S> {
                     retry_after: Duration::from_secs(1),
                 },
                 ttl: None,
-            },
+            }),
         }
+    }
+
+    /// The settings, to change before the layer is shared.
+    fn settings_mut(&mut self) -> &mut Settings {
+        Arc::make_mut(&mut self.settings)
     }
 
     /// The methods the layer applies to (others pass through untouched).
     pub fn methods(mut self, methods: impl IntoIterator<Item = Method>) -> Self {
-        self.settings.methods = methods.into_iter().collect();
+        self.settings_mut().methods = methods.into_iter().collect();
         self
     }
 
     /// Whether a request of a configured method without a key is refused (400, the default)
     /// or passed through without idempotency.
     pub fn require_key(mut self, require: bool) -> Self {
-        self.settings.require_key = require;
+        self.settings_mut().require_key = require;
         self
     }
 
@@ -192,25 +197,25 @@ impl<S: Engine> IdempotencyLayer<S> {
         mut self,
         tenant: impl Fn(&http::request::Parts) -> Option<String> + Send + Sync + 'static,
     ) -> Self {
-        self.settings.tenant = Some(Arc::new(tenant));
+        self.settings_mut().tenant = Some(Arc::new(tenant));
         self
     }
 
     /// Request headers that count in the fingerprint, beside method, path, query and body.
     pub fn fingerprint_headers(mut self, names: impl IntoIterator<Item = HeaderName>) -> Self {
-        self.settings.fingerprint_headers = names.into_iter().collect();
+        self.settings_mut().fingerprint_headers = names.into_iter().collect();
         self
     }
 
     /// Response headers stored and replayed (others reach the first caller only).
     pub fn replay_headers(mut self, names: impl IntoIterator<Item = HeaderName>) -> Self {
-        self.settings.replay_headers = names.into_iter().collect();
+        self.settings_mut().replay_headers = names.into_iter().collect();
         self
     }
 
     /// The largest request body buffered (for the fingerprint); larger ones get 413.
     pub fn max_request_bytes(mut self, limit: usize) -> Self {
-        self.settings.max_request_bytes = limit;
+        self.settings_mut().max_request_bytes = limit;
         self
     }
 
@@ -218,19 +223,19 @@ impl<S: Engine> IdempotencyLayer<S> {
     /// room for the status and headers: a response the store cannot hold still reaches its
     /// first caller, and its replays get a 500 problem.
     pub fn max_response_bytes(mut self, limit: usize) -> Self {
-        self.settings.max_response_bytes = limit;
+        self.settings_mut().max_response_bytes = limit;
         self
     }
 
     /// What a duplicate of a running request gets; see [`Conflict`].
     pub fn on_conflict(mut self, conflict: Conflict) -> Self {
-        self.settings.conflict = conflict;
+        self.settings_mut().conflict = conflict;
         self
     }
 
     /// How long records live (default: the store's TTL; Stripe keeps keys 24 hours).
     pub fn ttl(mut self, ttl: Duration) -> Self {
-        self.settings.ttl = Some(ttl);
+        self.settings_mut().ttl = Some(ttl);
         self
     }
 }
@@ -396,6 +401,18 @@ where
     };
     let store_key = scoped_key(tenant.as_deref(), &key);
     let fingerprint = request_fingerprint(&head, &body, &settings.fingerprint_headers);
+    // A replay read locally is answered here, without a task: a retry costs one read.
+    let replay_look = layer
+        .store
+        .call(&store_key)
+        .fingerprint(fingerprint)
+        .try_replay::<StoredResponse, NotStored<Svc::Error>>();
+    match replay_look {
+        Some(Ok(stored)) => return Ok(replay(stored.into_value())),
+        Some(Err(ExecuteError::Store(e))) => return Ok(store_problem(&e, settings)),
+        // Nothing to replay yet (or an answer only the full call gives): run the call.
+        Some(Err(ExecuteError::Operation { .. })) | None => {}
+    }
     let request = Request::from_parts(head, full(body));
 
     // The first run's own response (with every header, or a body too large to store) goes
@@ -404,7 +421,7 @@ where
     let run = {
         let (store, settings, live) = (
             Arc::clone(&layer.store),
-            settings.clone(),
+            Arc::clone(&layer.settings),
             Arc::clone(&live),
         );
         async move {
@@ -444,7 +461,7 @@ where
     let live = live.lock().take();
     match (outcome, live) {
         (Ok(_), Some(response)) => Ok(response),
-        (Ok(stored), None) => Ok(replay(&stored)),
+        (Ok(stored), None) => Ok(replay(stored.into_value())),
         (
             Err(ExecuteError::Operation {
                 error: NotStored::Released(response),
@@ -554,7 +571,7 @@ where
 }
 
 /// The replay of a stored response.
-fn replay(stored: &StoredResponse) -> Response<IdempotentBody> {
+fn replay(stored: StoredResponse) -> Response<IdempotentBody> {
     if let Some(read) = stored.omitted_after {
         return problem(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -641,7 +658,10 @@ fn store_problem(e: &Error, settings: &Settings) -> Response<IdempotentBody> {
 /// The store key of `key` for `tenant`: a fixed-size digest (so any valid key fits any store
 /// setting), and no two (tenant, key) pairs share one.
 fn scoped_key(tenant: Option<&str>, key: &str) -> Vec<u8> {
-    let mut h = blake3::Hasher::new_derive_key("idemstore 2026-11 http idempotency key v1");
+    static SCOPED_KEY: LazyLock<blake3::Hasher> = LazyLock::new(|| {
+        blake3::Hasher::new_derive_key("idemstore 2026-11 http idempotency key v1")
+    });
+    let mut h = SCOPED_KEY.clone();
     match tenant {
         Some(tenant) => {
             h.update(&[1]);
@@ -664,7 +684,10 @@ fn request_fingerprint(
     body: &[u8],
     headers: &[HeaderName],
 ) -> Fingerprint {
-    let mut h = blake3::Hasher::new_derive_key("idemstore 2026-11 http request fingerprint v1");
+    static REQUEST: LazyLock<blake3::Hasher> = LazyLock::new(|| {
+        blake3::Hasher::new_derive_key("idemstore 2026-11 http request fingerprint v1")
+    });
+    let mut h = REQUEST.clone();
     let mut field = |bytes: &[u8]| {
         h.update(&(bytes.len() as u64).to_le_bytes());
         h.update(bytes);
@@ -681,5 +704,5 @@ fn request_fingerprint(
         }
     }
     field(body);
-    Fingerprint::of_bytes(h.finalize().as_bytes())
+    Fingerprint::from_bytes(*h.finalize().as_bytes())
 }

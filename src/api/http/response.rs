@@ -98,15 +98,18 @@ impl StoredResponse {
 
     /// The replay of this response: its status, stored headers and body, marked replayed.
     /// `None` if its bytes no longer make a response (never written so; a damaged record).
-    pub(crate) fn replay(&self) -> Option<Response<IdempotentBody>> {
-        let mut response = Response::new(full(Bytes::from(self.body.0.clone())));
-        *response.status_mut() = StatusCode::from_u16(self.status).ok()?;
-        for (name, value) in &self.headers {
-            response.headers_mut().append(
+    pub(crate) fn replay(self) -> Option<Response<IdempotentBody>> {
+        let status = StatusCode::from_u16(self.status).ok()?;
+        let mut headers = HeaderMap::with_capacity(self.headers.len() + 1);
+        for (name, value) in self.headers {
+            headers.append(
                 HeaderName::from_bytes(name.as_bytes()).ok()?,
-                HeaderValue::from_bytes(&value.0).ok()?,
+                HeaderValue::from_maybe_shared(Bytes::from(value.0)).ok()?,
             );
         }
+        let mut response = Response::new(full(Bytes::from(self.body.0)));
+        *response.status_mut() = status;
+        *response.headers_mut() = headers;
         response
             .headers_mut()
             .insert(REPLAYED, HeaderValue::from_static("true"));

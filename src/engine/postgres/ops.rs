@@ -606,6 +606,12 @@ impl Engine for PgEngine {
         false
     }
 
+    fn visible_before_durable(&self) -> bool {
+        // Under synchronous commits another session sees a row only after its commit record
+        // is flushed; under relaxed commits replays do not wait for durability anyway.
+        false
+    }
+
     fn claims_first(&self) -> bool {
         true
     }

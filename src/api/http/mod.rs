@@ -401,12 +401,25 @@ where
     };
     let store_key = scoped_key(tenant.as_deref(), &key);
     let fingerprint = request_fingerprint(&head, &body, &settings.fingerprint_headers);
-    // A replay read locally is answered here, without a task: a retry costs one read.
-    let replay_look = layer
-        .store
-        .call(&store_key)
-        .fingerprint(fingerprint)
-        .try_replay::<StoredResponse, NotStored<Svc::Error>>();
+    // A replay read locally is answered here, without a task: a retry costs one read. User
+    // code the store calls (its clock, serde) may panic here as in the task: a 500, never a
+    // dropped connection.
+    let replay_look = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        layer
+            .store
+            .call(&store_key)
+            .fingerprint(fingerprint)
+            .try_replay::<StoredResponse, NotStored<Svc::Error>>()
+    }));
+    let Ok(replay_look) = replay_look else {
+        return Ok(problem(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "store-panicked",
+            "Idempotency store failed",
+            "code the idempotency store called panicked; the request may be retried with the \
+             same key",
+        ));
+    };
     match replay_look {
         Some(Ok(stored)) => return Ok(replay(stored.into_value())),
         Some(Err(ExecuteError::Store(e))) => return Ok(store_problem(&e, settings)),
@@ -704,5 +717,6 @@ fn request_fingerprint(
         }
     }
     field(body);
-    Fingerprint::from_bytes(*h.finalize().as_bytes())
+    // Digested again, as records written by earlier versions were: their retries must match.
+    Fingerprint::of_bytes(h.finalize().as_bytes())
 }

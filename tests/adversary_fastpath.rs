@@ -9,19 +9,18 @@
 mod common;
 
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::routing::post;
 use axum::Router;
 use bytes::Bytes;
+use common::http::{client, runtime, send, serve, try_send};
 use common::Scratch;
-use http_body_util::{BodyExt, Full};
 use idemstore::http::IdempotencyLayer;
 use idemstore::{
     Clock, Durability, Error, ExecuteError, Fingerprint, ManualClock, MemoryEngine, OrphanPolicy,
     RecordState, Store,
 };
 use serde::{Deserialize, Serialize};
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,94 +29,9 @@ use std::time::Duration;
 // Harness
 // ---------------------------------------------------------------------------------------
 
-type Client = hyper_util::client::legacy::Client<
-    hyper_util::client::legacy::connect::HttpConnector,
-    Full<Bytes>,
->;
-
 #[derive(Default)]
 struct App {
     runs: AtomicU32,
-}
-
-async fn serve(router: Router) -> (SocketAddr, tokio::task::JoinHandle<()>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let server = tokio::spawn(async move {
-        axum::serve(listener, router).await.expect("serve");
-    });
-    (addr, server)
-}
-
-fn client() -> Client {
-    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http()
-}
-
-#[derive(Debug)]
-struct Reply {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
-}
-
-impl Reply {
-    fn replayed(&self) -> bool {
-        self.headers
-            .get("idempotent-replayed")
-            .is_some_and(|v| v == "true")
-    }
-}
-
-/// Sends a POST; `Err` when the connection gave no response at all.
-async fn try_send(
-    client: &Client,
-    addr: SocketAddr,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> Result<Reply, String> {
-    let mut request = axum::http::Request::builder()
-        .method(axum::http::Method::POST)
-        .uri(format!("http://{addr}{path}"));
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    let request = request
-        .body(Full::new(Bytes::copy_from_slice(body)))
-        .expect("request");
-    let response = tokio::time::timeout(Duration::from_secs(20), client.request(request))
-        .await
-        .expect("an answer within 20 s")
-        .map_err(|e| format!("no response: {e:?}"))?;
-    let (head, body) = response.into_parts();
-    let collected = body.collect().await.map_err(|e| format!("body: {e}"))?;
-    Ok(Reply {
-        status: head.status,
-        headers: head.headers,
-        body: collected.to_bytes(),
-    })
-}
-
-async fn send(
-    client: &Client,
-    addr: SocketAddr,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> Reply {
-    try_send(client, addr, path, headers, body)
-        .await
-        .expect("response")
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
 }
 
 async fn counted_create(State(app): State<Arc<App>>, body: Bytes) -> (StatusCode, String) {

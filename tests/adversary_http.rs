@@ -13,15 +13,14 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::routing::post;
 use axum::Router;
 use bytes::Bytes;
+use common::http::{client, runtime, send, send_method, serve};
 use common::pg::{pg_url, PgSchema};
 use common::{store_error, Scratch};
 use http_body::Frame;
-use http_body_util::{BodyExt, Full};
 use idemstore::http::IdempotencyLayer;
 use idemstore::{AsyncContext, Error, OrphanPolicy, StepError, StoreBuilder};
 use std::collections::VecDeque;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
@@ -32,102 +31,9 @@ use std::time::Duration;
 // Harness: a real server, a real client.
 // ---------------------------------------------------------------------------------------
 
-type Client = hyper_util::client::legacy::Client<
-    hyper_util::client::legacy::connect::HttpConnector,
-    Full<Bytes>,
->;
-
 #[derive(Default)]
 struct App {
     runs: AtomicU32,
-}
-
-/// Serves `router` on 127.0.0.1 until the returned handle is aborted.
-async fn serve(router: Router) -> (SocketAddr, tokio::task::JoinHandle<()>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let server = tokio::spawn(async move {
-        axum::serve(listener, router).await.expect("serve");
-    });
-    (addr, server)
-}
-
-fn client() -> Client {
-    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http()
-}
-
-#[derive(Debug)]
-struct Reply {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
-    trailers: Option<HeaderMap>,
-}
-
-impl Reply {
-    fn replayed(&self) -> bool {
-        self.headers
-            .get("idempotent-replayed")
-            .is_some_and(|v| v == "true")
-    }
-    fn problem_type(&self) -> String {
-        serde_json::from_slice::<serde_json::Value>(&self.body)
-            .ok()
-            .and_then(|v| v["type"].as_str().map(String::from))
-            .unwrap_or_default()
-    }
-}
-
-async fn send_method(
-    client: &Client,
-    method: axum::http::Method,
-    addr: SocketAddr,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> Reply {
-    let mut request = axum::http::Request::builder()
-        .method(method)
-        .uri(format!("http://{addr}{path}"));
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    let request = request
-        .body(Full::new(Bytes::copy_from_slice(body)))
-        .expect("request");
-    let response = tokio::time::timeout(Duration::from_secs(20), client.request(request))
-        .await
-        .expect("an answer within 20 s")
-        .expect("response");
-    let (head, body) = response.into_parts();
-    let collected = body.collect().await.expect("body");
-    let trailers = collected.trailers().cloned();
-    Reply {
-        status: head.status,
-        headers: head.headers,
-        body: collected.to_bytes(),
-        trailers,
-    }
-}
-
-async fn send(
-    client: &Client,
-    addr: SocketAddr,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> Reply {
-    send_method(client, axum::http::Method::POST, addr, path, headers, body).await
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
 }
 
 async fn counted_create(State(app): State<Arc<App>>, body: Bytes) -> (StatusCode, String) {

@@ -11,20 +11,14 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use axum::Router;
 use bytes::Bytes;
+use common::http::{client, runtime, send, serve};
 use common::pg::{pg_url, PgSchema};
 use common::Scratch;
-use http_body_util::{BodyExt, Full};
 use idemstore::http::{Conflict, IdempotencyLayer};
 use idemstore::{PgStore, StoreBuilder};
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-
-type Client = hyper_util::client::legacy::Client<
-    hyper_util::client::legacy::connect::HttpConnector,
-    Full<Bytes>,
->;
 
 /// What the handlers share: how often each ran, and gates to hold a request open.
 #[derive(Default)]
@@ -68,18 +62,6 @@ async fn big(State(app): State<Arc<App>>) -> Vec<u8> {
     vec![b'x'; 3 << 20]
 }
 
-/// Serves `router` on 127.0.0.1 until the returned handle is aborted.
-async fn serve(router: Router) -> (SocketAddr, tokio::task::JoinHandle<()>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let server = tokio::spawn(async move {
-        axum::serve(listener, router).await.expect("serve");
-    });
-    (addr, server)
-}
-
 /// The test service behind `layer` (a macro: the engine parameter cannot be named here).
 macro_rules! router {
     ($layer:expr, $app:expr) => {
@@ -91,59 +73,6 @@ macro_rules! router {
             .layer($layer)
             .with_state($app)
     };
-}
-
-fn client() -> Client {
-    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http()
-}
-
-struct Reply {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
-}
-
-impl Reply {
-    fn replayed(&self) -> bool {
-        self.headers
-            .get("idempotent-replayed")
-            .is_some_and(|v| v == "true")
-    }
-    fn problem_type(&self) -> String {
-        let v: serde_json::Value = serde_json::from_slice(&self.body).expect("problem json");
-        v["type"].as_str().expect("type").to_owned()
-    }
-}
-
-async fn send(
-    client: &Client,
-    addr: SocketAddr,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> Reply {
-    let mut request = axum::http::Request::post(format!("http://{addr}{path}"));
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    let request = request
-        .body(Full::new(Bytes::copy_from_slice(body)))
-        .expect("request");
-    let response = client.request(request).await.expect("response");
-    let (head, body) = response.into_parts();
-    Reply {
-        status: head.status,
-        headers: head.headers,
-        body: body.collect().await.expect("body").to_bytes(),
-    }
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
 }
 
 #[test]

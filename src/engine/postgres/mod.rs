@@ -86,6 +86,14 @@ impl Shared {
     }
 }
 
+/// `sql` prepared on `client` (once per connection: deadpool keeps the statement cache).
+pub(crate) async fn prepared(
+    client: &deadpool_postgres::Client,
+    sql: &str,
+) -> Result<tokio_postgres::Statement, Error> {
+    client.prepare_cached(sql).await.map_err(pg_error)
+}
+
 /// The engine, opened, with the epoch of this open.
 pub(crate) struct OpenedPg {
     pub engine: PgEngine,

@@ -11,7 +11,7 @@
 
 use std::time::Duration;
 
-use super::{big, columns, digest, listen, millis, pg_error, schema, PgEngine};
+use super::{big, columns, digest, listen, millis, pg_error, prepared, schema, PgEngine};
 use crate::engine::{ClaimOrGet, Engine, Held, RecordIter};
 use crate::error::{Error, StorageKind};
 use crate::format::record::ClaimToken;
@@ -23,7 +23,7 @@ impl PgEngine {
     pub(crate) async fn get_op(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
         let s = &self.shared;
         let client = s.client().await?;
-        let statement = client.prepare_cached(&s.sql.get).await.map_err(pg_error)?;
+        let statement = prepared(&client, &s.sql.get).await?;
         let row = client
             .query_opt(&statement, &[&s.scope, &key])
             .await
@@ -57,17 +57,11 @@ impl PgEngine {
         let common = claim.params(&s.scope, &key);
         let row = match &expected_digest {
             None => {
-                let statement = client
-                    .prepare_cached(&s.sql.claim_new)
-                    .await
-                    .map_err(pg_error)?;
+                let statement = prepared(&client, &s.sql.claim_new).await?;
                 client.query_opt(&statement, &common).await
             }
             Some(expected) => {
-                let statement = client
-                    .prepare_cached(&s.sql.claim_over)
-                    .await
-                    .map_err(pg_error)?;
+                let statement = prepared(&client, &s.sql.claim_over).await?;
                 let mut params = common.to_vec();
                 params.push(expected);
                 client.query_opt(&statement, &params).await
@@ -88,10 +82,7 @@ impl PgEngine {
         let s = &self.shared;
         let claim = NewClaim::of(key, pending, s.lease)?;
         let client = s.client().await?;
-        let statement = client
-            .prepare_cached(&s.sql.claim_or_get)
-            .await
-            .map_err(pg_error)?;
+        let statement = prepared(&client, &s.sql.claim_or_get).await?;
         let row = client
             .query_opt(&statement, &claim.params(&s.scope, &key))
             .await
@@ -116,10 +107,7 @@ impl PgEngine {
         let row = match record {
             Some(bytes) => {
                 let c = columns(key, bytes)?;
-                let statement = client
-                    .prepare_cached(&s.sql.finish)
-                    .await
-                    .map_err(pg_error)?;
+                let statement = prepared(&client, &s.sql.finish).await?;
                 client
                     .query_opt(
                         &statement,
@@ -140,10 +128,7 @@ impl PgEngine {
                     .await
             }
             None => {
-                let statement = client
-                    .prepare_cached(&s.sql.release)
-                    .await
-                    .map_err(pg_error)?;
+                let statement = prepared(&client, &s.sql.release).await?;
                 client
                     .query_opt(&statement, &[&s.scope, &key, &held_digest])
                     .await
@@ -166,10 +151,7 @@ impl PgEngine {
         let held_digest = digest(held.record);
         let index = i32::try_from(index).map_err(|_| Error::InvalidConfig("too many steps"))?;
         let client = s.client().await?;
-        let statement = client
-            .prepare_cached(&s.sql.write_step)
-            .await
-            .map_err(pg_error)?;
+        let statement = prepared(&client, &s.sql.write_step).await?;
         let row = client
             .query_opt(
                 &statement,
@@ -191,10 +173,7 @@ impl PgEngine {
     async fn steps_op(&self, key: &[u8], life: ClaimToken) -> Result<Vec<(u32, Vec<u8>)>, Error> {
         let s = &self.shared;
         let client = s.client().await?;
-        let statement = client
-            .prepare_cached(&s.sql.steps)
-            .await
-            .map_err(pg_error)?;
+        let statement = prepared(&client, &s.sql.steps).await?;
         let rows = client
             .query(
                 &statement,
@@ -212,10 +191,7 @@ impl PgEngine {
         let s = &self.shared;
         let expected_digest = digest(expected);
         let client = s.client().await?;
-        let statement = client
-            .prepare_cached(&s.sql.remove)
-            .await
-            .map_err(pg_error)?;
+        let statement = prepared(&client, &s.sql.remove).await?;
         let row = client
             .query_opt(&statement, &[&s.scope, &key, &expected_digest])
             .await
@@ -237,10 +213,7 @@ impl PgEngine {
         let s = &self.shared;
         let live = async {
             let client = s.client().await?;
-            let statement = client
-                .prepare_cached(&s.sql.holder_live)
-                .await
-                .map_err(pg_error)?;
+            let statement = prepared(&client, &s.sql.holder_live).await?;
             let row = client
                 .query_opt(
                     &statement,
@@ -266,10 +239,7 @@ impl PgEngine {
     async fn mark_waiting_op(&self, key: &[u8], claim: ClaimToken) -> Result<bool, Error> {
         let s = &self.shared;
         let client = s.client().await?;
-        let statement = client
-            .prepare_cached(&s.sql.mark_waiting)
-            .await
-            .map_err(pg_error)?;
+        let statement = prepared(&client, &s.sql.mark_waiting).await?;
         let row = client
             .query_opt(
                 &statement,

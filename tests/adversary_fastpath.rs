@@ -238,12 +238,11 @@ impl Clock for PanickyClock {
 /// Promise (mod.rs): every request with a key gets an HTTP answer; a failure of user code
 /// around the run is a 500 problem ("the handler panicked; the request may be retried").
 ///
-/// Attack: `try_replay` now runs on the request's own future, before `tokio::spawn`, and reads
-/// the store's clock (user code) in `look` (src/driver/execute.rs `look`, `now_millis`), and
-/// the HTTP layer calls it unguarded (src/api/http/mod.rs, the `replay_look` block). Before the
-/// commit every store call ran inside the spawned task, whose panic became a 500. Now a
-/// panicking clock unwinds through the service future: the connection is dropped with no
-/// response.
+/// Attack: the layer's first read runs on the request's own future, before `tokio::spawn`,
+/// and reads the store's clock (user code) in `look` (src/driver/execute.rs). Unguarded there
+/// (src/api/http/mod.rs, the `quick_look` block), a panicking clock would unwind through the
+/// service future and drop the connection with no response; inside the spawned task a panic
+/// becomes a 500. The problem type says the fast path answered.
 #[test]
 fn a_panic_in_store_user_code_before_the_run_is_still_a_500() {
     let scratch = Scratch::new();
@@ -269,7 +268,14 @@ fn a_panic_in_store_user_code_before_the_run_is_still_a_500() {
         boom.store(false, Ordering::SeqCst);
         server.abort();
         match answer {
-            Ok(r) => assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR, "{r:?}"),
+            Ok(r) => assert_eq!(
+                (r.status, r.problem_type().as_str()),
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "urn:idemstore:problem:store-panicked"
+                ),
+                "{r:?}"
+            ),
             Err(e) => panic!("a request with a key got no HTTP answer at all: {e}"),
         }
     });
@@ -633,4 +639,56 @@ fn async_fast_path_never_replays_an_outcome_a_crash_can_lose() {
             "key k{i} was replayed, then lost in a crash"
         );
     }
+}
+
+/// Promise (design §15): a retry that one local read settles is answered before any task is
+/// spawned. Polled once, outside any tokio runtime, with a waker that does nothing: the
+/// replay must be ready at once (a spawned task would panic without a runtime, and could
+/// not be ready on the first poll), and the handler must not run.
+#[test]
+fn a_replay_on_sled_needs_no_task_and_no_second_poll() {
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
+    use tower_service::Service;
+
+    let scratch = Scratch::new();
+    let store = Arc::new(scratch.builder().open().unwrap());
+    let app = Arc::new(App::default());
+    let mut router = Router::new()
+        .route("/orders", post(counted_create))
+        .layer(IdempotencyLayer::new(Arc::clone(&store)))
+        .with_state(Arc::clone(&app));
+    let request = || {
+        axum::http::Request::post("/orders")
+            .header("idempotency-key", "\"no-task\"")
+            .body(axum::body::Body::from("{\"cents\":4200}"))
+            .unwrap()
+    };
+    // The first request runs the handler in a task: it needs a runtime.
+    let first = runtime()
+        .block_on(router.call(request()))
+        .expect("the first request is answered");
+    assert_eq!(first.status(), StatusCode::CREATED);
+    assert_eq!(app.runs.load(Ordering::SeqCst), 1);
+
+    let mut retry = std::pin::pin!(router.call(request()));
+    let mut cx = Context::from_waker(Waker::noop());
+    match retry.as_mut().poll(&mut cx) {
+        Poll::Ready(Ok(response)) => {
+            assert_eq!(response.status(), StatusCode::CREATED);
+            assert_eq!(
+                response
+                    .headers()
+                    .get("idempotent-replayed")
+                    .map(|v| v.as_bytes()),
+                Some(&b"true"[..])
+            );
+        }
+        Poll::Ready(Err(never)) => match never {},
+        Poll::Pending => {
+            panic!("a replay waited on something: the layer did not answer it at once")
+        }
+    }
+    assert_eq!(app.runs.load(Ordering::SeqCst), 1, "the handler ran again");
+    assert_eq!(store.stats().replays, 1);
 }

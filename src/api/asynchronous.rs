@@ -14,6 +14,7 @@ use crate::api::store::Store;
 use crate::core::outcome::Outcome;
 use crate::core::policy::ErrorPolicy;
 use crate::driver::async_context::AsyncContext;
+use crate::driver::execute::{try_replay, FirstRead, QuickLook};
 use crate::driver::execute_async::execute_async;
 use crate::engine::Engine;
 use crate::error::ExecuteError;
@@ -96,19 +97,7 @@ impl<P, S: Engine> Call<'_, '_, P, S> {
         Fut: Future<Output = Result<T, E>>,
         P: ErrorPolicy<E>,
     {
-        if let Some(replayed) = self.try_replay() {
-            return replayed;
-        }
-        // Boxed: the whole call's future is large, and a replay answered above should not
-        // pay for moving it.
-        Box::pin(execute_async(
-            self.store.shared_arc(),
-            self.key,
-            &self.options,
-            self.policy,
-            |_| f(),
-        ))
-        .await
+        self.run_context_async(|_| f()).await
     }
 
     /// As [`run_steps`](Self::run_steps), for an async operation; see
@@ -127,14 +116,55 @@ impl<P, S: Engine> Call<'_, '_, P, S> {
         P: ErrorPolicy<E>,
     {
         self.options.with_steps = true;
-        if let Some(replayed) = self.try_replay() {
-            return replayed;
+        self.run_context_async(f).await
+    }
+
+    /// A replay that one local read settles is answered before the call's future is built;
+    /// otherwise the call runs from that read.
+    async fn run_context_async<T, E, F, Fut>(self, f: F) -> Result<Outcome<T>, ExecuteError<E>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce(AsyncContext) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        P: ErrorPolicy<E>,
+    {
+        match self.quick_look() {
+            QuickLook::Answered(answer) => answer,
+            QuickLook::Unanswered(first_read) => self.run_from_async(first_read, f).await,
         }
+    }
+
+    /// What one local read of the call's key settles (see `driver::execute::try_replay`).
+    pub(crate) fn quick_look<T, E>(
+        &self,
+    ) -> QuickLook<S::Bytes, Result<Outcome<T>, ExecuteError<E>>>
+    where
+        T: Serialize + DeserializeOwned,
+        P: ErrorPolicy<E>,
+    {
+        try_replay(self.store.shared(), self.key, &self.options, &self.policy)
+    }
+
+    /// The whole call, starting from `first_read` when the key was read already.
+    pub(crate) async fn run_from_async<T, E, F, Fut>(
+        self,
+        first_read: Option<FirstRead<S::Bytes>>,
+        f: F,
+    ) -> Result<Outcome<T>, ExecuteError<E>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce(AsyncContext) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        P: ErrorPolicy<E>,
+    {
+        // Boxed: the whole call's future is large, and a replay answered before it should not
+        // pay for moving it.
         Box::pin(execute_async(
             self.store.shared_arc(),
             self.key,
             &self.options,
             self.policy,
+            first_read,
             f,
         ))
         .await

@@ -121,22 +121,6 @@ impl<'s, 'k, P, S: Engine> Call<'s, 'k, P, S> {
         }
     }
 
-    /// The call's replay from one local read, without running anything: `None` when the
-    /// call must be run to be answered (see `driver::execute::try_replay`).
-    #[cfg(feature = "tokio")]
-    pub(crate) fn try_replay<T, E>(&self) -> Option<Result<Outcome<T>, ExecuteError<E>>>
-    where
-        T: Serialize + DeserializeOwned,
-        P: ErrorPolicy<E>,
-    {
-        crate::driver::execute::try_replay(
-            self.store.shared(),
-            self.key,
-            &self.options,
-            &self.policy,
-        )
-    }
-
     /// Runs `f` once for this key (or replays its recorded outcome); see
     /// [`Store::execute_once`] for the full contract.
     ///

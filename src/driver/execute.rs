@@ -456,40 +456,54 @@ pub(crate) fn look<'b, S: Engine>(
     Ok((first, look))
 }
 
+/// The key's bytes as one read found them (`None`: no record).
+#[cfg(feature = "tokio")]
+pub(crate) struct FirstRead<B>(pub Option<B>);
+
+/// What one local read of a key settles before the full call.
+#[cfg(feature = "tokio")]
+pub(crate) enum QuickLook<B, R> {
+    /// Settled: return this.
+    Answered(R),
+    /// Not settled; the full call starts from this read (None: nothing was read).
+    Unanswered(Option<FirstRead<B>>),
+}
+
 /// A replay answered from one local read, for callers that would pay for a run's setup
 /// before the full call: the outcome when the key's record is a durable live outcome, the
-/// refusal when the rules refuse, `None` when the call must go the whole way (no record, a
-/// record Pending or expired, a writer to wait for), or on an engine that claims before it
-/// reads (there a read is a round trip the full call does not make).
+/// refusal when the rules refuse; otherwise (no record, a record Pending or expired, a writer
+/// to wait for) the read, for the full call to start from. An engine that claims before it
+/// reads is not read here (there a read is a round trip the full call does not make).
 #[cfg(feature = "tokio")]
 pub(crate) fn try_replay<S, T, E, P>(
     state: &StoreState<S>,
     key: &[u8],
     options: &CallOptions,
     policy: &P,
-) -> Option<Result<Outcome<T>, ExecuteError<E>>>
+) -> QuickLook<S::Bytes, Result<Outcome<T>, ExecuteError<E>>>
 where
     S: Engine,
     T: Serialize + DeserializeOwned,
     P: ErrorPolicy<E>,
 {
     if state.engine.claims_first() {
-        return None;
+        return QuickLook::Unanswered(None);
     }
-    let answer = (|| {
+    let look_once = || {
         state.check_key(key)?;
         let stored = state.engine.get(key)?;
         let (first, look) = look(state, key, options, stored.as_ref().map(AsRef::as_ref))?;
-        Ok(match (look, first) {
+        let answer = match (look, first) {
             (Look::Replay, Some(rec)) => Some(replayed(state, key, &rec, policy)),
             (Look::Refuse(refusal), _) => Some(Err(refused(state, key, refusal).into())),
             _ => None,
+        };
+        Ok(match answer {
+            Some(answer) => QuickLook::Answered(answer),
+            None => QuickLook::Unanswered(Some(FirstRead(stored))),
         })
-    })();
-    match answer {
-        Ok(answer) => answer,
-        Err(e) => Some(Err(ExecuteError::Store(e))),
-    }
+    };
+    look_once().unwrap_or_else(|e| QuickLook::Answered(Err(ExecuteError::Store(e))))
 }
 
 /// A recorded outcome, replayed and counted.

@@ -39,7 +39,7 @@ use crate::core::settle::{self, Reply, Settled};
 use crate::driver::async_context::{
     durable_async, fenced_out_async, AsyncClaim, AsyncContext, StoreLog,
 };
-use crate::driver::execute::{absent_claim, forgets, look, refused, replayed, Look};
+use crate::driver::execute::{absent_claim, forgets, look, refused, replayed, FirstRead, Look};
 use crate::driver::registry::{Entry, Leader};
 use crate::driver::state::StoreState;
 use crate::driver::waiting::Waiting;
@@ -56,6 +56,7 @@ pub(crate) async fn execute_async<S, T, E, P, F, Fut>(
     key: &[u8],
     options: &CallOptions,
     policy: P,
+    first_read: Option<FirstRead<S::Bytes>>,
     f: F,
 ) -> Result<Outcome<T>, ExecuteError<E>>
 where
@@ -66,13 +67,16 @@ where
     Fut: Future<Output = Result<T, E>>,
 {
     state.check_key(key)?;
+    let mut first_read = first_read;
     let mut waiting = Waiting::new(state, options);
     // The loop ends with this call's claim written: its leadership, Pending header and
     // bytes, and the record it replaced (to put back if the claim cannot be made durable).
     let (leader, pending_header, pending, replaced) = loop {
         let first = match state.engine.claims_first() {
             true => claim_first_async(state, key, options, &mut waiting).await?,
-            false => FirstAsync::Look(lead_async(state, key, options, &mut waiting).await?),
+            false => FirstAsync::Look(
+                lead_async(state, key, options, &mut waiting, first_read.take()).await?,
+            ),
         };
         let (leader, first_read, seen) = match first {
             FirstAsync::Claimed { leader, pending } => break (leader, pending.0, pending.1, None),
@@ -267,7 +271,7 @@ where
                 // As in the plain driver: the ordinary look decides.
                 Entry::Follower(_) => {
                     return Ok(FirstAsync::Look(
-                        lead_async(state, key, options, waiting).await?,
+                        lead_async(state, key, options, waiting, None).await?,
                     ))
                 }
             };
@@ -322,20 +326,27 @@ enum LeadAsync<'r, B> {
     },
 }
 
-/// As the plain driver's `lead`, awaiting instead of blocking. It takes no error policy (the
-/// caller replays), which keeps the call's future provably `Send`.
+/// As the plain driver's `lead`, awaiting instead of blocking, starting from `first_read`
+/// when the caller read the key already. It takes no error policy (the caller replays), which
+/// keeps the call's future provably `Send`.
 fn lead_async<'r, 'a, S: Engine>(
     state: &'r StoreState<S>,
     key: &'a [u8],
     options: &'a CallOptions,
     waiting: &'a mut Waiting<'r, S>,
+    mut first_read: Option<FirstRead<S::Bytes>>,
 ) -> impl Future<Output = Result<LeadAsync<'r, S::Bytes>, Error>> + Send + 'a
 where
     'r: 'a,
 {
     async move {
         loop {
-            let stored = state.engine.get_async(key).await?;
+            // A read taken before this call began is as good as one taken now: every claim
+            // is a compare-and-swap against what was read, and a Pending record is read again.
+            let stored = match first_read.take() {
+                Some(FirstRead(stored)) => stored,
+                None => state.engine.get_async(key).await?,
+            };
             let (header, look) = {
                 let (first, look) = look(state, key, options, stored.as_ref().map(AsRef::as_ref))?;
                 (first.map(|r| r.header), look)

@@ -33,6 +33,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use crate::api::store::Store;
+use crate::driver::execute::QuickLook;
 use crate::engine::sled::SledEngine;
 use crate::engine::Engine;
 use crate::error::{Error, ExecuteError};
@@ -404,14 +405,14 @@ where
     // A replay read locally is answered here, without a task: a retry costs one read. User
     // code the store calls (its clock, serde) may panic here as in the task: a 500, never a
     // dropped connection.
-    let replay_look = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+    let quick_look = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         layer
             .store
             .call(&store_key)
             .fingerprint(fingerprint)
-            .try_replay::<StoredResponse, NotStored<Svc::Error>>()
+            .quick_look::<StoredResponse, NotStored<Svc::Error>>()
     }));
-    let Ok(replay_look) = replay_look else {
+    let Ok(quick_look) = quick_look else {
         return Ok(problem(
             StatusCode::INTERNAL_SERVER_ERROR,
             "store-panicked",
@@ -420,12 +421,14 @@ where
              same key",
         ));
     };
-    match replay_look {
-        Some(Ok(stored)) => return Ok(replay(stored.into_value())),
-        Some(Err(ExecuteError::Store(e))) => return Ok(store_problem(&e, settings)),
-        // Nothing to replay yet (or an answer only the full call gives): run the call.
-        Some(Err(ExecuteError::Operation { .. })) | None => {}
-    }
+    let first_read = match quick_look {
+        QuickLook::Answered(Ok(stored)) => return Ok(replay(stored.into_value())),
+        QuickLook::Answered(Err(ExecuteError::Store(e))) => return Ok(store_problem(&e, settings)),
+        // Never answered so (the layer's errors are not stored): the call answers.
+        QuickLook::Answered(Err(ExecuteError::Operation { .. })) => None,
+        // Not a replay: the call goes on from this read.
+        QuickLook::Unanswered(first_read) => first_read,
+    };
     let request = Request::from_parts(head, full(body));
 
     // The first run's own response (with every header, or a body too large to store) goes
@@ -455,7 +458,9 @@ where
             // Boxed as `Send` here, where every lifetime is concrete (the compiler cannot
             // prove it for the spawned future otherwise).
             let running: Pin<Box<dyn Future<Output = _> + Send + '_>> =
-                Box::pin(call.run_async(|| run_handler(inner, request, &settings, &live)));
+                Box::pin(call.run_from_async(first_read, |_| {
+                    run_handler(inner, request, &settings, &live)
+                }));
             running.await
         }
     };

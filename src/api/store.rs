@@ -371,6 +371,7 @@ impl<S: Engine> Store<S> {
         }
     }
 
+    #[cfg(feature = "tokio")]
     pub(crate) fn shared_arc(&self) -> &Arc<StoreState<S>> {
         // Invariant: as in `shared`.
         self.shared.as_ref().expect("store is open")

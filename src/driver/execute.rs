@@ -26,7 +26,7 @@ use crate::core::options::CallOptions;
 use crate::core::outcome::{Outcome, RecordInfo};
 use crate::core::policy::ErrorPolicy;
 use crate::core::replay::{decode_error, replay};
-use crate::core::rules::{self, AsLeader, FirstLook, Refusal};
+use crate::core::rules::{self, AsLeader, ClaimPlan, FirstLook, Refusal};
 use crate::core::settle::{self, Reply};
 use crate::driver::context::{Context, RunClaim};
 use crate::driver::registry::{Entry, Leader, RunningCall};
@@ -110,14 +110,7 @@ where
             }
             AsLeader::Claim(plan) => plan,
         };
-        if plan.takeover {
-            Counters::bump(&state.counters.orphans_recovered);
-            tracing::warn!(
-                key = %KeyHash(key),
-                attempts = plan.attempt.number - 1,
-                "re-running an interrupted run"
-            );
-        }
+        note_takeover(state, key, &plan);
         if let (Some(life), Some(bytes)) = (plan.retire, stored) {
             // An expired life with steps ends here: its record and steps go together.
             if !state.engine.remove_record(key, bytes, Some(life))? {
@@ -504,6 +497,18 @@ where
         })
     };
     look_once().unwrap_or_else(|e| QuickLook::Answered(Err(ExecuteError::Store(e))))
+}
+
+/// Counts and logs a claim that takes over an interrupted run.
+pub(crate) fn note_takeover<S>(state: &StoreState<S>, key: &[u8], plan: &ClaimPlan) {
+    if plan.takeover {
+        Counters::bump(&state.counters.orphans_recovered);
+        tracing::warn!(
+            key = %KeyHash(key),
+            attempts = plan.attempt.number - 1,
+            "re-running an interrupted run"
+        );
+    }
 }
 
 /// A recorded outcome, replayed and counted.

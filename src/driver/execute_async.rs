@@ -39,7 +39,9 @@ use crate::core::settle::{self, Reply, Settled};
 use crate::driver::async_context::{
     durable_async, fenced_out_async, AsyncClaim, AsyncContext, StoreLog,
 };
-use crate::driver::execute::{absent_claim, forgets, look, refused, replayed, FirstRead, Look};
+use crate::driver::execute::{
+    absent_claim, forgets, look, note_takeover, refused, replayed, FirstRead, Look,
+};
 use crate::driver::registry::{Entry, Leader};
 use crate::driver::state::StoreState;
 use crate::driver::waiting::Waiting;
@@ -129,14 +131,7 @@ where
             }
             AsLeader::Claim(plan) => plan,
         };
-        if plan.takeover {
-            Counters::bump(&state.counters.orphans_recovered);
-            tracing::warn!(
-                key = %KeyHash(key),
-                attempts = plan.attempt.number - 1,
-                "re-running an interrupted run"
-            );
-        }
+        note_takeover(state, key, &plan);
         if let (Some(life), Some(bytes)) = (plan.retire, stored) {
             // An expired life with steps ends here: its record and steps go together.
             if !state

@@ -28,6 +28,7 @@ pub(crate) mod postgres;
 #[cfg(feature = "memory-engine")]
 pub mod memory;
 
+#[cfg(feature = "tokio")]
 use std::future::Future;
 use std::time::Duration;
 
@@ -131,6 +132,7 @@ pub(crate) trait Engine: Send + Sync + 'static {
     // engine overrides them with its own asynchronous I/O.
 
     /// As [`Engine::get`].
+    #[cfg(feature = "tokio")]
     fn get_async<'a>(
         &'a self,
         key: &'a [u8],
@@ -139,6 +141,7 @@ pub(crate) trait Engine: Send + Sync + 'static {
     }
 
     /// As [`Engine::claim`].
+    #[cfg(feature = "tokio")]
     fn claim_async<'a>(
         &'a self,
         key: &'a [u8],
@@ -149,6 +152,7 @@ pub(crate) trait Engine: Send + Sync + 'static {
     }
 
     /// As [`Engine::finish`].
+    #[cfg(feature = "tokio")]
     fn finish_async<'a>(
         &'a self,
         held: &'a Held<'a>,
@@ -158,6 +162,7 @@ pub(crate) trait Engine: Send + Sync + 'static {
     }
 
     /// As [`Engine::write_step`].
+    #[cfg(feature = "tokio")]
     fn write_step_async<'a>(
         &'a self,
         held: &'a Held<'a>,
@@ -168,6 +173,7 @@ pub(crate) trait Engine: Send + Sync + 'static {
     }
 
     /// As [`Engine::steps`].
+    #[cfg(feature = "tokio")]
     fn steps_async<'a>(
         &'a self,
         key: &'a [u8],
@@ -177,6 +183,7 @@ pub(crate) trait Engine: Send + Sync + 'static {
     }
 
     /// As [`Engine::remove_record`].
+    #[cfg(feature = "tokio")]
     fn remove_record_async<'a>(
         &'a self,
         key: &'a [u8],
@@ -187,6 +194,7 @@ pub(crate) trait Engine: Send + Sync + 'static {
     }
 
     /// As [`Engine::holder_live`].
+    #[cfg(feature = "tokio")]
     fn holder_live_async<'a>(
         &'a self,
         key: &'a [u8],
@@ -208,6 +216,7 @@ pub(crate) trait Engine: Send + Sync + 'static {
     }
 
     /// As [`Engine::fresh_epoch`].
+    #[cfg(feature = "tokio")]
     fn fresh_epoch_async(&self) -> impl Future<Output = Result<u64, Error>> + Send + '_ {
         std::future::ready(self.fresh_epoch())
     }
@@ -235,6 +244,7 @@ pub(crate) trait Engine: Send + Sync + 'static {
     }
 
     /// As [`Engine::claim_or_get`].
+    #[cfg(feature = "tokio")]
     fn claim_or_get_async<'a>(
         &'a self,
         key: &'a [u8],
@@ -252,6 +262,7 @@ pub(crate) trait Engine: Send + Sync + 'static {
 
     /// Whether [`Engine::wait_durable`] may block on a device (the async driver then runs it
     /// on the blocking pool).
+    #[cfg(feature = "tokio")]
     fn durability_blocks(&self) -> bool {
         true
     }

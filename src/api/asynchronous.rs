@@ -14,7 +14,7 @@ use crate::api::store::Store;
 use crate::core::outcome::Outcome;
 use crate::core::policy::ErrorPolicy;
 use crate::driver::async_context::AsyncContext;
-use crate::driver::execute::{try_replay, FirstRead, QuickLook};
+use crate::driver::execute::{try_replay, QuickLook, ReadAbsent};
 use crate::driver::execute_async::execute_async;
 use crate::engine::Engine;
 use crate::error::ExecuteError;
@@ -130,14 +130,12 @@ impl<P, S: Engine> Call<'_, '_, P, S> {
     {
         match self.quick_look() {
             QuickLook::Answered(answer) => answer,
-            QuickLook::Unanswered(first_read) => self.run_from_async(first_read, f).await,
+            QuickLook::Unanswered(read_absent) => self.run_from_async(read_absent, f).await,
         }
     }
 
     /// What one local read of the call's key settles (see `driver::execute::try_replay`).
-    pub(crate) fn quick_look<T, E>(
-        &self,
-    ) -> QuickLook<S::Bytes, Result<Outcome<T>, ExecuteError<E>>>
+    pub(crate) fn quick_look<T, E>(&self) -> QuickLook<Result<Outcome<T>, ExecuteError<E>>>
     where
         T: Serialize + DeserializeOwned,
         P: ErrorPolicy<E>,
@@ -145,10 +143,10 @@ impl<P, S: Engine> Call<'_, '_, P, S> {
         try_replay(self.store.shared(), self.key, &self.options, &self.policy)
     }
 
-    /// The whole call, starting from `first_read` when the key was read already.
+    /// The whole call; `read_absent` when a read just before it found no record.
     pub(crate) async fn run_from_async<T, E, F, Fut>(
         self,
-        first_read: Option<FirstRead<S::Bytes>>,
+        read_absent: Option<ReadAbsent>,
         f: F,
     ) -> Result<Outcome<T>, ExecuteError<E>>
     where
@@ -164,7 +162,7 @@ impl<P, S: Engine> Call<'_, '_, P, S> {
             self.key,
             &self.options,
             self.policy,
-            first_read,
+            read_absent,
             f,
         ))
         .await

@@ -449,31 +449,34 @@ pub(crate) fn look<'b, S: Engine>(
     Ok((first, look))
 }
 
-/// The key's bytes as one read found them (`None`: no record).
+/// One read of a key found no record. Carried into the full call, it stands for that call's
+/// first read: the only decision an absent key leads to is a claim, a compare-and-swap
+/// against "absent" that fails if a record appeared since. A record that was found is never
+/// carried: a replay, a refusal or a wait decided on old bytes would check nothing.
 #[cfg(feature = "tokio")]
-pub(crate) struct FirstRead<B>(pub Option<B>);
+pub(crate) struct ReadAbsent;
 
 /// What one local read of a key settles before the full call.
 #[cfg(feature = "tokio")]
-pub(crate) enum QuickLook<B, R> {
+pub(crate) enum QuickLook<R> {
     /// Settled: return this.
     Answered(R),
-    /// Not settled; the full call starts from this read (None: nothing was read).
-    Unanswered(Option<FirstRead<B>>),
+    /// Not settled; `Some` when the read found no record (see [`ReadAbsent`]).
+    Unanswered(Option<ReadAbsent>),
 }
 
 /// A replay answered from one local read, for callers that would pay for a run's setup
 /// before the full call: the outcome when the key's record is a durable live outcome, the
-/// refusal when the rules refuse; otherwise (no record, a record Pending or expired, a writer
-/// to wait for) the read, for the full call to start from. An engine that claims before it
-/// reads is not read here (there a read is a round trip the full call does not make).
+/// refusal when the rules refuse; otherwise unanswered, saying whether the key was absent. An
+/// engine that claims before it reads is not read here (there a read is a round trip the full
+/// call does not make).
 #[cfg(feature = "tokio")]
 pub(crate) fn try_replay<S, T, E, P>(
     state: &StoreState<S>,
     key: &[u8],
     options: &CallOptions,
     policy: &P,
-) -> QuickLook<S::Bytes, Result<Outcome<T>, ExecuteError<E>>>
+) -> QuickLook<Result<Outcome<T>, ExecuteError<E>>>
 where
     S: Engine,
     T: Serialize + DeserializeOwned,
@@ -486,14 +489,13 @@ where
         state.check_key(key)?;
         let stored = state.engine.get(key)?;
         let (first, look) = look(state, key, options, stored.as_ref().map(AsRef::as_ref))?;
-        let answer = match (look, first) {
-            (Look::Replay, Some(rec)) => Some(replayed(state, key, &rec, policy)),
-            (Look::Refuse(refusal), _) => Some(Err(refused(state, key, refusal).into())),
-            _ => None,
-        };
-        Ok(match answer {
-            Some(answer) => QuickLook::Answered(answer),
-            None => QuickLook::Unanswered(Some(FirstRead(stored))),
+        Ok(match (look, first) {
+            (Look::Replay, Some(rec)) => QuickLook::Answered(replayed(state, key, &rec, policy)),
+            (Look::Refuse(refusal), _) => {
+                QuickLook::Answered(Err(refused(state, key, refusal).into()))
+            }
+            (_, None) => QuickLook::Unanswered(Some(ReadAbsent)),
+            (_, Some(_)) => QuickLook::Unanswered(None),
         })
     };
     look_once().unwrap_or_else(|e| QuickLook::Answered(Err(ExecuteError::Store(e))))

@@ -40,7 +40,7 @@ use crate::driver::async_context::{
     durable_async, fenced_out_async, AsyncClaim, AsyncContext, StoreLog,
 };
 use crate::driver::execute::{
-    absent_claim, forgets, look, note_takeover, refused, replayed, FirstRead, Look,
+    absent_claim, forgets, look, note_takeover, refused, replayed, Look, ReadAbsent,
 };
 use crate::driver::registry::{Entry, Leader};
 use crate::driver::state::StoreState;
@@ -58,7 +58,7 @@ pub(crate) async fn execute_async<S, T, E, P, F, Fut>(
     key: &[u8],
     options: &CallOptions,
     policy: P,
-    first_read: Option<FirstRead<S::Bytes>>,
+    read_absent: Option<ReadAbsent>,
     f: F,
 ) -> Result<Outcome<T>, ExecuteError<E>>
 where
@@ -69,7 +69,7 @@ where
     Fut: Future<Output = Result<T, E>>,
 {
     state.check_key(key)?;
-    let mut first_read = first_read;
+    let mut read_absent = read_absent;
     let mut waiting = Waiting::new(state, options);
     // The loop ends with this call's claim written: its leadership, Pending header and
     // bytes, and the record it replaced (to put back if the claim cannot be made durable).
@@ -77,7 +77,7 @@ where
         let first = match state.engine.claims_first() {
             true => claim_first_async(state, key, options, &mut waiting).await?,
             false => FirstAsync::Look(
-                lead_async(state, key, options, &mut waiting, first_read.take()).await?,
+                lead_async(state, key, options, &mut waiting, read_absent.take()).await?,
             ),
         };
         let (leader, first_read, seen) = match first {
@@ -321,25 +321,23 @@ enum LeadAsync<'r, B> {
     },
 }
 
-/// As the plain driver's `lead`, awaiting instead of blocking, starting from `first_read`
-/// when the caller read the key already. It takes no error policy (the caller replays), which
+/// As the plain driver's `lead`, awaiting instead of blocking; `read_absent` stands for the
+/// first read when the caller found the key absent. It takes no error policy (the caller replays), which
 /// keeps the call's future provably `Send`.
 fn lead_async<'r, 'a, S: Engine>(
     state: &'r StoreState<S>,
     key: &'a [u8],
     options: &'a CallOptions,
     waiting: &'a mut Waiting<'r, S>,
-    mut first_read: Option<FirstRead<S::Bytes>>,
+    mut read_absent: Option<ReadAbsent>,
 ) -> impl Future<Output = Result<LeadAsync<'r, S::Bytes>, Error>> + Send + 'a
 where
     'r: 'a,
 {
     async move {
         loop {
-            // A read taken before this call began is as good as one taken now: every claim
-            // is a compare-and-swap against what was read, and a Pending record is read again.
-            let stored = match first_read.take() {
-                Some(FirstRead(stored)) => stored,
+            let stored = match read_absent.take() {
+                Some(ReadAbsent) => None,
                 None => state.engine.get_async(key).await?,
             };
             let (header, look) = {

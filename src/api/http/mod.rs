@@ -421,13 +421,13 @@ where
              same key",
         ));
     };
-    let first_read = match quick_look {
+    let read_absent = match quick_look {
         QuickLook::Answered(Ok(stored)) => return Ok(replay(stored.into_value())),
         QuickLook::Answered(Err(ExecuteError::Store(e))) => return Ok(store_problem(&e, settings)),
         // Never answered so (the layer's errors are not stored): the call answers.
         QuickLook::Answered(Err(ExecuteError::Operation { .. })) => None,
-        // Not a replay: the call goes on from this read.
-        QuickLook::Unanswered(first_read) => first_read,
+        // Not a replay: the call goes on (from "absent", if the key was).
+        QuickLook::Unanswered(read_absent) => read_absent,
     };
     let request = Request::from_parts(head, full(body));
 
@@ -458,7 +458,7 @@ where
             // Boxed as `Send` here, where every lifetime is concrete (the compiler cannot
             // prove it for the spawned future otherwise).
             let running: Pin<Box<dyn Future<Output = _> + Send + '_>> =
-                Box::pin(call.run_from_async(first_read, |_| {
+                Box::pin(call.run_from_async(read_absent, |_| {
                     run_handler(inner, request, &settings, &live)
                 }));
             running.await

@@ -8,12 +8,10 @@
 
 mod common;
 
-use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::post;
 use axum::Router;
-use bytes::Bytes;
-use common::http::{client, runtime, send, serve, try_send};
+use common::http::{client, counted_create, runtime, send, serve, try_send, App};
 use common::Scratch;
 use idemstore::http::IdempotencyLayer;
 use idemstore::{
@@ -28,19 +26,6 @@ use std::time::Duration;
 // ---------------------------------------------------------------------------------------
 // Harness
 // ---------------------------------------------------------------------------------------
-
-#[derive(Default)]
-struct App {
-    runs: AtomicU32,
-}
-
-async fn counted_create(State(app): State<Arc<App>>, body: Bytes) -> (StatusCode, String) {
-    let n = app.runs.fetch_add(1, Ordering::SeqCst) + 1;
-    (
-        StatusCode::CREATED,
-        format!("{{\"order\":{n},\"bytes\":{}}}", body.len()),
-    )
-}
 
 /// The layer's store key for `key` without a tenant, as src/api/http/mod.rs `scoped_key`
 /// computes it (checked against the store below, so a wrong copy fails loudly, not silently).

@@ -20,11 +20,11 @@
 mod common;
 
 use axum::body::Body;
-use axum::extract::State;
 use axum::http::{Request, StatusCode};
 use axum::routing::post;
 use axum::Router;
 use bytes::Bytes;
+use common::http::{counted_create, App};
 use common::Scratch;
 use http_body_util::BodyExt;
 use idemstore::http::IdempotencyLayer;
@@ -551,19 +551,6 @@ fn absent_read_then_claim_put_back_elsewhere_then_crash() {
 // ---------------------------------------------------------------------------------------
 // HTTP layer: the first read waits in the request's future while the task is queued
 // ---------------------------------------------------------------------------------------
-
-#[derive(Default)]
-struct App {
-    runs: AtomicU32,
-}
-
-async fn counted_create(State(app): State<Arc<App>>, body: Bytes) -> (StatusCode, String) {
-    let n = app.runs.fetch_add(1, Ordering::SeqCst) + 1;
-    (
-        StatusCode::CREATED,
-        format!("{{\"order\":{n},\"bytes\":{}}}", body.len()),
-    )
-}
 
 fn request(key: &str, body: &'static [u8]) -> Request<Body> {
     Request::builder()

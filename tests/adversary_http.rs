@@ -13,7 +13,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::routing::post;
 use axum::Router;
 use bytes::Bytes;
-use common::http::{client, runtime, send, send_method, serve};
+use common::http::{client, counted_create, runtime, send, send_method, serve, App};
 use common::pg::{pg_url, PgSchema};
 use common::{store_error, Scratch};
 use http_body::Frame;
@@ -30,19 +30,6 @@ use std::time::Duration;
 // ---------------------------------------------------------------------------------------
 // Harness: a real server, a real client.
 // ---------------------------------------------------------------------------------------
-
-#[derive(Default)]
-struct App {
-    runs: AtomicU32,
-}
-
-async fn counted_create(State(app): State<Arc<App>>, body: Bytes) -> (StatusCode, String) {
-    let n = app.runs.fetch_add(1, Ordering::SeqCst) + 1;
-    (
-        StatusCode::CREATED,
-        format!("{{\"order\":{n},\"bytes\":{}}}", body.len()),
-    )
-}
 
 /// A response body made of the given frames (data and trailers), then an optional error.
 struct Frames {

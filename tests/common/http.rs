@@ -1,12 +1,31 @@
 //! A real HTTP server and client for the layer's tests: axum on hyper at 127.0.0.1, hyper's
 //! client, and the answer read whole (with its trailers).
 
+use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::Router;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
+
+/// A handler's state: how often it ran.
+#[derive(Default)]
+pub struct App {
+    pub runs: AtomicU32,
+}
+
+/// A handler that counts its runs and answers 201 with its run number and the size of the
+/// body it read.
+pub async fn counted_create(State(app): State<Arc<App>>, body: Bytes) -> (StatusCode, String) {
+    let n = app.runs.fetch_add(1, Ordering::SeqCst) + 1;
+    (
+        StatusCode::CREATED,
+        format!("{{\"order\":{n},\"bytes\":{}}}", body.len()),
+    )
+}
 
 /// hyper's client over plain HTTP.
 pub type Client = hyper_util::client::legacy::Client<

@@ -308,15 +308,28 @@ fn adversary_sync_child() {
     let store = idemstore::Store::open(dir.join("fresh").join("db")).expect("open");
     mark(&marker, "open-end");
 
-    // A claim is durable before f runs.
+    // Under `Report` a claim is durable before f runs.
     mark(&marker, "claim-start");
     store
-        .execute_once("c", || {
+        .call("c")
+        .orphan_policy(OrphanPolicy::Report)
+        .run(|| {
             mark(&marker, "claim-f-runs");
             Ok::<_, ServiceError>(1u8)
         })
         .unwrap();
     mark(&marker, "claim-end");
+
+    // Under `Rerun` (the default) it is not: the outcome's durable point is the call's only
+    // one (a claim lost in a crash reruns f, as a durable orphan would).
+    mark(&marker, "rerun-claim-start");
+    store
+        .execute_once("r", || {
+            mark(&marker, "rerun-claim-f-runs");
+            Ok::<_, ServiceError>(2u8)
+        })
+        .unwrap();
+    mark(&marker, "rerun-claim-end");
 
     // A step (large result: a blob) is durable before its value reaches the operation.
     store
@@ -477,9 +490,10 @@ fn assert_durable_between(events: &[SyncEvent], db: &str, from: usize, to: usize
     }
 }
 
-// SURVIVED. Claims, steps with large results (blob files), removal, concurrent callers
-// sharing group commits and `Store::flush` in Periodic mode all make their syncs (data file,
-// every blob file created meanwhile, the blobs directory) before they return.
+// SURVIVED. Claims under Report, outcomes, steps with large results (blob files), removal,
+// concurrent callers sharing group commits and `Store::flush` in Periodic mode all make their
+// syncs (data file, every blob file created meanwhile, the blobs directory) before they
+// return; a claim under Rerun makes none (the outcome's durable point covers it).
 #[test]
 fn claims_steps_removals_concurrent_outcomes_and_flush_are_synced_before_they_return() {
     let Some((dir, events)) = sync_trace() else {
@@ -487,8 +501,17 @@ fn claims_steps_removals_concurrent_outcomes_and_flush_are_synced_before_they_re
     };
     let root = dir.path().to_str().unwrap().to_owned();
     let db = format!("{root}/fresh/db");
+    let (a, b) = (
+        mark_at(&events, "rerun-claim-start"),
+        mark_at(&events, "rerun-claim-f-runs"),
+    );
+    assert!(
+        !events[a..b].contains(&SyncEvent::Synced(format!("{db}/db"))),
+        "a claim under Rerun made a durable point before f ran: two per new key"
+    );
     for (from, to, what) in [
-        ("claim-start", "claim-f-runs", "claim"),
+        ("claim-start", "claim-f-runs", "claim (Report)"),
+        ("rerun-claim-f-runs", "rerun-claim-end", "outcome (Rerun)"),
         ("step-ran", "step-returned", "step 0 (blob)"),
         ("step2-ran", "step2-returned", "step 1 (blob)"),
         ("remove-start", "remove-end", "remove"),
@@ -962,8 +985,11 @@ fn adversary_blob_race_child() {
                     let n = format!("{t}x{i}");
                     mark(marker, &format!("small-start-{n}"));
                     store
-                        .execute_once(format!("small-{n}"), || {
-                            // The claim is durable before f runs: a durable point too.
+                        .call(&format!("small-{n}"))
+                        .orphan_policy(OrphanPolicy::Report)
+                        .run(|| {
+                            // Under Report the claim is durable before f runs: a durable
+                            // point too.
                             mark(marker, &format!("small-end-{n}-claim-f-runs"));
                             Ok::<_, ServiceError>(i)
                         })

@@ -52,8 +52,8 @@ fn what_the_store_reports_after_a_failed_durability_point_survives_a_power_loss(
     let engine = MemoryEngine::new();
     let clock = ManualClock::new(START_MS);
     let store = engine.open(memory_builder(&clock)).unwrap();
-    // execute_once makes two barriers: the claim's, then the outcome's. Fail the second.
-    engine.fail_nth_barrier(2);
+    // execute_once under Rerun makes one barrier, the outcome's (its claim needs none).
+    engine.fail_nth_barrier(1);
     let e = store_error(store.execute_once("k", || Ok::<_, ServiceError>(7u32)));
     assert!(matches!(e, Error::Storage(_)), "{e}");
     let reported = store.record("k").unwrap().map(|i| i.state);
@@ -398,7 +398,7 @@ fn replays_after_a_failed_durability_point_make_their_own_and_survive_a_power_lo
                     false => Ok(value),
                 })
         };
-        engine.fail_nth_barrier(2);
+        engine.fail_nth_barrier(1); // the outcome's (under Rerun the claim makes none)
         let first = call(&store, 1);
         assert!(
             matches!(first, Err(ExecuteError::Store(Error::Storage(_)))),
@@ -445,8 +445,8 @@ fn replays_after_a_failed_durability_point_make_their_own_and_survive_a_power_lo
             Ok::<_, StepError<ServiceError>>(c)
         })
     };
-    // Barriers: the claim (1), the step (2).
-    engine.fail_nth_barrier(2);
+    // Barriers: the step (1); under Rerun the claim makes none.
+    engine.fail_nth_barrier(1);
     let e = store_error(run(&store, false));
     assert!(matches!(e, Error::Storage(_)), "{e}");
     let before = engine.barriers();

@@ -115,8 +115,8 @@ fn an_in_doubt_step_leaves_an_orphan_whatever_the_operation_does_after() {
         let store = engine.open(memory_builder(&clock)).unwrap();
         let charges = AtomicU32::new(0);
         let mails = AtomicU32::new(0);
-        // Barriers: the claim (1), the step (2).
-        engine.fail_nth_barrier(2);
+        // Barriers: the step (1); under Rerun the claim makes none.
+        engine.fail_nth_barrier(1);
         let first = catch_unwind(AssertUnwindSafe(|| {
             store.execute_steps("k", |ctx| {
                 let r = ctx.step("charge", || {
@@ -199,7 +199,7 @@ fn an_in_doubt_unstorable_step_never_runs_again() {
         })?;
         Ok::<_, StepError<ServiceError>>(big.len())
     };
-    engine.fail_nth_barrier(2);
+    engine.fail_nth_barrier(1); // the step's (under Rerun the claim makes none)
     let e = store_error(store.execute_steps("k", op));
     assert!(matches!(e, Error::Storage(_)), "{e}");
     assert_eq!(state(&store, "k"), Some(RecordState::Pending));
@@ -226,7 +226,7 @@ fn a_waiter_on_an_in_doubt_run_sees_an_orphan() {
             .open(memory_builder(&clock).wait_timeout(common::PATIENCE))
             .unwrap();
         let charges = AtomicU32::new(0);
-        engine.fail_nth_barrier(2);
+        engine.fail_nth_barrier(1); // the leader's step (its claim, under Rerun, makes none)
         std::thread::scope(|s| {
             let leader = s.spawn(|| {
                 store.execute_steps(
@@ -273,7 +273,7 @@ fn an_expired_in_doubt_claim_is_swept_with_its_steps() {
     let builder = || memory_builder(&clock).default_ttl(Duration::from_secs(60));
     let store = engine.open(builder()).unwrap();
     let charges = AtomicU32::new(0);
-    engine.fail_nth_barrier(2);
+    engine.fail_nth_barrier(1); // the step's (under Rerun the claim makes none)
     let e = store_error(store.execute_steps("k", checkout(&charges, || ())));
     assert!(matches!(e, Error::Storage(_)));
     let before = engine.barriers();

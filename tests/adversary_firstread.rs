@@ -512,7 +512,8 @@ fn absent_read_then_claim_put_back_elsewhere_then_crash() {
         })
     };
     engine.fail_nth_barrier(1);
-    let d = store.execute_once("k", || {
+    // Under Report, so its claim makes a barrier before it runs (the one that fails).
+    let d = store.call("k").orphan_policy(OrphanPolicy::Report).run(|| {
         runs.fetch_add(1, Ordering::SeqCst);
         io_ok(1u32)
     });

@@ -237,11 +237,11 @@ impl MemoryHarness {
         let store = self.open();
         let engine = self.engine.clone();
         let e = match with_step {
-            false => store_error(store.call(key).fingerprint(fp(ORPHAN_FP)).run(|| {
+            false => store_error(orphan_call(&store, key).run(|| {
                 engine.crash();
                 Ok::<u32, Fail>(0)
             })),
-            true => store_error(store.call(key).fingerprint(fp(ORPHAN_FP)).run_steps(|ctx| {
+            true => store_error(orphan_call(&store, key).run_steps(|ctx| {
                 ctx.step("a", || Ok::<_, Fail>(ORPHAN_STEP_VALUE))?;
                 engine.crash();
                 Ok::<u32, StepError<Fail>>(0)
@@ -358,6 +358,19 @@ fn say(line: &str) {
     out.flush().unwrap();
 }
 
+/// The call that leaves an orphan: under `Report`, so its claim is durable before the
+/// operation runs (design §6: under `Rerun` a crash may lose a claim, and the next call runs
+/// the operation as it would an orphan's).
+fn orphan_call<'s, 'k>(
+    store: &'s Store<MemoryEngine>,
+    key: &'k str,
+) -> idemstore::Call<'s, 'k, idemstore::AllRetryable, MemoryEngine> {
+    store
+        .call(key)
+        .fingerprint(fp(ORPHAN_FP))
+        .orphan_policy(OrphanPolicy::Report)
+}
+
 /// The child's side of [`SledHarness::leave_orphan`]: claims the key, says RUNNING once the
 /// claim (and step "a") is durable, and hangs until killed.
 #[test]
@@ -384,7 +397,12 @@ fn orphan_child() {
     macro_rules! run_and_hang {
         ($store:expr) => {{
             let store = $store;
-            let call = store.call(&key).fingerprint(fp(ORPHAN_FP));
+            // Report on the call: its claim is durable before the operation runs, so the
+            // kill leaves an orphan (under Rerun a crash may lose the claim: design §6).
+            let call = store
+                .call(&key)
+                .fingerprint(fp(ORPHAN_FP))
+                .orphan_policy(OrphanPolicy::Report);
             match mode.as_str() {
                 "plain" => {
                     let _ = call.run(|| -> Result<u32, Fail> { hang() });
@@ -1453,6 +1471,57 @@ fn memory_a_failed_final_write_leaves_an_orphan_of_this_process() {
     }
 }
 
+/// Design §6, which claims are made durable: under `Rerun` a new key makes one durable point
+/// (its outcome's), so a power loss while its operation runs leaves nothing, and the next call
+/// runs the operation as the first run; under `Report` (the store's or the call's) the claim
+/// is durable before the operation runs, so the same power loss leaves an orphan that the next
+/// call reports. Counted: one barrier per new key under `Rerun`, two under `Report`.
+#[test]
+fn memory_only_report_makes_a_claim_durable_before_its_operation_runs() {
+    for (policy, barriers_before_run) in [(OrphanPolicy::Rerun, 0), (OrphanPolicy::Report, 1)] {
+        let h = MemoryHarness::new().expect("the memory engine is always there");
+        let store = h.open_with(|b| b.orphan_policy(policy));
+        let before = h.engine.barriers();
+        let out = store.execute_once("done", || Ok::<_, Fail>(1u32)).unwrap();
+        assert_eq!(*out, 1);
+        assert_eq!(
+            h.engine.barriers() - before,
+            barriers_before_run + 1,
+            "{policy:?}: durable points of one new key"
+        );
+        let runs = AtomicU32::new(0);
+        let before = h.engine.barriers();
+        let e = store_error(store.execute_once("k", || {
+            assert_eq!(
+                h.engine.barriers() - before,
+                barriers_before_run,
+                "{policy:?}: durable points before the operation ran"
+            );
+            bump(&runs);
+            h.engine.crash();
+            Ok::<_, Fail>(0u32)
+        }));
+        assert!(matches!(e, Error::Storage(_)), "{policy:?}: {e}");
+        drop(store);
+        let store = h.open_with(|b| b.orphan_policy(policy));
+        let next = store.execute_once("k", || Ok::<_, Fail>(bump(&runs)));
+        match policy {
+            OrphanPolicy::Rerun => {
+                assert_eq!(store.stats().orphans_recovered, 0, "no orphan was left");
+                let out = next.unwrap();
+                assert_eq!((*out, out.record().attempts), (2, 1), "a first run");
+            }
+            OrphanPolicy::Report => {
+                let e = store_error(next);
+                assert!(matches!(e, Error::Interrupted { attempts: 1, .. }), "{e}");
+            }
+        }
+        // What was returned before the power loss stays.
+        let again = store.execute_once("done", || Ok::<_, Fail>(9u32)).unwrap();
+        assert_eq!((*again, again.is_replayed()), (1, true));
+    }
+}
+
 /// §2 rows: a storage error before the claim is durable → `Storage`, `f` does not run, and
 /// nothing is left behind; after `f` ran → `Storage`, and the next call finds the outcome or
 /// an orphan.
@@ -1461,9 +1530,15 @@ fn memory_storage_errors_before_and_after_the_claim() {
     let h = MemoryHarness::new().expect("the memory engine is always there");
     let store = h.open();
     let runs = AtomicU32::new(0);
-    // The claim's barrier fails: f does not run, the claim is taken back.
+    // The claim's barrier (under Report: design §6) fails: f does not run, the claim is
+    // taken back.
     h.engine.fail_nth_barrier(1);
-    let e = store_error(store.execute_once("k", || Ok::<_, Fail>(bump(&runs))));
+    let e = store_error(
+        store
+            .call("k")
+            .orphan_policy(OrphanPolicy::Report)
+            .run(|| Ok::<_, Fail>(bump(&runs))),
+    );
     assert!(matches!(e, Error::Storage(_)), "{e}");
     assert_eq!(count(&runs), 0);
     assert_eq!(store.record("k").unwrap(), None);

@@ -25,9 +25,11 @@
 //!   durable, and over a run interrupted between its durable claim and its outcome only under
 //!   `Rerun` (under `Report` the call gets `Interrupted`, and `Interrupted` only where a run
 //!   can have been interrupted);
-//! - a run whose claim could not be made durable never ran `f`: `f` never runs once the
-//!   engine is down, and every later claim continues the life of every claim under which `f`
-//!   ran (its attempt number counts that run);
+//! - `f` never runs once the engine is down; under `Report` a run whose claim could not be
+//!   made durable never ran `f`, and every later claim continues the life of every claim under
+//!   which `f` ran (its attempt number counts that run); under `Rerun`, whose claims make no
+//!   durable point of their own (design §6), a power loss may forget the runs no durable
+//!   point covered, and only those;
 //! - a failed write or barrier reaches the caller as a typed `Error::Storage`, never as a
 //!   panic or another error, and storage errors happen only when a fault is planned;
 //! - a step that returned its value is never run again in the same life, and replays that
@@ -246,9 +248,14 @@ struct KeyModel {
     orphan: bool,
     /// ... or a retryable record (a step's store error is recorded as one).
     may_be_retryable: bool,
-    /// A lower bound of the attempts of the key's life: every run of `f` is a durable claim
-    /// (attempt + 1), so a later claim of the same life has more.
+    /// A lower bound of the attempts of the key's life: every run of `f` is a claim (attempt
+    /// + 1), so a later claim of the same life has more.
     attempts: u32,
+    /// The part of `attempts` a power loss cannot take back: runs whose claim a durable point
+    /// covered (the claim's own under `Report`; an outcome's or a step's). Under `Rerun` a
+    /// claim makes no durable point of its own (design §6), so a power loss may forget the
+    /// runs after these.
+    durable_attempts: u32,
     /// The value step "a" returned in this life: recorded, never run again.
     step_a: Option<u32>,
 }
@@ -359,6 +366,11 @@ impl<'s> World<'s> {
     fn crash_model(&mut self) {
         if self.scenario.periodic {
             self.models = self.flushed.clone();
+        }
+        if self.policy == OrphanPolicy::Rerun {
+            for m in self.models.values_mut() {
+                m.attempts = m.durable_attempts;
+            }
         }
     }
 
@@ -688,10 +700,12 @@ impl<'s> World<'s> {
                          an earlier claim under which f ran was not durable"
                     ));
                 }
+                let attempts = (*attempts).max(bound + 1);
                 KeyModel {
                     replayable: vec![*r],
                     must_replay: true,
-                    attempts: (*attempts).max(bound + 1),
+                    attempts,
+                    durable_attempts: attempts,
                     step_a: m.step_a,
                     ..KeyModel::default()
                 }
@@ -706,10 +720,12 @@ impl<'s> World<'s> {
                         m.replayable
                     ));
                 }
+                let attempts = (*attempts).max(bound);
                 KeyModel {
                     replayable: vec![*r],
                     must_replay: true,
-                    attempts: (*attempts).max(bound),
+                    attempts,
+                    durable_attempts: attempts,
                     step_a: m.step_a,
                     ..KeyModel::default()
                 }
@@ -720,6 +736,7 @@ impl<'s> World<'s> {
                 }
                 KeyModel {
                     attempts: bound + 1,
+                    durable_attempts: bound + 1,
                     step_a: m.step_a,
                     ..KeyModel::default()
                 }
@@ -744,13 +761,18 @@ impl<'s> World<'s> {
             Reply::Storage => {
                 self.check_storage(&reply);
                 match ran {
-                    // The claim was durable; the outcome may or may not be.
+                    // The claim was written (durable under Report); the outcome may or may not
+                    // be.
                     Some(produced) => KeyModel {
                         replayable: produced.into_iter().collect(),
                         must_replay: false,
                         orphan: true,
                         may_be_retryable: produced.is_none(),
                         attempts: bound + 1,
+                        durable_attempts: match self.policy {
+                            OrphanPolicy::Report => bound + 1,
+                            _ => m.durable_attempts,
+                        },
                         step_a: m.step_a,
                     },
                     // Nothing ran: nothing changed.
@@ -978,7 +1000,7 @@ fn a_replay_after_a_failed_outcome_barrier_survives_a_power_loss() {
         engine.open(builder).expect("open a memory store")
     };
     let store = open();
-    engine.fail_nth_barrier(2); // the claim's barrier passes, the outcome's fails
+    engine.fail_nth_barrier(1); // the outcome's (under Rerun the claim makes none)
     let first = store.execute_once("k", || Ok::<_, Fail>(1u32));
     assert!(
         matches!(first, Err(ExecuteError::Store(Error::Storage(_)))),

@@ -1,13 +1,14 @@
 //! Faults: a full disk (a small tmpfs the test mounts itself). Outcomes returned while the
 //! disk fills survive; once the engine runs out of room every call is a storage error and no
 //! operation runs; the call that hit the wall leaves an orphan or its outcome if its operation
-//! ran, nothing if not; a reopen with space back recovers. Where the tmpfs cannot be mounted
+//! ran, nothing if not (under `Rerun`, whose claims make no durable point, it may leave
+//! nothing after running: the next call runs it again); a reopen with space back recovers. Where the tmpfs cannot be mounted
 //! the test says so on the terminal and skips, except under CI, where that is a failure.
 
 mod common;
 
 use common::ServiceError;
-use idemstore::{Error, ExecuteError, RecordState, Store};
+use idemstore::{Error, ExecuteError, OrphanPolicy, RecordState, Store};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -96,12 +97,13 @@ fn fill_leaving(dir: &Path, room: u64) -> PathBuf {
 /// make the outcome write the one that hits the wall (after the operation ran); tiny ones,
 /// here, the claim (before it runs). Which one it is depends on the engine's layout, so each
 /// run checks whichever case it met.
-fn full_disk(outcome_bytes: usize) {
+fn full_disk(outcome_bytes: usize, policy: OrphanPolicy) {
     let Some(disk) = SmallDisk::mount_or_skip("16m") else {
         return;
     };
     let db = disk.path().join("db");
-    let store = Store::open(&db).unwrap();
+    let open = || Store::builder(&db).orphan_policy(policy).open().unwrap();
+    let store = open();
     let mut returned = Vec::new();
     let mut returned_big = Vec::new();
     for i in 0..20u32 {
@@ -169,7 +171,7 @@ fn full_disk(outcome_bytes: usize) {
     // Space returns. The engine latches I/O errors, so the store is reopened.
     std::fs::remove_file(filler).unwrap();
     drop(store);
-    let store = Store::open(&db).unwrap();
+    let store = open();
     for (key, value) in &returned {
         let out = store.execute_once(key, || -> Result<u32, ServiceError> {
             panic!("{key} lost its outcome")
@@ -182,13 +184,16 @@ fn full_disk(outcome_bytes: usize) {
         });
         assert_eq!(&*out.unwrap(), value);
     }
-    // The call that hit the wall: if its operation ran, its claim was durable, so it left an
-    // orphan (or, if the outcome made it after all, its outcome): never silence. If it did not
-    // run, its claim never became durable and nothing of it remains.
+    // The call that hit the wall: under Report, if its operation ran, its claim was durable,
+    // so it left an orphan (or, if the outcome made it after all, its outcome): never silence;
+    // if it did not run, its claim never became durable and nothing of it remains. Under
+    // Rerun a claim makes no durable point (design §6): an operation that ran may have left
+    // nothing, and the next call runs it again, as it would over an orphan.
     let info = store.record(&wall_key).unwrap();
     eprintln!("the interrupted call's record after reopen: {info:?}");
     match (wall_ran, info.map(|i| i.state)) {
         (true, Some(RecordState::Pending | RecordState::Completed)) | (false, None) => {}
+        (true, None) if policy == OrphanPolicy::Rerun => {}
         (ran, state) => panic!("the call that hit the wall (ran: {ran}) left {state:?}"),
     }
     for i in 0..20 {
@@ -202,10 +207,10 @@ fn full_disk(outcome_bytes: usize) {
 
 #[test]
 fn full_disk_is_a_storage_error_that_never_runs_the_operation_and_reopen_recovers() {
-    full_disk(4096);
+    full_disk(4096, OrphanPolicy::Report);
 }
 
 #[test]
 fn full_disk_with_tiny_outcomes() {
-    full_disk(1);
+    full_disk(1, OrphanPolicy::Rerun);
 }

@@ -68,6 +68,17 @@ impl Settings {
         options.orphan_policy.unwrap_or(self.orphan_policy)
     }
 
+    /// Whether a claim must be durable before its operation runs (design §6, "which claims
+    /// are made durable"). Only a durable claim survives a crash as an orphan, and only
+    /// `Report` treats an orphan differently from a key never claimed: under `Rerun` both run
+    /// the operation, and a recorded step makes its claim durable anyway (a durability point
+    /// covers every write before it). The store's policy counts as well as the call's: the
+    /// next call of the key, which reads the orphan, may use either.
+    pub(crate) fn claim_must_be_durable(&self, options: &CallOptions) -> bool {
+        self.orphan_policy == OrphanPolicy::Report
+            || options.orphan_policy == Some(OrphanPolicy::Report)
+    }
+
     /// The call's codec, else the store's.
     pub(crate) fn codec(&self, options: &CallOptions) -> Codec {
         options.codec.unwrap_or(self.codec)

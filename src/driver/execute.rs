@@ -2,8 +2,9 @@
 //!
 //! Invariants:
 //! - the closure runs only in a call that leads the key in the registry *and* whose claim
-//!   (compare-and-swap to Pending) succeeded and passed the durability barrier; after a claim
-//!   the call always returns, so the closure runs at most once per call;
+//!   (compare-and-swap to Pending) succeeded and, where a claim must be durable (under
+//!   `OrphanPolicy::Report`, design §6), passed the durability barrier; after a claim the call
+//!   always returns, so the closure runs at most once per call;
 //! - from the claim until its outcome is written, a [`ClaimGuard`] owns the Pending record:
 //!   if anything unwinds in between (the closure, a predicate, any user code the store
 //!   calls), the guard records a retryable failure before the registry lets waiters in, so
@@ -191,10 +192,12 @@ where
         token: pending_header.claim,
         life: pending_header.life,
     };
-    if let Err(e) = state.wait_durable() {
-        // The claim may not be durable: do not run. Put the record back as it was.
-        let _ = state.engine.finish(&held, stored.map(<[u8]>::to_vec));
-        return Err(e.into());
+    if state.settings.claim_must_be_durable(options) {
+        if let Err(e) = state.wait_durable() {
+            // The claim may not be durable: do not run. Put the record back as it was.
+            let _ = state.engine.finish(&held, stored.map(<[u8]>::to_vec));
+            return Err(e.into());
+        }
     }
     let guard = ClaimGuard {
         state,

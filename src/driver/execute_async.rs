@@ -197,11 +197,13 @@ where
         forget: options.forget_retryable,
         phase: Phase::Claimed,
     };
-    if let Err(e) = durable_async(state).await {
-        // The claim may not be durable: do not run. Put the record back as it was.
-        guard.phase = Phase::Done;
-        let _ = state.engine.finish_async(&guard.held, replaced).await;
-        return Err(e.into());
+    if state.settings.claim_must_be_durable(options) {
+        if let Err(e) = durable_async(state).await {
+            // The claim may not be durable: do not run. Put the record back as it was.
+            guard.phase = Phase::Done;
+            let _ = state.engine.finish_async(&guard.held, replaced).await;
+            return Err(e.into());
+        }
     }
 
     Counters::bump(&state.counters.executions);

@@ -631,7 +631,7 @@ fn periodic_durability_keeps_the_same_semantics() {
     );
     store.close().unwrap();
     // Reopened in Immediate mode: the outcome is there, and the counter does count flushes
-    // (a new key needs its claim and its outcome durable).
+    // (a new key needs its outcome durable; under Rerun its claim needs no flush of its own).
     let store = s.open();
     assert!(store
         .execute_once("k", || Ok::<_, ServiceError>(2u32))
@@ -640,7 +640,7 @@ fn periodic_durability_keeps_the_same_semantics() {
     store
         .execute_once("k2", || Ok::<_, ServiceError>(3u32))
         .unwrap();
-    assert!(store.stats().flush_batches >= 2, "{:?}", store.stats());
+    assert!(store.stats().flush_batches >= 1, "{:?}", store.stats());
 }
 
 #[test]

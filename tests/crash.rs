@@ -45,7 +45,21 @@ fn child_process() {
     }
     let store = Store::builder(&path).sweep_interval(None).open().unwrap();
     match mode.as_str() {
+        // Under Report on the call its claim is durable before the operation runs, so the
+        // kill leaves an orphan whatever the next call's policy (design §6).
         "hang-in-operation" => {
+            let _ = store
+                .call("order-1")
+                .orphan_policy(OrphanPolicy::Report)
+                .run(|| -> Result<u32, ServiceError> {
+                    say("RUNNING".into());
+                    loop {
+                        std::thread::sleep(Duration::from_secs(60));
+                    }
+                });
+        }
+        // Under Rerun the claim makes no durable point of its own: the kill may leave nothing.
+        "hang-in-operation-rerun" => {
             let _ = store.execute_once("order-1", || -> Result<u32, ServiceError> {
                 say("RUNNING".into());
                 loop {
@@ -133,6 +147,38 @@ fn orphan_left_by_a_killed_process_is_rerun_by_default() {
         .execute_once("order-1", || Ok::<_, ServiceError>(0u32))
         .unwrap()
         .is_replayed());
+}
+
+/// Under Rerun (store and call) a killed run leaves an orphan or, its claim not durable,
+/// nothing; the next call runs the operation once either way, then replays it.
+#[test]
+fn a_killed_run_under_rerun_runs_once_more_with_or_without_its_orphan() {
+    let s = Scratch::new();
+    let mut child = spawn_child(&s.path(), "hang-in-operation-rerun");
+    child.wait_for("RUNNING");
+    child.kill();
+    let store = s.open();
+    let left = store.record("order-1").unwrap().map(|i| i.state);
+    assert!(
+        matches!(left, None | Some(RecordState::Pending)),
+        "{left:?}"
+    );
+    let runs = std::sync::atomic::AtomicU32::new(0);
+    let run = || {
+        store.execute_once("order-1", || {
+            runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok::<_, ServiceError>(42u32)
+        })
+    };
+    let first = run().unwrap();
+    assert_eq!((*first, first.is_replayed()), (42, false));
+    assert_eq!(
+        store.stats().orphans_recovered,
+        u64::from(left.is_some()),
+        "an orphan is taken over exactly when one was left"
+    );
+    assert!(run().unwrap().is_replayed());
+    assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
 
 #[test]

@@ -10,8 +10,10 @@
 //! `R key value` (fsynced after `execute_once` returned that outcome). Invariants after every
 //! kill:
 //! - every outcome `execute_once` returned is still recorded, unchanged;
-//! - a key's side effect ran at most once, plus once per interrupted run found Pending after a
-//!   kill (under `Rerun`; under `Report`, exactly at most once);
+//! - a key's side effect ran at most once, plus once per kill that interrupted a run of it
+//!   (under `Rerun`: a run whose effect was logged and whose outcome was not recorded after the
+//!   kill, found Pending or, its claim not durable, absent; under `Report`, exactly at most
+//!   once);
 //! - the store opens, every record decodes, and every Pending record is an orphan of a dead
 //!   process (an earlier epoch).
 //!
@@ -228,6 +230,10 @@ struct Summary {
 fn crash_loop(policy: &str, kills: u64) -> Summary {
     let dir = tempfile::tempdir().unwrap();
     let mut orphans: BTreeMap<String, BTreeSet<u128>> = BTreeMap::new();
+    // Per key: effects logged by the end of the last round, and rounds whose kill caught a run
+    // of the key (its effect logged, no outcome recorded after the kill).
+    let mut effects_before: BTreeMap<String, u64> = BTreeMap::new();
+    let mut interrupted: BTreeMap<String, u64> = BTreeMap::new();
     let mut summary = Summary::default();
     let mut rng = XorShift(0xC0FF_EE00 + kills);
     // How long the last open that finished took: kills aimed at open land within it.
@@ -328,11 +334,33 @@ fn crash_loop(policy: &str, kills: u64) -> Summary {
                 *effects.entry(key).or_default() += 1;
             }
         }
+        // Under Rerun a claim makes no durable point of its own (design §6): a killed run may
+        // leave an orphan, or the record its claim replaced (nothing, or a retryable failure).
+        // Either way the kill interrupted it, and it may run again.
+        for (key, count) in &effects {
+            let ran_this_round = *count > effects_before.get(key).copied().unwrap_or(0);
+            let recorded = store
+                .record(key)
+                .unwrap_or_else(|e| panic!("round {round}: {e}"))
+                .is_some_and(|i| {
+                    matches!(
+                        i.state,
+                        RecordState::Completed | RecordState::FailedPermanent
+                    )
+                });
+            if ran_this_round && !recorded {
+                *interrupted.entry(key.clone()).or_default() += 1;
+            }
+        }
+        effects_before = effects.clone();
         summary.reruns_after_kill = 0;
         for (key, count) in &effects {
             let allowed = match policy {
                 "report" => 1,
-                _ => 1 + orphans.get(key).map_or(0, |s| s.len() as u64),
+                _ => {
+                    let orphaned = orphans.get(key).map_or(0, |s| s.len() as u64);
+                    1 + orphaned.max(interrupted.get(key).copied().unwrap_or(0))
+                }
             };
             assert!(
                 *count <= allowed,

@@ -334,7 +334,7 @@ impl<S: Engine> Store<S> {
         let key = key.as_ref();
         let shared = self.shared();
         // What inspection shows must be durable, as what a replay returns (see StoreState).
-        shared.durable_before_replay()?;
+        shared.durable_before_showing(false)?;
         let Some(bytes) = shared.engine.get(key)? else {
             return Ok(Vec::new());
         };
@@ -399,13 +399,16 @@ impl<S: Engine> Store<S> {
     /// [`Error::Storage`] for I/O failures.
     pub fn record(&self, key: impl AsRef<[u8]>) -> Result<Option<RecordInfo>, Error> {
         let key = key.as_ref();
-        // What inspection shows must be durable, as what a replay returns (see StoreState).
-        self.shared().durable_before_replay()?;
-        let Some(bytes) = self.shared().engine.get(key)? else {
+        let shared = self.shared();
+        // What inspection shows must be durable, as what a replay returns (see StoreState):
+        // read first, then the durability point that covers what was read.
+        let Some(bytes) = shared.engine.get(key)? else {
+            shared.durable_before_showing(false)?;
             return Ok(None);
         };
         let rec = record::decode(bytes.as_ref()).map_err(|e| decode_error(key, e))?;
-        let now = self.shared().clock.now_millis();
+        shared.durable_before_showing(rec.header.state == RecordState::Pending)?;
+        let now = shared.clock.now_millis();
         Ok((!rec.header.is_expired(now)).then(|| RecordInfo::new(&rec.header, rec.payload.len())))
     }
 
@@ -446,7 +449,7 @@ impl<S: Engine> Store<S> {
     /// ```
     pub fn records(&self) -> Records<'_, S> {
         // What inspection shows must be durable, as what a replay returns (see StoreState).
-        let not_durable = self.shared().durable_before_replay().err();
+        let not_durable = self.shared().durable_before_showing(false).err();
         Records {
             iter: match not_durable {
                 Some(e) => Box::new(std::iter::once(Err(e))),
@@ -454,6 +457,8 @@ impl<S: Engine> Store<S> {
             },
             now_ms: self.shared().clock.now_millis(),
             state: None,
+            shared: self.shared(),
+            pending_synced: false,
         }
     }
 
@@ -545,6 +550,10 @@ pub struct Records<'s, S: Engine = SledEngine> {
     iter: RecordIter<'s, S::Bytes>,
     now_ms: u64,
     state: Option<RecordState>,
+    /// The store, for the durability point before the first Pending record shown.
+    shared: &'s StoreState<S>,
+    /// A durability point was made after a Pending record shown was read.
+    pending_synced: bool,
 }
 
 #[allow(private_bounds)]
@@ -565,6 +574,15 @@ impl<S: Engine> Iterator for Records<'_, S> {
                 || self.state.is_some_and(|s| s != rec.header.state)
             {
                 continue;
+            }
+            // A Pending record's claim may not be durable yet (design §6): one durability point,
+            // after reading it, covers it and every record read before.
+            let pending = rec.header.state == RecordState::Pending;
+            if pending && !self.pending_synced {
+                if let Err(e) = self.shared.durable_before_showing(true) {
+                    return Some(Err(e));
+                }
+                self.pending_synced = true;
             }
             return Some(Ok((key, RecordInfo::new(&rec.header, rec.payload.len()))));
         }

@@ -52,7 +52,7 @@ impl<S: Engine> AsyncStepLog for StoreLog<S> {
     fn steps<'a>(&'a self, key: &'a [u8], life: ClaimToken) -> BoxFuture<'a, StepsRead> {
         Box::pin(async move {
             // Recorded steps are replayed: they must be durable (see `StoreState`).
-            self.0.durable_before_replay()?;
+            self.0.durable_before_showing(false)?;
             Ok(self
                 .0
                 .engine

@@ -29,7 +29,7 @@ pub(crate) trait StepLog {
 impl<S: Engine> StepLog for StoreState<S> {
     fn steps(&self, key: &[u8], life: ClaimToken) -> Result<Vec<(u32, Vec<u8>)>, Error> {
         // Recorded steps are replayed: they must be durable (see `StoreState`).
-        self.durable_before_replay()?;
+        self.durable_before_showing(false)?;
         Ok(self
             .engine
             .steps(key, life)?

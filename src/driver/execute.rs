@@ -100,7 +100,7 @@ where
                 let Some(rec) = current else { continue };
                 return replayed(state, key, &rec, policy);
             }
-            AsLeader::Refuse(refusal) => return Err(refused(state, key, refusal).into()),
+            AsLeader::Refuse(refusal) => return Err(refused_durably(state, key, refusal).into()),
             AsLeader::WaitForHolder => {
                 drop(leader);
                 // Invariant: WaitForHolder is only decided for a Pending record that was read.
@@ -527,10 +527,27 @@ where
     T: Serialize + DeserializeOwned,
     P: ErrorPolicy<E>,
 {
-    state.durable_before_replay()?;
+    state.durable_before_showing(false)?;
     Counters::bump(&state.counters.replays);
     tracing::trace!(key = %KeyHash(key), "replaying recorded outcome");
     replay(key, rec, policy)
+}
+
+/// As [`refused`], for a refusal decided on a record read as leader: an `Interrupted` shows a
+/// Pending record, made durable first (design §6: a claim under `Rerun` is not durable on its
+/// own, and what the store reports must survive a crash). The async driver makes that
+/// durability point on the blocking pool instead.
+pub(crate) fn refused_durably<S: Engine>(
+    state: &StoreState<S>,
+    key: &[u8],
+    refusal: Refusal,
+) -> Error {
+    if let Refusal::Interrupted { .. } = refusal {
+        if let Err(e) = state.durable_before_showing(true) {
+            return e;
+        }
+    }
+    refused(state, key, refusal)
 }
 
 /// The error for a refusal, counted and logged.

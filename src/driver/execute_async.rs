@@ -34,7 +34,7 @@ use crate::core::options::CallOptions;
 use crate::core::outcome::{Outcome, RecordInfo};
 use crate::core::policy::ErrorPolicy;
 use crate::core::replay::decode_error;
-use crate::core::rules::{self, AsLeader};
+use crate::core::rules::{self, AsLeader, Refusal};
 use crate::core::settle::{self, Reply, Settled};
 use crate::driver::async_context::{
     durable_async, fenced_out_async, AsyncClaim, AsyncContext, StoreLog,
@@ -120,7 +120,15 @@ where
                 let Some(rec) = current else { continue };
                 return replayed(state, key, &rec, &policy);
             }
-            AsLeader::Refuse(refusal) => return Err(refused(state, key, refusal).into()),
+            AsLeader::Refuse(refusal) => {
+                // As the plain driver's `refused_durably`, with the durability point on the
+                // blocking pool.
+                if matches!(refusal, Refusal::Interrupted { .. }) && state.sync_before_showing(true)
+                {
+                    durable_async(state).await?;
+                }
+                return Err(refused(state, key, refusal).into());
+            }
             AsLeader::WaitForHolder => {
                 drop(leader);
                 // Invariant: WaitForHolder is only decided for a Pending record that was read.

@@ -26,7 +26,7 @@ use crate::core::policy::ErrorPolicy;
 use crate::core::replay::decode_error;
 use crate::core::rules::{self, AsLeader};
 use crate::core::settle::{self, Reply};
-use crate::driver::execute::{lead, refused, replayed, Lead};
+use crate::driver::execute::{lead, refused_durably, replayed, Lead};
 use crate::driver::state::StoreState;
 use crate::driver::waiting::Waiting;
 use crate::engine::postgres::{PgEngine, PgTx};
@@ -94,7 +94,7 @@ where
                 drop(tx);
                 return reply;
             }
-            AsLeader::Refuse(refusal) => return Err(refused(state, key, refusal).into()),
+            AsLeader::Refuse(refusal) => return Err(refused_durably(state, key, refusal).into()),
             AsLeader::WaitForHolder => {
                 drop((tx, leader));
                 // Invariant: WaitForHolder is only decided for a Pending record that was read.

@@ -49,11 +49,19 @@ impl<S: Engine> StoreState<S> {
         synced
     }
 
-    /// Before returning a stored record to a caller: if a durability point has failed, makes
-    /// one now, so what is returned is durable (or the caller gets the error).
-    pub(crate) fn durable_before_replay(&self) -> Result<(), Error> {
-        match self.durability_failed.load(Ordering::SeqCst) {
-            true => self.engine.wait_durable(),
+    /// Whether showing a stored record to a caller (a replay, an inspection, an `Interrupted`)
+    /// needs a durability point first, so that what is shown survives a crash: after a failed
+    /// one; and for a Pending record in `Immediate` mode, whose claim may not be durable on its
+    /// own (design §6: only claims under `Report` are).
+    pub(crate) fn sync_before_showing(&self, pending: bool) -> bool {
+        self.durability_failed.load(Ordering::SeqCst) || (pending && self.settings.immediate)
+    }
+
+    /// Makes the durability point [`sync_before_showing`](Self::sync_before_showing) asks for,
+    /// if it does (or the caller gets the error). Call it after reading what is shown.
+    pub(crate) fn durable_before_showing(&self, pending: bool) -> Result<(), Error> {
+        match self.sync_before_showing(pending) {
+            true => self.wait_durable(),
             false => Ok(()),
         }
     }

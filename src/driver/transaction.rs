@@ -29,7 +29,7 @@ use crate::core::policy::ErrorPolicy;
 use crate::core::replay::decode_error;
 use crate::core::rules::{self, AsLeader, Refusal};
 use crate::core::settle::{self, Reply};
-use crate::driver::execute::{lead, refused, replayed, Lead};
+use crate::driver::execute::{lead, refused_durably, replayed, Lead};
 use crate::driver::state::StoreState;
 use crate::driver::waiting::Waiting;
 use crate::engine::keys::expiry_key;
@@ -247,7 +247,7 @@ where
             }
         }
         Err(TransactionError::Abort(Abort::Refused(refusal))) => {
-            Err(refused(state, key, refusal).into())
+            Err(refused_durably(state, key, refusal).into())
         }
         Err(TransactionError::Abort(Abort::Store(e))) => Err(e.into()),
         Err(TransactionError::Storage(e)) => Err(sled_error(e).into()),

@@ -426,7 +426,12 @@ fn run() -> DemoResult {
 /// The killed worker: charges order-c0de, then hangs before its outcome can be recorded.
 fn worker(dir: &Path) -> DemoResult {
     let gateway = Gateway::in_dir(dir);
-    let store = Store::open(dir.join("idem-db"))?;
+    // Payments are reconciled after a crash, so this store reports interrupted runs: under
+    // Report a claim is durable before the charge runs (under Rerun a crash may take it, and
+    // the next call would simply charge again).
+    let store = Store::builder(dir.join("idem-db"))
+        .orphan_policy(OrphanPolicy::Report)
+        .open()?;
     let _ = store.execute_once("order-c0de", || {
         let receipt = gateway.charge("order-c0de", "tok_visa", 3100);
         println!("CHARGED");

@@ -72,8 +72,9 @@ impl Settings {
     /// are made durable"). Only a durable claim survives a crash as an orphan, and only
     /// `Report` treats an orphan differently from a key never claimed: under `Rerun` both run
     /// the operation, and a recorded step makes its claim durable anyway (a durability point
-    /// covers every write before it). The store's policy counts as well as the call's: the
-    /// next call of the key, which reads the orphan, may use either.
+    /// covers every write before it). `Report` protects the runs made under it, the store's
+    /// policy or the call's: a run under `Rerun` chose at-least-once, and a later call asking
+    /// for `Report` does not see it once a crash took its claim (design §6).
     pub(crate) fn claim_must_be_durable(&self, options: &CallOptions) -> bool {
         self.orphan_policy == OrphanPolicy::Report
             || options.orphan_policy == Some(OrphanPolicy::Report)

@@ -186,6 +186,29 @@ pub enum Error {
         reason: &'static str,
     },
 
+    /// [`Store::resolve`](crate::Store::resolve) was refused: the key's record is not an
+    /// interrupted run (a live Pending record whose holder is gone). Nothing changed.
+    #[error("{key} is not an interrupted run: {}", not_an_orphan(*.found, *.holder_live))]
+    NotAnOrphan {
+        /// The key.
+        key: KeyName,
+        /// The live record's state (None: no live record).
+        found: Option<crate::RecordState>,
+        /// A holder is still running the key (in this process, or with a live lease), or
+        /// acted on it while the resolution was being made.
+        holder_live: bool,
+    },
+
+    /// [`Store::import`](crate::Store::import) met a line it cannot read. Lines before it
+    /// were imported.
+    #[error("import line {line}: {reason}")]
+    ImportLine {
+        /// The line's number (1-based).
+        line: u64,
+        /// What is wrong with it.
+        reason: String,
+    },
+
     /// A name for a user tree was refused: names starting with `idemstore/` are the store's.
     #[error("tree name {0:?} is reserved for the store")]
     ReservedTreeName(String),
@@ -447,5 +470,13 @@ impl<E> ExecuteError<E> {
             ExecuteError::Store(e) => Some(e),
             ExecuteError::Operation { .. } => None,
         }
+    }
+}
+
+fn not_an_orphan(found: Option<crate::RecordState>, holder_live: bool) -> String {
+    match (found, holder_live) {
+        (_, true) => "its holder is still running (or acted on it meanwhile)".into(),
+        (None, false) => "it has no live record".into(),
+        (Some(state), false) => format!("its record is {state:?}, not Pending"),
     }
 }

@@ -52,6 +52,7 @@ mod format;
 mod key;
 mod stats;
 
+pub use api::admin::{ImportSummary, RecordDetail, Resolution, StoredOutcome};
 pub use api::call::Call;
 pub use api::config::StoreBuilder;
 /// An `Idempotency-Key` layer for tower HTTP services (feature `http`).

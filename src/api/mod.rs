@@ -1,5 +1,6 @@
 //! The public surface: the store, its builder, and per-call options.
 
+pub(crate) mod admin;
 #[cfg(feature = "tokio")]
 mod asynchronous;
 pub(crate) mod call;

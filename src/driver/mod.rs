@@ -12,6 +12,7 @@ pub(crate) mod execute_async;
 #[cfg(feature = "postgres")]
 pub(crate) mod pg_transaction;
 pub(crate) mod registry;
+pub(crate) mod resolve;
 pub(crate) mod state;
 pub(crate) mod step_run;
 pub(crate) mod sweeper;

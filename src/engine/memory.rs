@@ -275,6 +275,24 @@ impl Engine for MemoryEngine {
         })
     }
 
+    fn import_record(
+        &self,
+        key: &[u8],
+        record: &[u8],
+        life: ClaimToken,
+        steps: &[(u32, Vec<u8>)],
+    ) -> Result<bool, Error> {
+        self.write(|t| {
+            if !swap(t, key, None, Some(record.to_vec())) {
+                return false;
+            }
+            for (index, step) in steps {
+                t.steps.insert(step_key(key, life, *index), step.clone());
+            }
+            true
+        })
+    }
+
     fn index_expiry(&self, expires_ms: u64, key: &[u8]) -> Result<(), Error> {
         self.write(|t| {
             t.expiry.insert(expiry_key(expires_ms, key));

@@ -94,6 +94,18 @@ pub(crate) trait Engine: Send + Sync + 'static {
         steps_of: Option<ClaimToken>,
     ) -> Result<bool, Error>;
 
+    /// Writes `record` for `key` if the key has no record, together with `steps`, the recorded
+    /// steps of the record's life `life` (as (index, bytes)), atomically; the caller indexes
+    /// its expiry first. For moving records between stores (`Store::import`): it never
+    /// replaces a record. Returns whether it wrote.
+    fn import_record(
+        &self,
+        key: &[u8],
+        record: &[u8],
+        life: ClaimToken,
+        steps: &[(u32, Vec<u8>)],
+    ) -> Result<bool, Error>;
+
     /// Adds an expiry index entry pointing at `key`.
     fn index_expiry(&self, expires_ms: u64, key: &[u8]) -> Result<(), Error>;
 
@@ -122,6 +134,11 @@ pub(crate) trait Engine: Send + Sync + 'static {
     /// The holder leaves its claim Pending without an outcome (to the orphan policy): an
     /// engine with leases stops renewing it.
     fn abandon(&self, _held: &Held<'_>) {}
+
+    /// Bytes the engine's storage takes, if it can tell (for operators).
+    fn size_on_disk(&self) -> Result<Option<u64>, Error> {
+        Ok(None)
+    }
 
     /// An epoch larger than every epoch handed out before, to any open of any process.
     fn fresh_epoch(&self) -> Result<u64, Error>;

@@ -209,6 +209,45 @@ impl PgEngine {
         }
     }
 
+    async fn import_op(
+        &self,
+        key: &[u8],
+        record: &[u8],
+        steps: &[(u32, Vec<u8>)],
+    ) -> Result<bool, Error> {
+        let s = &self.shared;
+        let c = columns(key, record)?;
+        let indexes: Vec<i32> = steps
+            .iter()
+            .map(|(i, _)| i32::try_from(*i))
+            .collect::<Result<_, _>>()
+            .map_err(|_| Error::InvalidConfig("too many steps"))?;
+        let bodies: Vec<&[u8]> = steps.iter().map(|(_, b)| b.as_slice()).collect();
+        let client = s.client().await?;
+        let statement = prepared(&client, &s.sql.import).await?;
+        let row = client
+            .query_one(
+                &statement,
+                &[
+                    &s.scope,
+                    &key,
+                    &record,
+                    &digest(record),
+                    &c.state,
+                    &c.expires_ms,
+                    &c.claim.0,
+                    &c.claim.1,
+                    &c.life.0,
+                    &c.life.1,
+                    &indexes,
+                    &bodies,
+                ],
+            )
+            .await
+            .map_err(pg_error)?;
+        Ok(row.get::<_, i64>(0) == 1)
+    }
+
     async fn holder_live_op(&self, key: &[u8], claim: ClaimToken) -> bool {
         let s = &self.shared;
         let live = async {
@@ -434,6 +473,26 @@ impl Engine for PgEngine {
     ) -> Result<bool, Error> {
         // The statement removes the steps of the record's own life, whatever it is.
         self.run(retry_busy(|| self.remove_record_op(key, expected)))
+    }
+
+    fn import_record(
+        &self,
+        key: &[u8],
+        record: &[u8],
+        _life: ClaimToken,
+        steps: &[(u32, Vec<u8>)],
+    ) -> Result<bool, Error> {
+        // The statement stores the steps under the record's own life.
+        self.run(self.import_op(key, record, steps))
+    }
+
+    fn size_on_disk(&self) -> Result<Option<u64>, Error> {
+        let s = &self.shared;
+        self.run(async {
+            let client = s.client().await?;
+            let row = client.query_one(&s.sql.size, &[]).await.map_err(pg_error)?;
+            Ok(u64::try_from(row.get::<_, i64>(0)).ok())
+        })
     }
 
     fn index_expiry(&self, _expires_ms: u64, _key: &[u8]) -> Result<(), Error> {

@@ -161,6 +161,8 @@ pub(crate) struct Statements {
     pub lock: String,
     pub put: String,
     pub delete_steps: String,
+    pub import: String,
+    pub size: String,
 }
 
 impl Statements {
@@ -262,8 +264,10 @@ impl Statements {
                      AND t.life_epoch = gone.life_epoch AND t.life_seq = gone.life_seq) \
                  SELECT count(*) FROM gone"
             ),
+            // A Pending row with no lease (moved in by an import) has no holder: as for a
+            // takeover (`claim_over`), it is an orphan.
             holder_live: format!(
-                "SELECT lease_until > now() FROM \"{s}\".records WHERE scope = $1 AND key = $2 \
+                "SELECT coalesce(lease_until > now(), false) FROM \"{s}\".records WHERE scope = $1 AND key = $2 \
                      AND state = 0 AND claim_epoch = $3 AND claim_seq = $4"
             ),
             mark_waiting: format!(
@@ -305,6 +309,25 @@ impl Statements {
             delete_steps: format!(
                 "DELETE FROM \"{s}\".steps WHERE scope = $1 AND key = $2 \
                      AND life_epoch = $3 AND life_seq = $4"
+            ),
+            // A record moved in from another store, only where the key has none, with the
+            // steps of its life: one statement, so both or neither.
+            import: format!(
+                "WITH put AS (INSERT INTO \"{s}\".records (scope, key, record, digest, state, \
+                     expires_ms, claim_epoch, claim_seq, life_epoch, life_seq, lease_until) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, NULL) \
+                 ON CONFLICT (scope, key) DO NOTHING RETURNING 1), \
+                 put_steps AS (INSERT INTO \"{s}\".steps (scope, key, life_epoch, life_seq, idx, step) \
+                 SELECT $1, $2, $9, $10, t.idx, t.step \
+                     FROM unnest($11::int4[], $12::bytea[]) AS t(idx, step) \
+                     WHERE EXISTS (SELECT 1 FROM put) \
+                 ON CONFLICT (scope, key, life_epoch, life_seq, idx) \
+                     DO UPDATE SET step = EXCLUDED.step) \
+                 SELECT count(*) FROM put"
+            ),
+            size: format!(
+                "SELECT (pg_total_relation_size('\"{s}\".records') \
+                     + pg_total_relation_size('\"{s}\".steps'))::bigint"
             ),
             next_epoch: format!("SELECT nextval('\"{s}\".epochs')"),
         }

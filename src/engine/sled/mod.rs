@@ -532,6 +532,10 @@ impl Engine for SledEngine {
         running_here
     }
 
+    fn size_on_disk(&self) -> Result<Option<u64>, Error> {
+        Ok(Some(self.db.size_on_disk().map_err(sled_error)?))
+    }
+
     fn fresh_epoch(&self) -> Result<u64, Error> {
         let meta = self.db.open_tree(META_TREE).map_err(sled_error)?;
         bump_epoch(&self.db, &meta)?.ok_or_else(|| {
@@ -619,6 +623,30 @@ impl Engine for SledEngine {
             Ok(())
         });
         match removed {
+            Ok(()) => Ok(true),
+            Err(TransactionError::Abort(())) => Ok(false),
+            Err(TransactionError::Storage(e)) => Err(sled_error(e)),
+        }
+    }
+
+    fn import_record(
+        &self,
+        key: &[u8],
+        record: &[u8],
+        life: ClaimToken,
+        steps: &[(u32, Vec<u8>)],
+    ) -> Result<bool, Error> {
+        let written = (&self.records, self.steps_tree(life)).transaction(|(records, tree)| {
+            if records.get(key)?.is_some() {
+                return Err(ConflictableTransactionError::Abort(()));
+            }
+            records.insert(key, record)?;
+            for (index, step) in steps {
+                tree.insert(step_key(key, life, *index), step.as_slice())?;
+            }
+            Ok(())
+        });
+        match written {
             Ok(()) => Ok(true),
             Err(TransactionError::Abort(())) => Ok(false),
             Err(TransactionError::Storage(e)) => Err(sled_error(e)),

@@ -82,7 +82,7 @@ pub use key::{key_hash, KeyName};
 /// The sled version the transactional API ([`Store::tree`], [`Store::execute_once_in_tx`])
 /// speaks, re-exported so its types need no separate dependency.
 pub use sled;
-pub use stats::Stats;
+pub use stats::{MetricNames, Stats, METRIC_NAMES};
 /// The PostgreSQL client the PostgreSQL engine speaks, re-exported for [`PgTx`]'s rows and
 /// parameter types.
 #[cfg(feature = "postgres")]

@@ -18,6 +18,7 @@ use crate::driver::execute::{try_replay, QuickLook, ReadAbsent};
 use crate::driver::execute_async::execute_async;
 use crate::engine::Engine;
 use crate::error::ExecuteError;
+use crate::stats::CallTimer;
 
 #[allow(private_bounds)]
 impl<S: Engine> Store<S> {
@@ -140,7 +141,12 @@ impl<P, S: Engine> Call<'_, '_, P, S> {
         T: Serialize + DeserializeOwned,
         P: ErrorPolicy<E>,
     {
-        try_replay(self.store.shared(), self.key, &self.options, &self.policy)
+        let timer = CallTimer::start();
+        let look = try_replay(self.store.shared(), self.key, &self.options, &self.policy);
+        if let QuickLook::Answered(result) = &look {
+            timer.finish(result);
+        }
+        look
     }
 
     /// The whole call; `read_absent` when a read just before it found no record.
@@ -157,7 +163,8 @@ impl<P, S: Engine> Call<'_, '_, P, S> {
     {
         // Boxed: the whole call's future is large, and a replay answered before it should not
         // pay for moving it.
-        Box::pin(execute_async(
+        let timer = CallTimer::start();
+        let result = Box::pin(execute_async(
             self.store.shared_arc(),
             self.key,
             &self.options,
@@ -165,6 +172,8 @@ impl<P, S: Engine> Call<'_, '_, P, S> {
             read_absent,
             f,
         ))
-        .await
+        .await;
+        timer.finish(&result);
+        result
     }
 }

@@ -20,6 +20,7 @@ use crate::engine::Engine;
 use crate::error::ExecuteError;
 use crate::format::codec::Codec;
 use crate::format::fingerprint::Fingerprint;
+use crate::stats::CallTimer;
 
 /// One call being configured: made by [`Store::call`], run by [`Call::run`].
 ///
@@ -132,13 +133,16 @@ impl<'s, 'k, P, S: Engine> Call<'s, 'k, P, S> {
         F: FnOnce() -> Result<T, E>,
         P: ErrorPolicy<E>,
     {
-        crate::driver::execute::execute(
+        let timer = CallTimer::start();
+        let result = crate::driver::execute::execute(
             self.store.shared(),
             self.key,
             &self.options,
             &self.policy,
             |_| f(),
-        )
+        );
+        timer.finish(&result);
+        result
     }
 
     /// As [`run`](Self::run), for an operation made of named steps; see
@@ -153,13 +157,16 @@ impl<'s, 'k, P, S: Engine> Call<'s, 'k, P, S> {
         P: ErrorPolicy<E>,
     {
         self.options.with_steps = true;
-        crate::driver::execute::execute(
+        let timer = CallTimer::start();
+        let result = crate::driver::execute::execute(
             self.store.shared(),
             self.key,
             &self.options,
             &self.policy,
             f,
-        )
+        );
+        timer.finish(&result);
+        result
     }
 
     /// The former name of [`run_steps`](Self::run_steps).

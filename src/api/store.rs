@@ -176,6 +176,7 @@ impl<S: Engine> Store<S> {
         b: StoreBuilder,
         after_close: Option<Box<dyn FnOnce() + Send + Sync>>,
     ) -> Result<Store<S>, Error> {
+        crate::stats::describe();
         let shared = Arc::new(StoreState {
             engine,
             registry: Registry::new(),

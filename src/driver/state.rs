@@ -42,7 +42,7 @@ impl<S: Engine> StoreState<S> {
     /// Returns once every write applied before the call is durable (per the mode); remembers
     /// a failure.
     pub(crate) fn wait_durable(&self) -> Result<(), Error> {
-        let synced = self.engine.wait_durable();
+        let synced = crate::stats::timed_durable_point(|| self.engine.wait_durable());
         if synced.is_err() {
             self.durability_failed.store(true, Ordering::SeqCst);
         }

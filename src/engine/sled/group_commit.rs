@@ -75,7 +75,7 @@ impl GroupCommit {
                 (target, self.files.make_durable())
             });
             let (target, result) = (result.0, result.1);
-            self.counters.flush_batches.fetch_add(1, Ordering::Relaxed);
+            self.counters.flush_batches.add(1);
             state.flushing = false;
             match result {
                 Ok(_) => state.durable = state.durable.max(target),

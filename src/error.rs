@@ -49,7 +49,9 @@ pub enum Error {
 
     /// An earlier run of this key was interrupted (its process died, or its outcome could not
     /// be recorded) and the orphan policy is `Report`: the side effect may or may not have
-    /// happened. Reconcile, then re-run with `OrphanPolicy::Rerun` on the call or remove the key.
+    /// happened. Reconcile, then record the answer with [`Store::resolve`](crate::Store::resolve)
+    /// (or `idemstore resolve`): a result, a permanent error, or a release so the next call
+    /// runs it; or re-run with `OrphanPolicy::Rerun` on the call.
     #[error(
         "{key} was interrupted in an earlier run (attempt {attempts}); reconcile before re-running"
     )]

@@ -13,7 +13,7 @@ const EXIT_CODES: &str = "\
 Exit codes:
   0  done
   1  the store failed or refused (storage error, corrupt record, bad input)
-  2  the command line is wrong
+  2  the command line is wrong (including --path with --postgres, --tenant without --postgres)
   3  the key has no record
   4  resolve refused: the record is not an interrupted run
   5  the sled store is open in another process (stop the service, or use PostgreSQL live)";
@@ -41,7 +41,12 @@ pub struct Cli {
 #[derive(Debug, Args)]
 pub struct StoreArgs {
     /// A sled store's directory.
-    #[arg(long, env = "IDEMSTORE_PATH", global = true)]
+    #[arg(
+        long,
+        env = "IDEMSTORE_PATH",
+        global = true,
+        conflicts_with = "postgres"
+    )]
     pub path: Option<PathBuf>,
     /// A PostgreSQL connection string (`host=... user=... dbname=...` or a URL).
     #[arg(long, env = "IDEMSTORE_POSTGRES", global = true)]
@@ -49,7 +54,8 @@ pub struct StoreArgs {
     /// The PostgreSQL schema of the store's tables [default: idemstore].
     #[arg(long, global = true)]
     pub schema: Option<String>,
-    /// The tenant scope of the keys (PostgreSQL) [default: "", the unscoped keys].
+    /// The tenant scope of the keys (PostgreSQL; a sled store has one scope) [default: "",
+    /// the unscoped keys].
     #[arg(long, global = true)]
     pub tenant: Option<String>,
 }
@@ -124,13 +130,16 @@ impl std::str::FromStr for Age {
         let n: u64 = number
             .parse()
             .map_err(|_| format!("{s:?}: expected a number and a unit (s, m, h, d)"))?;
-        let seconds = match unit {
-            "s" | "" => n,
-            "m" => n * 60,
-            "h" => n * 3600,
-            "d" => n * 86400,
+        let per_unit = match unit {
+            "s" | "" => 1,
+            "m" => 60,
+            "h" => 3600,
+            "d" => 86400,
             _ => return Err(format!("{s:?}: the unit is one of s, m, h, d")),
         };
+        let seconds = n
+            .checked_mul(per_unit)
+            .ok_or_else(|| format!("{s:?}: too long an age"))?;
         Ok(Age(Duration::from_secs(seconds)))
     }
 }

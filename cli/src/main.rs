@@ -27,7 +27,8 @@ enum Exit {
     Ok = 0,
     /// The store failed or refused (storage, corrupt bytes, bad input).
     Failed = 1,
-    // 2 is clap's: the command line was wrong.
+    /// The command line is wrong (clap's own refusals exit with 2 too).
+    Usage = 2,
     /// The key has no record.
     NotFound = 3,
     /// `resolve` was refused: the record is not an interrupted run.
@@ -46,7 +47,11 @@ impl From<Error> for Failure {
     fn from(e: Error) -> Self {
         let exit = match e {
             Error::Locked { .. } => Exit::Locked,
-            Error::NotAnOrphan { found: None, .. } => Exit::NotFound,
+            Error::NotAnOrphan {
+                found: None,
+                holder_live: false,
+                ..
+            } => Exit::NotFound,
             Error::NotAnOrphan { .. } => Exit::NotAnOrphan,
             _ => Exit::Failed,
         };
@@ -77,15 +82,14 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<Exit, Failure> {
     let create = matches!(&cli.command, Command::Import { create: true, .. });
+    // clap refuses --path with --postgres.
     match (&cli.store.path, &cli.store.postgres) {
-        (Some(_), Some(_)) => Err(failed("give either --path or --postgres, not both")),
-        (Some(path), None) => {
-            if cli.store.tenant.is_some() {
-                return Err(failed(
-                    "--tenant scopes keys on PostgreSQL; a sled store has one scope",
-                ));
-            }
-            if !create && !path.exists() {
+        (Some(_), _) if cli.store.tenant.is_some() || cli.store.schema.is_some() => Err(Failure {
+            exit: Exit::Usage,
+            message: "--tenant and --schema are PostgreSQL's: a sled store has one scope".into(),
+        }),
+        (Some(path), _) => {
+            if !create && !is_store(path) {
                 return Err(failed(format!(
                     "no store at {} (import --create makes one)",
                     path.display()
@@ -107,6 +111,12 @@ fn run(cli: Cli) -> Result<Exit, Failure> {
              IDEMSTORE_POSTGRES)",
         )),
     }
+}
+
+/// Whether `path` holds a sled store (a database directory, which opening then checks),
+/// rather than nothing or an empty directory, where opening would create one.
+fn is_store(path: &std::path::Path) -> bool {
+    path.join("idemstore.format").exists() || path.join("conf").exists()
 }
 
 fn open_postgres(url: &str, args: &StoreArgs) -> Result<PgStore, Failure> {
@@ -138,7 +148,8 @@ fn act(store: &dyn Admin, command: &Command, json: bool) -> Result<Exit, Failure
             older_than,
             limit,
         } => {
-            let cutoff = older_than.map(|d| SystemTime::now() - Duration::from(d));
+            // An age past the start of the clock selects nothing.
+            let cutoff = older_than.map(|d| SystemTime::now().checked_sub(Duration::from(d)));
             let mut shown = 0usize;
             for item in store.records_listed(state.map(RecordState::from))? {
                 let item = item?;
@@ -148,7 +159,7 @@ fn act(store: &dyn Admin, command: &Command, json: bool) -> Result<Exit, Failure
                 {
                     continue;
                 }
-                if cutoff.is_some_and(|c| item.info.created_at > c) {
+                if cutoff.is_some_and(|c| c.is_none_or(|c| item.info.created_at > c)) {
                     continue;
                 }
                 if limit.is_some_and(|l| shown >= l) {

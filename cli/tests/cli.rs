@@ -350,8 +350,8 @@ fn export_and_import_move_a_sled_store_byte_for_byte() {
     let lines = std::fs::read_to_string(&file).unwrap();
     assert_eq!(
         lines.lines().count(),
-        5,
-        "a header and four records: {lines}"
+        6,
+        "a header, four records and an end line: {lines}"
     );
 
     let copy = dir.path().join("copy");

@@ -107,6 +107,13 @@ struct ExportHeader {
     version: u32,
 }
 
+/// The last line of an export: how many records came before it (a cut file has none).
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExportEnd {
+    end: u64,
+}
+
 /// One record of an export: key, record bytes and steps, hex-encoded.
 #[derive(Serialize, Deserialize)]
 struct ExportLine {
@@ -252,11 +259,13 @@ impl<S: Engine> Store<S> {
     /// assert_eq!((again.as_str(), again.is_replayed()), ("done", true));
     /// ```
     ///
+    /// The last line counts the records, so an import can tell a file that was cut short. A
+    /// record whose bytes do not decode is exported as it is, without steps (an import then
+    /// refuses that line, naming it: remove the key or the line).
+    ///
     /// # Errors
-    /// [`Error::CorruptRecord`] for a record whose steps cannot be located (its bytes are
-    /// still exported when only its payload is bad: export copies bytes, it does not judge
-    /// them); [`Error::Storage`] for I/O failures of the store; [`Error::Io`] if writing to
-    /// `out` fails.
+    /// [`Error::Storage`] for I/O failures of the store; [`Error::Io`] if writing to `out`
+    /// fails.
     pub fn export(&self, mut out: impl Write, mut progress: impl FnMut(u64)) -> Result<u64, Error> {
         let shared = self.shared();
         // Pending records are exported too: one durability point covers every record read.
@@ -276,16 +285,17 @@ impl<S: Engine> Store<S> {
         for item in shared.engine.records() {
             let (key, bytes) = item?;
             let bytes = bytes.as_ref();
-            let life = record::decode(bytes)
-                .map_err(|e| decode_error(&key, e))?
-                .header
-                .life;
-            let steps = shared
-                .engine
-                .steps(&key, life)?
-                .into_iter()
-                .map(|(i, b)| (i, hex(b.as_ref())))
-                .collect();
+            // A record that does not decode is copied as it is, without steps (no life to
+            // find them under); an import refuses its line, naming it.
+            let steps = match record::decode(bytes) {
+                Ok(rec) => shared
+                    .engine
+                    .steps(&key, rec.header.life)?
+                    .into_iter()
+                    .map(|(i, b)| (i, hex(b.as_ref())))
+                    .collect(),
+                Err(_) => Vec::new(),
+            };
             let entry = ExportLine {
                 key: hex(&key),
                 record: hex(bytes),
@@ -297,31 +307,62 @@ impl<S: Engine> Store<S> {
             written += 1;
             progress(written);
         }
+        let mut line =
+            serde_json::to_vec(&ExportEnd { end: written }).map_err(|e| write_err(e.into()))?;
+        line.push(b'\n');
+        out.write_all(&line).map_err(write_err)?;
         out.flush().map_err(write_err)?;
         Ok(written)
     }
 
-    /// Reads an export (see [`Store::export`]) and writes each record whose key has none here,
-    /// with its steps, byte for byte; keys that have a record are left as they are, and
-    /// expired records are skipped. `progress` is called with the count of lines read after
-    /// each record. Imported records are durable when this returns.
+    /// Reads an export (see [`Store::export`]) and writes each record whose key has no live
+    /// record here, with its steps, byte for byte (an expired record here is replaced); keys
+    /// that have a live record are left as they are, and expired records are skipped.
+    /// `progress` is called with the count of records read after each one. Imported records
+    /// are durable when this returns, with an error or not, and every later claim's token is
+    /// larger than theirs.
     ///
     /// # Errors
-    /// [`Error::ImportLine`] for a line that is not part of an export or holds a record that
-    /// does not decode (the records before it were imported); [`Error::KeyTooLong`] /
-    /// [`Error::EmptyKey`] for a key this store refuses; [`Error::Storage`] for I/O failures;
-    /// [`Error::Io`] if reading `input` fails.
+    /// [`Error::ImportLine`] for an empty input, a line that is not part of an export, a
+    /// record that does not decode, or an export without its end line (cut short): the
+    /// records before it were imported. [`Error::KeyTooLong`] / [`Error::EmptyKey`] for a key
+    /// this store refuses; [`Error::CorruptRecord`] for a record here that does not decode;
+    /// [`Error::Storage`] for I/O failures; [`Error::Io`] if reading `input` fails.
     pub fn import(
         &self,
         input: impl BufRead,
+        progress: impl FnMut(u64),
+    ) -> Result<ImportSummary, Error> {
+        let shared = self.shared();
+        let mut highest_epoch = 0;
+        let imported = self.import_lines(input, progress, &mut highest_epoch);
+        // Whatever was written, even before a bad line, is durable before this returns, and
+        // later claims' tokens exceed every moved-in token (§16).
+        let raised = match highest_epoch {
+            0 => Ok(()),
+            floor => shared.raise_epoch_above(floor),
+        };
+        let durable = shared.wait_durable();
+        let summary = imported?;
+        raised?;
+        durable?;
+        Ok(summary)
+    }
+
+    fn import_lines(
+        &self,
+        input: impl BufRead,
         mut progress: impl FnMut(u64),
+        highest_epoch: &mut u64,
     ) -> Result<ImportSummary, Error> {
         let shared = self.shared();
         let now = shared.clock.now_millis();
         let mut summary = ImportSummary::default();
         let mut read = 0u64;
-        for (n, line) in input.lines().enumerate() {
-            let number = n as u64 + 1;
+        let mut ended = None;
+        let mut number = 0u64;
+        for line in input.lines() {
+            number += 1;
             let bad = |reason: String| Error::ImportLine {
                 line: number,
                 reason,
@@ -330,6 +371,9 @@ impl<S: Engine> Store<S> {
                 path: "<import>".into(),
                 source: std::sync::Arc::new(e),
             })?;
+            if ended.is_some() {
+                return Err(bad("a line after the export's end line".into()));
+            }
             if number == 1 {
                 let header: ExportHeader = serde_json::from_str(&line)
                     .map_err(|e| bad(format!("not an idemstore export header: {e}")))?;
@@ -343,6 +387,16 @@ impl<S: Engine> Store<S> {
                 continue;
             }
             if line.trim().is_empty() {
+                continue;
+            }
+            if let Ok(end) = serde_json::from_str::<ExportEnd>(&line) {
+                if end.end != read {
+                    return Err(bad(format!(
+                        "the end line counts {} records; {read} came before it",
+                        end.end
+                    )));
+                }
+                ended = Some(end);
                 continue;
             }
             let entry: ExportLine =
@@ -362,16 +416,53 @@ impl<S: Engine> Store<S> {
             if h.is_expired(now) {
                 summary.expired += 1;
             } else {
-                shared.engine.index_expiry(h.expires_ms, &key)?;
-                match shared.engine.import_record(&key, &bytes, h.life, &steps)? {
+                *highest_epoch = (*highest_epoch).max(h.claim.epoch).max(h.life.epoch);
+                match self.import_one(&key, &bytes, &h, &steps, now)? {
                     true => summary.imported += 1,
                     false => summary.existing += 1,
                 }
             }
             progress(read);
         }
-        shared.wait_durable()?;
-        Ok(summary)
+        match (number, ended) {
+            (0, _) => Err(Error::ImportLine {
+                line: 1,
+                reason: "empty input: not an idemstore export".into(),
+            }),
+            (_, None) => Err(Error::ImportLine {
+                line: number + 1,
+                reason: format!(
+                    "the export has no end line: it was cut short ({read} records read and \
+                     imported as counted)"
+                ),
+            }),
+            (_, Some(_)) => Ok(summary),
+        }
+    }
+
+    /// Writes one moved-in record where the key has no live record (an expired one is
+    /// removed first, with its steps, as a claim would retire it). Returns whether it wrote.
+    fn import_one(
+        &self,
+        key: &[u8],
+        bytes: &[u8],
+        h: &record::Header,
+        steps: &[(u32, Vec<u8>)],
+        now: u64,
+    ) -> Result<bool, Error> {
+        let engine = &self.shared().engine;
+        if let Some(existing) = engine.get(key)? {
+            let existing = existing.as_ref();
+            let old = record::decode(existing).map_err(|e| decode_error(key, e))?;
+            if !old.header.is_expired(now) {
+                return Ok(false);
+            }
+            let steps_of = old.header.has_steps.then_some(old.header.life);
+            // Removed meanwhile or re-claimed: the import below finds what is there now.
+            engine.remove_record(key, existing, steps_of)?;
+        }
+        engine.index_expiry(h.expires_ms, key)?;
+        engine.import_record(key, bytes, h.life, steps)
     }
 
     /// Bytes the store takes in its storage (sled: on disk; PostgreSQL: the tables and

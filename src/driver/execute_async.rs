@@ -152,15 +152,13 @@ where
             stored = None;
         }
         let above = header.map(|h| h.claim);
-        let fresh_epoch = match above {
-            Some(a) if a.epoch > state.epoch.load(std::sync::atomic::Ordering::SeqCst) => {
-                Some(state.engine.fresh_epoch_async().await?)
-            }
-            _ => None,
+        let fresh_epoch = match state.epoch_floor(above) {
+            Some(floor) => Some(state.engine.fresh_epoch_async(floor).await?),
+            None => None,
         };
-        let token = state.next_claim_token_from(above, || match fresh_epoch {
+        let token = state.next_claim_token_from(above, |floor| match fresh_epoch {
             Some(epoch) => Ok(epoch),
-            None => state.engine.fresh_epoch(),
+            None => state.engine.fresh_epoch(floor),
         })?;
         let ttl_ms = state.settings.ttl_ms(options);
         let pending_header =

@@ -108,7 +108,8 @@ where
         if let Some(life) = plan.retire {
             tx.delete_steps(key, life)?;
         }
-        let claim = state.next_claim_token_from(header.map(|h| h.claim), || tx.fresh_epoch())?;
+        let claim =
+            state.next_claim_token_from(header.map(|h| h.claim), |floor| tx.fresh_epoch(floor))?;
         tx.batch(SAVEPOINT)?;
         Counters::bump(&state.counters.executions);
         if plan.takeover {

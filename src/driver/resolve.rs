@@ -9,7 +9,8 @@
 //!   resolved record written fenced by that claim; a holder that comes back, or a call that
 //!   claimed the key meanwhile, is never overwritten;
 //! - the resolved record keeps the orphan's life (and so its recorded steps), fingerprint,
-//!   creation time and attempt count (no attempt ran), and is durable when resolve returns.
+//!   creation time and attempt count (no attempt ran) and the TTL its call chose (from now),
+//!   and is durable when resolve returns.
 
 use crate::core::attempt::{outcome_header, Attempt};
 use crate::core::options::CallOptions;
@@ -63,7 +64,11 @@ pub(crate) fn resolve<S: Engine>(
         return Err(not_orphan(Some(RecordState::Pending), true));
     }
     let options = CallOptions::default();
-    let ttl_ms = state.settings.ttl_ms(&options);
+    // The TTL the orphan's call chose (its record was written that long before it expires).
+    let ttl_ms = match orphan.expires_ms.saturating_sub(orphan.updated_ms) {
+        0 => state.settings.ttl_ms(&options),
+        chosen => chosen,
+    };
     let mut pending_header = Attempt::after(Some(&orphan), now, &options).header(
         RecordState::Pending,
         OutcomeKind::None,

@@ -93,26 +93,51 @@ impl<S: Engine> StoreState<S> {
     /// # Errors
     /// [`Error::Storage`] if a fresh epoch was needed and the engine could not give one.
     pub(crate) fn next_claim_token(&self, above: Option<ClaimToken>) -> Result<ClaimToken, Error> {
-        self.next_claim_token_from(above, || self.engine.fresh_epoch())
+        self.next_claim_token_from(above, |floor| self.engine.fresh_epoch(floor))
+    }
+
+    /// The epoch a fresh one must exceed for a claim that replaces `above`, if this open's
+    /// own epoch cannot give a token larger than it (`above` came from another process, or
+    /// was moved in by an import).
+    pub(crate) fn epoch_floor(&self, above: Option<ClaimToken>) -> Option<u64> {
+        let above = above?;
+        let next = (
+            self.epoch.load(Ordering::SeqCst),
+            self.last_claim.load(Ordering::Relaxed) + 1,
+        );
+        (next <= (above.epoch, above.sequence)).then_some(above.epoch)
     }
 
     /// As [`next_claim_token`](Self::next_claim_token), with the fresh epoch (if one is
-    /// needed) from `fresh_epoch` (a transaction's own connection, say).
+    /// needed) from `fresh_epoch(floor)`, an epoch above `floor` (from a transaction's own
+    /// connection, say).
     pub(crate) fn next_claim_token_from(
         &self,
         above: Option<ClaimToken>,
-        fresh_epoch: impl FnOnce() -> Result<u64, Error>,
+        fresh_epoch: impl FnOnce(u64) -> Result<u64, Error>,
     ) -> Result<ClaimToken, Error> {
         let sequence = self.last_claim.fetch_add(1, Ordering::Relaxed) + 1;
         let mut epoch = self.epoch.load(Ordering::SeqCst);
         if let Some(above) = above {
-            // An equal epoch is this open's own: its sequence is already past `above`'s.
-            if above.epoch > epoch {
-                epoch = fresh_epoch()?;
+            // Usually `above` is this open's own (same epoch, smaller sequence) or an earlier
+            // open's; a token from another process or an import may be larger.
+            if (epoch, sequence) <= (above.epoch, above.sequence) {
+                epoch = fresh_epoch(above.epoch)?;
                 self.epoch.fetch_max(epoch, Ordering::SeqCst);
             }
         }
         Ok(ClaimToken { epoch, sequence })
+    }
+
+    /// Raises this open's epoch above `floor` (records moved in carry epochs up to it), so
+    /// every later claim's token is larger than theirs.
+    pub(crate) fn raise_epoch_above(&self, floor: u64) -> Result<(), Error> {
+        if self.epoch.load(Ordering::SeqCst) > floor {
+            return Ok(());
+        }
+        let epoch = self.engine.fresh_epoch(floor)?;
+        self.epoch.fetch_max(epoch, Ordering::SeqCst);
+        Ok(())
     }
 }
 

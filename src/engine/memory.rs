@@ -336,10 +336,10 @@ impl Engine for MemoryEngine {
         running_here
     }
 
-    fn fresh_epoch(&self) -> Result<u64, Error> {
+    fn fresh_epoch(&self, floor: u64) -> Result<u64, Error> {
         self.write(|_| ())?;
         let mut state = self.state.lock();
-        state.epoch += 1;
+        state.epoch = state.epoch.max(floor) + 1;
         Ok(state.epoch)
     }
 }

@@ -16,7 +16,7 @@
 //! - **liveness**: [`Engine::holder_live`] says whether the holder of a Pending claim is still
 //!   running; an engine one process owns answers from that process's registry, a shared
 //!   engine from the claim's lease, which its holder renews until it finishes or abandons it;
-//! - **epochs**: [`Engine::fresh_epoch`] returns an epoch larger than every one handed out
+//! - **epochs**: [`Engine::fresh_epoch`] returns an epoch larger than its floor and every one handed out
 //!   before, to any open of any process.
 
 pub(crate) mod keys;
@@ -140,8 +140,9 @@ pub(crate) trait Engine: Send + Sync + 'static {
         Ok(None)
     }
 
-    /// An epoch larger than every epoch handed out before, to any open of any process.
-    fn fresh_epoch(&self) -> Result<u64, Error>;
+    /// An epoch larger than every epoch handed out before, to any open of any process, and
+    /// larger than `floor` (an epoch of a record moved in from another store).
+    fn fresh_epoch(&self, floor: u64) -> Result<u64, Error>;
 
     // The async driver's view: the same operations as futures. An embedded engine answers
     // them in place (its reads and writes do not wait on a device; its durability point does,
@@ -234,8 +235,11 @@ pub(crate) trait Engine: Send + Sync + 'static {
 
     /// As [`Engine::fresh_epoch`].
     #[cfg(feature = "tokio")]
-    fn fresh_epoch_async(&self) -> impl Future<Output = Result<u64, Error>> + Send + '_ {
-        std::future::ready(self.fresh_epoch())
+    fn fresh_epoch_async(
+        &self,
+        floor: u64,
+    ) -> impl Future<Output = Result<u64, Error>> + Send + '_ {
+        std::future::ready(self.fresh_epoch(floor))
     }
 
     /// Whether calls should try to claim a key before reading it: an engine whose every

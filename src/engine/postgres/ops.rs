@@ -301,9 +301,9 @@ impl PgEngine {
         }
     }
 
-    async fn fresh_epoch_op(&self) -> Result<u64, Error> {
+    async fn fresh_epoch_op(&self, floor: u64) -> Result<u64, Error> {
         let client = self.shared.client().await?;
-        schema::next_epoch(&**client, &self.shared.sql).await
+        schema::next_epoch(&**client, &self.shared.sql, floor).await
     }
 
     async fn due_op(&self, now_ms: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, Error> {
@@ -547,8 +547,8 @@ impl Engine for PgEngine {
         self.end_lease_now(held);
     }
 
-    fn fresh_epoch(&self) -> Result<u64, Error> {
-        self.run(self.fresh_epoch_op())
+    fn fresh_epoch(&self, floor: u64) -> Result<u64, Error> {
+        self.run(self.fresh_epoch_op(floor))
     }
 
     fn get_async<'a>(
@@ -627,8 +627,9 @@ impl Engine for PgEngine {
 
     fn fresh_epoch_async(
         &self,
+        floor: u64,
     ) -> impl std::future::Future<Output = Result<u64, Error>> + Send + '_ {
-        self.timed(self.fresh_epoch_op())
+        self.timed(self.fresh_epoch_op(floor))
     }
 
     fn durability_blocks(&self) -> bool {

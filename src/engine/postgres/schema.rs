@@ -126,11 +126,20 @@ pub(crate) async fn migrate(
     Ok(())
 }
 
-/// A fresh epoch from the schema's sequence.
+/// A fresh epoch from the schema's sequence, above `floor`. The sequence is moved up to
+/// `floor` only while it is below it, so it never goes back and no epoch is handed out twice.
 pub(crate) async fn next_epoch(
     client: &impl GenericClient,
     sql: &Statements,
+    floor: u64,
 ) -> Result<u64, Error> {
+    if floor > 0 {
+        let floor = i64::try_from(floor).unwrap_or(i64::MAX);
+        client
+            .query(&sql.raise_epoch, &[&floor])
+            .await
+            .map_err(super::pg_error)?;
+    }
     let row = client
         .query_one(&sql.next_epoch, &[])
         .await
@@ -158,6 +167,7 @@ pub(crate) struct Statements {
     pub lapse: String,
     pub end_lease: String,
     pub next_epoch: String,
+    pub raise_epoch: String,
     pub lock: String,
     pub put: String,
     pub delete_steps: String,
@@ -330,6 +340,9 @@ impl Statements {
                      + pg_total_relation_size('\"{s}\".steps'))::bigint"
             ),
             next_epoch: format!("SELECT nextval('\"{s}\".epochs')"),
+            raise_epoch: format!(
+                "SELECT setval('\"{s}\".epochs', $1) FROM \"{s}\".epochs WHERE last_value < $1"
+            ),
         }
     }
 }

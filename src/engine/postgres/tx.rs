@@ -64,10 +64,11 @@ impl OpenTx<'_> {
     }
 
     /// A fresh epoch, on this transaction's connection (the pool may have no other).
-    pub(crate) fn fresh_epoch(&self) -> Result<u64, Error> {
+    pub(crate) fn fresh_epoch(&self, floor: u64) -> Result<u64, Error> {
         let client = self.client();
-        self.engine
-            .run(async { super::schema::next_epoch(&***client, &self.engine.shared.sql).await })
+        self.engine.run(async {
+            super::schema::next_epoch(&***client, &self.engine.shared.sql, floor).await
+        })
     }
 
     /// Removes the steps of `key`'s life `life` (an expired life that this write replaces).

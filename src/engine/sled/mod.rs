@@ -447,23 +447,31 @@ fn init_meta(path: &Path, db: &sled::Db) -> Result<u64, Error> {
             }
         }
     }
-    bump_epoch(db, &meta)?.ok_or_else(|| not_a_store("its epoch counter is corrupt"))
+    bump_epoch(db, &meta, 0)?.ok_or_else(|| not_a_store("its epoch counter is corrupt"))
 }
 
 /// Increments the persisted epoch and flushes; `None` if the stored counter is corrupt.
-fn bump_epoch(db: &sled::Db, meta: &sled::Tree) -> Result<Option<u64>, Error> {
-    let previous = match meta.get(EPOCH_KEY).map_err(sled_error)? {
-        None => 0,
-        Some(bytes) => match <[u8; 8]>::try_from(bytes.as_ref()) {
-            Ok(bytes) => u64::from_le_bytes(bytes),
-            Err(_) => return Ok(None),
-        },
-    };
-    let epoch = previous + 1;
-    meta.insert(EPOCH_KEY, &epoch.to_le_bytes())
-        .map_err(sled_error)?;
-    db.flush().map_err(sled_error)?;
-    Ok(Some(epoch))
+/// Moves the epoch counter past `floor` and its current value (one compare-and-swap, so two
+/// callers never get the same epoch) and makes it durable; `None` if the counter is corrupt.
+fn bump_epoch(db: &sled::Db, meta: &sled::Tree, floor: u64) -> Result<Option<u64>, Error> {
+    loop {
+        let stored = meta.get(EPOCH_KEY).map_err(sled_error)?;
+        let previous = match &stored {
+            None => 0,
+            Some(bytes) => match <[u8; 8]>::try_from(bytes.as_ref()) {
+                Ok(bytes) => u64::from_le_bytes(bytes),
+                Err(_) => return Ok(None),
+            },
+        };
+        let epoch = previous.max(floor) + 1;
+        let swapped = meta
+            .compare_and_swap(EPOCH_KEY, stored, Some(&epoch.to_le_bytes()[..]))
+            .map_err(sled_error)?;
+        if swapped.is_ok() {
+            db.flush().map_err(sled_error)?;
+            return Ok(Some(epoch));
+        }
+    }
 }
 
 impl SledEngine {
@@ -536,9 +544,9 @@ impl Engine for SledEngine {
         Ok(Some(self.db.size_on_disk().map_err(sled_error)?))
     }
 
-    fn fresh_epoch(&self) -> Result<u64, Error> {
+    fn fresh_epoch(&self, floor: u64) -> Result<u64, Error> {
         let meta = self.db.open_tree(META_TREE).map_err(sled_error)?;
-        bump_epoch(&self.db, &meta)?.ok_or_else(|| {
+        bump_epoch(&self.db, &meta, floor)?.ok_or_else(|| {
             Error::Storage(StorageError::new(
                 std::io::Error::other("the store's epoch counter is corrupt"),
                 None,

@@ -18,7 +18,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use crate::format::walk;
+use crate::format::{borrowing, walk};
 
 /// Upper bound on what decoding one payload may allocate.
 pub(crate) const DECODE_LIMIT: usize = 256 << 20;
@@ -216,7 +216,12 @@ pub(crate) fn decode<V: Serialize + DeserializeOwned>(
     let value: V = catching(|| match codec {
         Codec::Bincode => {
             let config = bincode::config::standard().with_limit::<DECODE_LIMIT>();
-            match bincode::serde::decode_from_slice::<V, _>(bytes, config) {
+            // Strings and byte buffers copied once from the payload (see `borrowing`); a type
+            // whose visitor refuses borrowed data is decoded the plain way.
+            let seed = borrowing::Seed(std::marker::PhantomData::<V>);
+            let decoded = bincode::serde::seed_decode_from_slice(seed, bytes, config)
+                .or_else(|_| bincode::serde::decode_from_slice::<V, _>(bytes, config));
+            match decoded {
                 Ok((value, read)) if read == bytes.len() => Ok(value),
                 Ok((_, read)) => Err(format!(
                     "{} bytes are left over after the value: the type is not the one that \

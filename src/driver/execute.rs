@@ -422,6 +422,7 @@ pub(crate) fn look<'b, S: Engine>(
     stored: Option<&'b [u8]>,
 ) -> Result<(Option<record::Record<'b>>, Look), Error> {
     let now = state.clock.now_millis();
+    state.engine.note_first_look(stored.is_some());
     let first = match stored {
         Some(bytes) => Some(record::decode(bytes).map_err(|e| decode_error(key, e))?),
         None => None,
@@ -470,9 +471,10 @@ pub(crate) enum QuickLook<R> {
 
 /// A replay answered from one local read, for callers that would pay for a run's setup
 /// before the full call: the outcome when the key's record is a durable live outcome, the
-/// refusal when the rules refuse; otherwise unanswered, saying whether the key was absent. An
-/// engine that claims before it reads is not read here (there a read is a round trip the full
-/// call does not make).
+/// refusal when the rules refuse; otherwise unanswered, saying whether the key was absent. Only
+/// an engine that reads in place and reads before it claims is read here (elsewhere a read
+/// is a round trip, which async code must not wait for synchronously, or one the full call
+/// does not make).
 #[cfg(feature = "tokio")]
 pub(crate) fn try_replay<S, T, E, P>(
     state: &StoreState<S>,
@@ -485,7 +487,7 @@ where
     T: Serialize + DeserializeOwned,
     P: ErrorPolicy<E>,
 {
-    if state.engine.claims_first() {
+    if state.engine.claims_first() || !state.engine.reads_in_place() {
         return QuickLook::Unanswered(None);
     }
     let look_once = || {

@@ -109,11 +109,24 @@ pub(crate) trait Engine: Send + Sync + 'static {
     /// Adds an expiry index entry pointing at `key`.
     fn index_expiry(&self, expires_ms: u64, key: &[u8]) -> Result<(), Error>;
 
-    /// Up to `limit` expiry index entries due at `now_ms` (expires_ms <= now_ms), oldest first.
-    fn due_expiries(&self, now_ms: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, Error>;
+    /// Up to `limit` expiry index entries due at `now_ms` (expires_ms <= now_ms), in index
+    /// order (oldest first, then by key), from the first one after `after` (expires_ms, key).
+    fn due_expiries(
+        &self,
+        now_ms: u64,
+        after: Option<(u64, &[u8])>,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, Error>;
 
     /// Removes expiry index entries.
     fn unindex_expiries(&self, entries: &[(u64, Vec<u8>)]) -> Result<(), Error>;
+
+    /// Whether a sweep pass of several batches should remove index entries on a second thread
+    /// while it handles the next batch's records (an engine whose writes run in parallel and
+    /// whose removals of index entries cost as much as those of records).
+    fn unindex_in_parallel(&self) -> bool {
+        false
+    }
 
     /// Returns when every write applied before the call is durable (per the durability mode).
     fn wait_durable(&self) -> Result<(), Error>;
@@ -242,12 +255,23 @@ pub(crate) trait Engine: Send + Sync + 'static {
         std::future::ready(self.fresh_epoch(floor))
     }
 
-    /// Whether calls should try to claim a key before reading it: an engine whose every
-    /// write is durable when it returns, and whose round trips cost more than a write, answers
-    /// a new key in one statement and a replay from the same statement.
+    /// Whether the next call should try to claim its key before reading it: an engine whose
+    /// every write is durable when it returns, and whose round trips cost more than a write,
+    /// answers a new key in one statement and a replay from the same statement. An engine may
+    /// change its answer between calls (PostgreSQL follows its traffic); each call asks once.
     fn claims_first(&self) -> bool {
         false
     }
+
+    /// Whether a read is answered in place, without waiting on a device or a network (an
+    /// embedded engine's cache): only such a read may be made from async code synchronously.
+    fn reads_in_place(&self) -> bool {
+        true
+    }
+
+    /// A call's first read of its key found a record (`found`) or none: for an engine that
+    /// chooses [`claims_first`](Engine::claims_first) by its traffic.
+    fn note_first_look(&self, _found: bool) {}
 
     /// Claims `key` with `pending` if it has no record, else returns its record; `None` if
     /// neither could be decided (a record that appeared meanwhile: look again).

@@ -19,6 +19,7 @@
 //! clock runs ahead expires records early by its skew. Takeovers depend only on leases.
 
 mod bridge;
+mod first;
 mod lease;
 mod listen;
 mod ops;
@@ -75,6 +76,8 @@ pub(crate) struct Shared {
     /// The longest one operation may take, by the client's clock.
     pub(crate) io_timeout: Duration,
     pub(crate) leases: lease::Leases,
+    /// Whether calls claim or read first (see `first`).
+    pub(crate) first: first::FirstStatement,
     hub: Arc<listen::Hub>,
     channel: String,
 }
@@ -158,6 +161,7 @@ pub(crate) fn open(settings: PgSettings) -> Result<OpenedPg, Error> {
         lease: settings.lease,
         io_timeout: settings.io_timeout,
         leases: lease::Leases::default(),
+        first: first::FirstStatement::default(),
         hub: Arc::new(listen::Hub::default()),
         channel: channel.clone(),
     });

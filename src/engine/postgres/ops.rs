@@ -91,9 +91,13 @@ impl PgEngine {
             None => None,
             Some(row) if row.get::<_, bool>(0) => {
                 s.leases.hold(key, claim.digest);
+                s.first.saw(false);
                 Some(ClaimOrGet::Claimed)
             }
-            Some(row) => Some(ClaimOrGet::Existing(row.get(1))),
+            Some(row) => {
+                s.first.saw(true);
+                Some(ClaimOrGet::Existing(row.get(1)))
+            }
         })
     }
 
@@ -306,12 +310,22 @@ impl PgEngine {
         schema::next_epoch(&**client, &self.shared.sql, floor).await
     }
 
-    async fn due_op(&self, now_ms: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, Error> {
+    async fn due_op(
+        &self,
+        now_ms: u64,
+        after: Option<(u64, &[u8])>,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, Error> {
         let s = &self.shared;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        // No cursor: before every entry (expiry times are not negative).
+        let (after_ms, after_key) = after.map_or((-1, &[][..]), |(t, k)| (millis(t), k));
         let client = s.client().await?;
         let rows = client
-            .query(&s.sql.due, &[&s.scope, &millis(now_ms), &limit])
+            .query(
+                &s.sql.due,
+                &[&s.scope, &millis(now_ms), &limit, &after_ms, &after_key],
+            )
             .await
             .map_err(pg_error)?;
         Ok(rows
@@ -500,8 +514,13 @@ impl Engine for PgEngine {
         Ok(())
     }
 
-    fn due_expiries(&self, now_ms: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, Error> {
-        self.run(self.due_op(now_ms, limit))
+    fn due_expiries(
+        &self,
+        now_ms: u64,
+        after: Option<(u64, &[u8])>,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, Error> {
+        self.run(self.due_op(now_ms, after, limit))
     }
 
     fn unindex_expiries(&self, _entries: &[(u64, Vec<u8>)]) -> Result<(), Error> {
@@ -643,7 +662,15 @@ impl Engine for PgEngine {
     }
 
     fn claims_first(&self) -> bool {
-        true
+        self.shared.first.claim_first()
+    }
+
+    fn reads_in_place(&self) -> bool {
+        false
+    }
+
+    fn note_first_look(&self, found: bool) {
+        self.shared.first.saw(found);
     }
 
     fn claim_or_get(

@@ -382,6 +382,8 @@ mod tests {
     impl<'de> Deserialize<'de> for OwnedOnly {
         fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
             struct V;
+            // The misuse is the point: such visitors exist in the wild.
+            #[allow(clippy::serde_api_misuse)]
             impl<'de> serde::de::Visitor<'de> for V {
                 type Value = OwnedOnly;
                 fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

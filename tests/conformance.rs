@@ -1256,6 +1256,51 @@ macro_rules! conformance {
                 assert_eq!(store.record("old-0").unwrap(), None);
             }
 
+            // §7: a pass of several batches walks the due entries once, in index order (here
+            // the reverse of key order), past an entry it keeps for a running call, and
+            // removes every expired record and no other.
+            #[test]
+            fn a_sweep_of_many_batches_removes_every_expired_record_once() {
+                let Some(h) = H::new() else { return };
+                let store = h.open();
+                const N: u64 = 1300; // over two batches of 512
+                for i in 0..N {
+                    // Later keys expire sooner; every tenth lives for an hour.
+                    let ttl = match i % 10 {
+                        0 => Duration::from_secs(3600),
+                        _ => Duration::from_millis(1000 + N - i),
+                    };
+                    store.call(&format!("k-{i:05}")).ttl(ttl).run(|| Ok::<_, Fail>(i)).unwrap();
+                }
+                let (inside, swept) = (Barrier::new(2), Barrier::new(2));
+                std::thread::scope(|scope| {
+                    let holder = scope.spawn(|| {
+                        let call = store.call("running").ttl(Duration::from_millis(1000 + N / 2));
+                        call.run(|| {
+                            inside.wait();
+                            swept.wait();
+                            Ok::<_, Fail>(0u64)
+                        })
+                    });
+                    inside.wait();
+                    h.clock().advance(Duration::from_secs(10));
+                    assert_eq!(store.sweep_now().unwrap(), N - N / 10);
+                    swept.wait();
+                    assert!(!holder.join().unwrap().unwrap().is_replayed());
+                });
+                assert_eq!(store.sweep_now().unwrap(), 0);
+                let kept: Vec<_> = store.records().map(|r| r.unwrap().0).collect();
+                assert_eq!(kept.len() as u64, N / 10 + 1);
+                assert!(kept.iter().any(|k| k == b"running"));
+                for i in (0..N).step_by(10) {
+                    let out = store.execute_once(format!("k-{i:05}"), || Ok::<_, Fail>(0u64)).unwrap();
+                    assert_eq!((*out, out.is_replayed()), (i, true));
+                }
+                h.clock().advance(Duration::from_secs(7200));
+                assert_eq!(store.sweep_now().unwrap(), N / 10 + 1);
+                assert_eq!(store.records().count(), 0);
+            }
+
             // §7: a sweep never removes the record of a call running in this process, even
             // expired; the run keeps its outcome for a TTL from completion.
             #[test]

@@ -14,6 +14,7 @@
 
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
 use std::sync::Arc;
 
 use crate::engine::keys::{expiry_key, step_index, step_key, steps_prefix};
@@ -299,10 +300,19 @@ impl Engine for MemoryEngine {
         })
     }
 
-    fn due_expiries(&self, now_ms: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, Error> {
+    fn due_expiries(
+        &self,
+        now_ms: u64,
+        after: Option<(u64, &[u8])>,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, Error> {
+        let from = match after {
+            Some((time, key)) => Bound::Excluded(expiry_key(time, key)),
+            None => Bound::Unbounded,
+        };
         self.read(|t| {
             t.expiry
-                .iter()
+                .range((from, Bound::Unbounded))
                 .filter_map(|k| {
                     let (time, key) = k.split_first_chunk::<8>()?;
                     Some((u64::from_be_bytes(*time), key.to_vec()))

@@ -257,7 +257,7 @@ impl Statements {
             ),
             due: format!(
                 "SELECT expires_ms, key FROM \"{s}\".records WHERE scope = $1 AND expires_ms <= $2 \
-                 ORDER BY expires_ms LIMIT $3"
+                 AND (expires_ms, key) > ($4, $5) ORDER BY expires_ms, key LIMIT $3"
             ),
             // Batched expiry: several replicas may sweep at once (SKIP LOCKED); a Pending
             // record whose lease runs is never taken.

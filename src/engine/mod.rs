@@ -257,7 +257,7 @@ pub(crate) trait Engine: Send + Sync + 'static {
 
     /// Whether the next call should try to claim its key before reading it: an engine whose
     /// every write is durable when it returns, and whose round trips cost more than a write,
-    /// answers a new key in one statement and a replay from the same statement. An engine may
+    /// answers a new key in one statement (a taken key is then read). An engine may
     /// change its answer between calls (PostgreSQL follows its traffic); each call asks once.
     fn claims_first(&self) -> bool {
         false

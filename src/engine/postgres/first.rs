@@ -1,8 +1,8 @@
 //! Which statement a call sends first on PostgreSQL, chosen from what recent calls found.
 //!
-//! A claim that reads (`claim_or_get`) answers a new key in one round trip, but costs a replay
-//! more than a plain read; a plain read answers a replay with the cheapest statement there is,
-//! but costs a new key a second round trip. Traffic is usually mostly one or the other (a
+//! Claiming first (a plain insert, then a read only if the key turns out to be taken) answers a
+//! new key in one round trip but a replay in two; reading first answers a replay with the
+//! cheapest statement there is but costs a new key a second round trip. Traffic is usually mostly one or the other (a
 //! service's first tries, or a burst of retries), so the engine follows it: a score moves one
 //! step toward "read first" for every first look that found a record and one step toward
 //! "claim first" for every one that did not, within ±[`LIMIT`].

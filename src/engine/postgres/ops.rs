@@ -82,23 +82,26 @@ impl PgEngine {
         let s = &self.shared;
         let claim = NewClaim::of(key, pending, s.lease)?;
         let client = s.client().await?;
-        let statement = prepared(&client, &s.sql.claim_or_get).await?;
+        // The plain insert first: the cheapest statement for the new keys this way is chosen
+        // for; a key that turns out to be taken is read in a second statement (None if its
+        // record went meanwhile: the caller looks again).
+        let statement = prepared(&client, &s.sql.claim_new).await?;
         let row = client
             .query_opt(&statement, &claim.params(&s.scope, &key))
             .await
             .map_err(pg_error)?;
-        Ok(match row {
-            None => None,
-            Some(row) if row.get::<_, bool>(0) => {
-                s.leases.hold(key, claim.digest);
-                s.first.saw(false);
-                Some(ClaimOrGet::Claimed)
-            }
-            Some(row) => {
-                s.first.saw(true);
-                Some(ClaimOrGet::Existing(row.get(1)))
-            }
-        })
+        if row.is_some() {
+            s.leases.hold(key, claim.digest);
+            s.first.saw(false);
+            return Ok(Some(ClaimOrGet::Claimed));
+        }
+        s.first.saw(true);
+        let statement = prepared(&client, &s.sql.get).await?;
+        let row = client
+            .query_opt(&statement, &[&s.scope, &key])
+            .await
+            .map_err(pg_error)?;
+        Ok(row.map(|r| ClaimOrGet::Existing(r.get(0))))
     }
 
     async fn finish_op(&self, held: &Held<'_>, record: Option<&[u8]>) -> Result<bool, Error> {

@@ -152,7 +152,6 @@ pub(crate) struct Statements {
     pub get: String,
     pub page: String,
     pub claim_new: String,
-    pub claim_or_get: String,
     pub claim_over: String,
     pub finish: String,
     pub release: String,
@@ -194,23 +193,6 @@ impl Statements {
                      now() + $10::float8 * interval '1 millisecond') \
                  ON CONFLICT (scope, key) DO NOTHING \
                  RETURNING 1"
-            ),
-            // A new key's claim and a replay's read in one statement: the record if the key
-            // has one (a replay costs a read: no insert is attempted), else the insert; neither
-            // when a record was committed after this statement's snapshot (look again).
-            claim_or_get: format!(
-                "WITH existing AS (SELECT record FROM \"{s}\".records \
-                     WHERE scope = $1 AND key = $2), \
-                 claimed AS (INSERT INTO \"{s}\".records (scope, key, record, digest, \
-                     state, expires_ms, claim_epoch, claim_seq, life_epoch, life_seq, \
-                     lease_until) \
-                 SELECT $1, $2, $3, $4, 0, $5, $6, $7, $8, $9, \
-                     now() + $10::float8 * interval '1 millisecond' \
-                 WHERE NOT EXISTS (SELECT 1 FROM existing) \
-                 ON CONFLICT (scope, key) DO NOTHING RETURNING 1) \
-                 SELECT true, NULL::bytea FROM claimed \
-                 UNION ALL \
-                 SELECT false, record FROM existing"
             ),
             claim_over: format!(
                 "UPDATE \"{s}\".records SET record = $3, digest = $4, state = 0, \

@@ -276,6 +276,25 @@ fn raw_sled_get(dir: &Path, threads: usize, secs: f64, value: &[u8]) -> f64 {
     })
 }
 
+/// A raw sled `get` of the bincode-encoded receipt, decoded into an owned `Receipt` as any
+/// caller of a hand-rolled sled store must before using it.
+fn raw_sled_get_decoded(dir: &Path, threads: usize, secs: f64, value: &[u8]) -> f64 {
+    let db = sled::open(dir.join("raw-sled-get-decoded")).unwrap();
+    let tree = db.open_tree("records").unwrap();
+    let keys: Vec<String> = (0..1000).map(|i| format!("k{i}")).collect();
+    let config = bincode::config::standard();
+    let encoded = bincode::serde::encode_to_vec(receipt(value), config).unwrap();
+    for k in &keys {
+        tree.insert(k, encoded.as_slice()).unwrap();
+    }
+    measure(threads, secs, |_, n| {
+        let bytes = tree.get(&keys[(n % 1000) as usize]).unwrap().unwrap();
+        let (decoded, _): (Receipt, usize) =
+            bincode::serde::decode_from_slice(&bytes, config).unwrap();
+        std::hint::black_box(decoded);
+    })
+}
+
 // ---- SQLite, WAL mode, the same protocol as a table ----
 
 fn sqlite_open(path: &Path, synchronous: &str) -> rusqlite::Connection {
@@ -486,6 +505,13 @@ fn main() {
             "raw sled get",
             1,
             Box::new(move |d| raw_sled_get(d, 1, secs, &v)),
+        ));
+        let v = value.clone();
+        plan.push((
+            group,
+            "raw sled get + decode",
+            1,
+            Box::new(move |d| raw_sled_get_decoded(d, 1, secs, &v)),
         ));
         plan.push((
             group,

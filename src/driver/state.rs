@@ -18,7 +18,7 @@ use crate::clock::Clock;
 use crate::core::options::Settings;
 use crate::driver::registry::Registry;
 use crate::engine::{Engine, Held};
-use crate::error::Error;
+use crate::error::{Error, StorageError};
 use crate::format::record::{self, ClaimToken};
 use crate::key::KeyName;
 use crate::stats::Counters;
@@ -123,6 +123,12 @@ impl<S: Engine> StoreState<S> {
             // open's; a token from another process or an import may be larger.
             if (epoch, sequence) <= (above.epoch, above.sequence) {
                 epoch = fresh_epoch(above.epoch)?;
+                if epoch <= above.epoch {
+                    return Err(Error::Storage(StorageError::new(
+                        std::io::Error::other("the engine gave an epoch below the one asked for"),
+                        None,
+                    )));
+                }
                 self.epoch.fetch_max(epoch, Ordering::SeqCst);
             }
         }

@@ -9,8 +9,8 @@
 //!
 //! Invariants: this is a cost choice only. Both ways are correct on their own: a call picks
 //! its way once, when it starts, and either way ends in a compare-and-swap against what it
-//! read. The score is read and moved with relaxed atomics; a saturated score is only read, so
-//! a steady workload writes nothing shared.
+//! read. The score is moved by compare-and-swap within ±[`LIMIT`]; a saturated score is only
+//! read, so a steady workload writes nothing shared.
 
 use std::sync::atomic::{AtomicI32, Ordering};
 
@@ -41,10 +41,13 @@ impl FirstStatement {
     /// A call's first look found a record (`found`) or not.
     pub(crate) fn saw(&self, found: bool) {
         let step = if found { 1 } else { -1 };
-        let now = self.score.load(Ordering::Relaxed);
-        if (now + step).abs() <= LIMIT {
-            self.score.fetch_add(step, Ordering::Relaxed);
-        }
+        // One compare-and-swap, clamped: racing callers never push the score past the limit.
+        let _ = self
+            .score
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |now| {
+                let next = (now + step).clamp(-LIMIT, LIMIT);
+                (next != now).then_some(next)
+            });
     }
 }
 

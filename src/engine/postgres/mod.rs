@@ -168,7 +168,7 @@ pub(crate) fn open(settings: PgSettings) -> Result<OpenedPg, Error> {
     let epoch = bridge.run(async {
         let mut client = shared.client().await?;
         schema::migrate(&mut client, &settings.schema).await?;
-        schema::next_epoch(&**client, &shared.sql, 0).await
+        schema::next_epoch_alone(&mut client, &shared.sql, 0).await
     })?;
     bridge.spawn(lease::heartbeat(
         Arc::downgrade(&shared),

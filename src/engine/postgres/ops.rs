@@ -309,8 +309,8 @@ impl PgEngine {
     }
 
     async fn fresh_epoch_op(&self, floor: u64) -> Result<u64, Error> {
-        let client = self.shared.client().await?;
-        schema::next_epoch(&**client, &self.shared.sql, floor).await
+        let mut client = self.shared.client().await?;
+        schema::next_epoch_alone(&mut client, &self.shared.sql, floor).await
     }
 
     async fn due_op(

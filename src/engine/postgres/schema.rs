@@ -126,13 +126,32 @@ pub(crate) async fn migrate(
     Ok(())
 }
 
-/// A fresh epoch from the schema's sequence, above `floor`. The sequence is moved up to
-/// `floor` only while it is below it, so it never goes back and no epoch is handed out twice.
+/// A fresh epoch from the schema's sequence, above `floor`, on a connection of its own (in a
+/// transaction of its own, so the lock below ends with it whatever happens).
+pub(crate) async fn next_epoch_alone(
+    client: &mut tokio_postgres::Client,
+    sql: &Statements,
+    floor: u64,
+) -> Result<u64, Error> {
+    let tx = client.transaction().await.map_err(super::pg_error)?;
+    let epoch = next_epoch(&tx, sql, floor).await?;
+    tx.commit().await.map_err(super::pg_error)?;
+    Ok(epoch)
+}
+
+/// A fresh epoch from the schema's sequence, above `floor`; `client` must be inside a
+/// transaction. Every epoch is handed out under one transaction-scoped advisory lock, so a
+/// raise (moving the sequence up to `floor` while it is below it) never interleaves with
+/// another raise or a `nextval`: the sequence never goes back and no epoch is handed out twice.
 pub(crate) async fn next_epoch(
     client: &impl GenericClient,
     sql: &Statements,
     floor: u64,
 ) -> Result<u64, Error> {
+    client
+        .query(&sql.epoch_lock, &[])
+        .await
+        .map_err(super::pg_error)?;
     if floor > 0 {
         let floor = i64::try_from(floor).unwrap_or(i64::MAX);
         client
@@ -167,6 +186,7 @@ pub(crate) struct Statements {
     pub end_lease: String,
     pub next_epoch: String,
     pub raise_epoch: String,
+    pub epoch_lock: String,
     pub lock: String,
     pub put: String,
     pub delete_steps: String,
@@ -322,6 +342,9 @@ impl Statements {
                      + pg_total_relation_size('\"{s}\".steps'))::bigint"
             ),
             next_epoch: format!("SELECT nextval('\"{s}\".epochs')"),
+            epoch_lock: format!(
+                "SELECT pg_advisory_xact_lock(1768189285, hashtext('{s} epochs'))"
+            ),
             raise_epoch: format!(
                 "SELECT setval('\"{s}\".epochs', $1) FROM \"{s}\".epochs WHERE last_value < $1"
             ),

@@ -63,7 +63,8 @@ impl OpenTx<'_> {
         })
     }
 
-    /// A fresh epoch, on this transaction's connection (the pool may have no other).
+    /// A fresh epoch, on this transaction's connection (the pool may have no other); the
+    /// epochs' lock is then held until the transaction ends.
     pub(crate) fn fresh_epoch(&self, floor: u64) -> Result<u64, Error> {
         let client = self.client();
         self.engine.run(async {

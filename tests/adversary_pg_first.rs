@@ -120,7 +120,7 @@ fn replicas_run_each_key_once_while_the_first_statement_flips() {
             let store = &stores[t % 3];
             let (runs, next_run, seen, barrier) = (&runs, &next_run, &seen, &barrier);
             s.spawn(move || {
-                let mut rng = XorShift(0x9e37_79b9_7f4a_7c15 ^ (t as u64 + 1) * 7919);
+                let mut rng = XorShift(0x9e37_79b9_7f4a_7c15 ^ ((t as u64 + 1) * 7919));
                 for round in 0..ROUNDS {
                     barrier.wait();
                     let mut keys: Vec<usize> =

@@ -1140,3 +1140,38 @@ fn resolve_and_async_calls_of_this_process() {
         assert_eq!(*out, 3);
     }
 }
+
+/// A call still running past its record's expiry keeps its record through an import of the
+/// same key (as through a sweep): its outcome is recorded, the moved-in record is not written.
+#[test]
+fn import_leaves_the_record_of_a_call_running_past_its_expiry() {
+    let lines = completed_export("k", "from-source");
+    let engine = MemoryEngine::new();
+    let clock = ManualClock::new(START_MS);
+    let dst = memory_store(&engine, &clock);
+    let (entered_tx, entered) = std::sync::mpsc::channel();
+    let (release_tx, release) = std::sync::mpsc::channel::<()>();
+    let store = &dst;
+    std::thread::scope(|s| {
+        let holder = s.spawn(move || {
+            store.call("k").ttl(Duration::from_secs(60)).run(|| {
+                entered_tx.send(()).unwrap();
+                release.recv().unwrap();
+                Ok::<_, Fail>(String::from("ran here"))
+            })
+        });
+        entered.recv().unwrap();
+        clock.advance(Duration::from_secs(3600));
+        let summary = dst.import(lines.as_slice(), |_| {}).unwrap();
+        assert_eq!((summary.imported, summary.existing), (0, 1), "{summary:?}");
+        release_tx.send(()).unwrap();
+        let out = holder.join().unwrap().unwrap();
+        assert_eq!(out.as_str(), "ran here");
+    });
+    let again = dst
+        .execute_once("k", || -> Result<String, Fail> {
+            panic!("recorded: replays")
+        })
+        .unwrap();
+    assert_eq!(again.as_str(), "ran here");
+}

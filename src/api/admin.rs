@@ -441,7 +441,8 @@ impl<S: Engine> Store<S> {
     }
 
     /// Writes one moved-in record where the key has no live record (an expired one is
-    /// removed first, with its steps, as a claim would retire it). Returns whether it wrote.
+    /// removed first, with its steps, as a claim would retire it, unless its call still
+    /// runs). Returns whether it wrote.
     fn import_one(
         &self,
         key: &[u8],
@@ -450,11 +451,20 @@ impl<S: Engine> Store<S> {
         steps: &[(u32, Vec<u8>)],
         now: u64,
     ) -> Result<bool, Error> {
-        let engine = &self.shared().engine;
+        let shared = self.shared();
+        let engine = &shared.engine;
         if let Some(existing) = engine.get(key)? {
             let existing = existing.as_ref();
             let old = record::decode(existing).map_err(|e| decode_error(key, e))?;
             if !old.header.is_expired(now) {
+                return Ok(false);
+            }
+            // As the sweeper: a record whose call still runs (here, or a live holder
+            // elsewhere) stays, even past its expiry.
+            let h = old.header;
+            if shared.registry.running(key).is_some()
+                || (h.state == RecordState::Pending && engine.holder_live(key, h.claim, false))
+            {
                 return Ok(false);
             }
             let steps_of = old.header.has_steps.then_some(old.header.life);

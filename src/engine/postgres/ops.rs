@@ -359,20 +359,32 @@ impl PgEngine {
         tx.commit().await.map_err(pg_error)
     }
 
-    /// Ends the lease of `held` now (its holder gave up), in the background.
+    /// Ends the lease of `held` now (its holder gave up), in the background. The claim
+    /// statement itself may still be on its way (its caller was dropped while it waited on
+    /// another transaction's row, for at most [`LOCK_WAIT`](super::LOCK_WAIT)), so the lease
+    /// is ended again once such a wait is surely over; ending a lease that is not there, or
+    /// not this claim's, changes nothing.
     fn end_lease_now(&self, held: &Held<'_>) {
         let shared = std::sync::Arc::clone(&self.shared);
         let (key, held_digest) = (held.key.to_vec(), digest(held.record));
         self.bridge.spawn(async move {
-            let ended = async {
+            let end = || async {
                 let client = shared.client().await?;
                 client
                     .execute(&shared.sql.end_lease, &[&shared.scope, &key, &held_digest])
                     .await
                     .map_err(pg_error)
             };
-            if let Err(e) = ended.await {
-                tracing::debug!(error = %e, "could not end an interrupted claim's lease; it runs out");
+            for pause in [Duration::ZERO, super::LOCK_WAIT * 2, Duration::from_secs(1)] {
+                tokio::time::sleep(pause).await;
+                match end().await {
+                    Ok(ended) if ended > 0 => return,
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::debug!(error = %e, "could not end an interrupted claim's lease; it runs out");
+                        return;
+                    }
+                }
             }
         });
     }

@@ -199,6 +199,7 @@ where
             return Err(e.into());
         }
     }
+    leader.claimed();
     let guard = ClaimGuard {
         state,
         held,
@@ -372,6 +373,7 @@ where
     T: Serialize + DeserializeOwned,
     P: ErrorPolicy<E>,
 {
+    let mut looked_after_claim = false;
     loop {
         let stored = state.engine.get(key)?;
         let (first, look) = look(state, key, options, stored.as_ref().map(AsRef::as_ref))?;
@@ -380,7 +382,7 @@ where
             (Look::Replay, Some(rec)) => return Ok(Lead::Done(replayed(state, key, &rec, policy))),
             (Look::WaitForWriter(flight), _) => {
                 // Its writer may still be waiting for the barrier: replay once durable.
-                waiting.wait(key, &flight)?;
+                waiting.wait(key, &flight, false)?;
                 continue;
             }
             (Look::Refuse(refusal), _) => return Err(refused(state, key, refusal)),
@@ -394,9 +396,44 @@ where
                     seen: header,
                 })
             }
-            Entry::Follower(flight) => waiting.wait(key, &flight)?,
+            Entry::Follower(flight) => {
+                match follower_wait(&flight, header.as_ref(), options, &mut looked_after_claim) {
+                    FollowerWait::LookAgain => {}
+                    FollowerWait::Until { claimed } => waiting.wait(key, &flight, claimed)?,
+                }
+            }
         }
     }
+}
+
+/// How a call that follows a running call of this process waits.
+pub(crate) enum FollowerWait {
+    /// Read the key again now.
+    LookAgain,
+    /// Wait for the leader to finish, or (`claimed`) only until its claim is written.
+    Until { claimed: bool },
+}
+
+/// How a follower of `flight` waits, having read `seen` (None: no record). A call with a
+/// fingerprint whose read came before the leader's claim looks again once that claim is
+/// written, once: the claim's fingerprint may refuse it at once (the rules decide, on the
+/// record read then), instead of after the leader's whole run. Any other call waits for the
+/// leader to finish.
+pub(crate) fn follower_wait(
+    flight: &RunningCall,
+    seen: Option<&Header>,
+    options: &CallOptions,
+    looked_after_claim: &mut bool,
+) -> FollowerWait {
+    let saw_a_claim = seen.is_some_and(|h| h.state == RecordState::Pending);
+    if options.fingerprint.is_none() || saw_a_claim || *looked_after_claim {
+        return FollowerWait::Until { claimed: false };
+    }
+    if flight.claimed() {
+        *looked_after_claim = true;
+        return FollowerWait::LookAgain;
+    }
+    FollowerWait::Until { claimed: true }
 }
 
 /// What a first look at a key's stored bytes decides, before leading.

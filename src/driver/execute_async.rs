@@ -40,7 +40,8 @@ use crate::driver::async_context::{
     durable_async, fenced_out_async, AsyncClaim, AsyncContext, StoreLog,
 };
 use crate::driver::execute::{
-    absent_claim, forgets, look, note_takeover, refused, replayed, Look, ReadAbsent,
+    absent_claim, follower_wait, forgets, look, note_takeover, refused, replayed, FollowerWait,
+    Look, ReadAbsent,
 };
 use crate::driver::registry::{Entry, Leader};
 use crate::driver::state::StoreState;
@@ -211,6 +212,7 @@ where
             return Err(e.into());
         }
     }
+    leader.claimed();
 
     Counters::bump(&state.counters.executions);
     tracing::debug!(key = %KeyHash(key), attempts, "running operation");
@@ -343,6 +345,7 @@ where
     'r: 'a,
 {
     async move {
+        let mut looked_after_claim = false;
         loop {
             let stored = match read_absent.take() {
                 Some(ReadAbsent) => None,
@@ -355,7 +358,7 @@ where
             match (look, stored) {
                 (Look::Replay, Some(bytes)) => return Ok(LeadAsync::Replay(bytes)),
                 (Look::WaitForWriter(flight), _) => {
-                    waiting.wait_async(key, &flight).await?;
+                    waiting.wait_async(key, &flight, false).await?;
                     continue;
                 }
                 (Look::Refuse(refusal), _) => return Err(refused(state, key, refusal)),
@@ -367,7 +370,17 @@ where
                             seen: header,
                         })
                     }
-                    Entry::Follower(flight) => waiting.wait_async(key, &flight).await?,
+                    Entry::Follower(flight) => match follower_wait(
+                        &flight,
+                        header.as_ref(),
+                        options,
+                        &mut looked_after_claim,
+                    ) {
+                        FollowerWait::LookAgain => {}
+                        FollowerWait::Until { claimed } => {
+                            waiting.wait_async(key, &flight, claimed).await?
+                        }
+                    },
                 },
             }
         }

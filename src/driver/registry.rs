@@ -1,8 +1,9 @@
 //! The in-process registry of running calls: who runs a key now, and how others wait for it.
 //!
 //! Invariants: at most one [`Leader`] exists per key at a time in this process; the entry is
-//! inserted before its leader reads or claims the record, and removed (waking every waiter)
-//! only when the leader is done with the record (outcome written and, in `Immediate` mode,
+//! inserted before its leader reads or claims the record (waiters that ask are woken once more
+//! when its claim is written), and removed (waking every waiter) only when the leader is done
+//! with the record (outcome written and, in `Immediate` mode,
 //! durable), including when the leader unwinds from a panic. Because one process owns the
 //! database, "this key has an entry" is exactly "a call in this process is running it".
 //! Waiting blocks on a condition variable (an async waiter awaits a notification instead): no
@@ -21,7 +22,7 @@
 use parking_lot::{Condvar, Mutex};
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -40,6 +41,9 @@ pub(crate) struct Registry {
 /// One running call, as its waiters see it.
 pub(crate) struct RunningCall {
     done: Mutex<bool>,
+    /// The leader's claim is written (set under `done`'s lock, with the waiters woken), so a
+    /// waiter that read the key before it can look again: the claim may refuse it at once.
+    claimed: AtomicBool,
     finished: Condvar,
     /// The same wake-up, for async waiters.
     #[cfg(feature = "tokio")]
@@ -47,15 +51,20 @@ pub(crate) struct RunningCall {
 }
 
 impl RunningCall {
-    /// Blocks until the leader finishes or `deadline` passes (None: no deadline); true if it
-    /// finished.
-    pub(crate) fn wait_until(&self, deadline: Option<Instant>) -> bool {
+    /// Whether the leader's claim is written.
+    pub(crate) fn claimed(&self) -> bool {
+        self.claimed.load(Ordering::SeqCst)
+    }
+
+    /// Blocks until the leader finishes (or, with `until_claimed`, has claimed) or `deadline`
+    /// passes (None: no deadline); true unless the deadline passed.
+    pub(crate) fn wait_until(&self, deadline: Option<Instant>, until_claimed: bool) -> bool {
         let mut done = self.done.lock();
-        while !*done {
+        while !*done && !(until_claimed && self.claimed()) {
             match deadline {
                 Some(deadline) => {
                     if self.finished.wait_until(&mut done, deadline).timed_out() {
-                        return *done;
+                        return *done || (until_claimed && self.claimed());
                     }
                 }
                 None => self.finished.wait(&mut done),
@@ -69,19 +78,20 @@ impl RunningCall {
     pub(crate) fn wait_until_async(
         &self,
         deadline: Option<Instant>,
+        until_claimed: bool,
     ) -> impl std::future::Future<Output = bool> + Send + '_ {
-        async move { self.wait_until_async_inner(deadline).await }
+        async move { self.wait_until_async_inner(deadline, until_claimed).await }
     }
 
     #[cfg(feature = "tokio")]
-    async fn wait_until_async_inner(&self, deadline: Option<Instant>) -> bool {
+    async fn wait_until_async_inner(&self, deadline: Option<Instant>, until_claimed: bool) -> bool {
         let finished = async {
             loop {
                 let notified = self.finished_async.notified();
                 tokio::pin!(notified);
                 // Registered before looking, so a wake-up in between is not lost.
                 notified.as_mut().enable();
-                if *self.done.lock() {
+                if *self.done.lock() || (until_claimed && self.claimed()) {
                     return;
                 }
                 notified.await;
@@ -138,6 +148,7 @@ impl Registry {
         }
         let flight = Arc::new(RunningCall {
             done: Mutex::new(false),
+            claimed: AtomicBool::new(false),
             finished: Condvar::new(),
             #[cfg(feature = "tokio")]
             finished_async: tokio::sync::Notify::new(),
@@ -157,6 +168,17 @@ impl Registry {
             return None;
         }
         self.shard(key).lock().get(key).cloned()
+    }
+}
+
+impl Leader<'_> {
+    /// The leader's claim is written: wakes the waiters that asked to look again then.
+    pub(crate) fn claimed(&self) {
+        let _done = self.flight.done.lock();
+        self.flight.claimed.store(true, Ordering::SeqCst);
+        self.flight.finished.notify_all();
+        #[cfg(feature = "tokio")]
+        self.flight.finished_async.notify_waiters();
     }
 }
 
@@ -188,9 +210,9 @@ mod tests {
             Entry::Follower(f) => f,
             Entry::Leader(_) => panic!("second entry must follow"),
         };
-        assert!(!flight.wait_until(Some(Instant::now() + Duration::from_millis(1))));
+        assert!(!flight.wait_until(Some(Instant::now() + Duration::from_millis(1)), false));
         std::thread::scope(|s| {
-            let waiter = s.spawn(|| flight.wait_until(None));
+            let waiter = s.spawn(|| flight.wait_until(None, false));
             drop(leader);
             assert!(waiter.join().unwrap());
         });

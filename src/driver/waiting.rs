@@ -54,10 +54,16 @@ impl<'a, S> Waiting<'a, S> {
         }
     }
 
-    /// Waits for the running call; `InProgress` once this call's budget is spent.
-    pub(crate) fn wait(&mut self, key: &[u8], call: &RunningCall) -> Result<(), Error> {
+    /// Waits for the running call (with `until_claimed`, only until its claim is written);
+    /// `InProgress` once this call's budget is spent.
+    pub(crate) fn wait(
+        &mut self,
+        key: &[u8],
+        call: &RunningCall,
+        until_claimed: bool,
+    ) -> Result<(), Error> {
         let deadline = self.deadline();
-        match call.wait_until(deadline) {
+        match call.wait_until(deadline, until_claimed) {
             true => Ok(()),
             false => Err(self.in_progress(key)),
         }
@@ -69,13 +75,14 @@ impl<'a, S> Waiting<'a, S> {
         &'w mut self,
         key: &'w [u8],
         call: &'w RunningCall,
+        until_claimed: bool,
     ) -> impl std::future::Future<Output = Result<(), Error>> + Send + use<'w, 'a, S>
     where
         S: Engine,
     {
         async move {
             let deadline = self.deadline();
-            match call.wait_until_async(deadline).await {
+            match call.wait_until_async(deadline, until_claimed).await {
                 true => Ok(()),
                 false => Err(self.in_progress(key)),
             }

@@ -60,7 +60,7 @@ impl RunningCall {
     /// passes (None: no deadline); true unless the deadline passed.
     pub(crate) fn wait_until(&self, deadline: Option<Instant>, until_claimed: bool) -> bool {
         let mut done = self.done.lock();
-        while !*done && !(until_claimed && self.claimed()) {
+        while !(*done || (until_claimed && self.claimed())) {
             match deadline {
                 Some(deadline) => {
                     if self.finished.wait_until(&mut done, deadline).timed_out() {

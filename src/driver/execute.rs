@@ -397,7 +397,14 @@ where
                 })
             }
             Entry::Follower(flight) => {
-                match follower_wait(&flight, header.as_ref(), options, &mut looked_after_claim) {
+                let now = state.clock.now_millis();
+                match follower_wait(
+                    &flight,
+                    header.as_ref(),
+                    now,
+                    options,
+                    &mut looked_after_claim,
+                ) {
                     FollowerWait::LookAgain => {}
                     FollowerWait::Until { claimed } => waiting.wait(key, &flight, claimed)?,
                 }
@@ -422,10 +429,13 @@ pub(crate) enum FollowerWait {
 pub(crate) fn follower_wait(
     flight: &RunningCall,
     seen: Option<&Header>,
+    now_ms: u64,
     options: &CallOptions,
     looked_after_claim: &mut bool,
 ) -> FollowerWait {
-    let saw_a_claim = seen.is_some_and(|h| h.state == RecordState::Pending);
+    // An expired Pending record reads as absent: the leader's claim is a new one.
+    let saw_a_claim =
+        seen.is_some_and(|h| h.state == RecordState::Pending && !h.is_expired(now_ms));
     if options.fingerprint.is_none() || saw_a_claim || *looked_after_claim {
         return FollowerWait::Until { claimed: false };
     }

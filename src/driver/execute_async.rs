@@ -373,6 +373,7 @@ where
                     Entry::Follower(flight) => match follower_wait(
                         &flight,
                         header.as_ref(),
+                        state.clock.now_millis(),
                         options,
                         &mut looked_after_claim,
                     ) {

@@ -19,7 +19,6 @@ use crate::engine::Engine;
 use crate::error::Error;
 use crate::format::codec::Codec;
 use crate::format::record::{self, ClaimToken, OutcomeKind, RecordState};
-use crate::format::step;
 use crate::key::KeyName;
 
 /// What an operator found out about an interrupted run (see [`Store::resolve`]).
@@ -149,19 +148,7 @@ impl<S: Engine> Store<S> {
         let rec = record::decode(bytes.as_ref()).map_err(|e| decode_error(key, e))?;
         let h = rec.header;
         shared.durable_before_showing(h.state == RecordState::Pending)?;
-        let mut steps = Vec::new();
-        for (index, bytes) in shared.engine.steps(key, h.life)? {
-            let step = step::decode(bytes.as_ref()).map_err(|reason| Error::CorruptStep {
-                key: KeyName::new(key),
-                index,
-                reason,
-            })?;
-            steps.push(StepInfo {
-                index,
-                name: step.name.to_owned(),
-                outcome_bytes: step.payload.len(),
-            });
-        }
+        let steps = self.step_infos(key, h.life)?;
         let outcome = match h.outcome {
             OutcomeKind::None => StoredOutcome::None,
             OutcomeKind::Stored => StoredOutcome::Encoded {

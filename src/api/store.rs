@@ -343,8 +343,17 @@ impl<S: Engine> Store<S> {
         if rec.header.is_expired(shared.clock.now_millis()) {
             return Ok(Vec::new());
         }
+        self.step_infos(key, rec.header.life)
+    }
+
+    /// The recorded steps of `key`'s life `life`, as inspection shows them.
+    pub(crate) fn step_infos(
+        &self,
+        key: &[u8],
+        life: crate::format::record::ClaimToken,
+    ) -> Result<Vec<StepInfo>, Error> {
         let mut steps = Vec::new();
-        for (index, bytes) in shared.engine.steps(key, rec.header.life)? {
+        for (index, bytes) in self.shared().engine.steps(key, life)? {
             let step = crate::format::step::decode(bytes.as_ref()).map_err(|reason| {
                 Error::CorruptStep {
                     key: crate::key::KeyName::new(key),

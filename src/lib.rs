@@ -29,6 +29,13 @@
 //!   ([`Store::tree`]) and its outcome in one transaction: exactly once, crash or not.
 //! - [`Store::call`] sets per-call options: fingerprint, TTL, wait, orphan policy, and which
 //!   errors are permanent (recorded and replayed).
+//! - Operating a store: [`Store::inspect`], [`Store::resolve`] (record what an interrupted
+//!   run did), [`Store::export`] / [`Store::import`] (between stores of any engine); the
+//!   `idemstore` command of the `idemstore-cli` crate does the same without code.
+//!
+//! Features: `postgres` (a store many replicas share, `PgStore`), `tokio` (the async API),
+//! `http` (a tower `Idempotency-Key` layer), `metrics` (counters and latencies through the
+//! `metrics` facade, [`METRIC_NAMES`]), `memory-engine` (fault injection for tests).
 //!
 //! The guarantee: for one key, within its TTL, the operation runs once per recorded outcome.
 //! Across a crash it can run again only if the crash fell between the durable claim and the

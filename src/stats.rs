@@ -37,11 +37,6 @@ impl Counter {
     fn get(&self) -> u64 {
         self.value.load(Ordering::Relaxed)
     }
-
-    /// As [`add`](Self::add), in the atomic's own terms (the order is always relaxed).
-    pub(crate) fn fetch_add(&self, n: u64, _order: Ordering) {
-        self.add(n);
-    }
 }
 
 /// The live counters.

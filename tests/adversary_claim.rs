@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::pg::{pg_url, PgSchema};
+use common::pg::{hex, pg_url, raw_session, PgSchema};
 use idemstore::{Error, ExecuteError, Fingerprint, OrphanPolicy, PgOptions, PgStore, StoreBuilder};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{mpsc, Arc, Barrier};
@@ -32,32 +32,6 @@ fn row_of(schema: &PgSchema, key: &str) -> Option<(i16, Option<bool>)> {
         ))
         .first()
         .map(|r| (r.get(0), r.get(1)))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// A raw connection of the test's own, in a thread, running `statements` in order with
-/// `pause` after each step the caller names: (sql, pause after).
-fn raw_session(url: String, steps: Vec<(String, Duration)>, ready: mpsc::Sender<usize>) {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async move {
-        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        let driver = tokio::spawn(connection);
-        for (i, (statement, pause)) in steps.into_iter().enumerate() {
-            client.batch_execute(&statement).await.unwrap();
-            let _ = ready.send(i);
-            tokio::time::sleep(pause).await;
-        }
-        drop(client);
-        let _ = driver.await;
-    });
 }
 
 // ---------------------------------------------------------------------------------------

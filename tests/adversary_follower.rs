@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::pg::{pg_url, PgSchema};
+use common::pg::{hex, pg_url, raw_session, PgSchema};
 use idemstore::{
     Durability, Error, ExecuteError, Fingerprint, MemoryEngine, OrphanPolicy, Store, StoreBuilder,
 };
@@ -563,30 +563,6 @@ fn async_mixed_fingerprints_multi_thread() {
 
 // ---------------------------------------------------------------------------------------
 // PostgreSQL: the repeated end_lease of a dropped async call.
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn raw_session(url: String, steps: Vec<(String, Duration)>, ready: mpsc::Sender<usize>) {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async move {
-        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        let driver = tokio::spawn(connection);
-        for (i, (statement, pause)) in steps.into_iter().enumerate() {
-            client.batch_execute(&statement).await.unwrap();
-            let _ = ready.send(i);
-            tokio::time::sleep(pause).await;
-        }
-        drop(client);
-        let _ = driver.await;
-    });
-}
 
 /// A dropped async call's late claim lands; the key is then taken by a legitimate holder
 /// (same process, then another replica checks). The retried end_lease must not end the

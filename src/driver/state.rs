@@ -100,12 +100,11 @@ impl<S: Engine> StoreState<S> {
     /// own epoch cannot give a token larger than it (`above` came from another process, or
     /// was moved in by an import).
     pub(crate) fn epoch_floor(&self, above: Option<ClaimToken>) -> Option<u64> {
-        let above = above?;
-        let next = (
-            self.epoch.load(Ordering::SeqCst),
-            self.last_claim.load(Ordering::Relaxed) + 1,
-        );
-        (next <= (above.epoch, above.sequence)).then_some(above.epoch)
+        let next = ClaimToken {
+            epoch: self.epoch.load(Ordering::SeqCst),
+            sequence: self.last_claim.load(Ordering::Relaxed) + 1,
+        };
+        floor_for(next, above)
     }
 
     /// As [`next_claim_token`](Self::next_claim_token), with the fresh epoch (if one is
@@ -117,22 +116,21 @@ impl<S: Engine> StoreState<S> {
         fresh_epoch: impl FnOnce(u64) -> Result<u64, Error>,
     ) -> Result<ClaimToken, Error> {
         let sequence = self.last_claim.fetch_add(1, Ordering::Relaxed) + 1;
-        let mut epoch = self.epoch.load(Ordering::SeqCst);
-        if let Some(above) = above {
-            // Usually `above` is this open's own (same epoch, smaller sequence) or an earlier
-            // open's; a token from another process or an import may be larger.
-            if (epoch, sequence) <= (above.epoch, above.sequence) {
-                epoch = fresh_epoch(above.epoch)?;
-                if epoch <= above.epoch {
-                    return Err(Error::Storage(StorageError::new(
-                        std::io::Error::other("the engine gave an epoch below the one asked for"),
-                        None,
-                    )));
-                }
-                self.epoch.fetch_max(epoch, Ordering::SeqCst);
+        let mut token = ClaimToken {
+            epoch: self.epoch.load(Ordering::SeqCst),
+            sequence,
+        };
+        if let Some(floor) = floor_for(token, above) {
+            token.epoch = fresh_epoch(floor)?;
+            if token.epoch <= floor {
+                return Err(Error::Storage(StorageError::new(
+                    std::io::Error::other("the engine gave an epoch below the one asked for"),
+                    None,
+                )));
             }
+            self.epoch.fetch_max(token.epoch, Ordering::SeqCst);
         }
-        Ok(ClaimToken { epoch, sequence })
+        Ok(token)
     }
 
     /// Raises this open's epoch above `floor` (records moved in carry epochs up to it), so
@@ -160,4 +158,12 @@ impl<S> StoreState<S> {
         }
         Ok(())
     }
+}
+
+/// The epoch a fresh one must exceed when `next` would not be above `above`, the token of the
+/// record a claim replaces. Usually `above` is this open's own (same epoch, smaller sequence)
+/// or an earlier open's; a token from another process or an import may be larger.
+fn floor_for(next: ClaimToken, above: Option<ClaimToken>) -> Option<u64> {
+    let above = above?;
+    (next <= above).then_some(above.epoch)
 }

@@ -18,7 +18,6 @@
 //! records are already handled, and ends with the pass.
 
 use crossbeam_channel::{RecvTimeoutError, Sender};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -165,10 +164,7 @@ impl Walk {
 }
 
 fn counted<S>(shared: &StoreState<S>, swept: u64) -> u64 {
-    shared
-        .counters
-        .records_swept
-        .fetch_add(swept, Ordering::Relaxed);
+    shared.counters.records_swept.add(swept);
     if swept > 0 {
         tracing::debug!(swept, "swept expired records");
     }

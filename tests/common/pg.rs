@@ -104,3 +104,38 @@ impl Drop for PgSchema {
         );
     }
 }
+
+/// `bytes` as hex digits, for `'\x…'::bytea` literals in plain SQL.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A raw connection of the test's own, run on the calling thread: each step's SQL in order,
+/// `ready` told the step's index once it ran, then the step's pause (so a transaction can
+/// stay open while the test acts).
+pub fn raw_session(
+    url: String,
+    steps: Vec<(String, std::time::Duration)>,
+    ready: std::sync::mpsc::Sender<usize>,
+) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime for a raw session");
+    runtime.block_on(async move {
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .expect("the test server answers");
+        let driver = tokio::spawn(connection);
+        for (i, (statement, pause)) in steps.into_iter().enumerate() {
+            client
+                .batch_execute(&statement)
+                .await
+                .expect("the session's statement runs");
+            let _ = ready.send(i);
+            tokio::time::sleep(pause).await;
+        }
+        drop(client);
+        let _ = driver.await;
+    });
+}

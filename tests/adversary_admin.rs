@@ -115,6 +115,23 @@ fn retry_of_an_imported_record_gets_a_larger_token_higher_epoch() {
     );
 }
 
+/// On sled tokens grow across keys too (design §3, §16): after an import, a new key's first
+/// claim, not only a retry of a moved-in record, gets a token above every moved-in token.
+#[test]
+fn a_new_key_after_an_import_gets_a_token_above_the_moved_in_ones() {
+    let (lines, imported) = retryable_export(5, 3, "k");
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START_MS);
+    let dst = sled_at(dir.path(), "dst", &clock);
+    dst.import(lines.as_slice(), |_| {}).unwrap();
+    let fresh = dst.execute_once("new-key", || Ok::<_, Fail>(1u32)).unwrap();
+    assert!(
+        fresh.record().claim > imported,
+        "a new key's token {:?} must be above the moved-in {imported:?}",
+        fresh.record().claim
+    );
+}
+
 /// A sled store with `key` Pending (its call blocked in another thread while the store is
 /// exported), opened `opens` times first. Returns the export and the orphan's token.
 fn pending_export(opens: u32, calls: u32, key: &str, steps: bool) -> (Vec<u8>, ClaimToken) {
@@ -1174,4 +1191,52 @@ fn import_leaves_the_record_of_a_call_running_past_its_expiry() {
         })
         .unwrap();
     assert_eq!(again.as_str(), "ran here");
+}
+
+/// An export cut short at a line boundary has no end line: the import says so (after writing
+/// the records it read), as it does for an end line that miscounts and a line after the end.
+#[test]
+fn an_export_cut_short_or_miscounted_is_refused() {
+    let engine = MemoryEngine::new();
+    let clock = ManualClock::new(START_MS);
+    let src = memory_store(&engine, &clock);
+    for k in ["a", "b", "c"] {
+        src.execute_once(k, || Ok::<_, Fail>(k.to_owned())).unwrap();
+    }
+    let whole = String::from_utf8(export_of(&src)).unwrap();
+    let lines: Vec<&str> = whole.lines().collect();
+    assert_eq!(lines.len(), 5, "{whole}");
+    let import = |text: String| {
+        let dst = memory_store(&MemoryEngine::new(), &clock);
+        let result = dst.import(text.as_bytes(), |_| {});
+        let imported = ["a", "b", "c"]
+            .iter()
+            .filter(|k| dst.inspect(k).unwrap().is_some())
+            .count();
+        (result, imported)
+    };
+    let (whole_result, n) = import(whole.clone());
+    assert_eq!((whole_result.unwrap().imported, n), (3, 3));
+
+    let cut = format!("{}\n", lines[..4].join("\n"));
+    let (result, n) = import(cut);
+    assert!(
+        matches!(&result, Err(Error::ImportLine { line: 5, reason }) if reason.contains("end line")),
+        "{result:?}"
+    );
+    assert_eq!(n, 3, "the records before the cut are written");
+
+    let miscounted = whole.replace("{\"end\":3}", "{\"end\":4}");
+    let (result, _) = import(miscounted);
+    assert!(
+        matches!(result, Err(Error::ImportLine { line: 5, .. })),
+        "{result:?}"
+    );
+
+    let trailing = format!("{whole}{}\n", lines[1]);
+    let (result, _) = import(trailing);
+    assert!(
+        matches!(result, Err(Error::ImportLine { line: 6, .. })),
+        "{result:?}"
+    );
 }

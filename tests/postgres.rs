@@ -964,3 +964,36 @@ fn a_finished_holder_notifies_the_replicas_waiting_for_it() {
     assert_eq!(note.len(), 32, "the key's tag, in hex: {note}");
     listening.join().expect("listener");
 }
+
+/// The first statement follows the traffic (design §13): a store claims first while its calls
+/// find no record, reads first once retries dominate, and claims first again once new keys
+/// do; both ways give the same answers.
+#[test]
+fn the_first_statement_follows_the_traffic() {
+    let Some(url) = pg_url() else { return };
+    let schema = PgSchema::new(&url);
+    let store = PgStore::connect(schema.options()).unwrap();
+    assert!(store.__claims_first(), "a new store expects new keys");
+    store
+        .execute_once("done", || Ok::<_, std::io::Error>(7u32))
+        .unwrap();
+    for _ in 0..20 {
+        let again = store
+            .execute_once("done", || -> Result<u32, std::io::Error> {
+                panic!("replayed")
+            })
+            .unwrap();
+        assert_eq!((*again, again.is_replayed()), (7, true));
+    }
+    assert!(
+        !store.__claims_first(),
+        "a run of retries turns it to reading first"
+    );
+    for i in 0..20 {
+        let fresh = store
+            .execute_once(format!("new-{i}"), || Ok::<_, std::io::Error>(i))
+            .unwrap();
+        assert_eq!((*fresh, fresh.is_replayed()), (i, false));
+    }
+    assert!(store.__claims_first(), "a run of new keys turns it back");
+}

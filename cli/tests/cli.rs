@@ -214,6 +214,15 @@ fn stats_ls_and_show_describe_what_the_store_holds() {
     );
     assert_eq!(stats["oldest_pending"]["key"], "order-4", "{stats}");
     assert!(stats["disk_bytes"].as_u64().unwrap() > 0, "{stats}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let horizon = stats["last_expiry"].as_f64().unwrap() - now;
+    assert!(
+        horizon > 3600.0 && horizon <= 86_400.0 + 60.0,
+        "the last expiry is the default day-long TTL away: {stats}"
+    );
     let text = stdout(on(&path).arg("stats"));
     assert!(text.contains("1 pending, 2 completed, 1 failed"), "{text}");
 

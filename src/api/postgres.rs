@@ -277,6 +277,14 @@ impl Store<PgEngine> {
     pub fn __lapse_leases(&self) -> Result<(), Error> {
         self.shared().engine.lapse_leases()
     }
+
+    /// Whether this store's next call claims before it reads (the first statement follows
+    /// the traffic: design §13). For tests.
+    #[doc(hidden)]
+    pub fn __claims_first(&self) -> bool {
+        use crate::engine::Engine;
+        self.shared().engine.claims_first()
+    }
 }
 
 /// The PostgreSQL-specific part of a call: exactly-once local effects.

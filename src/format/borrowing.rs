@@ -361,6 +361,58 @@ mod tests {
         }
     }
 
+    thread_local! {
+        static HANDED: std::cell::Cell<&'static str> = const { std::cell::Cell::new("") };
+    }
+
+    /// A string that notes how the decoder handed it over.
+    #[derive(Debug, PartialEq, Serialize)]
+    struct Probe(String);
+
+    impl<'de> Deserialize<'de> for Probe {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> serde::de::Visitor<'de> for V {
+                type Value = Probe;
+                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str("a string")
+                }
+                fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Probe, E> {
+                    HANDED.with(|h| h.set("borrowed"));
+                    Ok(Probe(v.to_owned()))
+                }
+                fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Probe, E> {
+                    HANDED.with(|h| h.set("copied"));
+                    Ok(Probe(v.to_owned()))
+                }
+                fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Probe, E> {
+                    HANDED.with(|h| h.set("owned"));
+                    Ok(Probe(v))
+                }
+            }
+            d.deserialize_string(V)
+        }
+    }
+
+    /// The point of the adapter: a stored string reaches its visitor in place, not as the
+    /// owned buffer bincode's plain decoder fills.
+    #[test]
+    fn a_replay_hands_strings_over_in_place() {
+        let bytes =
+            bincode::serde::encode_to_vec(Probe("x".repeat(64)), bincode::config::standard())
+                .unwrap();
+        let (plain, _): (Probe, usize) =
+            bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).unwrap();
+        assert_eq!(
+            HANDED.with(|h| h.get()),
+            "owned",
+            "the plain decoder, for contrast"
+        );
+        let through: Probe = decode(&bytes, Codec::Bincode, None).unwrap();
+        assert_eq!(HANDED.with(|h| h.get()), "borrowed");
+        assert_eq!(through, plain);
+    }
+
     #[test]
     fn values_decode_the_same_through_the_adapter() {
         let value = everything(2);

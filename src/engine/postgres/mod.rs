@@ -255,6 +255,44 @@ pub(crate) struct Columns {
     life: (i64, i64),
 }
 
+/// A statement parameter.
+pub(crate) type Param<'a> = &'a (dyn tokio_postgres::types::ToSql + Sync);
+
+/// A whole record as its row: the bytes, their digest and the columns derived from its
+/// header, bound as `$1` to `$10` (scope, key, record, digest, state, expiry, claim, life) by
+/// every statement that writes a whole record (an outcome, a transaction's write, an import).
+pub(crate) struct RecordRow<'r> {
+    record: &'r [u8],
+    digest: Vec<u8>,
+    columns: Columns,
+}
+
+impl<'r> RecordRow<'r> {
+    pub(crate) fn of(key: &[u8], record: &'r [u8]) -> Result<Self, Error> {
+        Ok(Self {
+            record,
+            digest: digest(record),
+            columns: columns(key, record)?,
+        })
+    }
+
+    pub(crate) fn params<'a>(&'a self, scope: &'a String, key: &'a &'a [u8]) -> [Param<'a>; 10] {
+        let c = &self.columns;
+        [
+            scope,
+            key,
+            &self.record,
+            &self.digest,
+            &c.state,
+            &c.expires_ms,
+            &c.claim.0,
+            &c.claim.1,
+            &c.life.0,
+            &c.life.1,
+        ]
+    }
+}
+
 fn columns(key: &[u8], bytes: &[u8]) -> Result<Columns, Error> {
     let rec = record::decode(bytes).map_err(|e| crate::core::replay::decode_error(key, e))?;
     let h = rec.header;

@@ -11,7 +11,9 @@
 
 use std::time::Duration;
 
-use super::{big, columns, digest, listen, millis, pg_error, prepared, schema, PgEngine};
+use super::{
+    big, columns, digest, listen, millis, pg_error, prepared, schema, Param, PgEngine, RecordRow,
+};
 use crate::engine::{ClaimOrGet, Engine, Held, RecordIter};
 use crate::error::{Error, StorageKind};
 use crate::format::record::ClaimToken;
@@ -113,26 +115,11 @@ impl PgEngine {
         let client = s.client().await?;
         let row = match record {
             Some(bytes) => {
-                let c = columns(key, bytes)?;
+                let row = RecordRow::of(key, bytes)?;
                 let statement = prepared(&client, &s.sql.finish).await?;
-                client
-                    .query_opt(
-                        &statement,
-                        &[
-                            &s.scope,
-                            &key,
-                            &bytes,
-                            &digest(bytes),
-                            &c.state,
-                            &c.expires_ms,
-                            &c.claim.0,
-                            &c.claim.1,
-                            &c.life.0,
-                            &c.life.1,
-                            &held_digest,
-                        ],
-                    )
-                    .await
+                let mut params = row.params(&s.scope, &key).to_vec();
+                params.push(&held_digest);
+                client.query_opt(&statement, &params).await
             }
             None => {
                 let statement = prepared(&client, &s.sql.release).await?;
@@ -223,7 +210,7 @@ impl PgEngine {
         steps: &[(u32, Vec<u8>)],
     ) -> Result<bool, Error> {
         let s = &self.shared;
-        let c = columns(key, record)?;
+        let row = RecordRow::of(key, record)?;
         let indexes: Vec<i32> = steps
             .iter()
             .map(|(i, _)| i32::try_from(*i))
@@ -232,27 +219,13 @@ impl PgEngine {
         let bodies: Vec<&[u8]> = steps.iter().map(|(_, b)| b.as_slice()).collect();
         let client = s.client().await?;
         let statement = prepared(&client, &s.sql.import).await?;
-        let row = client
-            .query_one(
-                &statement,
-                &[
-                    &s.scope,
-                    &key,
-                    &record,
-                    &digest(record),
-                    &c.state,
-                    &c.expires_ms,
-                    &c.claim.0,
-                    &c.claim.1,
-                    &c.life.0,
-                    &c.life.1,
-                    &indexes,
-                    &bodies,
-                ],
-            )
+        let mut params = row.params(&s.scope, &key).to_vec();
+        params.extend([&indexes as Param<'_>, &bodies]);
+        let written = client
+            .query_one(&statement, &params)
             .await
             .map_err(pg_error)?;
-        Ok(row.get::<_, i64>(0) == 1)
+        Ok(written.get::<_, i64>(0) == 1)
     }
 
     async fn holder_live_op(&self, key: &[u8], claim: ClaimToken) -> bool {
@@ -397,8 +370,6 @@ struct NewClaim {
     columns: super::Columns,
     lease_ms: f64,
 }
-
-type Param<'a> = &'a (dyn tokio_postgres::types::ToSql + Sync);
 
 impl NewClaim {
     fn of(key: &[u8], pending: Vec<u8>, lease: Duration) -> Result<Self, Error> {

@@ -10,7 +10,7 @@
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
-use super::{big, columns, digest, pg_error, PgEngine};
+use super::{big, digest, pg_error, PgEngine, RecordRow};
 use crate::error::Error;
 use crate::format::record::ClaimToken;
 
@@ -96,31 +96,18 @@ impl OpenTx<'_> {
         record: &[u8],
     ) -> Result<bool, Error> {
         let s = &self.engine.shared;
-        let c = columns(key, record)?;
+        let row = RecordRow::of(key, record)?;
         let expected_digest = expected.map(digest);
         let client = self.client();
         self.engine.run(async {
             let statement = client.prepare_cached(&s.sql.put).await.map_err(pg_error)?;
-            let row = client
-                .query_opt(
-                    &statement,
-                    &[
-                        &s.scope,
-                        &key,
-                        &record,
-                        &digest(record),
-                        &c.state,
-                        &c.expires_ms,
-                        &c.claim.0,
-                        &c.claim.1,
-                        &c.life.0,
-                        &c.life.1,
-                        &expected_digest,
-                    ],
-                )
+            let mut params = row.params(&s.scope, &key).to_vec();
+            params.push(&expected_digest);
+            let written = client
+                .query_opt(&statement, &params)
                 .await
                 .map_err(pg_error)?;
-            Ok(row.is_some())
+            Ok(written.is_some())
         })
     }
 

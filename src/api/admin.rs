@@ -446,12 +446,8 @@ impl<S: Engine> Store<S> {
             if !old.header.is_expired(now) {
                 return Ok(false);
             }
-            // As the sweeper: a record whose call still runs (here, or a live holder
-            // elsewhere) stays, even past its expiry.
-            let h = old.header;
-            if shared.registry.running(key).is_some()
-                || (h.state == RecordState::Pending && engine.holder_live(key, h.claim, false))
-            {
+            // As for the sweeper: a record whose call still runs stays, past its expiry too.
+            if shared.call_still_runs(key, &old.header) {
                 return Ok(false);
             }
             let steps_of = old.header.has_steps.then_some(old.header.life);

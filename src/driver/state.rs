@@ -133,6 +133,15 @@ impl<S: Engine> StoreState<S> {
         Ok(token)
     }
 
+    /// Whether a call still runs `key`, whose record has header `h`: a call of this store, or
+    /// a live holder elsewhere. What removals that act on expiry (the sweeper, an import over
+    /// an expired record) leave alone, even past the record's expiry.
+    pub(crate) fn call_still_runs(&self, key: &[u8], h: &record::Header) -> bool {
+        self.registry.running(key).is_some()
+            || (h.state == record::RecordState::Pending
+                && self.engine.holder_live(key, h.claim, false))
+    }
+
     /// Raises this open's epoch above `floor` (records moved in carry epochs up to it), so
     /// every later claim's token is larger than theirs.
     pub(crate) fn raise_epoch_above(&self, floor: u64) -> Result<(), Error> {

@@ -25,7 +25,7 @@ use std::time::Duration;
 use crate::driver::state::StoreState;
 use crate::engine::Engine;
 use crate::error::Error;
-use crate::format::record::{self, RecordState};
+use crate::format::record;
 use crate::key::KeyHash;
 
 const BATCH: usize = 512;
@@ -190,12 +190,7 @@ fn sweep_one<S: Engine>(shared: &StoreState<S>, key: &[u8], now_ms: u64) -> Resu
     };
     match record::decode(bytes.as_ref()) {
         Ok(rec) if rec.header.is_expired(now_ms) => {
-            let running_here = shared.registry.running(key).is_some();
-            let h = rec.header;
-            if running_here
-                || (h.state == RecordState::Pending
-                    && shared.engine.holder_live(key, h.claim, false))
-            {
+            if shared.call_still_runs(key, &rec.header) {
                 return Ok(Swept::Running);
             }
             let steps_of = rec.header.has_steps.then_some(rec.header.life);

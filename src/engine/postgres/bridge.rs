@@ -65,6 +65,11 @@ impl Bridge {
         })
     }
 
+    /// A handle to the engine's runtime, for spawning from anywhere.
+    pub(crate) fn handle(&self) -> tokio::runtime::Handle {
+        self.runtime().handle().clone()
+    }
+
     /// Spawns a background task on the engine's runtime.
     pub(crate) fn spawn<F>(&self, future: F) -> tokio::task::JoinHandle<F::Output>
     where

@@ -18,6 +18,8 @@
 //! Record expiry (TTL) is decided by the store's clock, as on every engine; a replica whose
 //! clock runs ahead expires records early by its skew. Takeovers depend only on leases.
 
+mod batch;
+mod batched;
 mod bridge;
 mod first;
 mod lease;
@@ -80,12 +82,30 @@ pub(crate) struct Shared {
     pub(crate) first: first::FirstStatement,
     hub: Arc<listen::Hub>,
     channel: String,
+    /// New claims, outcomes and reads made while others of their kind are on their way.
+    claims: batch::Batcher<batched::Claims>,
+    outcomes: batch::Batcher<batched::Outcomes>,
+    reads: batch::Batcher<batched::Reads>,
 }
 
 impl Shared {
     /// A pooled connection.
     pub(crate) async fn client(&self) -> Result<deadpool_postgres::Client, Error> {
         self.pool.get().await.map_err(pool_error)
+    }
+
+    /// Tells waiters in every replica that the records of `tags` (see `listen::tag_text`)
+    /// changed. A notification that cannot be sent is left: waiters poll.
+    async fn notify_all(&self, client: &deadpool_postgres::Client, tags: &[String]) {
+        let sent = client
+            .execute(
+                "SELECT pg_notify($1, t) FROM unnest($2::text[]) AS t",
+                &[&self.channel, &tags],
+            )
+            .await;
+        if let Err(e) = sent {
+            tracing::debug!(error = %e, "could not notify waiters; they will poll");
+        }
     }
 }
 
@@ -164,6 +184,9 @@ pub(crate) fn open(settings: PgSettings) -> Result<OpenedPg, Error> {
         first: first::FirstStatement::default(),
         hub: Arc::new(listen::Hub::default()),
         channel: channel.clone(),
+        claims: batch::Batcher::new(batched::WRITES_IN_FLIGHT, bridge.handle()),
+        outcomes: batch::Batcher::new(batched::WRITES_IN_FLIGHT, bridge.handle()),
+        reads: batch::Batcher::new(batched::READS_IN_FLIGHT, bridge.handle()),
     });
     let epoch = bridge.run(async {
         let mut client = shared.client().await?;
@@ -249,10 +272,10 @@ fn millis(v: u64) -> i64 {
 
 /// The columns derived from a record's header.
 pub(crate) struct Columns {
-    state: i16,
-    expires_ms: i64,
-    claim: (i64, i64),
-    life: (i64, i64),
+    pub(crate) state: i16,
+    pub(crate) expires_ms: i64,
+    pub(crate) claim: (i64, i64),
+    pub(crate) life: (i64, i64),
 }
 
 /// A statement parameter.
@@ -329,16 +352,8 @@ impl PgEngine {
 
     /// Tells waiters in every replica that `key`'s record changed (only when one marked it).
     async fn notify(&self, client: &deadpool_postgres::Client, key: &[u8]) {
-        let payload = listen::tag_text(&listen::tag(&self.shared.scope, key));
-        let sent = client
-            .execute(
-                "SELECT pg_notify($1, $2)",
-                &[&self.shared.channel, &payload],
-            )
-            .await;
-        if let Err(e) = sent {
-            tracing::debug!(error = %e, "could not notify waiters; they will poll");
-        }
+        let tag = listen::tag_text(&listen::tag(&self.shared.scope, key));
+        self.shared.notify_all(client, &[tag]).await;
     }
 
     /// Ends the lease of every running claim in this engine's scope now, and stops renewing

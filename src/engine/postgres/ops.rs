@@ -11,6 +11,8 @@
 
 use std::time::Duration;
 
+use super::batch::Turn;
+use super::batched::{ClaimRequest, OutcomeRequest, ReadRequest};
 use super::{
     big, columns, digest, listen, millis, pg_error, prepared, schema, Param, PgEngine, RecordRow,
 };
@@ -24,6 +26,11 @@ const PAGE: i64 = 512;
 impl PgEngine {
     pub(crate) async fn get_op(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
         let s = &self.shared;
+        let request = ReadRequest { key: key.to_vec() };
+        let _place = match s.reads.turn(&self.shared, |s| &s.reads, request) {
+            Turn::Alone(place, _) => place,
+            Turn::Queued(queued) => return queued.answer().await,
+        };
         let client = s.client().await?;
         let statement = prepared(&client, &s.sql.get).await?;
         let row = client
@@ -54,26 +61,49 @@ impl PgEngine {
     ) -> Result<bool, Error> {
         let s = &self.shared;
         let claim = NewClaim::of(key, pending, s.lease)?;
-        let expected_digest = expected.map(digest);
+        let Some(expected) = expected else {
+            return self.claim_absent(key, claim).await;
+        };
+        let expected_digest = digest(expected);
         let client = s.client().await?;
-        let common = claim.params(&s.scope, &key);
-        let row = match &expected_digest {
-            None => {
-                let statement = prepared(&client, &s.sql.claim_new).await?;
-                client.query_opt(&statement, &common).await
-            }
-            Some(expected) => {
-                let statement = prepared(&client, &s.sql.claim_over).await?;
-                let mut params = common.to_vec();
-                params.push(expected);
-                client.query_opt(&statement, &params).await
-            }
-        }
-        .map_err(pg_error)?;
+        let statement = prepared(&client, &s.sql.claim_over).await?;
+        let mut params = claim.params(&s.scope, &key).to_vec();
+        params.push(&expected_digest);
+        let row = client
+            .query_opt(&statement, &params)
+            .await
+            .map_err(pg_error)?;
         if row.is_some() {
             s.leases.hold(key, claim.digest);
         }
         Ok(row.is_some())
+    }
+
+    /// Claims `key`, which has no record: whether the claim was inserted (batched with other
+    /// callers' claims when some are on their way).
+    async fn claim_absent(&self, key: &[u8], claim: NewClaim) -> Result<bool, Error> {
+        let s = &self.shared;
+        let claim_digest = claim.digest.clone();
+        let request = ClaimRequest {
+            key: key.to_vec(),
+            claim,
+        };
+        let inserted = match s.claims.turn(&self.shared, |s| &s.claims, request) {
+            Turn::Queued(queued) => queued.answer().await?,
+            Turn::Alone(_place, request) => {
+                let client = s.client().await?;
+                let statement = prepared(&client, &s.sql.claim_new).await?;
+                client
+                    .query_opt(&statement, &request.claim.params(&s.scope, &key))
+                    .await
+                    .map_err(pg_error)?
+                    .is_some()
+            }
+        };
+        if inserted {
+            s.leases.hold(key, claim_digest);
+        }
+        Ok(inserted)
     }
 
     async fn claim_or_get_op(
@@ -83,27 +113,15 @@ impl PgEngine {
     ) -> Result<Option<ClaimOrGet<Vec<u8>>>, Error> {
         let s = &self.shared;
         let claim = NewClaim::of(key, pending, s.lease)?;
-        let client = s.client().await?;
         // The plain insert first: the cheapest statement for the new keys this way is chosen
         // for; a key that turns out to be taken is read in a second statement (None if its
         // record went meanwhile: the caller looks again).
-        let statement = prepared(&client, &s.sql.claim_new).await?;
-        let row = client
-            .query_opt(&statement, &claim.params(&s.scope, &key))
-            .await
-            .map_err(pg_error)?;
-        if row.is_some() {
-            s.leases.hold(key, claim.digest);
+        if self.claim_absent(key, claim).await? {
             s.first.saw(false);
             return Ok(Some(ClaimOrGet::Claimed));
         }
         s.first.saw(true);
-        let statement = prepared(&client, &s.sql.get).await?;
-        let row = client
-            .query_opt(&statement, &[&s.scope, &key])
-            .await
-            .map_err(pg_error)?;
-        Ok(row.map(|r| ClaimOrGet::Existing(r.get(0))))
+        Ok(self.get_op(key).await?.map(ClaimOrGet::Existing))
     }
 
     async fn finish_op(&self, held: &Held<'_>, record: Option<&[u8]>) -> Result<bool, Error> {
@@ -112,32 +130,50 @@ impl PgEngine {
         // Whatever happens below, the holder is done with its claim: stop renewing it.
         s.leases.let_go(held.key, &held_digest);
         let key = held.key;
+        let Some(bytes) = record else {
+            let client = s.client().await?;
+            let statement = prepared(&client, &s.sql.release).await?;
+            let row = client
+                .query_opt(&statement, &[&s.scope, &key, &held_digest])
+                .await
+                .map_err(pg_error)?;
+            return Ok(match row {
+                Some(row) => {
+                    if row.get::<_, bool>(0) {
+                        self.notify(&client, key).await;
+                    }
+                    true
+                }
+                None => false,
+            });
+        };
+        let request = OutcomeRequest {
+            key: key.to_vec(),
+            record: bytes.to_vec(),
+            held_digest,
+        };
+        let request = match s.outcomes.turn(&self.shared, |s| &s.outcomes, request) {
+            Turn::Queued(queued) => return queued.answer().await,
+            Turn::Alone(_place, request) => request,
+        };
+        let row = RecordRow::of(key, bytes)?;
         let client = s.client().await?;
-        let row = match record {
-            Some(bytes) => {
-                let row = RecordRow::of(key, bytes)?;
-                let statement = prepared(&client, &s.sql.finish).await?;
-                let mut params = row.params(&s.scope, &key).to_vec();
-                params.push(&held_digest);
-                client.query_opt(&statement, &params).await
-            }
-            None => {
-                let statement = prepared(&client, &s.sql.release).await?;
-                client
-                    .query_opt(&statement, &[&s.scope, &key, &held_digest])
-                    .await
-            }
-        }
-        .map_err(pg_error)?;
-        match row {
+        let statement = prepared(&client, &s.sql.finish).await?;
+        let mut params = row.params(&s.scope, &key).to_vec();
+        params.push(&request.held_digest);
+        let row = client
+            .query_opt(&statement, &params)
+            .await
+            .map_err(pg_error)?;
+        Ok(match row {
             Some(row) => {
                 if row.get::<_, bool>(0) {
                     self.notify(&client, key).await;
                 }
-                Ok(true)
+                true
             }
-            None => Ok(false),
-        }
+            None => false,
+        })
     }
 
     async fn write_step_op(&self, held: &Held<'_>, index: u32, step: &[u8]) -> Result<bool, Error> {
@@ -364,15 +400,15 @@ impl PgEngine {
 }
 
 /// A Pending record about to be claimed, with what its claim statements bind.
-struct NewClaim {
-    pending: Vec<u8>,
-    digest: Vec<u8>,
-    columns: super::Columns,
+pub(crate) struct NewClaim {
+    pub(crate) pending: Vec<u8>,
+    pub(crate) digest: Vec<u8>,
+    pub(crate) columns: super::Columns,
     lease_ms: f64,
 }
 
 impl NewClaim {
-    fn of(key: &[u8], pending: Vec<u8>, lease: Duration) -> Result<Self, Error> {
+    pub(crate) fn of(key: &[u8], pending: Vec<u8>, lease: Duration) -> Result<Self, Error> {
         Ok(Self {
             columns: columns(key, &pending)?,
             digest: digest(&pending),

@@ -171,6 +171,9 @@ pub(crate) struct Statements {
     pub get: String,
     pub page: String,
     pub claim_new: String,
+    pub claim_new_batch: String,
+    pub finish_batch: String,
+    pub get_batch: String,
     pub claim_over: String,
     pub finish: String,
     pub release: String,
@@ -213,6 +216,40 @@ impl Statements {
                      now() + $10::float8 * interval '1 millisecond') \
                  ON CONFLICT (scope, key) DO NOTHING \
                  RETURNING 1"
+            ),
+            // Several callers' claims in one statement (see `batch`), in key order, so two
+            // batches waiting on each other's keys always wait in one direction.
+            claim_new_batch: format!(
+                "INSERT INTO \"{s}\".records (scope, key, record, digest, state, expires_ms, \
+                     claim_epoch, claim_seq, life_epoch, life_seq, lease_until) \
+                 SELECT $1, t.key, t.record, t.digest, 0, t.expires_ms, t.ce, t.cs, t.le, t.ls, \
+                     now() + $2::float8 * interval '1 millisecond' \
+                 FROM unnest($3::bytea[], $4::bytea[], $5::bytea[], $6::int8[], $7::int8[], \
+                     $8::int8[], $9::int8[], $10::int8[]) \
+                     AS t(key, record, digest, expires_ms, ce, cs, le, ls) \
+                 ORDER BY t.key \
+                 ON CONFLICT (scope, key) DO NOTHING \
+                 RETURNING key"
+            ),
+            // Several holders' outcomes in one statement, each fenced as `finish` is; the rows
+            // are locked in key order first (as the heartbeat's renewal locks them), so a
+            // batch and a renewal never wait on each other both ways.
+            finish_batch: format!(
+                "WITH t AS (SELECT * FROM unnest($2::bytea[], $3::bytea[], $4::bytea[], \
+                         $5::int2[], $6::int8[], $7::int8[], $8::int8[], $9::int8[], \
+                         $10::int8[], $11::bytea[]) \
+                     AS t(key, record, digest, state, expires_ms, ce, cs, le, ls, held)), \
+                 locked AS (SELECT r.key FROM \"{s}\".records r JOIN t ON r.key = t.key \
+                     WHERE r.scope = $1 AND r.digest = t.held ORDER BY r.key FOR UPDATE OF r) \
+                 UPDATE \"{s}\".records r SET record = t.record, digest = t.digest, \
+                     state = t.state, expires_ms = t.expires_ms, claim_epoch = t.ce, \
+                     claim_seq = t.cs, life_epoch = t.le, life_seq = t.ls, lease_until = NULL \
+                 FROM t JOIN locked ON locked.key = t.key \
+                 WHERE r.scope = $1 AND r.key = t.key AND r.digest = t.held \
+                 RETURNING r.key, r.waiters"
+            ),
+            get_batch: format!(
+                "SELECT key, record FROM \"{s}\".records WHERE scope = $1 AND key = ANY($2)"
             ),
             claim_over: format!(
                 "UPDATE \"{s}\".records SET record = $3, digest = $4, state = 0, \
@@ -286,11 +323,14 @@ impl Statements {
                 "UPDATE \"{s}\".records SET waiters = true WHERE scope = $1 AND key = $2 \
                      AND state = 0 AND claim_epoch = $3 AND claim_seq = $4 RETURNING 1"
             ),
+            // Rows are locked in key order first, as a batch of outcomes locks them.
             renew: format!(
-                "UPDATE \"{s}\".records r SET lease_until = now() + $2::float8 * interval '1 millisecond' \
-                 FROM unnest($3::bytea[], $4::bytea[]) AS held(key, digest) \
-                 WHERE r.scope = $1 AND r.key = held.key AND r.digest = held.digest \
-                     AND r.state = 0 \
+                "WITH locked AS (SELECT r.key FROM \"{s}\".records r \
+                     JOIN unnest($3::bytea[], $4::bytea[]) AS held(key, digest) \
+                         ON r.key = held.key AND r.digest = held.digest \
+                     WHERE r.scope = $1 AND r.state = 0 ORDER BY r.key FOR UPDATE OF r) \
+                 UPDATE \"{s}\".records r SET lease_until = now() + $2::float8 * interval '1 millisecond' \
+                 FROM locked WHERE r.scope = $1 AND r.key = locked.key \
                  RETURNING r.key"
             ),
             end_lease: format!(

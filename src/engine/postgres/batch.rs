@@ -1,0 +1,264 @@
+//! Batching: statements of one kind that callers make while others of their kind are on
+//! their way go to the database together, as one statement (one round trip, one commit).
+//!
+//! Invariants:
+//! - a caller that finds fewer than its kind's limit of statements in flight sends its own
+//!   statement at once ([`Turn::Alone`]): a lone caller waits for nobody and its statement
+//!   is the plain one-row statement;
+//! - otherwise it queues its request ([`Turn::Queued`]); queued requests are sent by a task on
+//!   the engine's runtime, never by a caller's future, so a caller that is dropped never
+//!   strands the others, and a request that was queued is sent even if its caller is gone
+//!   (its kind's [`BatchKind::unanswered`] undoes what the caller would have had to);
+//! - while the queue holds a request, a statement in flight will drain it: the queue and the
+//!   count of statements in flight change only together, under one lock, and whoever ends a
+//!   statement in flight with requests queued starts the task that drains them;
+//! - a batch never holds two requests for the same key (the later one waits for the next
+//!   batch), so each request's answer is the one row its key matched;
+//! - a batch statement is bounded by the store's I/O timeout, like every statement.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use tokio::sync::oneshot;
+
+use super::{no_answer, Shared};
+use crate::error::{Error, StorageError, StorageKind};
+
+/// The most requests one batch statement carries.
+const MAX_BATCH: usize = 128;
+
+/// One kind of statement that can be batched.
+pub(crate) trait BatchKind: Send + Sync + Sized + 'static {
+    /// What one caller asks, owning its bytes (it waits in a queue).
+    type Request: Send + 'static;
+    /// What one caller is told.
+    type Answer: Send + 'static;
+
+    /// The key a request is about.
+    fn key(request: &Self::Request) -> &[u8];
+
+    /// Runs `requests` (distinct keys) as one statement: one answer per request, in order.
+    fn run<'a>(
+        shared: &'a Shared,
+        requests: &'a [Self::Request],
+    ) -> impl Future<Output = Result<Vec<Self::Answer>, Error>> + Send + 'a;
+
+    /// What is done when a request was answered but its caller had gone meanwhile.
+    fn unanswered(_shared: &Arc<Shared>, _request: Self::Request, _answer: Self::Answer) {}
+}
+
+/// Requests of one kind waiting for a batch, and how many statements of it are in flight.
+pub(crate) struct Batcher<K: BatchKind> {
+    queue: Mutex<Queue<K>>,
+    /// Statements of this kind in flight before callers start queueing.
+    limit: usize,
+    /// The engine's runtime, which runs the draining task.
+    runtime: tokio::runtime::Handle,
+}
+
+struct Queue<K: BatchKind> {
+    waiting: Vec<Waiting<K>>,
+    in_flight: usize,
+}
+
+struct Waiting<K: BatchKind> {
+    request: K::Request,
+    reply: oneshot::Sender<Result<K::Answer, Error>>,
+}
+
+/// A caller's turn: send its own statement now (its request handed back), or wait for a
+/// batch's answer.
+pub(crate) enum Turn<K: BatchKind> {
+    Alone(Alone<K>, K::Request),
+    Queued(Queued<K>),
+}
+
+/// A statement in flight sent by its own caller; when it ends (or its caller is dropped),
+/// the requests queued meanwhile are sent.
+pub(crate) struct Alone<K: BatchKind> {
+    shared: Arc<Shared>,
+    batcher: fn(&Shared) -> &Batcher<K>,
+    /// False once the place was given up some other way (see [`Unstarted`]).
+    holds_place: bool,
+}
+
+/// A request in a queue: its answer comes from the batch that carries it.
+pub(crate) struct Queued<K: BatchKind> {
+    answer: oneshot::Receiver<Result<K::Answer, Error>>,
+}
+
+impl<K: BatchKind> Batcher<K> {
+    pub(crate) fn new(limit: usize, runtime: tokio::runtime::Handle) -> Self {
+        Self {
+            queue: Mutex::new(Queue {
+                waiting: Vec::new(),
+                in_flight: 0,
+            }),
+            limit: limit.max(1),
+            runtime,
+        }
+    }
+
+    /// The caller's turn for `request`. `batcher` finds this batcher in `shared`.
+    pub(crate) fn turn(
+        &self,
+        shared: &Arc<Shared>,
+        batcher: fn(&Shared) -> &Batcher<K>,
+        request: K::Request,
+    ) -> Turn<K> {
+        let mut queue = self.queue.lock();
+        if queue.in_flight < self.limit && queue.waiting.is_empty() {
+            queue.in_flight += 1;
+            return Turn::Alone(
+                Alone {
+                    shared: Arc::clone(shared),
+                    batcher,
+                    holds_place: true,
+                },
+                request,
+            );
+        }
+        let (reply, answer) = oneshot::channel();
+        queue.waiting.push(Waiting { request, reply });
+        if queue.in_flight < self.limit {
+            queue.in_flight += 1;
+            drop(queue);
+            drain(Arc::clone(shared), batcher);
+        }
+        Turn::Queued(Queued { answer })
+    }
+
+    /// The next batch: up to [`MAX_BATCH`] queued requests with distinct keys, oldest first
+    /// (empty when none is queued).
+    fn next_batch(&self) -> Vec<Waiting<K>> {
+        let mut queue = self.queue.lock();
+        let mut batch: Vec<Waiting<K>> = Vec::new();
+        let mut left = Vec::new();
+        for waiting in queue.waiting.drain(..) {
+            let taken = batch.len() >= MAX_BATCH
+                || batch
+                    .iter()
+                    .any(|b| K::key(&b.request) == K::key(&waiting.request));
+            if taken {
+                left.push(waiting);
+            } else {
+                batch.push(waiting);
+            }
+        }
+        queue.waiting = left;
+        batch
+    }
+}
+
+impl<K: BatchKind> Drop for Alone<K> {
+    fn drop(&mut self) {
+        if !self.holds_place {
+            return;
+        }
+        let batcher = (self.batcher)(&self.shared);
+        let mut queue = batcher.queue.lock();
+        if queue.waiting.is_empty() {
+            queue.in_flight -= 1;
+        } else {
+            // This statement's place in flight passes to the task that drains the queue.
+            drop(queue);
+            drain(Arc::clone(&self.shared), self.batcher);
+        }
+    }
+}
+
+impl<K: BatchKind> Queued<K> {
+    /// The answer of the batch that carried the request.
+    ///
+    /// # Errors
+    /// The batch statement's error (every request of a failed batch gets it: none of them
+    /// is written, or, on a lost connection, whether they were is unknown).
+    pub(crate) async fn answer(self) -> Result<K::Answer, Error> {
+        match self.answer.await {
+            Ok(answer) => answer,
+            // The engine's runtime shut down with the request queued.
+            Err(_) => Err(Error::Storage(StorageError::of_kind(
+                std::io::Error::other("the store closed before the statement was sent"),
+                None,
+                StorageKind::Connection,
+            ))),
+        }
+    }
+}
+
+/// Starts the task that sends the queued requests, batch after batch, until none is left. It
+/// holds the place in flight its caller has taken for it, as an [`Alone`]: however the task
+/// ends (the queue empty, or a panic), dropping that place hands it on as any statement's end
+/// does.
+fn drain<K: BatchKind>(shared: Arc<Shared>, batcher: fn(&Shared) -> &Batcher<K>) {
+    let runtime = batcher(&shared).runtime.clone();
+    let mut place = Unstarted(Some(Alone {
+        shared: Arc::clone(&shared),
+        batcher,
+        holds_place: true,
+    }));
+    runtime.spawn(async move {
+        let _place = place.0.take();
+        loop {
+            let batch = batcher(&shared).next_batch();
+            if batch.is_empty() {
+                return;
+            }
+            let (requests, replies): (Vec<_>, Vec<_>) =
+                batch.into_iter().map(|w| (w.request, w.reply)).unzip();
+            let limit = shared.io_timeout;
+            let answers = match tokio::time::timeout(limit, K::run(&shared, &requests)).await {
+                Ok(answers) => answers,
+                Err(_) => Err(no_answer(limit)),
+            };
+            match answers {
+                Ok(answers) => {
+                    for ((request, reply), answer) in requests.into_iter().zip(replies).zip(answers)
+                    {
+                        if let Err(Ok(answer)) = reply.send(Ok(answer)) {
+                            K::unanswered(&shared, request, answer);
+                        }
+                    }
+                }
+                Err(e) => {
+                    for reply in replies {
+                        let _ = reply.send(Err(shared_error(&e)));
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// The place in flight of a draining task that has not started. If the task never starts
+/// (the engine's runtime has shut down), the queued requests are dropped, so their callers
+/// learn the store closed, and the place is given up without starting another task.
+struct Unstarted<K: BatchKind>(Option<Alone<K>>);
+
+impl<K: BatchKind> Drop for Unstarted<K> {
+    fn drop(&mut self) {
+        if let Some(mut place) = self.0.take() {
+            let batcher = (place.batcher)(&place.shared);
+            let dropped = {
+                let mut queue = batcher.queue.lock();
+                queue.in_flight -= 1;
+                std::mem::take(&mut queue.waiting)
+            };
+            drop(dropped);
+            place.holds_place = false;
+        }
+    }
+}
+
+/// `e` once more, for another request of the batch it failed.
+fn shared_error(e: &Error) -> Error {
+    match e {
+        Error::Storage(storage) => Error::Storage(storage.clone()),
+        other => Error::Storage(StorageError::of_kind(
+            std::io::Error::other(other.to_string()),
+            None,
+            StorageKind::Database,
+        )),
+    }
+}

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use super::batch::BatchKind;
 use super::ops::NewClaim;
-use super::{columns, digest, listen, pg_error, prepared, Shared};
+use super::{columns, digest, listen, pg_error, prepared, Columns, Shared};
 use crate::error::Error;
 
 /// How many claim or outcome statements may be in flight before callers queue: a few callers
@@ -115,11 +115,31 @@ impl BatchKind for Claims {
     }
 }
 
-/// A holder's outcome: its key, the record to write and the digest of its Pending record.
+/// A holder's outcome: its key, the record to write (with its digest and the columns derived
+/// from it, made by the caller, so a record that cannot be written fails only its own call)
+/// and the digest of the holder's Pending record.
 pub(crate) struct OutcomeRequest {
     pub key: Vec<u8>,
     pub record: Vec<u8>,
+    pub digest: Vec<u8>,
+    pub columns: Columns,
     pub held_digest: Vec<u8>,
+}
+
+impl OutcomeRequest {
+    /// The request to write `record` over the Pending record whose digest is `held_digest`.
+    ///
+    /// # Errors
+    /// [`Error::CorruptRecord`] if `record`'s header does not decode.
+    pub(crate) fn of(key: &[u8], record: &[u8], held_digest: Vec<u8>) -> Result<Self, Error> {
+        Ok(Self {
+            key: key.to_vec(),
+            record: record.to_vec(),
+            digest: digest(record),
+            columns: columns(key, record)?,
+            held_digest,
+        })
+    }
 }
 
 /// Holders' outcomes: the answer is whether the outcome was written (false: fenced out).
@@ -149,10 +169,10 @@ impl BatchKind for Outcomes {
                 Vec::new(),
             );
             for r in requests {
-                let c = columns(&r.key, &r.record)?;
+                let c = &r.columns;
                 keys.push(r.key.as_slice());
                 records.push(r.record.as_slice());
-                digests.push(digest(&r.record));
+                digests.push(r.digest.as_slice());
                 held.push(r.held_digest.as_slice());
                 states.push(c.state);
                 expires.push(c.expires_ms);
@@ -346,10 +366,9 @@ mod tests {
         assert!(engine
             .claim(b"b", Some(&pending_b), taker.clone())
             .expect("takeover"));
-        let done = |key: &[u8], token: u64, held: &[u8]| OutcomeRequest {
-            key: key.to_vec(),
-            record: record(RecordState::Completed, token),
-            held_digest: digest(held),
+        let done = |key: &[u8], token: u64, held: &[u8]| {
+            OutcomeRequest::of(key, &record(RecordState::Completed, token), digest(held))
+                .expect("a valid record")
         };
         let written = engine
             .run(Outcomes::run(

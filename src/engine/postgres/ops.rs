@@ -27,6 +27,7 @@ impl PgEngine {
     pub(crate) async fn get_op(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
         let s = &self.shared;
         let request = ReadRequest { key: key.to_vec() };
+        // The place in flight is held until this statement ends.
         let _place = match s.reads.turn(&self.shared, |s| &s.reads, request) {
             Turn::Alone(place, _) => place,
             Turn::Queued(queued) => return queued.answer().await,
@@ -147,16 +148,17 @@ impl PgEngine {
                 None => false,
             });
         };
-        let request = OutcomeRequest {
-            key: key.to_vec(),
-            record: bytes.to_vec(),
-            held_digest,
-        };
-        let request = match s.outcomes.turn(&self.shared, |s| &s.outcomes, request) {
+        let request = OutcomeRequest::of(key, bytes, held_digest)?;
+        // The place in flight is held until this statement ends.
+        let (_place, request) = match s.outcomes.turn(&self.shared, |s| &s.outcomes, request) {
             Turn::Queued(queued) => return queued.answer().await,
-            Turn::Alone(_place, request) => request,
+            Turn::Alone(place, request) => (place, request),
         };
-        let row = RecordRow::of(key, bytes)?;
+        let row = RecordRow {
+            record: bytes,
+            digest: request.digest,
+            columns: request.columns,
+        };
         let client = s.client().await?;
         let statement = prepared(&client, &s.sql.finish).await?;
         let mut params = row.params(&s.scope, &key).to_vec();

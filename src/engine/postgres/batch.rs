@@ -221,6 +221,28 @@ fn drain<K: BatchKind>(shared: Arc<Shared>, batcher: fn(&Shared) -> &Batcher<K>)
                         }
                     }
                 }
+                // A row lock another transaction held made the whole batch give up (nothing
+                // of it written): only the blocked key's caller should hear "busy", so each
+                // request goes again as its own statement, side by side.
+                Err(e) if is_busy(&e) && requests.len() > 1 => {
+                    for (request, reply) in requests.into_iter().zip(replies) {
+                        let shared = Arc::clone(&shared);
+                        tokio::spawn(async move {
+                            let alone = std::slice::from_ref(&request);
+                            let answer = match tokio::time::timeout(limit, K::run(&shared, alone))
+                                .await
+                            {
+                                Ok(Ok(mut answers)) if answers.len() == 1 => Ok(answers.remove(0)),
+                                Ok(Ok(_)) => Err(no_answer(limit)),
+                                Ok(Err(e)) => Err(e),
+                                Err(_) => Err(no_answer(limit)),
+                            };
+                            if let Err(Ok(answer)) = reply.send(answer) {
+                                K::unanswered(&shared, request, answer);
+                            }
+                        });
+                    }
+                }
                 Err(e) => {
                     for reply in replies {
                         let _ = reply.send(Err(shared_error(&e)));
@@ -229,6 +251,10 @@ fn drain<K: BatchKind>(shared: Arc<Shared>, batcher: fn(&Shared) -> &Batcher<K>)
             }
         }
     });
+}
+
+fn is_busy(e: &Error) -> bool {
+    matches!(e, Error::Storage(s) if s.kind() == StorageKind::Busy)
 }
 
 /// The place in flight of a draining task that has not started. If the task never starts

@@ -184,8 +184,8 @@ pub(crate) fn open(settings: PgSettings) -> Result<OpenedPg, Error> {
         first: first::FirstStatement::default(),
         hub: Arc::new(listen::Hub::default()),
         channel: channel.clone(),
-        claims: batch::Batcher::new(batched::WRITES_IN_FLIGHT, bridge.handle()),
-        outcomes: batch::Batcher::new(batched::WRITES_IN_FLIGHT, bridge.handle()),
+        claims: batch::Batcher::new(batched::CLAIMS_IN_FLIGHT, bridge.handle()),
+        outcomes: batch::Batcher::new(settings.pool_size, bridge.handle()),
         reads: batch::Batcher::new(batched::READS_IN_FLIGHT, bridge.handle()),
     });
     let epoch = bridge.run(async {

@@ -29,19 +29,19 @@ use std::time::Duration;
 
 /// The layer's store key for `key` without a tenant, as src/api/http/mod.rs `scoped_key`
 /// computes it (checked against the store below, so a wrong copy fails loudly, not silently).
+/// (A short key without a tenant is stored as itself, length-prefixed.)
 fn scoped_key(key: &str) -> Vec<u8> {
-    let mut h = blake3::Hasher::new_derive_key("idemstore 2026-11 http idempotency key v1");
-    h.update(&[0]);
-    h.update(key.as_bytes());
-    let mut scoped = b"http:".to_vec();
-    scoped.extend_from_slice(h.finalize().as_bytes());
+    let mut scoped = b"http/".to_vec();
+    scoped.push(0);
+    scoped.extend_from_slice(key.as_bytes());
     scoped
 }
 
 /// The derive-key digest of a POST to `path` (no query, no fingerprint headers) with `body`,
 /// as src/api/http/mod.rs `request_fingerprint` computes it.
 fn request_digest(path: &str, body: &[u8]) -> [u8; 32] {
-    let mut h = blake3::Hasher::new_derive_key("idemstore 2026-11 http request fingerprint v1");
+    let key = blake3::derive_key("idemstore 2026-11 http request fingerprint v2", b"");
+    let mut h = blake3::Hasher::new_keyed(&key);
     for field in [b"POST".as_slice(), path.as_bytes(), b"", body] {
         h.update(&(field.len() as u64).to_le_bytes());
         h.update(field);
@@ -159,7 +159,7 @@ fn a_retry_spanning_the_upgrade_replays_the_first_response() {
             .expect("the test computes the layer's store key");
         assert_eq!(
             info.fingerprint,
-            Some(Fingerprint::of_bytes(request_digest(
+            Some(Fingerprint::from_bytes(request_digest(
                 "/orders",
                 b"{\"a\":1}"
             ))),
@@ -168,7 +168,7 @@ fn a_retry_spanning_the_upgrade_replays_the_first_response() {
 
         // A record the previous version wrote for key "upgrade" and this request.
         let body = b"{\"cents\":4200}";
-        let old_fp = Fingerprint::of_bytes(request_digest("/orders", body));
+        let old_fp = Fingerprint::from_bytes(request_digest("/orders", body));
         let first = StoredResponseV {
             status: 201,
             headers: vec![],

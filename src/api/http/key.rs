@@ -6,10 +6,13 @@
 //! as the draft defines it) or, as Stripe's clients send it, the bare key (no surrounding
 //! spaces, no quote). More than one `Idempotency-Key` field is refused, never merged.
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
 
 /// The header's name.
 pub(crate) const HEADER: &str = "idempotency-key";
+
+/// The header's name, made once (a lookup by `&str` parses the name on every request).
+const HEADER_NAME: HeaderName = HeaderName::from_static(HEADER);
 
 /// The longest key accepted.
 pub(crate) const MAX_KEY_LEN: usize = 255;
@@ -39,7 +42,7 @@ impl BadKey {
 
 /// The request's idempotency key: `None` if it has none.
 pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, BadKey> {
-    let mut values = headers.get_all(HEADER).iter();
+    let mut values = headers.get_all(&HEADER_NAME).iter();
     let Some(value) = values.next() else {
         return Ok(None);
     };
@@ -64,7 +67,7 @@ fn printable(c: char) -> bool {
 
 /// The inside of a structured-field string, from after its opening quote.
 fn unquote(rest: &str) -> Result<String, BadKey> {
-    let mut key = String::new();
+    let mut key = String::with_capacity(rest.len());
     let mut chars = rest.chars();
     while let Some(c) = chars.next() {
         match c {

@@ -400,7 +400,11 @@ where
             }
         }
     };
-    let store_key = scoped_key(tenant.as_deref(), &key);
+    let store_key = scoped_key(
+        tenant.as_deref(),
+        &key,
+        layer.store.shared().settings.max_key_bytes,
+    );
     let fingerprint = request_fingerprint(&head, &body, &settings.fingerprint_headers);
     // A replay read locally is answered here, without a task: a retry costs one read. User
     // code the store calls (its clock, serde) may panic here as in the task: a 500, never a
@@ -673,25 +677,38 @@ fn store_problem(e: &Error, settings: &Settings) -> Response<IdempotentBody> {
     problem(status, cause, title, detail)
 }
 
-/// The store key of `key` for `tenant`: a fixed-size digest (so any valid key fits any store
-/// setting), and no two (tenant, key) pairs share one.
-fn scoped_key(tenant: Option<&str>, key: &str) -> Vec<u8> {
+/// The store key of `key` for `tenant`, unique per (tenant, key): the pair itself, length-
+/// prefixed (`http/`), when it fits in `limit` bytes (readable in inspection and free to
+/// compute); otherwise a fixed-size digest of it (`http#`), so any valid key fits any store
+/// setting. The two prefixes differ, so a raw key and a digest never meet.
+fn scoped_key(tenant: Option<&str>, key: &str, limit: usize) -> Vec<u8> {
+    const RAW: &[u8] = b"http/";
+    let raw_len = RAW.len() + 1 + tenant.map_or(0, |t| 8 + t.len()) + key.len();
+    let mut scoped = Vec::with_capacity(raw_len.min(64));
+    let pair = |out: &mut dyn FnMut(&[u8])| {
+        match tenant {
+            Some(tenant) => {
+                out(&[1]);
+                out(&(tenant.len() as u64).to_le_bytes());
+                out(tenant.as_bytes());
+            }
+            None => out(&[0]),
+        }
+        out(key.as_bytes());
+    };
+    if raw_len <= limit {
+        scoped.extend_from_slice(RAW);
+        pair(&mut |bytes| scoped.extend_from_slice(bytes));
+        return scoped;
+    }
     static SCOPED_KEY: LazyLock<blake3::Hasher> = LazyLock::new(|| {
         blake3::Hasher::new_derive_key("idemstore 2026-11 http idempotency key v1")
     });
     let mut h = SCOPED_KEY.clone();
-    match tenant {
-        Some(tenant) => {
-            h.update(&[1]);
-            h.update(&(tenant.len() as u64).to_le_bytes());
-            h.update(tenant.as_bytes());
-        }
-        None => {
-            h.update(&[0]);
-        }
-    }
-    h.update(key.as_bytes());
-    let mut scoped = b"http:".to_vec();
+    pair(&mut |bytes| {
+        h.update(bytes);
+    });
+    scoped.extend_from_slice(b"http#");
     scoped.extend_from_slice(h.finalize().as_bytes());
     scoped
 }
@@ -702,13 +719,15 @@ fn request_fingerprint(
     body: &[u8],
     headers: &[HeaderName],
 ) -> Fingerprint {
-    static REQUEST: LazyLock<blake3::Hasher> = LazyLock::new(|| {
-        blake3::Hasher::new_derive_key("idemstore 2026-11 http request fingerprint v1")
-    });
-    let mut h = REQUEST.clone();
+    static REQUEST: LazyLock<[u8; 32]> =
+        LazyLock::new(|| blake3::derive_key("idemstore 2026-11 http request fingerprint v2", b""));
+    // Every field length-prefixed, gathered into one buffer and hashed in one call (a hasher
+    // update per field cost more than the hashing); a large body is hashed where it lies.
+    const GATHERED_BODY: usize = 1024;
+    let mut fields = Vec::with_capacity(256 + body.len().min(GATHERED_BODY));
     let mut field = |bytes: &[u8]| {
-        h.update(&(bytes.len() as u64).to_le_bytes());
-        h.update(bytes);
+        fields.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+        fields.extend_from_slice(bytes);
     };
     field(head.method.as_str().as_bytes());
     field(head.uri.path().as_bytes());
@@ -721,7 +740,51 @@ fn request_fingerprint(
             field(value.as_bytes());
         }
     }
-    field(body);
-    // Digested again, as records written by earlier versions were: their retries must match.
-    Fingerprint::of_bytes(h.finalize().as_bytes())
+    let digest = if body.len() <= GATHERED_BODY {
+        field(body);
+        blake3::keyed_hash(&REQUEST, &fields)
+    } else {
+        fields.extend_from_slice(&(body.len() as u64).to_le_bytes());
+        let mut h = blake3::Hasher::new_keyed(&REQUEST);
+        h.update(&fields);
+        h.update(body);
+        h.finalize()
+    };
+    Fingerprint::from_bytes(*digest.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::scoped_key;
+
+    #[test]
+    fn store_keys_are_unique_per_tenant_and_key_and_always_fit() {
+        let long = "k".repeat(255);
+        let pairs = [
+            (None, "abc"),
+            (Some(""), "abc"),
+            (Some("a"), "bc"),
+            (Some("ab"), "c"),
+            (Some("abc"), ""),
+            (None, long.as_str()),
+            (Some("tenant"), long.as_str()),
+        ];
+        for limit in [16, 64, 256, 1024] {
+            let keys: Vec<Vec<u8>> = pairs
+                .iter()
+                .map(|(t, k)| scoped_key(*t, k, limit))
+                .collect();
+            for (i, a) in keys.iter().enumerate() {
+                assert!(a.len() <= limit.max(37), "{a:?} fits {limit}");
+                for b in &keys[i + 1..] {
+                    assert_ne!(a, b, "distinct pairs, distinct keys (limit {limit})");
+                }
+            }
+        }
+        // Short pairs are stored as themselves; long ones as a digest of the pair.
+        assert_eq!(scoped_key(None, "abc", 256), b"http/\0abc".to_vec());
+        let digest = scoped_key(Some("tenant"), &long, 256);
+        assert!(digest.starts_with(b"http#") && digest.len() == 37);
+        assert_eq!(digest, scoped_key(Some("tenant"), &long, 256));
+    }
 }

@@ -1,5 +1,5 @@
 //! Adversarial tests of the PostgreSQL engine's batching (docs/design.md §13 "Batching"):
-//! a batch's failure spreading to callers whose own
+//! a batch's failure (a lock wait, the server's statement timeout) spreading to callers whose own
 //! statement would not have failed, renewals of batched claims, and batches whose connection
 //! is terminated. Needs `IDEMSTORE_TEST_POSTGRES`.
 
@@ -32,17 +32,30 @@ fn classify<T: std::fmt::Debug, E: std::fmt::Display>(
 /// insert waits on another session's uncommitted row (lock_timeout -> Busy).
 #[test]
 fn a_fresh_key_is_never_in_progress_because_a_neighbour_in_its_batch_waits() {
+    fresh_keys_beside_blocked_ones(None);
+}
+
+/// As above, with a server statement timeout shorter than the store's lock wait: the batch is
+/// cancelled by the server (nothing of it written), and a fresh key in it must not hear of it.
+#[test]
+fn a_fresh_key_never_times_out_because_a_neighbour_in_its_batch_waits() {
+    fresh_keys_beside_blocked_ones(Some(Duration::from_millis(200)));
+}
+
+fn fresh_keys_beside_blocked_ones(statement_timeout: Option<Duration>) {
     let Some(url) = pg_url() else { return };
     let schema = PgSchema::new(&url);
+    let mut options = schema
+        .options()
+        .pool_size(16)
+        .lease(Duration::from_secs(30));
+    if let Some(limit) = statement_timeout {
+        options = options.statement_timeout(limit);
+    }
     let store = StoreBuilder::default()
         .sweep_interval(None)
         .wait_timeout(Duration::ZERO)
-        .open_postgres(
-            schema
-                .options()
-                .pool_size(16)
-                .lease(Duration::from_secs(30)),
-        )
+        .open_postgres(options)
         .expect("open");
     // Another session inserts (uncommitted) rows for the blocked keys and keeps them 3 s.
     const BLOCKED: usize = 8;

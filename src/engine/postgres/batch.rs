@@ -221,10 +221,11 @@ fn drain<K: BatchKind>(shared: Arc<Shared>, batcher: fn(&Shared) -> &Batcher<K>)
                         }
                     }
                 }
-                // A row lock another transaction held made the whole batch give up (nothing
-                // of it written): only the blocked key's caller should hear "busy", so each
-                // request goes again as its own statement, side by side.
-                Err(e) if is_busy(&e) && requests.len() > 1 => {
+                // The server gave the whole batch up (a row lock another transaction held, or
+                // the statement timeout; nothing of it written): only the callers whose own
+                // rows were the cause should hear it, so each request goes again as its own
+                // statement, side by side.
+                Err(e) if rolled_back(&e) && requests.len() > 1 => {
                     for (request, reply) in requests.into_iter().zip(replies) {
                         let shared = Arc::clone(&shared);
                         tokio::spawn(async move {
@@ -253,8 +254,20 @@ fn drain<K: BatchKind>(shared: Arc<Shared>, batcher: fn(&Shared) -> &Batcher<K>)
     });
 }
 
-fn is_busy(e: &Error) -> bool {
-    matches!(e, Error::Storage(s) if s.kind() == StorageKind::Busy)
+/// Whether the server refused the whole statement before it committed anything: a lock wait
+/// that ran out (`Busy`) or the server's statement timeout. Not a timeout of the client's own
+/// (the statement may still commit) nor a lost connection (it may have committed).
+fn rolled_back(e: &Error) -> bool {
+    let Error::Storage(s) = e else { return false };
+    match s.kind() {
+        StorageKind::Busy => true,
+        StorageKind::Timeout => s
+            .get_ref()
+            .downcast_ref::<tokio_postgres::Error>()
+            .and_then(tokio_postgres::Error::code)
+            .is_some_and(|code| *code == tokio_postgres::error::SqlState::QUERY_CANCELED),
+        _ => false,
+    }
 }
 
 /// The place in flight of a draining task that has not started. If the task never starts

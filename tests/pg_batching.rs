@@ -251,3 +251,76 @@ fn async_calls_dropped_in_a_crowd_leave_no_key_held() {
         "no key waited for its lease to run out"
     );
 }
+
+/// An async call dropped while its outcome's write waits on a row lock (another session holds
+/// the record `FOR UPDATE` for 1.5 s): the drop never blocks the runtime thread it runs on
+/// (it returns while the lock is still held), nothing overwrites the outcome on its way, and
+/// once the lock goes the outcome lands: a retry replays it, the operation ran once.
+#[test]
+fn an_async_call_dropped_while_its_outcome_waits_neither_blocks_nor_loses_it() {
+    let Some(url) = pg_url() else { return };
+    let schema = PgSchema::new(&url);
+    let store = StoreBuilder::default()
+        .sweep_interval(None)
+        .wait_timeout(Duration::from_secs(20))
+        .open_postgres(schema.options().pool_size(2).lease(Duration::from_secs(30)))
+        .expect("open");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let runs = AtomicUsize::new(0);
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel::<usize>();
+    let lock = format!(
+        "BEGIN; SELECT 1 FROM \"{}\".records WHERE key = '\\x{}'::bytea FOR UPDATE",
+        schema.name,
+        common::pg::hex(b"locked-outcome")
+    );
+    let session: Mutex<Option<std::thread::JoinHandle<()>>> = Mutex::new(None);
+    runtime.block_on(async {
+        let call = store.execute_once_async("locked-outcome", || async {
+            runs.fetch_add(1, Ordering::SeqCst);
+            // The claim is in: another session locks the record before the outcome goes.
+            let (url, lock, tx) = (url.clone(), lock.clone(), locked_tx.clone());
+            *session.lock().unwrap() = Some(std::thread::spawn(move || {
+                common::pg::raw_session(
+                    url,
+                    vec![
+                        (lock, Duration::from_millis(1500)),
+                        ("COMMIT".into(), Duration::ZERO),
+                    ],
+                    tx,
+                )
+            }));
+            while locked_rx.try_recv().is_err() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Ok::<_, std::io::Error>("first".to_owned())
+        });
+        // Dropped while the outcome's write waits on the lock.
+        let dropped = tokio::time::timeout(Duration::from_millis(400), call).await;
+        assert!(
+            dropped.is_err(),
+            "the call was dropped while its outcome waited"
+        );
+        // The drop returned while the other session still holds the lock (its COMMIT, step 1,
+        // has not run): it did not wait for the write, which would have blocked this
+        // runtime's only thread until the lock went.
+        assert!(
+            locked_rx.try_recv().is_err(),
+            "the drop returned only once the lock was gone: it blocked the runtime"
+        );
+        let holder = session.lock().unwrap().take().expect("the session started");
+        holder.join().unwrap();
+    });
+    // Past the lock: a retry replays the outcome that was on its way.
+    let out = store
+        .execute_once("locked-outcome", || {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, std::io::Error>("second".to_owned())
+        })
+        .expect("the key answers");
+    assert!(out.is_replayed(), "the dropped call's outcome landed");
+    assert_eq!(out.into_value(), "first");
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}

@@ -437,6 +437,9 @@ enum Phase {
     /// The operation returned; the store is settling its result (user code: a predicate, a
     /// `Serialize`), no outcome written.
     Settling,
+    /// The settled outcome (or the removal a forgetting call makes) is on its way to the
+    /// engine: it may land or not.
+    Writing,
     /// The outcome is written; its durability point is pending.
     Written,
     /// Nothing left to do.
@@ -496,7 +499,10 @@ impl<S: Engine> Drop for RunGuard<'_, S> {
                     tracing::error!(key = %KeyHash(self.held.key), error = %e, "could not record an unwound run");
                 }
             }
-            Phase::Claimed | Phase::Running => {
+            // Nothing is written here: the write on its way lands or not, and a claim it did
+            // not replace is an orphan at once (the engine ends its lease), never overwritten
+            // by a guess, and this drop never blocks the runtime thread it runs on.
+            Phase::Claimed | Phase::Running | Phase::Writing => {
                 tracing::warn!(
                     key = %KeyHash(self.held.key),
                     "call dropped while it held its claim; the claim is left to the orphan policy"
@@ -589,6 +595,7 @@ fn write_outcome<'g, 'a, S: Engine>(
         );
         if forgets(state, guard.forget) {
             let steps_of = guard.header.has_steps.then_some(guard.header.life);
+            guard.phase = Phase::Writing;
             let removed = store
                 .engine
                 .remove_record_async(guard.held.key, guard.held.record, steps_of)
@@ -609,6 +616,7 @@ fn write_outcome<'g, 'a, S: Engine>(
                 .index_expiry(header.expires_ms, guard.held.key)?;
         }
         let bytes = record::encode(&header, payload);
+        guard.phase = Phase::Writing;
         let finished = store.engine.finish_async(&guard.held, Some(bytes)).await;
         // From here on the guard does not interrupt the claim: the outcome is written (or the
         // write failed, and the claim is left to the orphan policy like any failed final write).

@@ -44,6 +44,13 @@ pub(crate) trait BatchKind: Send + Sync + Sized + 'static {
         requests: &'a [Self::Request],
     ) -> impl Future<Output = Result<Vec<Self::Answer>, Error>> + Send + 'a;
 
+    /// Runs one request as its own one-row statement (a lone caller's, or a request of a batch
+    /// the server gave up, sent again).
+    fn run_one<'a>(
+        shared: &'a Shared,
+        request: &'a Self::Request,
+    ) -> impl Future<Output = Result<Self::Answer, Error>> + Send + 'a;
+
     /// What is done when a request was answered but its caller had gone meanwhile.
     fn unanswered(_shared: &Arc<Shared>, _request: Self::Request, _answer: Self::Answer) {}
 }
@@ -151,6 +158,31 @@ impl<K: BatchKind> Batcher<K> {
     }
 }
 
+impl<K: BatchKind> Alone<K> {
+    /// Sends `request` as its own statement, in a task of the engine's runtime that holds
+    /// this place until the statement ends: a caller dropped meanwhile never stops it
+    /// half-way, and what it wrote for a caller that has gone is handled as a batch's
+    /// unanswered request is ([`BatchKind::unanswered`]). Bounded by the I/O timeout.
+    pub(crate) async fn send(self, request: K::Request) -> Result<K::Answer, Error> {
+        let runtime = (self.batcher)(&self.shared).runtime.clone();
+        let shared = Arc::clone(&self.shared);
+        let (reply, answer) = oneshot::channel();
+        let place = self;
+        runtime.spawn(async move {
+            let _place = place;
+            let limit = shared.io_timeout;
+            let answer = match tokio::time::timeout(limit, K::run_one(&shared, &request)).await {
+                Ok(answer) => answer,
+                Err(_) => Err(no_answer(limit)),
+            };
+            if let Err(Ok(answer)) = reply.send(answer) {
+                K::unanswered(&shared, request, answer);
+            }
+        });
+        answer.await.unwrap_or_else(|_| Err(closed()))
+    }
+}
+
 impl<K: BatchKind> Drop for Alone<K> {
     fn drop(&mut self) {
         if !self.holds_place {
@@ -175,16 +207,18 @@ impl<K: BatchKind> Queued<K> {
     /// The batch statement's error (every request of a failed batch gets it: none of them
     /// is written, or, on a lost connection, whether they were is unknown).
     pub(crate) async fn answer(self) -> Result<K::Answer, Error> {
-        match self.answer.await {
-            Ok(answer) => answer,
-            // The engine's runtime shut down with the request queued.
-            Err(_) => Err(Error::Storage(StorageError::of_kind(
-                std::io::Error::other("the store closed before the statement was sent"),
-                None,
-                StorageKind::Connection,
-            ))),
-        }
+        // Err: the engine's runtime shut down with the request queued.
+        self.answer.await.unwrap_or_else(|_| Err(closed()))
     }
+}
+
+/// The error of a request whose statement never ran: the engine's runtime shut down first.
+pub(crate) fn closed() -> Error {
+    Error::Storage(StorageError::of_kind(
+        std::io::Error::other("the store closed before the statement was sent"),
+        None,
+        StorageKind::Connection,
+    ))
 }
 
 /// Starts the task that sends the queued requests, batch after batch, until none is left. It
@@ -229,13 +263,9 @@ fn drain<K: BatchKind>(shared: Arc<Shared>, batcher: fn(&Shared) -> &Batcher<K>)
                     for (request, reply) in requests.into_iter().zip(replies) {
                         let shared = Arc::clone(&shared);
                         tokio::spawn(async move {
-                            let alone = std::slice::from_ref(&request);
-                            let answer = match tokio::time::timeout(limit, K::run(&shared, alone))
-                                .await
-                            {
-                                Ok(Ok(mut answers)) if answers.len() == 1 => Ok(answers.remove(0)),
-                                Ok(Ok(_)) => Err(no_answer(limit)),
-                                Ok(Err(e)) => Err(e),
+                            let one = K::run_one(&shared, &request);
+                            let answer = match tokio::time::timeout(limit, one).await {
+                                Ok(answer) => answer,
                                 Err(_) => Err(no_answer(limit)),
                             };
                             if let Err(Ok(answer)) = reply.send(answer) {

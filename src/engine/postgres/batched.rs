@@ -14,8 +14,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::batch::BatchKind;
+use super::ops::retry_busy;
 use super::ops::NewClaim;
-use super::{columns, digest, listen, pg_error, prepared, Columns, Shared};
+use super::{columns, digest, listen, pg_error, prepared, Columns, RecordRow, Shared};
 use crate::error::Error;
 
 /// How many claims may be in flight before callers queue: a few callers never wait for each
@@ -90,6 +91,22 @@ impl BatchKind for Claims {
             let inserted: std::collections::HashSet<Vec<u8>> =
                 rows.iter().map(|r| r.get::<_, Vec<u8>>(0)).collect();
             Ok(keys.iter().map(|k| inserted.contains(*k)).collect())
+        }
+    }
+
+    fn run_one<'a>(
+        s: &'a Shared,
+        request: &'a ClaimRequest,
+    ) -> impl std::future::Future<Output = Result<bool, Error>> + Send + 'a {
+        async move {
+            let client = s.client().await?;
+            let statement = prepared(&client, &s.sql.claim_new).await?;
+            let key = request.key.as_slice();
+            let row = client
+                .query_opt(&statement, &request.claim.params(&s.scope, &key))
+                .await
+                .map_err(pg_error)?;
+            Ok(row.is_some())
         }
     }
 
@@ -219,6 +236,38 @@ impl BatchKind for Outcomes {
             Ok(keys.iter().map(|k| written.contains_key(*k)).collect())
         }
     }
+
+    fn run_one<'a>(
+        s: &'a Shared,
+        request: &'a OutcomeRequest,
+    ) -> impl std::future::Future<Output = Result<bool, Error>> + Send + 'a {
+        // A holder's own write is refused only by fencing or a failure, never by a lock
+        // another transaction holds for a while: it goes again until the lock is gone (the
+        // caller bounds the whole by the I/O timeout).
+        retry_busy(move || async move {
+            let row = RecordRow {
+                record: &request.record,
+                digest: request.digest.clone(),
+                columns: request.columns,
+            };
+            let key = request.key.as_slice();
+            let client = s.client().await?;
+            let statement = prepared(&client, &s.sql.finish).await?;
+            let mut params = row.params(&s.scope, &key).to_vec();
+            params.push(&request.held_digest);
+            let written = client
+                .query_opt(&statement, &params)
+                .await
+                .map_err(pg_error)?;
+            let Some(written) = written else {
+                return Ok(false);
+            };
+            if written.get::<_, bool>(0) {
+                s.notify(&client, key).await;
+            }
+            Ok(true)
+        })
+    }
 }
 
 /// A read of one key's record.
@@ -232,6 +281,21 @@ pub(crate) struct Reads;
 impl BatchKind for Reads {
     type Request = ReadRequest;
     type Answer = Option<Vec<u8>>;
+
+    fn run_one<'a>(
+        s: &'a Shared,
+        request: &'a ReadRequest,
+    ) -> impl std::future::Future<Output = Result<Option<Vec<u8>>, Error>> + Send + 'a {
+        async move {
+            let client = s.client().await?;
+            let statement = prepared(&client, &s.sql.get).await?;
+            let row = client
+                .query_opt(&statement, &[&s.scope, &request.key])
+                .await
+                .map_err(pg_error)?;
+            Ok(row.map(|r| r.get(0)))
+        }
+    }
 
     fn key(request: &ReadRequest) -> &[u8] {
         &request.key

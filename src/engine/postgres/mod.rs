@@ -94,6 +94,12 @@ impl Shared {
         self.pool.get().await.map_err(pool_error)
     }
 
+    /// Tells waiters in every replica that `key`'s record changed (only when one marked it).
+    pub(crate) async fn notify(&self, client: &deadpool_postgres::Client, key: &[u8]) {
+        let tag = listen::tag_text(&listen::tag(&self.scope, key));
+        self.notify_all(client, &[tag]).await;
+    }
+
     /// Tells waiters in every replica that the records of `tags` (see `listen::tag_text`)
     /// changed. A notification that cannot be sent is left: waiters poll.
     async fn notify_all(&self, client: &deadpool_postgres::Client, tags: &[String]) {
@@ -271,6 +277,7 @@ fn millis(v: u64) -> i64 {
 }
 
 /// The columns derived from a record's header.
+#[derive(Clone, Copy)]
 pub(crate) struct Columns {
     pub(crate) state: i16,
     pub(crate) expires_ms: i64,
@@ -348,12 +355,6 @@ impl PgEngine {
                 Err(_) => Err(no_answer(limit)),
             }
         }
-    }
-
-    /// Tells waiters in every replica that `key`'s record changed (only when one marked it).
-    async fn notify(&self, client: &deadpool_postgres::Client, key: &[u8]) {
-        let tag = listen::tag_text(&listen::tag(&self.shared.scope, key));
-        self.shared.notify_all(client, &[tag]).await;
     }
 
     /// Ends the lease of every running claim in this engine's scope now, and stops renewing

@@ -11,8 +11,8 @@
 
 use std::time::Duration;
 
-use super::batch::Turn;
-use super::batched::{ClaimRequest, OutcomeRequest, ReadRequest};
+use super::batch::{BatchKind, Turn};
+use super::batched::{ClaimRequest, OutcomeRequest, ReadRequest, Reads};
 use super::{
     big, columns, digest, listen, millis, pg_error, prepared, schema, Param, PgEngine, RecordRow,
 };
@@ -27,18 +27,12 @@ impl PgEngine {
     pub(crate) async fn get_op(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
         let s = &self.shared;
         let request = ReadRequest { key: key.to_vec() };
-        // The place in flight is held until this statement ends.
-        let _place = match s.reads.turn(&self.shared, |s| &s.reads, request) {
-            Turn::Alone(place, _) => place,
-            Turn::Queued(queued) => return queued.answer().await,
-        };
-        let client = s.client().await?;
-        let statement = prepared(&client, &s.sql.get).await?;
-        let row = client
-            .query_opt(&statement, &[&s.scope, &key])
-            .await
-            .map_err(pg_error)?;
-        Ok(row.map(|r| r.get(0)))
+        match s.reads.turn(&self.shared, |s| &s.reads, request) {
+            Turn::Queued(queued) => queued.answer().await,
+            // A read is sent from this future (dropping it stops nothing that matters); the
+            // place in flight is held until it ends.
+            Turn::Alone(_place, request) => Reads::run_one(s, &request).await,
+        }
     }
 
     async fn page_op(&self, after: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error> {
@@ -81,7 +75,10 @@ impl PgEngine {
     }
 
     /// Claims `key`, which has no record: whether the claim was inserted (batched with other
-    /// callers' claims when some are on their way).
+    /// callers' claims when some are on their way). The statement runs in a task of the
+    /// engine's runtime either way, never in this future: a caller dropped while its claim is
+    /// on its way (an async call cancelled, a timeout) cannot stop the statement half-way, and
+    /// a claim written for a caller that has gone has its lease ended as soon as it lands.
     async fn claim_absent(&self, key: &[u8], claim: NewClaim) -> Result<bool, Error> {
         let s = &self.shared;
         let claim_digest = claim.digest.clone();
@@ -91,15 +88,7 @@ impl PgEngine {
         };
         let inserted = match s.claims.turn(&self.shared, |s| &s.claims, request) {
             Turn::Queued(queued) => queued.answer().await?,
-            Turn::Alone(_place, request) => {
-                let client = s.client().await?;
-                let statement = prepared(&client, &s.sql.claim_new).await?;
-                client
-                    .query_opt(&statement, &request.claim.params(&s.scope, &key))
-                    .await
-                    .map_err(pg_error)?
-                    .is_some()
-            }
+            Turn::Alone(place, request) => place.send(request).await?,
         };
         if inserted {
             s.leases.hold(key, claim_digest);
@@ -141,7 +130,7 @@ impl PgEngine {
             return Ok(match row {
                 Some(row) => {
                     if row.get::<_, bool>(0) {
-                        self.notify(&client, key).await;
+                        s.notify(&client, key).await;
                     }
                     true
                 }
@@ -149,33 +138,10 @@ impl PgEngine {
             });
         };
         let request = OutcomeRequest::of(key, bytes, held_digest)?;
-        // The place in flight is held until this statement ends.
-        let (_place, request) = match s.outcomes.turn(&self.shared, |s| &s.outcomes, request) {
-            Turn::Queued(queued) => return queued.answer().await,
-            Turn::Alone(place, request) => (place, request),
-        };
-        let row = RecordRow {
-            record: bytes,
-            digest: request.digest,
-            columns: request.columns,
-        };
-        let client = s.client().await?;
-        let statement = prepared(&client, &s.sql.finish).await?;
-        let mut params = row.params(&s.scope, &key).to_vec();
-        params.push(&request.held_digest);
-        let row = client
-            .query_opt(&statement, &params)
-            .await
-            .map_err(pg_error)?;
-        Ok(match row {
-            Some(row) => {
-                if row.get::<_, bool>(0) {
-                    self.notify(&client, key).await;
-                }
-                true
-            }
-            None => false,
-        })
+        match s.outcomes.turn(&self.shared, |s| &s.outcomes, request) {
+            Turn::Queued(queued) => queued.answer().await,
+            Turn::Alone(place, request) => place.send(request).await,
+        }
     }
 
     async fn write_step_op(&self, held: &Held<'_>, index: u32, step: &[u8]) -> Result<bool, Error> {
@@ -233,7 +199,7 @@ impl PgEngine {
                 // A holder in this process whose record went stops renewing it.
                 s.leases.let_go(key, &expected_digest);
                 if row.get::<_, bool>(0) {
-                    self.notify(&client, key).await;
+                    s.notify(&client, key).await;
                 }
                 Ok(true)
             }
@@ -390,7 +356,9 @@ impl PgEngine {
                 tokio::time::sleep(pause).await;
                 match end().await {
                     Ok(ended) if ended > 0 => return,
+                    // Not there yet, or its row locked by another transaction for a while.
                     Ok(_) => {}
+                    Err(Error::Storage(e)) if e.kind() == StorageKind::Busy => {}
                     Err(e) => {
                         tracing::debug!(error = %e, "could not end an interrupted claim's lease; it runs out");
                         return;
@@ -420,7 +388,7 @@ impl NewClaim {
     }
 
     /// `$1` to `$10` of every claim statement (schema.rs).
-    fn params<'a>(&'a self, scope: &'a String, key: &'a &'a [u8]) -> [Param<'a>; 10] {
+    pub(crate) fn params<'a>(&'a self, scope: &'a String, key: &'a &'a [u8]) -> [Param<'a>; 10] {
         let c = &self.columns;
         [
             scope,
@@ -440,7 +408,7 @@ impl NewClaim {
 /// Runs `op` again while a row it needs stays locked by another transaction: a holder's own
 /// write is refused only by fencing or a failure, never by a passing lock (the caller bounds
 /// the whole by the I/O timeout).
-async fn retry_busy<T, F, Fut>(mut op: F) -> Result<T, Error>
+pub(crate) async fn retry_busy<T, F, Fut>(mut op: F) -> Result<T, Error>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, Error>>,

@@ -29,11 +29,12 @@ use std::time::Duration;
 
 /// The layer's store key for `key` without a tenant, as src/api/http/mod.rs `scoped_key`
 /// computes it (checked against the store below, so a wrong copy fails loudly, not silently).
-/// (A short key without a tenant is stored as itself, length-prefixed.)
 fn scoped_key(key: &str) -> Vec<u8> {
-    let mut scoped = b"http/".to_vec();
-    scoped.push(0);
-    scoped.extend_from_slice(key.as_bytes());
+    let secret = blake3::derive_key("idemstore 2026-11 http idempotency key v2", b"");
+    let mut pair = vec![0u8];
+    pair.extend_from_slice(key.as_bytes());
+    let mut scoped = b"http:".to_vec();
+    scoped.extend_from_slice(blake3::keyed_hash(&secret, &pair).as_bytes());
     scoped
 }
 

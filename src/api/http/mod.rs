@@ -141,7 +141,19 @@ impl<S: Engine> IdempotencyLayer<S> {
     /// `Last-Modified`, `Cache-Control` and `Vary` are replayed; request bodies up to 1 MiB,
     /// stored response bodies up to 960 KiB; a running duplicate gets 409 with
     /// `Retry-After: 1`; records live the store's default TTL.
+    ///
+    /// Every record the layer writes is keyed by 37 bytes (a digest of tenant and key), so
+    /// the store's `max_key_bytes` must be at least 37 (the default is 256); below that,
+    /// requests with a key get a 500 problem (`store-key-limit`), and an error is logged here.
     pub fn new(store: Arc<Store<S>>) -> Self {
+        let limit = store.shared().settings.max_key_bytes;
+        if limit < STORE_KEY_LEN {
+            tracing::error!(
+                max_key_bytes = limit,
+                needed = STORE_KEY_LEN,
+                "the idempotency layer's keys do not fit this store's max_key_bytes"
+            );
+        }
         Self {
             store,
             settings: Arc::new(Settings {
@@ -400,11 +412,7 @@ where
             }
         }
     };
-    let store_key = scoped_key(
-        tenant.as_deref(),
-        &key,
-        layer.store.shared().settings.max_key_bytes,
-    );
+    let store_key = scoped_key(tenant.as_deref(), &key);
     let fingerprint = request_fingerprint(&head, &body, &settings.fingerprint_headers);
     // A replay read locally is answered here, without a task: a retry costs one read. User
     // code the store calls (its clock, serde) may panic here as in the task: a 500, never a
@@ -642,6 +650,12 @@ fn store_problem(e: &Error, settings: &Settings) -> Response<IdempotentBody> {
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
             return response;
         }
+        Error::KeyTooLong { .. } => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "store-key-limit",
+            "Idempotency store misconfigured",
+            "the store's max_key_bytes is below the 37 bytes every key of this layer takes",
+        ),
         Error::Interrupted { .. } => (
             StatusCode::CONFLICT,
             "request-interrupted",
@@ -677,39 +691,30 @@ fn store_problem(e: &Error, settings: &Settings) -> Response<IdempotentBody> {
     problem(status, cause, title, detail)
 }
 
-/// The store key of `key` for `tenant`, unique per (tenant, key): the pair itself, length-
-/// prefixed (`http/`), when it fits in `limit` bytes (readable in inspection and free to
-/// compute); otherwise a fixed-size digest of it (`http#`), so any valid key fits any store
-/// setting. The two prefixes differ, so a raw key and a digest never meet.
-fn scoped_key(tenant: Option<&str>, key: &str, limit: usize) -> Vec<u8> {
-    const RAW: &[u8] = b"http/";
-    let raw_len = RAW.len() + 1 + tenant.map_or(0, |t| 8 + t.len()) + key.len();
-    let mut scoped = Vec::with_capacity(raw_len.min(64));
-    let pair = |out: &mut dyn FnMut(&[u8])| {
-        match tenant {
-            Some(tenant) => {
-                out(&[1]);
-                out(&(tenant.len() as u64).to_le_bytes());
-                out(tenant.as_bytes());
-            }
-            None => out(&[0]),
+/// How long every store key the layer makes is: the store's `max_key_bytes` must be at least
+/// this (the default is 256).
+pub(crate) const STORE_KEY_LEN: usize = 5 + 32;
+
+/// The store key of `key` for `tenant`: `http:` and a keyed digest of the pair (tenant
+/// length-prefixed), so no two (tenant, key) pairs share one, and its length,
+/// [`STORE_KEY_LEN`], depends on nothing else (replicas whose settings differ file a request
+/// under the same key).
+fn scoped_key(tenant: Option<&str>, key: &str) -> Vec<u8> {
+    static SCOPED_KEY: LazyLock<[u8; 32]> =
+        LazyLock::new(|| blake3::derive_key("idemstore 2026-11 http idempotency key v2", b""));
+    let mut pair = Vec::with_capacity(9 + tenant.map_or(0, str::len) + key.len());
+    match tenant {
+        Some(tenant) => {
+            pair.push(1);
+            pair.extend_from_slice(&(tenant.len() as u64).to_le_bytes());
+            pair.extend_from_slice(tenant.as_bytes());
         }
-        out(key.as_bytes());
-    };
-    if raw_len <= limit {
-        scoped.extend_from_slice(RAW);
-        pair(&mut |bytes| scoped.extend_from_slice(bytes));
-        return scoped;
+        None => pair.push(0),
     }
-    static SCOPED_KEY: LazyLock<blake3::Hasher> = LazyLock::new(|| {
-        blake3::Hasher::new_derive_key("idemstore 2026-11 http idempotency key v1")
-    });
-    let mut h = SCOPED_KEY.clone();
-    pair(&mut |bytes| {
-        h.update(bytes);
-    });
-    scoped.extend_from_slice(b"http#");
-    scoped.extend_from_slice(h.finalize().as_bytes());
+    pair.extend_from_slice(key.as_bytes());
+    let mut scoped = Vec::with_capacity(STORE_KEY_LEN);
+    scoped.extend_from_slice(b"http:");
+    scoped.extend_from_slice(blake3::keyed_hash(&SCOPED_KEY, &pair).as_bytes());
     scoped
 }
 
@@ -755,10 +760,10 @@ fn request_fingerprint(
 
 #[cfg(test)]
 mod tests {
-    use super::scoped_key;
+    use super::{scoped_key, STORE_KEY_LEN};
 
     #[test]
-    fn store_keys_are_unique_per_tenant_and_key_and_always_fit() {
+    fn store_keys_are_unique_per_tenant_and_key_and_all_one_length() {
         let long = "k".repeat(255);
         let pairs = [
             (None, "abc"),
@@ -769,22 +774,18 @@ mod tests {
             (None, long.as_str()),
             (Some("tenant"), long.as_str()),
         ];
-        for limit in [16, 64, 256, 1024] {
-            let keys: Vec<Vec<u8>> = pairs
-                .iter()
-                .map(|(t, k)| scoped_key(*t, k, limit))
-                .collect();
-            for (i, a) in keys.iter().enumerate() {
-                assert!(a.len() <= limit.max(37), "{a:?} fits {limit}");
-                for b in &keys[i + 1..] {
-                    assert_ne!(a, b, "distinct pairs, distinct keys (limit {limit})");
-                }
+        let keys: Vec<Vec<u8>> = pairs.iter().map(|(t, k)| scoped_key(*t, k)).collect();
+        for (i, a) in keys.iter().enumerate() {
+            assert_eq!(a.len(), STORE_KEY_LEN);
+            assert!(a.starts_with(b"http:"));
+            for b in &keys[i + 1..] {
+                assert_ne!(a, b, "distinct pairs, distinct keys");
             }
         }
-        // Short pairs are stored as themselves; long ones as a digest of the pair.
-        assert_eq!(scoped_key(None, "abc", 256), b"http/\0abc".to_vec());
-        let digest = scoped_key(Some("tenant"), &long, 256);
-        assert!(digest.starts_with(b"http#") && digest.len() == 37);
-        assert_eq!(digest, scoped_key(Some("tenant"), &long, 256));
+        assert_eq!(
+            keys[0],
+            scoped_key(None, "abc"),
+            "the same pair, the same key"
+        );
     }
 }

@@ -170,16 +170,26 @@ impl<K: BatchKind> Alone<K> {
         let place = self;
         runtime.spawn(async move {
             let _place = place;
-            let limit = shared.io_timeout;
-            let answer = match tokio::time::timeout(limit, K::run_one(&shared, &request)).await {
-                Ok(answer) => answer,
-                Err(_) => Err(no_answer(limit)),
-            };
-            if let Err(Ok(answer)) = reply.send(answer) {
-                K::unanswered(&shared, request, answer);
-            }
+            answer_one::<K>(&shared, request, reply).await;
         });
         answer.await.unwrap_or_else(|_| Err(closed()))
+    }
+}
+
+/// Runs `request` as its own statement, bounded by the I/O timeout, and gives `reply` the
+/// answer; if its caller has gone, the answer is handled as [`BatchKind::unanswered`] says.
+async fn answer_one<K: BatchKind>(
+    shared: &Arc<Shared>,
+    request: K::Request,
+    reply: oneshot::Sender<Result<K::Answer, Error>>,
+) {
+    let limit = shared.io_timeout;
+    let answer = match tokio::time::timeout(limit, K::run_one(shared, &request)).await {
+        Ok(answer) => answer,
+        Err(_) => Err(no_answer(limit)),
+    };
+    if let Err(Ok(answer)) = reply.send(answer) {
+        K::unanswered(shared, request, answer);
     }
 }
 
@@ -262,16 +272,7 @@ fn drain<K: BatchKind>(shared: Arc<Shared>, batcher: fn(&Shared) -> &Batcher<K>)
                 Err(e) if rolled_back(&e) && requests.len() > 1 => {
                     for (request, reply) in requests.into_iter().zip(replies) {
                         let shared = Arc::clone(&shared);
-                        tokio::spawn(async move {
-                            let one = K::run_one(&shared, &request);
-                            let answer = match tokio::time::timeout(limit, one).await {
-                                Ok(answer) => answer,
-                                Err(_) => Err(no_answer(limit)),
-                            };
-                            if let Err(Ok(answer)) = reply.send(answer) {
-                                K::unanswered(&shared, request, answer);
-                            }
-                        });
+                        tokio::spawn(async move { answer_one::<K>(&shared, request, reply).await });
                     }
                 }
                 Err(e) => {

@@ -5,11 +5,11 @@
 
 mod common;
 
-use common::pg::{hex, pg_url, raw_session, PgSchema};
+use common::pg::{hold_in_session, pg_url, uncommitted_rows, PgSchema};
 use idemstore::{ExecuteError, StoreBuilder};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{mpsc, Barrier, Mutex};
+use std::sync::{Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 fn classify<T: std::fmt::Debug, E: std::fmt::Display>(
@@ -59,35 +59,11 @@ fn fresh_keys_beside_blocked_ones(statement_timeout: Option<Duration>) {
         .expect("open");
     // Another session inserts (uncommitted) rows for the blocked keys and keeps them 3 s.
     const BLOCKED: usize = 8;
-    let mut insert = format!(
-        "BEGIN; INSERT INTO \"{}\".records (scope, key, record, digest, state, expires_ms, \
-         claim_epoch, claim_seq, life_epoch, life_seq) VALUES ",
-        schema.name
+    let session = hold_in_session(
+        &url,
+        uncommitted_rows(&schema, (0..BLOCKED).map(|b| format!("blocked-{b}"))),
+        Duration::from_millis(3000),
     );
-    for b in 0..BLOCKED {
-        if b > 0 {
-            insert.push_str(", ");
-        }
-        insert.push_str(&format!(
-            "('', '\\x{}'::bytea, '\\x00', '\\x00', 1, 0, 0, 0, 0, 0)",
-            hex(format!("blocked-{b}").as_bytes())
-        ));
-    }
-    let (tx, rx) = mpsc::channel();
-    let session = {
-        let url = url.clone();
-        std::thread::spawn(move || {
-            raw_session(
-                url,
-                vec![
-                    (insert, Duration::from_millis(3000)),
-                    ("ROLLBACK".into(), Duration::ZERO),
-                ],
-                tx,
-            )
-        })
-    };
-    assert_eq!(rx.recv().unwrap(), 0);
     let t0 = Instant::now();
     let window = Duration::from_millis(2500);
     let wrong: Mutex<Vec<String>> = Mutex::new(Vec::new());

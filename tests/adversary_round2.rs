@@ -9,7 +9,7 @@ use axum::http::{HeaderName, Method, StatusCode};
 use axum::routing::post;
 use axum::Router;
 use common::http::{client, counted_create, runtime, send, send_method, serve, App};
-use common::pg::{hex, pg_url, raw_session, PgSchema};
+use common::pg::{hold_in_session, pg_url, raw_session, uncommitted_rows, PgSchema};
 use common::Scratch;
 use idemstore::http::IdempotencyLayer;
 use idemstore::{ExecuteError, PgStore, StoreBuilder};
@@ -679,35 +679,11 @@ fn a_resent_claim_whose_caller_dropped_has_its_lease_ended() {
          EXECUTE FUNCTION \"{s}\".slow()",
     );
     // Another session holds uncommitted rows for "blocked-" keys for 10 s.
-    let mut insert = format!(
-        "BEGIN; INSERT INTO \"{}\".records (scope, key, record, digest, state, expires_ms, \
-         claim_epoch, claim_seq, life_epoch, life_seq) VALUES ",
-        schema.name
+    let session = hold_in_session(
+        &url,
+        uncommitted_rows(&schema, (0..4).map(|b| format!("blocked-{b}"))),
+        Duration::from_secs(10),
     );
-    for b in 0..4 {
-        if b > 0 {
-            insert.push_str(", ");
-        }
-        insert.push_str(&format!(
-            "('', '\\x{}'::bytea, '\\x00', '\\x00', 1, 0, 0, 0, 0, 0)",
-            hex(format!("blocked-{b}").as_bytes())
-        ));
-    }
-    let (tx, rx) = mpsc::channel();
-    let session = {
-        let url = url.clone();
-        std::thread::spawn(move || {
-            raw_session(
-                url,
-                vec![
-                    (insert, Duration::from_secs(10)),
-                    ("ROLLBACK".into(), Duration::ZERO),
-                ],
-                tx,
-            )
-        })
-    };
-    assert_eq!(rx.recv().unwrap(), 0);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

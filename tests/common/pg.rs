@@ -139,3 +139,50 @@ pub fn raw_session(
         let _ = driver.await;
     });
 }
+
+/// `BEGIN` and an insert of a row for each of `keys` into `schema`'s records (completed-looking
+/// placeholders), for a session that keeps them uncommitted: a claim of one of those keys then
+/// waits on the row lock.
+pub fn uncommitted_rows<K: AsRef<[u8]>>(
+    schema: &PgSchema,
+    keys: impl IntoIterator<Item = K>,
+) -> String {
+    let rows: Vec<String> = keys
+        .into_iter()
+        .map(|k| {
+            format!(
+                "('', '\\x{}'::bytea, '\\x00', '\\x00', 1, 0, 0, 0, 0, 0)",
+                hex(k.as_ref())
+            )
+        })
+        .collect();
+    format!(
+        "BEGIN; INSERT INTO \"{}\".records (scope, key, record, digest, state, expires_ms, \
+         claim_epoch, claim_seq, life_epoch, life_seq) VALUES {}",
+        schema.name,
+        rows.join(", ")
+    )
+}
+
+/// Runs `statement` in a session of its own, keeps its transaction open for `hold`, then rolls
+/// it back; returns once `statement` ran, with the session's thread.
+pub fn hold_in_session(
+    url: &str,
+    statement: String,
+    hold: std::time::Duration,
+) -> std::thread::JoinHandle<()> {
+    let (ready, ran) = std::sync::mpsc::channel();
+    let url = url.to_owned();
+    let session = std::thread::spawn(move || {
+        raw_session(
+            url,
+            vec![
+                (statement, hold),
+                ("ROLLBACK".into(), std::time::Duration::ZERO),
+            ],
+            ready,
+        )
+    });
+    assert_eq!(ran.recv().expect("the session ran its statement"), 0);
+    session
+}

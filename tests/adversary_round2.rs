@@ -113,9 +113,8 @@ fn every_valid_key_fits_37_bytes_and_a_smaller_limit_is_a_clear_error() {
 /// with Idempotent-Replayed" (the handler runs once). Two replicas of one service share a
 /// PostgreSQL database; their stores differ only in `max_key_bytes` (a rolling config change:
 /// 64 on the old replica, 256 on the new). A retry of a request with an 80-character key that
-/// reaches the other replica must replay, not run the handler again. The store key now
-/// depends on `max_key_bytes` (raw pair when it fits, digest otherwise), so the two replicas
-/// look the same request up under different store keys.
+/// reaches the other replica must replay, not run the handler again: the store key depends on
+/// the (tenant, key) pair only, never on a store setting.
 #[test]
 fn replicas_with_different_max_key_bytes_agree_on_a_request_s_key() {
     let Some(url) = pg_url() else { return };
@@ -160,12 +159,11 @@ fn replicas_with_different_max_key_bytes_agree_on_a_request_s_key() {
     });
 }
 
-/// §15: "tenants never share a key". With `max_key_bytes` 48 (short pairs and long ones);
-/// every distinct pair (no tenant, the empty tenant,
-/// tenants that are prefixes of each other and of keys) runs its own handler once and replays
-/// its own response.
+/// §15: "tenants never share a key". Every distinct (tenant, key) pair (no tenant, the empty
+/// tenant, tenants that are prefixes of each other and of keys, short keys and long ones, on
+/// a store with `max_key_bytes` 48) runs its own handler once and replays its own response.
 #[test]
-fn raw_and_digest_store_keys_never_meet_across_tenants() {
+fn store_keys_never_meet_across_tenants() {
     let scratch = Scratch::new();
     let store = Arc::new(scratch.builder().max_key_bytes(48).open().expect("open"));
     runtime().block_on(async {

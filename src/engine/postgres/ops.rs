@@ -11,8 +11,8 @@
 
 use std::time::Duration;
 
-use super::batch::{BatchKind, Turn};
-use super::batched::{ClaimRequest, OutcomeRequest, ReadRequest, Reads};
+use super::batch::{closed, BatchKind, Turn};
+use super::batched::{ClaimRequest, Claims, OutcomeRequest, ReadRequest, Reads};
 use super::{
     big, columns, digest, listen, millis, pg_error, prepared, schema, Param, PgEngine, RecordRow,
 };
@@ -59,19 +59,34 @@ impl PgEngine {
         let Some(expected) = expected else {
             return self.claim_absent(key, claim).await;
         };
+        // A takeover of the exact record read. As a claim of an absent key, the statement runs
+        // in a task of the engine's runtime, so a caller dropped while it is on its way cannot
+        // stop it half-way, and a takeover written for a caller that has gone has its lease
+        // ended as it lands.
+        let claim_digest = claim.digest.clone();
         let expected_digest = digest(expected);
-        let client = s.client().await?;
-        let statement = prepared(&client, &s.sql.claim_over).await?;
-        let mut params = claim.params(&s.scope, &key).to_vec();
-        params.push(&expected_digest);
-        let row = client
-            .query_opt(&statement, &params)
-            .await
-            .map_err(pg_error)?;
-        if row.is_some() {
-            s.leases.hold(key, claim.digest);
+        let shared = std::sync::Arc::clone(&self.shared);
+        let request = ClaimRequest {
+            key: key.to_vec(),
+            claim,
+        };
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.bridge.spawn(async move {
+            let limit = shared.io_timeout;
+            let takeover = take_over(&shared, &request, &expected_digest);
+            let taken = match tokio::time::timeout(limit, takeover).await {
+                Ok(taken) => taken,
+                Err(_) => Err(super::no_answer(limit)),
+            };
+            if let Err(Ok(true)) = reply.send(taken) {
+                Claims::unanswered(&shared, request, true);
+            }
+        });
+        let taken = answer.await.unwrap_or_else(|_| Err(closed()))?;
+        if taken {
+            s.leases.hold(key, claim_digest);
         }
-        Ok(row.is_some())
+        Ok(taken)
     }
 
     /// Claims `key`, which has no record: whether the claim was inserted (batched with other
@@ -367,6 +382,25 @@ impl PgEngine {
             }
         });
     }
+}
+
+/// Takes `request.key` over (`claim_over`) from the exact record whose digest is `expected`:
+/// whether this claim replaced it.
+async fn take_over(
+    s: &super::Shared,
+    request: &ClaimRequest,
+    expected: &Vec<u8>,
+) -> Result<bool, Error> {
+    let client = s.client().await?;
+    let statement = prepared(&client, &s.sql.claim_over).await?;
+    let key = request.key.as_slice();
+    let mut params = request.claim.params(&s.scope, &key).to_vec();
+    params.push(expected);
+    let row = client
+        .query_opt(&statement, &params)
+        .await
+        .map_err(pg_error)?;
+    Ok(row.is_some())
 }
 
 /// A Pending record about to be claimed, with what its claim statements bind.

@@ -14,8 +14,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::batch::BatchKind;
-use super::ops::retry_busy;
-use super::ops::NewClaim;
+use super::ops::{retry_busy, NewClaim};
 use super::{columns, digest, listen, pg_error, prepared, Columns, RecordRow, Shared};
 use crate::error::Error;
 
@@ -114,10 +113,11 @@ impl BatchKind for Claims {
         if !claimed {
             return;
         }
-        // Nobody will run this claim: end its lease, so the next caller takes it over.
+        // Nobody will run this claim: end its lease, so the next caller takes it over (again
+        // while another transaction holds its row for a while, within the I/O timeout).
         let shared = Arc::clone(shared);
         tokio::spawn(async move {
-            let end = async {
+            let end = retry_busy(|| async {
                 let client = shared.client().await?;
                 client
                     .execute(
@@ -126,8 +126,12 @@ impl BatchKind for Claims {
                     )
                     .await
                     .map_err(pg_error)
+            });
+            let ended = match tokio::time::timeout(shared.io_timeout, end).await {
+                Ok(ended) => ended.map(drop),
+                Err(_) => Err(super::no_answer(shared.io_timeout)),
             };
-            if let Err(e) = end.await {
+            if let Err(e) = ended {
                 tracing::debug!(error = %e, "could not end an abandoned claim's lease; it runs out");
             }
         });

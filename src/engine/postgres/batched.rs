@@ -333,67 +333,11 @@ mod tests {
     //! each key's own row. Needs `IDEMSTORE_TEST_POSTGRES`.
 
     use super::*;
-    use crate::engine::postgres::{open, ops::NewClaim, PgEngine, PgSettings};
+    use crate::engine::postgres::fixtures::{drop_schema, engine, record};
+    use crate::engine::postgres::ops::NewClaim;
     use crate::engine::Engine;
-    use crate::format::record::{self, ClaimToken, Header, OutcomeKind, RecordState};
+    use crate::format::record::RecordState;
     use std::time::Duration;
-
-    fn record(state: RecordState, token: u64) -> Vec<u8> {
-        let claim = ClaimToken {
-            epoch: 1,
-            sequence: token,
-        };
-        let header = Header {
-            state,
-            outcome: match state {
-                RecordState::Completed => OutcomeKind::Stored,
-                _ => OutcomeKind::None,
-            },
-            attempts: 1,
-            created_ms: 0,
-            updated_ms: 0,
-            expires_ms: u64::MAX >> 2,
-            claim,
-            fingerprint: None,
-            has_steps: false,
-            life: claim,
-            codec: crate::format::codec::Codec::Bincode,
-            shape: None,
-        };
-        let payload = match state {
-            RecordState::Completed => token.to_le_bytes().to_vec(),
-            _ => Vec::new(),
-        };
-        record::encode(&header, &payload)
-    }
-
-    fn engine(schema: &str) -> Option<PgEngine> {
-        let url = std::env::var("IDEMSTORE_TEST_POSTGRES").ok()?;
-        let settings = PgSettings {
-            config: url.parse().expect("connection string"),
-            schema: schema.to_owned(),
-            scope: String::new(),
-            pool_size: 4,
-            lease: Duration::from_secs(30),
-            connect_timeout: Duration::from_secs(10),
-            statement_timeout: None,
-            io_timeout: Duration::from_secs(30),
-            synchronous_commit: true,
-        };
-        Some(open(settings).expect("open").engine)
-    }
-
-    fn drop_schema(engine: &PgEngine, schema: &str) {
-        engine
-            .run(async {
-                let client = engine.shared.client().await?;
-                client
-                    .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
-                    .await
-                    .map_err(pg_error)
-            })
-            .expect("drop the schema");
-    }
 
     fn claim(key: &[u8], token: u64) -> ClaimRequest {
         ClaimRequest {
@@ -410,7 +354,7 @@ mod tests {
     #[test]
     fn batched_statements_answer_each_request_as_its_own_statement_would() {
         let schema = format!("unit_batched_{}", std::process::id());
-        let Some(engine) = engine(&schema) else {
+        let Some(engine) = engine(&schema, 4) else {
             return;
         };
         let s = &engine.shared;
@@ -480,7 +424,7 @@ mod tests {
     #[test]
     fn a_crowd_claiming_one_key_gets_one_claim() {
         let schema = format!("unit_batched_crowd_{}", std::process::id());
-        let Some(engine) = engine(&schema) else {
+        let Some(engine) = engine(&schema, 4) else {
             return;
         };
         // Distinct keys and one shared key, from many threads at once: the shared key is

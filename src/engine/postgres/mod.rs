@@ -393,27 +393,31 @@ impl std::fmt::Debug for PgEngine {
 }
 
 #[cfg(test)]
-mod tests {
-    //! The claim statement's own guard, which the driver's liveness check normally makes
-    //! redundant: it is what holds when a holder renews between another replica's look at its
-    //! lease and that replica's claim. Needs `IDEMSTORE_TEST_POSTGRES`.
+pub(crate) mod fixtures {
+    //! What the engine's own tests share: a record of a given state, an engine on the test
+    //! server (`IDEMSTORE_TEST_POSTGRES`; `None` when unset), and dropping its schema.
 
     use super::*;
-    use crate::engine::Engine;
     use crate::format::record::{ClaimToken, Header, OutcomeKind, RecordState};
 
-    fn pending(token: u64) -> Vec<u8> {
+    /// A record in `state` with claim token `token` (a completed one holds the token's bytes).
+    pub(crate) fn record(state: RecordState, token: u64) -> Vec<u8> {
         let claim = ClaimToken {
             epoch: 1,
             sequence: token,
         };
+        let completed = state == RecordState::Completed;
         let header = Header {
-            state: RecordState::Pending,
-            outcome: OutcomeKind::None,
+            state,
+            outcome: if completed {
+                OutcomeKind::Stored
+            } else {
+                OutcomeKind::None
+            },
             attempts: 1,
             created_ms: 0,
             updated_ms: 0,
-            expires_ms: u64::MAX,
+            expires_ms: u64::MAX >> 2,
             claim,
             fingerprint: None,
             has_steps: false,
@@ -421,33 +425,33 @@ mod tests {
             codec: crate::format::codec::Codec::Bincode,
             shape: None,
         };
-        record::encode(&header, &[])
+        let payload = if completed {
+            token.to_le_bytes().to_vec()
+        } else {
+            Vec::new()
+        };
+        record::encode(&header, &payload)
     }
 
-    #[test]
-    fn a_claim_never_replaces_a_pending_record_whose_lease_runs() {
-        let Ok(url) = std::env::var("IDEMSTORE_TEST_POSTGRES") else {
-            return;
-        };
-        let schema = format!("unit_{}", std::process::id());
+    /// An engine in `schema` with a pool of `pool_size` and a 30 s lease.
+    pub(crate) fn engine(schema: &str, pool_size: usize) -> Option<PgEngine> {
+        let url = std::env::var("IDEMSTORE_TEST_POSTGRES").ok()?;
         let settings = PgSettings {
             config: url.parse().expect("connection string"),
-            schema: schema.clone(),
+            schema: schema.to_owned(),
             scope: String::new(),
-            pool_size: 2,
+            pool_size,
             lease: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
             statement_timeout: None,
             io_timeout: Duration::from_secs(30),
             synchronous_commit: true,
         };
-        let engine = open(settings).expect("open").engine;
-        let first = pending(1);
-        assert!(engine.claim(b"k", None, first.clone()).expect("claim"));
-        // Another replica that (wrongly) believes the holder dead: refused while the lease runs.
-        assert!(!engine.claim(b"k", Some(&first), pending(2)).expect("claim"));
-        engine.lapse_leases().expect("lapse");
-        assert!(engine.claim(b"k", Some(&first), pending(3)).expect("claim"));
+        Some(open(settings).expect("open").engine)
+    }
+
+    /// Drops `schema` and everything in it.
+    pub(crate) fn drop_schema(engine: &PgEngine, schema: &str) {
         engine
             .run(async {
                 let client = engine.shared.client().await?;
@@ -457,5 +461,35 @@ mod tests {
                     .map_err(pg_error)
             })
             .expect("drop the schema");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The claim statement's own guard, which the driver's liveness check normally makes
+    //! redundant: it is what holds when a holder renews between another replica's look at its
+    //! lease and that replica's claim. Needs `IDEMSTORE_TEST_POSTGRES`.
+
+    use super::fixtures::{drop_schema, engine, record};
+    use crate::engine::Engine;
+    use crate::format::record::RecordState;
+
+    fn pending(token: u64) -> Vec<u8> {
+        record(RecordState::Pending, token)
+    }
+
+    #[test]
+    fn a_claim_never_replaces_a_pending_record_whose_lease_runs() {
+        let schema = format!("unit_{}", std::process::id());
+        let Some(engine) = engine(&schema, 2) else {
+            return;
+        };
+        let first = pending(1);
+        assert!(engine.claim(b"k", None, first.clone()).expect("claim"));
+        // Another replica that (wrongly) believes the holder dead: refused while the lease runs.
+        assert!(!engine.claim(b"k", Some(&first), pending(2)).expect("claim"));
+        engine.lapse_leases().expect("lapse");
+        assert!(engine.claim(b"k", Some(&first), pending(3)).expect("claim"));
+        drop_schema(&engine, &schema);
     }
 }

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
-use super::{no_answer, Shared};
+use super::{bounded, Shared};
 use crate::error::{Error, StorageError, StorageKind};
 
 /// The most requests one batch statement carries.
@@ -183,11 +183,7 @@ async fn answer_one<K: BatchKind>(
     request: K::Request,
     reply: oneshot::Sender<Result<K::Answer, Error>>,
 ) {
-    let limit = shared.io_timeout;
-    let answer = match tokio::time::timeout(limit, K::run_one(shared, &request)).await {
-        Ok(answer) => answer,
-        Err(_) => Err(no_answer(limit)),
-    };
+    let answer = bounded(shared.io_timeout, K::run_one(shared, &request)).await;
     if let Err(Ok(answer)) = reply.send(answer) {
         K::unanswered(shared, request, answer);
     }
@@ -251,12 +247,7 @@ fn drain<K: BatchKind>(shared: Arc<Shared>, batcher: fn(&Shared) -> &Batcher<K>)
             }
             let (requests, replies): (Vec<_>, Vec<_>) =
                 batch.into_iter().map(|w| (w.request, w.reply)).unzip();
-            let limit = shared.io_timeout;
-            let answers = match tokio::time::timeout(limit, K::run(&shared, &requests)).await {
-                Ok(answers) => answers,
-                Err(_) => Err(no_answer(limit)),
-            };
-            match answers {
+            match bounded(shared.io_timeout, K::run(&shared, &requests)).await {
                 Ok(answers) => {
                     for ((request, reply), answer) in requests.into_iter().zip(replies).zip(answers)
                     {

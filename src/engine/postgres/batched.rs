@@ -127,11 +127,7 @@ impl BatchKind for Claims {
                     .await
                     .map_err(pg_error)
             });
-            let ended = match tokio::time::timeout(shared.io_timeout, end).await {
-                Ok(ended) => ended.map(drop),
-                Err(_) => Err(super::no_answer(shared.io_timeout)),
-            };
-            if let Err(e) = ended {
+            if let Err(e) = super::bounded(shared.io_timeout, end).await {
                 tracing::debug!(error = %e, "could not end an abandoned claim's lease; it runs out");
             }
         });

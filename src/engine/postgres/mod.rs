@@ -241,6 +241,16 @@ pub(crate) fn pg_error(e: tokio_postgres::Error) -> Error {
     storage(e, kind)
 }
 
+/// `f`, failing with [`no_answer`] if it has not finished within `limit`.
+pub(crate) async fn bounded<T>(
+    limit: Duration,
+    f: impl std::future::Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    tokio::time::timeout(limit, f)
+        .await
+        .unwrap_or_else(|_| Err(no_answer(limit)))
+}
+
 /// The error of an operation the database did not answer within `limit`.
 pub(crate) fn no_answer(limit: Duration) -> Error {
     storage(
@@ -348,13 +358,7 @@ impl PgEngine {
         &self,
         f: impl std::future::Future<Output = Result<T, Error>> + Send,
     ) -> impl std::future::Future<Output = Result<T, Error>> + Send {
-        let limit = self.shared.io_timeout;
-        async move {
-            match tokio::time::timeout(limit, f).await {
-                Ok(done) => done,
-                Err(_) => Err(no_answer(limit)),
-            }
-        }
+        bounded(self.shared.io_timeout, f)
     }
 
     /// Ends the lease of every running claim in this engine's scope now, and stops renewing

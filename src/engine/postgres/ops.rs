@@ -72,12 +72,8 @@ impl PgEngine {
         };
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.bridge.spawn(async move {
-            let limit = shared.io_timeout;
             let takeover = take_over(&shared, &request, &expected_digest);
-            let taken = match tokio::time::timeout(limit, takeover).await {
-                Ok(taken) => taken,
-                Err(_) => Err(super::no_answer(limit)),
-            };
+            let taken = super::bounded(shared.io_timeout, takeover).await;
             if let Err(Ok(true)) = reply.send(taken) {
                 Claims::unanswered(&shared, request, true);
             }

@@ -499,10 +499,18 @@ impl<S: Engine> Drop for RunGuard<'_, S> {
                     tracing::error!(key = %KeyHash(self.held.key), error = %e, "could not record an unwound run");
                 }
             }
-            // Nothing is written here: the write on its way lands or not, and a claim it did
-            // not replace is an orphan at once (the engine ends its lease), never overwritten
-            // by a guess, and this drop never blocks the runtime thread it runs on.
-            Phase::Claimed | Phase::Running | Phase::Writing => {
+            // The write on its way lands or not; the drop writes nothing and never blocks. The
+            // claim's lease is not ended: ended, another replica could take the key over and
+            // run the operation again while its outcome is still on its way. If the write
+            // failed, the claim is an orphan once its lease runs out.
+            Phase::Writing => {
+                tracing::warn!(
+                    key = %KeyHash(self.held.key),
+                    "call dropped while its outcome was being written"
+                );
+                self.state.engine.abandon(&self.held);
+            }
+            Phase::Claimed | Phase::Running => {
                 tracing::warn!(
                     key = %KeyHash(self.held.key),
                     "call dropped while it held its claim; the claim is left to the orphan policy"

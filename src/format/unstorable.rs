@@ -46,26 +46,27 @@ pub(crate) fn record(
 
 /// The error a recorded unstorable outcome replays as; `None` for other kinds.
 pub(crate) fn replay(key: &[u8], kind: OutcomeKind, payload: &[u8]) -> Option<Error> {
-    let key = KeyName::new(key);
+    // The key's name is made only for an error: a stored outcome's replay allocates nothing here.
+    let key = || KeyName::new(key);
     match kind {
         OutcomeKind::TooLarge => Some(
             payload
                 .split_first_chunk::<8>()
                 .and_then(|(size, rest)| Some((*size, <[u8; 8]>::try_from(rest).ok()?)))
-                .map_or(
-                    Error::CorruptRecord {
-                        key: key.clone(),
+                .map_or_else(
+                    || Error::CorruptRecord {
+                        key: key(),
                         reason: "bad size note",
                     },
                     |(size, limit)| Error::ResultTooLarge {
-                        key: key.clone(),
+                        key: key(),
                         size: u64::from_le_bytes(size),
                         limit: u64::from_le_bytes(limit),
                     },
                 ),
         ),
         OutcomeKind::NotEncodable => Some(Error::ResultNotEncodable {
-            key,
+            key: key(),
             message: String::from_utf8_lossy(payload).into_owned(),
         }),
         OutcomeKind::None | OutcomeKind::Stored => None,

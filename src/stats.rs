@@ -168,18 +168,23 @@ impl CallTimer {
     /// Reports the call's latency as a replay or a run, by its result; a store error is not a
     /// latency of either.
     pub(crate) fn finish<T, E>(self, result: &Result<Outcome<T>, ExecuteError<E>>) {
+        let replayed = match result {
+            Ok(outcome) => outcome.is_replayed(),
+            Err(ExecuteError::Operation { replayed, .. }) => *replayed,
+            Err(ExecuteError::Store(_)) => return,
+        };
+        self.finish_as(replayed);
+    }
+
+    /// Reports the call's latency as a replay (`true`) or a run.
+    pub(crate) fn finish_as(self, replayed: bool) {
         #[cfg(feature = "metrics")]
         {
-            let replayed = match result {
-                Ok(outcome) => outcome.is_replayed(),
-                Err(ExecuteError::Operation { replayed, .. }) => *replayed,
-                Err(ExecuteError::Store(_)) => return,
-            };
             let name = METRIC_NAMES.histograms[usize::from(!replayed)].0;
             metrics::histogram!(name).record(self.started.elapsed().as_secs_f64());
         }
         #[cfg(not(feature = "metrics"))]
-        let _ = result;
+        let _ = replayed;
     }
 }
 

@@ -13,11 +13,13 @@ use crate::api::call::Call;
 use crate::api::store::Store;
 use crate::core::outcome::Outcome;
 use crate::core::policy::ErrorPolicy;
+use crate::core::replay::replay;
 use crate::driver::async_context::AsyncContext;
 use crate::driver::execute::{try_replay, QuickLook, ReadAbsent};
 use crate::driver::execute_async::execute_async;
 use crate::engine::Engine;
 use crate::error::ExecuteError;
+use crate::format::record::Record;
 use crate::stats::CallTimer;
 
 #[allow(private_bounds)]
@@ -141,10 +143,24 @@ impl<P, S: Engine> Call<'_, '_, P, S> {
         T: Serialize + DeserializeOwned,
         P: ErrorPolicy<E>,
     {
+        let key = self.key;
+        self.quick_look_with(|rec| replay(key, rec, &self.policy))
+    }
+
+    /// As [`quick_look`](Self::quick_look), with `answer` making what a recorded outcome
+    /// replays as from its record (a caller that reads the payload in place).
+    pub(crate) fn quick_look_with<R, E>(
+        &self,
+        answer: impl FnOnce(&Record<'_>) -> Result<R, ExecuteError<E>>,
+    ) -> QuickLook<Result<R, ExecuteError<E>>> {
         let timer = CallTimer::start();
-        let look = try_replay(self.store.shared(), self.key, &self.options, &self.policy);
-        if let QuickLook::Answered(result) = &look {
-            timer.finish(result);
+        let look = try_replay(self.store.shared(), self.key, &self.options, answer);
+        match &look {
+            QuickLook::Answered(Ok(_)) => timer.finish_as(true),
+            QuickLook::Answered(Err(ExecuteError::Operation { replayed, .. })) => {
+                timer.finish_as(*replayed)
+            }
+            QuickLook::Answered(Err(ExecuteError::Store(_))) | QuickLook::Unanswered(_) => {}
         }
         look
     }

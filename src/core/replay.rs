@@ -16,6 +16,34 @@ use crate::format::record::{DecodeError, OutcomeKind, Record, RecordState};
 use crate::format::unstorable;
 use crate::key::KeyName;
 
+/// What a terminal record holds for its caller, before any decoding.
+pub(crate) enum Recorded<'a> {
+    /// A completed call's result, encoded.
+    Value(&'a [u8]),
+    /// A permanent error the operation returned, encoded.
+    PermanentError(&'a [u8]),
+}
+
+/// What `rec` (a terminal record of `key`) holds: a stored result or error, or the typed error
+/// an unstorable outcome gives.
+pub(crate) fn recorded<'a>(key: &[u8], rec: &Record<'a>) -> Result<Recorded<'a>, Error> {
+    let h = &rec.header;
+    if let Some(error) = unstorable::replay(key, h.outcome, rec.payload) {
+        return Err(error);
+    }
+    match (h.state, h.outcome) {
+        (RecordState::Completed, OutcomeKind::Stored) => Ok(Recorded::Value(rec.payload)),
+        (RecordState::FailedPermanent, OutcomeKind::Stored) => {
+            Ok(Recorded::PermanentError(rec.payload))
+        }
+        // record::decode admits no other terminal combination.
+        _ => Err(Error::CorruptRecord {
+            key: KeyName::new(key),
+            reason: "outcome kind does not match state",
+        }),
+    }
+}
+
 /// The outcome recorded in `rec` (a terminal record of `key`), as the caller receives it.
 pub(crate) fn replay<T, E, P>(
     key: &[u8],
@@ -28,46 +56,29 @@ where
 {
     let name = || KeyName::new(key);
     let h = &rec.header;
-    if let Some(error) = unstorable::replay(key, h.outcome, rec.payload) {
-        return Err(error.into());
-    }
-    match (h.state, h.outcome) {
-        (RecordState::Completed, OutcomeKind::Stored) => {
-            match codec::decode::<T>(rec.payload, h.codec, h.shape) {
-                Ok(value) => Ok(Outcome::new(
-                    value,
-                    true,
-                    RecordInfo::new(h, rec.payload.len()),
-                )),
-                Err(message) => Err(Error::Decode {
-                    key: name(),
-                    what: "result",
-                    message,
-                }
-                .into()),
+    match recorded(key, rec)? {
+        Recorded::Value(payload) => match codec::decode::<T>(payload, h.codec, h.shape) {
+            Ok(value) => Ok(Outcome::new(value, true, RecordInfo::new(h, payload.len()))),
+            Err(message) => Err(Error::Decode {
+                key: name(),
+                what: "result",
+                message,
             }
-        }
-        (RecordState::FailedPermanent, OutcomeKind::Stored) => {
-            match policy.decode(rec.payload, h.codec, h.shape) {
-                Some(Ok(error)) => Err(ExecuteError::Operation {
-                    error,
-                    replayed: true,
-                }),
-                Some(Err(message)) => Err(Error::Decode {
-                    key: name(),
-                    what: "error",
-                    message,
-                }
-                .into()),
-                None => Err(Error::PermanentErrorRecorded { key: name() }.into()),
+            .into()),
+        },
+        Recorded::PermanentError(payload) => match policy.decode(payload, h.codec, h.shape) {
+            Some(Ok(error)) => Err(ExecuteError::Operation {
+                error,
+                replayed: true,
+            }),
+            Some(Err(message)) => Err(Error::Decode {
+                key: name(),
+                what: "error",
+                message,
             }
-        }
-        // record::decode admits no other terminal combination.
-        _ => Err(Error::CorruptRecord {
-            key: name(),
-            reason: "outcome kind does not match state",
-        }
-        .into()),
+            .into()),
+            None => Err(Error::PermanentErrorRecorded { key: name() }.into()),
+        },
     }
 }
 

@@ -517,22 +517,20 @@ pub(crate) enum QuickLook<R> {
 }
 
 /// A replay answered from one local read, for callers that would pay for a run's setup
-/// before the full call: the outcome when the key's record is a durable live outcome, the
-/// refusal when the rules refuse; otherwise unanswered, saying whether the key was absent. Only
-/// an engine that reads in place and reads before it claims is read here (elsewhere a read
-/// is a round trip, which async code must not wait for synchronously, or one the full call
-/// does not make).
+/// before the full call: `answer` of the record when the key's record is a durable live
+/// outcome, the refusal when the rules refuse; otherwise unanswered, saying whether the key was
+/// absent. Only an engine that reads in place and reads before it claims is read here
+/// (elsewhere a read is a round trip, which async code must not wait for synchronously, or one
+/// the full call does not make).
 #[cfg(feature = "tokio")]
-pub(crate) fn try_replay<S, T, E, P>(
+pub(crate) fn try_replay<S, R, E>(
     state: &StoreState<S>,
     key: &[u8],
     options: &CallOptions,
-    policy: &P,
-) -> QuickLook<Result<Outcome<T>, ExecuteError<E>>>
+    answer: impl FnOnce(&record::Record<'_>) -> Result<R, ExecuteError<E>>,
+) -> QuickLook<Result<R, ExecuteError<E>>>
 where
     S: Engine,
-    T: Serialize + DeserializeOwned,
-    P: ErrorPolicy<E>,
 {
     if state.engine.claims_first() || !state.engine.reads_in_place() {
         return QuickLook::Unanswered(None);
@@ -542,7 +540,11 @@ where
         let stored = state.engine.get(key)?;
         let (first, look) = look(state, key, options, stored.as_ref().map(AsRef::as_ref))?;
         Ok(match (look, first) {
-            (Look::Replay, Some(rec)) => QuickLook::Answered(replayed(state, key, &rec, policy)),
+            (Look::Replay, Some(rec)) => QuickLook::Answered(
+                note_replay(state, key)
+                    .map_err(Into::into)
+                    .and_then(|()| answer(&rec)),
+            ),
             (Look::Refuse(refusal), _) => {
                 QuickLook::Answered(Err(refused(state, key, refusal).into()))
             }
@@ -576,10 +578,17 @@ where
     T: Serialize + DeserializeOwned,
     P: ErrorPolicy<E>,
 {
+    note_replay(state, key)?;
+    replay(key, rec, policy)
+}
+
+/// What every replay of a recorded outcome does before decoding it: waits until what it shows
+/// is durable, and counts it.
+fn note_replay<S: Engine>(state: &StoreState<S>, key: &[u8]) -> Result<(), Error> {
     state.durable_before_showing(false)?;
     Counters::bump(&state.counters.replays);
     tracing::trace!(key = %KeyHash(key), "replaying recorded outcome");
-    replay(key, rec, policy)
+    Ok(())
 }
 
 /// As [`refused`], for a refusal decided on a record read as leader: an `Interrupted` shows a

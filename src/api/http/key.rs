@@ -40,8 +40,29 @@ impl BadKey {
     }
 }
 
+/// A key as the request sent it, unquoted: 1 to [`MAX_KEY_LEN`] printable ASCII bytes, held
+/// inline (a request's key costs no allocation).
+pub(crate) struct Key {
+    bytes: [u8; MAX_KEY_LEN],
+    len: usize,
+}
+
+impl Key {
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+
+    /// Appends `b`; refused past [`MAX_KEY_LEN`].
+    fn push(&mut self, b: u8) -> Result<(), BadKey> {
+        let slot = self.bytes.get_mut(self.len).ok_or(BadKey::TooLong)?;
+        *slot = b;
+        self.len += 1;
+        Ok(())
+    }
+}
+
 /// The request's idempotency key: `None` if it has none.
-pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, BadKey> {
+pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<Option<Key>, BadKey> {
     let mut values = headers.get_all(&HEADER_NAME).iter();
     let Some(value) = values.next() else {
         return Ok(None);
@@ -49,39 +70,41 @@ pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Bad
     if values.next().is_some() {
         return Err(BadKey::Repeated);
     }
-    let raw = value.to_str().map_err(|_| BadKey::Malformed)?;
-    let key = match raw.strip_prefix('"') {
-        Some(quoted) => unquote(quoted)?,
-        None => bare(raw)?,
+    let raw = value.as_bytes();
+    let key = match raw.split_first() {
+        Some((b'"', quoted)) => unquote(quoted)?,
+        _ => bare(raw)?,
     };
-    match key.len() {
+    match key.len {
         0 => Err(BadKey::Empty),
-        n if n > MAX_KEY_LEN => Err(BadKey::TooLong),
         _ => Ok(Some(key)),
     }
 }
 
-fn printable(c: char) -> bool {
-    (' '..='~').contains(&c)
+fn printable(b: u8) -> bool {
+    (b' '..=b'~').contains(&b)
 }
 
 /// The inside of a structured-field string, from after its opening quote.
-fn unquote(rest: &str) -> Result<String, BadKey> {
-    let mut key = String::with_capacity(rest.len());
-    let mut chars = rest.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '\\' => match chars.next() {
-                Some(e @ ('"' | '\\')) => key.push(e),
+fn unquote(rest: &[u8]) -> Result<Key, BadKey> {
+    let mut key = Key {
+        bytes: [0; MAX_KEY_LEN],
+        len: 0,
+    };
+    let mut bytes = rest.iter();
+    while let Some(&b) = bytes.next() {
+        match b {
+            b'\\' => match bytes.next() {
+                Some(&e @ (b'"' | b'\\')) => key.push(e)?,
                 _ => return Err(BadKey::Malformed),
             },
-            '"' => {
-                return match chars.as_str() {
-                    "" => Ok(key),
+            b'"' => {
+                return match bytes.as_slice() {
+                    [] => Ok(key),
                     _ => Err(BadKey::Malformed),
                 }
             }
-            c if printable(c) => key.push(c),
+            b if printable(b) => key.push(b)?,
             _ => return Err(BadKey::Malformed),
         }
     }
@@ -89,12 +112,22 @@ fn unquote(rest: &str) -> Result<String, BadKey> {
 }
 
 /// A bare key: printable, no quote, no surrounding space.
-fn bare(raw: &str) -> Result<String, BadKey> {
-    let ok = raw.chars().all(|c| printable(c) && c != '"') && raw.trim() == raw;
-    match ok {
-        true => Ok(raw.to_owned()),
-        false => Err(BadKey::Malformed),
+fn bare(raw: &[u8]) -> Result<Key, BadKey> {
+    let ok = raw.iter().all(|&b| printable(b) && b != b'"')
+        && raw.first() != Some(&b' ')
+        && raw.last() != Some(&b' ');
+    if !ok {
+        return Err(BadKey::Malformed);
     }
+    let mut key = Key {
+        bytes: [0; MAX_KEY_LEN],
+        len: raw.len(),
+    };
+    key.bytes
+        .get_mut(..raw.len())
+        .ok_or(BadKey::TooLong)?
+        .copy_from_slice(raw);
+    Ok(key)
 }
 
 #[cfg(test)]
@@ -107,7 +140,8 @@ mod tests {
         for v in values {
             headers.append(HEADER, HeaderValue::from_bytes(v).expect("header value"));
         }
-        idempotency_key(&headers)
+        let key = idempotency_key(&headers)?;
+        Ok(key.map(|k| String::from_utf8(k.as_bytes().to_vec()).expect("printable ASCII")))
     }
 
     #[test]

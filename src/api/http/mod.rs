@@ -19,6 +19,7 @@
 //! - the handler runs in a task of its own: a client that disconnects does not cancel it,
 //!   and its response is recorded for the retry.
 
+mod gather;
 mod key;
 mod problem;
 mod response;
@@ -33,13 +34,18 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use crate::api::store::Store;
+use crate::core::replay::{recorded, Recorded};
 use crate::driver::execute::QuickLook;
 use crate::engine::sled::SledEngine;
 use crate::engine::Engine;
 use crate::error::{Error, ExecuteError};
 use crate::format::fingerprint::Fingerprint;
+use crate::format::record::Record;
+use crate::key::KeyName;
+use gather::Gather;
 use problem::problem;
 use response::{boxed, collect_limited, full, with_trailers, Collected, StoredResponse};
+use std::convert::Infallible;
 
 mod body;
 
@@ -412,7 +418,7 @@ where
             }
         }
     };
-    let store_key = scoped_key(tenant.as_deref(), &key);
+    let store_key = scoped_key(tenant.as_deref(), key.as_bytes());
     let fingerprint = request_fingerprint(&head, &body, &settings.fingerprint_headers);
     // A replay read locally is answered here, without a task: a retry costs one read. User
     // code the store calls (its clock, serde) may panic here as in the task: a 500, never a
@@ -422,7 +428,7 @@ where
             .store
             .call(&store_key)
             .fingerprint(fingerprint)
-            .quick_look::<StoredResponse, NotStored<Svc::Error>>()
+            .quick_look_with(|rec| replay_record(&store_key, rec))
     }));
     let Ok(quick_look) = quick_look else {
         return Ok(problem(
@@ -434,10 +440,9 @@ where
         ));
     };
     let read_absent = match quick_look {
-        QuickLook::Answered(Ok(stored)) => return Ok(replay(stored.into_value())),
+        QuickLook::Answered(Ok(response)) => return Ok(response),
         QuickLook::Answered(Err(ExecuteError::Store(e))) => return Ok(store_problem(&e, settings)),
-        // Never answered so (the layer's errors are not stored): the call answers.
-        QuickLook::Answered(Err(ExecuteError::Operation { .. })) => None,
+        QuickLook::Answered(Err(ExecuteError::Operation { error, .. })) => match error {},
         // Not a replay: the call goes on (from "absent", if the key was).
         QuickLook::Unanswered(read_absent) => read_absent,
     };
@@ -491,7 +496,7 @@ where
     let live = live.lock().take();
     match (outcome, live) {
         (Ok(_), Some(response)) => Ok(response),
-        (Ok(stored), None) => Ok(replay(stored.into_value())),
+        (Ok(stored), None) => Ok(stored.into_value().replay()),
         (
             Err(ExecuteError::Operation {
                 error: NotStored::Released(response),
@@ -600,28 +605,29 @@ where
     }
 }
 
-/// The replay of a stored response.
-fn replay(stored: StoredResponse) -> Response<IdempotentBody> {
-    if let Some(read) = stored.omitted_after {
-        return problem(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "response-not-stored",
-            "Original response too large to replay",
-            &format!(
-                "the request ran once and answered {}, with a body over the {read}-byte \
-                 limit this endpoint stores; it is not run again",
-                stored.status
-            ),
-        );
+/// The replay of `rec`, a recorded outcome of `key`: a stored response, read in place.
+fn replay_record(
+    key: &[u8],
+    rec: &Record<'_>,
+) -> Result<Response<IdempotentBody>, ExecuteError<Infallible>> {
+    let h = &rec.header;
+    match recorded(key, rec)? {
+        Recorded::Value(payload) => {
+            response::replay_payload(payload, h.codec, h.shape).map_err(|message| {
+                Error::Decode {
+                    key: KeyName::new(key),
+                    what: "result",
+                    message,
+                }
+                .into()
+            })
+        }
+        // The layer records no errors: its handler's failures are released, never stored.
+        Recorded::PermanentError(_) => Err(Error::PermanentErrorRecorded {
+            key: KeyName::new(key),
+        }
+        .into()),
     }
-    stored.replay().unwrap_or_else(|| {
-        problem(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "response-not-stored",
-            "Stored response unreadable",
-            "the stored response for this key no longer makes a response",
-        )
-    })
 }
 
 /// The answer for a store error.
@@ -699,22 +705,22 @@ pub(crate) const STORE_KEY_LEN: usize = 5 + 32;
 /// length-prefixed), so no two (tenant, key) pairs share one, and its length,
 /// [`STORE_KEY_LEN`], depends on nothing else (replicas whose settings differ file a request
 /// under the same key).
-fn scoped_key(tenant: Option<&str>, key: &str) -> Vec<u8> {
+fn scoped_key(tenant: Option<&str>, key: &[u8]) -> [u8; STORE_KEY_LEN] {
     static SCOPED_KEY: LazyLock<[u8; 32]> =
         LazyLock::new(|| blake3::derive_key("idemstore 2026-11 http idempotency key v2", b""));
-    let mut pair = Vec::with_capacity(9 + tenant.map_or(0, str::len) + key.len());
+    let mut pair = Gather::new();
     match tenant {
         Some(tenant) => {
-            pair.push(1);
-            pair.extend_from_slice(&(tenant.len() as u64).to_le_bytes());
-            pair.extend_from_slice(tenant.as_bytes());
+            pair.raw(&[1]);
+            pair.field(tenant.as_bytes());
         }
-        None => pair.push(0),
+        None => pair.raw(&[0]),
     }
-    pair.extend_from_slice(key.as_bytes());
-    let mut scoped = Vec::with_capacity(STORE_KEY_LEN);
-    scoped.extend_from_slice(b"http:");
-    scoped.extend_from_slice(blake3::keyed_hash(&SCOPED_KEY, &pair).as_bytes());
+    pair.raw(key);
+    let mut scoped = [0; STORE_KEY_LEN];
+    let (prefix, digest) = scoped.split_at_mut(5);
+    prefix.copy_from_slice(b"http:");
+    digest.copy_from_slice(blake3::keyed_hash(&SCOPED_KEY, pair.as_slice()).as_bytes());
     scoped
 }
 
@@ -729,29 +735,25 @@ fn request_fingerprint(
     // Every field length-prefixed, gathered into one buffer and hashed in one call (a hasher
     // update per field cost more than the hashing); a large body is hashed where it lies.
     const GATHERED_BODY: usize = 1024;
-    let mut fields = Vec::with_capacity(256 + body.len().min(GATHERED_BODY));
-    let mut field = |bytes: &[u8]| {
-        fields.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
-        fields.extend_from_slice(bytes);
-    };
-    field(head.method.as_str().as_bytes());
-    field(head.uri.path().as_bytes());
-    field(head.uri.query().unwrap_or_default().as_bytes());
+    let mut fields = Gather::new();
+    fields.field(head.method.as_str().as_bytes());
+    fields.field(head.uri.path().as_bytes());
+    fields.field(head.uri.query().unwrap_or_default().as_bytes());
     for name in headers {
-        field(name.as_str().as_bytes());
+        fields.field(name.as_str().as_bytes());
         let values = head.headers.get_all(name);
-        field(&(values.iter().count() as u64).to_le_bytes());
+        fields.field(&(values.iter().count() as u64).to_le_bytes());
         for value in values {
-            field(value.as_bytes());
+            fields.field(value.as_bytes());
         }
     }
     let digest = if body.len() <= GATHERED_BODY {
-        field(body);
-        blake3::keyed_hash(&REQUEST, &fields)
+        fields.field(body);
+        blake3::keyed_hash(&REQUEST, fields.as_slice())
     } else {
-        fields.extend_from_slice(&(body.len() as u64).to_le_bytes());
+        fields.raw(&(body.len() as u64).to_le_bytes());
         let mut h = blake3::Hasher::new_keyed(&REQUEST);
-        h.update(&fields);
+        h.update(fields.as_slice());
         h.update(body);
         h.finalize()
     };
@@ -760,7 +762,80 @@ fn request_fingerprint(
 
 #[cfg(test)]
 mod tests {
-    use super::{scoped_key, STORE_KEY_LEN};
+    use super::{request_fingerprint, scoped_key, Fingerprint, STORE_KEY_LEN};
+
+    /// A field as the digests take it: its length, then its bytes.
+    fn field(out: &mut Vec<u8>, bytes: &[u8]) {
+        out.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+        out.extend_from_slice(bytes);
+    }
+
+    /// The bytes each digest covers, built by hand: a change to them would file the records
+    /// already stored under other keys, or refuse their retries as different requests.
+    #[test]
+    fn store_keys_and_fingerprints_digest_the_documented_bytes() {
+        let key = blake3::derive_key("idemstore 2026-11 http idempotency key v2", b"");
+        let scoped = |pair: &[u8]| {
+            let mut scoped = b"http:".to_vec();
+            scoped.extend_from_slice(blake3::keyed_hash(&key, pair).as_bytes());
+            scoped
+        };
+        let mut pair = vec![1];
+        field(&mut pair, b"acct_1");
+        pair.extend_from_slice(b"k-1");
+        assert_eq!(scoped_key(Some("acct_1"), b"k-1").to_vec(), scoped(&pair));
+        assert_eq!(scoped_key(None, b"k-1").to_vec(), scoped(b"\0k-1"));
+        let long_tenant = "t".repeat(600);
+        let mut pair = vec![1];
+        field(&mut pair, long_tenant.as_bytes());
+        pair.extend_from_slice(b"k-1");
+        assert_eq!(
+            scoped_key(Some(&long_tenant), b"k-1").to_vec(),
+            scoped(&pair)
+        );
+
+        let request = |body_len| {
+            let (head, ()) = http::Request::post("/orders?x=1")
+                .header("x-account", "a1")
+                .body(())
+                .expect("a request")
+                .into_parts();
+            (head, vec![b'b'; body_len])
+        };
+        let fingerprint_key =
+            blake3::derive_key("idemstore 2026-11 http request fingerprint v2", b"");
+        let names = [http::HeaderName::from_static("x-account")];
+        for body_len in [0, 30, 1024, 1025, 5000] {
+            let (head, body) = request(body_len);
+            let mut fields = Vec::new();
+            for f in [
+                &b"POST"[..],
+                b"/orders",
+                b"x=1",
+                b"x-account",
+                &1u64.to_le_bytes(),
+                b"a1",
+            ] {
+                field(&mut fields, f);
+            }
+            let digest = match body_len <= 1024 {
+                true => {
+                    field(&mut fields, &body);
+                    blake3::keyed_hash(&fingerprint_key, &fields)
+                }
+                false => {
+                    fields.extend_from_slice(&(body.len() as u64).to_le_bytes());
+                    fields.extend_from_slice(&body);
+                    blake3::keyed_hash(&fingerprint_key, &fields)
+                }
+            };
+            assert_eq!(
+                request_fingerprint(&head, &body, &names),
+                Fingerprint::from_bytes(*digest.as_bytes()),
+                "body of {body_len} bytes"
+            );
+        }
+    }
 
     #[test]
     fn store_keys_are_unique_per_tenant_and_key_and_all_one_length() {
@@ -774,7 +849,10 @@ mod tests {
             (None, long.as_str()),
             (Some("tenant"), long.as_str()),
         ];
-        let keys: Vec<Vec<u8>> = pairs.iter().map(|(t, k)| scoped_key(*t, k)).collect();
+        let keys: Vec<[u8; STORE_KEY_LEN]> = pairs
+            .iter()
+            .map(|(t, k)| scoped_key(*t, k.as_bytes()))
+            .collect();
         for (i, a) in keys.iter().enumerate() {
             assert_eq!(a.len(), STORE_KEY_LEN);
             assert!(a.starts_with(b"http:"));
@@ -784,7 +862,7 @@ mod tests {
         }
         assert_eq!(
             keys[0],
-            scoped_key(None, "abc"),
+            scoped_key(None, b"abc"),
             "the same pair, the same key"
         );
     }

@@ -15,10 +15,15 @@ use std::collections::VecDeque;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use std::sync::LazyLock;
+
+use super::problem::problem;
 use super::{BoxError, IdempotentBody};
+use crate::format::codec::{self, Codec, DECODE_LIMIT};
+use crate::format::walk;
 
 /// The header every replay carries.
-pub(crate) const REPLAYED: &str = "idempotent-replayed";
+pub(crate) const REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
 /// A response as the store records it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,25 +101,148 @@ impl StoredResponse {
         }
     }
 
-    /// The replay of this response: its status, stored headers and body, marked replayed.
-    /// `None` if its bytes no longer make a response (never written so; a damaged record).
-    pub(crate) fn replay(self) -> Option<Response<IdempotentBody>> {
-        let status = StatusCode::from_u16(self.status).ok()?;
-        let mut headers = HeaderMap::with_capacity(self.headers.len() + 1);
-        for (name, value) in self.headers {
-            headers.append(
-                HeaderName::from_bytes(name.as_bytes()).ok()?,
-                HeaderValue::from_maybe_shared(Bytes::from(value.0)).ok()?,
-            );
-        }
-        let mut response = Response::new(full(Bytes::from(self.body.0)));
-        *response.status_mut() = status;
-        *response.headers_mut() = headers;
-        response
-            .headers_mut()
-            .insert(REPLAYED, HeaderValue::from_static("true"));
-        Some(response)
+    /// The replay of this response (see [`replay`]).
+    pub(crate) fn replay(self) -> Response<IdempotentBody> {
+        let headers = self.headers.into_iter().map(|(name, value)| {
+            let value = HeaderValue::from_maybe_shared(Bytes::from(value.0)).ok();
+            (HeaderName::from_bytes(name.as_bytes()).ok(), value)
+        });
+        replay(
+            self.status,
+            headers,
+            Bytes::from(self.body.0),
+            self.omitted_after,
+        )
     }
+}
+
+/// A stored response read in place: the same encoding as [`StoredResponse`], every field
+/// borrowing the bytes it was read from.
+#[derive(Deserialize)]
+struct StoredResponseRef<'a> {
+    status: u16,
+    #[serde(borrow)]
+    headers: Vec<(&'a str, &'a [u8])>,
+    body: &'a [u8],
+    omitted_after: Option<u64>,
+}
+
+/// The shapes (`format::walk::shape`) a [`StoredResponse`] can have, by whether it has
+/// headers and whether its body was omitted: its fields are fixed and every header has one
+/// shape, so nothing else changes it. `None` if walking failed (it walks only this crate's
+/// types; then replays take the generic decode).
+static SHAPES: LazyLock<Option<[[u64; 2]; 2]>> = LazyLock::new(|| {
+    let shape = |headers: bool, omitted: bool| {
+        let stored = StoredResponse {
+            status: 200,
+            headers: match headers {
+                true => vec![(String::new(), Bytes16::default())],
+                false => Vec::new(),
+            },
+            body: Bytes16::default(),
+            omitted_after: omitted.then_some(0),
+        };
+        walk::shape(&stored).ok()
+    };
+    Some([
+        [shape(false, false)?, shape(false, true)?],
+        [shape(true, false)?, shape(true, true)?],
+    ])
+});
+
+/// The replay of a stored response's encoded bytes (`payload`, recorded with `codec` and
+/// `shape`); `Err` with the decoder's message when they are not a stored response.
+///
+/// A bincode payload of the expected shape is read in place, and only its body and header
+/// values are copied out. Anything else (JSON, a shape or an encoding that does not match)
+/// goes through the store's own decode, which gives the same value or the error.
+pub(crate) fn replay_payload(
+    payload: &[u8],
+    codec: Codec,
+    shape: Option<u64>,
+) -> Result<Response<IdempotentBody>, String> {
+    if let Some(response) = replay_in_place(payload, codec, shape) {
+        return Ok(response);
+    }
+    codec::decode::<StoredResponse>(payload, codec, shape).map(StoredResponse::replay)
+}
+
+/// [`replay_payload`]'s fast path: `None` whenever the store's decode must decide.
+fn replay_in_place(
+    payload: &[u8],
+    codec: Codec,
+    shape: Option<u64>,
+) -> Option<Response<IdempotentBody>> {
+    let shapes = SHAPES.as_ref()?;
+    if codec != Codec::Bincode {
+        return None;
+    }
+    let config = bincode::config::standard().with_limit::<DECODE_LIMIT>();
+    let (stored, read): (StoredResponseRef<'_>, usize) =
+        bincode::serde::borrow_decode_from_slice(payload, config).ok()?;
+    let found = shapes[usize::from(!stored.headers.is_empty())]
+        [usize::from(stored.omitted_after.is_some())];
+    if read != payload.len() || shape.is_some_and(|expected| expected != found) {
+        return None;
+    }
+    let headers = stored.headers.iter().map(|&(name, value)| {
+        (
+            HeaderName::from_bytes(name.as_bytes()).ok(),
+            HeaderValue::from_bytes(value).ok(),
+        )
+    });
+    Some(replay(
+        stored.status,
+        headers,
+        Bytes::copy_from_slice(stored.body),
+        stored.omitted_after,
+    ))
+}
+
+/// The replay of a stored response: its status, stored headers and body, marked replayed. A
+/// problem instead when its body was over the limit (`omitted_after`), or when what is stored
+/// no longer makes a response (a header that does not parse: never written so).
+fn replay(
+    status: u16,
+    headers: impl ExactSizeIterator<Item = (Option<HeaderName>, Option<HeaderValue>)>,
+    body: Bytes,
+    omitted_after: Option<u64>,
+) -> Response<IdempotentBody> {
+    if let Some(read) = omitted_after {
+        return problem(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "response-not-stored",
+            "Original response too large to replay",
+            &format!(
+                "the request ran once and answered {status}, with a body over the {read}-byte \
+                 limit this endpoint stores; it is not run again"
+            ),
+        );
+    }
+    let unreadable = || {
+        problem(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "response-not-stored",
+            "Stored response unreadable",
+            "the stored response for this key no longer makes a response",
+        )
+    };
+    let Ok(status) = StatusCode::from_u16(status) else {
+        return unreadable();
+    };
+    // Room for the replay mark and the `Content-Length` a server adds, so the map never grows.
+    let mut map = HeaderMap::with_capacity(headers.len() + 2);
+    for header in headers {
+        let (Some(name), Some(value)) = header else {
+            return unreadable();
+        };
+        map.append(name, value);
+    }
+    map.insert(REPLAYED, HeaderValue::from_static("true"));
+    let mut response = Response::new(full(body));
+    *response.status_mut() = status;
+    *response.headers_mut() = map;
+    response
 }
 
 /// A body of bytes already in memory.
@@ -191,17 +319,25 @@ where
     B::Error: Into<BoxError>,
 {
     let mut body = Box::pin(body);
-    let mut chunks = VecDeque::new();
+    // A body of one chunk (the usual small one) is kept as it came: no queue, no copy.
+    let mut first: Option<Bytes> = None;
+    let mut more = VecDeque::new();
     let mut read = 0usize;
     let mut trailers: Option<HeaderMap> = None;
     loop {
         match body.as_mut().frame().await {
             None => {
-                let mut whole = Vec::with_capacity(read);
-                chunks
-                    .iter()
-                    .for_each(|c: &Bytes| whole.extend_from_slice(c));
-                return Collected::Whole(Bytes::from(whole), trailers);
+                let whole = match first {
+                    None => Bytes::new(),
+                    Some(only) if more.is_empty() => only,
+                    Some(first) => {
+                        let mut whole = Vec::with_capacity(read);
+                        whole.extend_from_slice(&first);
+                        more.iter().for_each(|c: &Bytes| whole.extend_from_slice(c));
+                        Bytes::from(whole)
+                    }
+                };
+                return Collected::Whole(whole, trailers);
             }
             Some(Err(e)) => return Collected::Failed(e.into()),
             Some(Ok(frame)) => {
@@ -216,13 +352,19 @@ where
                     }
                 };
                 read += data.len();
-                chunks.push_back(data);
+                match first {
+                    None => first = Some(data),
+                    Some(_) => more.push_back(data),
+                }
                 if read > limit {
+                    if let Some(first) = first.take() {
+                        more.push_front(first);
+                    }
                     return Collected::TooLarge {
                         read: read as u64,
                         body: IdempotentBody(
                             Prefixed {
-                                read: chunks,
+                                read: more,
                                 rest: body,
                             }
                             .boxed_unsync(),
@@ -285,9 +427,73 @@ mod tests {
         let (back, _): (StoredResponse, usize) =
             bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).expect("decode");
         assert_eq!(back, stored);
-        let replay = back.replay().expect("a response");
+        let replay = back.replay();
         assert_eq!(replay.status(), StatusCode::CREATED);
-        assert_eq!(replay.headers()[REPLAYED], "true");
+        assert_eq!(replay.headers()[&REPLAYED], "true");
         assert!(replay.headers().get("set-cookie").is_none());
+    }
+
+    /// Status, headers and body of a response, for comparing two replays.
+    async fn parts(response: Response<IdempotentBody>) -> (StatusCode, HeaderMap, Bytes) {
+        let (head, body) = response.into_parts();
+        let body = body.collect().await.expect("a body in memory").to_bytes();
+        (head.status, head.headers, body)
+    }
+
+    fn stored_response() -> impl proptest::strategy::Strategy<Value = StoredResponse> {
+        use proptest::prelude::*;
+        let name = prop::sample::select(vec![
+            "content-type",
+            "location",
+            "etag",
+            "x-custom-header",
+            "Bad Name",
+        ]);
+        let value = prop::collection::vec(any::<u8>(), 0..12);
+        (
+            prop_oneof![Just(200u16), Just(201), Just(502), 0u16..1200],
+            prop::collection::vec((name, value), 0..4),
+            prop::collection::vec(any::<u8>(), 0..300),
+            proptest::option::of(any::<u64>()),
+        )
+            .prop_map(|(status, headers, body, omitted_after)| StoredResponse {
+                status,
+                headers: headers
+                    .into_iter()
+                    .map(|(n, v)| (n.to_owned(), Bytes16(v)))
+                    .collect(),
+                body: Bytes16(body),
+                omitted_after,
+            })
+    }
+
+    proptest::proptest! {
+        /// Read in place or decoded by the store, a stored response replays the same, and its
+        /// shape is the one `SHAPES` predicts; a payload with another shape is refused.
+        #[test]
+        fn a_response_read_in_place_replays_as_the_decoded_one(stored in stored_response()) {
+            let encoded = codec::encode(&stored, Codec::Bincode, 1 << 20).expect("encodes");
+            let shapes = SHAPES.as_ref().expect("shapes");
+            let predicted = shapes[usize::from(!stored.headers.is_empty())]
+                [usize::from(stored.omitted_after.is_some())];
+            proptest::prop_assert_eq!(encoded.shape, predicted);
+            let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+            let in_place = replay_in_place(&encoded.bytes, Codec::Bincode, Some(encoded.shape))
+                .expect("read in place");
+            let decoded = codec::decode::<StoredResponse>(&encoded.bytes, Codec::Bincode, Some(encoded.shape))
+                .expect("decodes")
+                .replay();
+            proptest::prop_assert_eq!(rt.block_on(parts(in_place)), rt.block_on(parts(decoded)));
+            let other_shape = encoded.shape ^ 1;
+            proptest::prop_assert!(replay_payload(&encoded.bytes, Codec::Bincode, Some(other_shape)).is_err());
+            let mut longer = encoded.bytes.clone();
+            longer.push(0);
+            proptest::prop_assert!(replay_payload(&longer, Codec::Bincode, Some(encoded.shape)).is_err());
+            let json = codec::encode(&stored, Codec::Json, 1 << 20).expect("encodes as JSON");
+            let from_json = replay_payload(&json.bytes, Codec::Json, Some(json.shape)).expect("replays");
+            proptest::prop_assert_eq!(rt.block_on(parts(from_json)), rt.block_on(parts(
+                replay_payload(&encoded.bytes, Codec::Bincode, Some(encoded.shape)).expect("replays"),
+            )));
+        }
     }
 }

@@ -22,6 +22,9 @@ use super::{BoxError, IdempotentBody};
 use crate::format::codec::{self, Codec, DECODE_LIMIT};
 use crate::format::walk;
 
+/// Headers a replay's map makes room for before it reads them.
+const MAP_ROOM: usize = 64;
+
 /// The header every replay carries.
 pub(crate) const REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
@@ -230,15 +233,24 @@ fn replay(
     let Ok(status) = StatusCode::from_u16(status) else {
         return unreadable();
     };
-    // Room for the replay mark and the `Content-Length` a server adds, so the map never grows.
-    let mut map = HeaderMap::with_capacity(headers.len() + 2);
+    // Room for the replay mark and the `Content-Length` a server adds, so a small map never
+    // grows; capped, since one name may repeat far past what a map may hold of names.
+    let mut map = HeaderMap::with_capacity(headers.len().min(MAP_ROOM) + 2);
     for header in headers {
         let (Some(name), Some(value)) = header else {
             return unreadable();
         };
-        map.append(name, value);
+        // More than a map can hold: only damaged bytes say so (a handler's map held them).
+        if map.try_append(name, value).is_err() {
+            return unreadable();
+        }
     }
-    map.insert(REPLAYED, HeaderValue::from_static("true"));
+    if map
+        .try_insert(REPLAYED, HeaderValue::from_static("true"))
+        .is_err()
+    {
+        return unreadable();
+    }
     let mut response = Response::new(full(body));
     *response.status_mut() = status;
     *response.headers_mut() = map;

@@ -29,11 +29,13 @@ const BODY: &str = r#"{"sku":"book-1984","quantity":1}"#;
 const ORDER: &str = r#"{"order":"ord_1N8vJkLq2eZvKYlo","status":"created"}"#;
 
 /// Operations counted, by name.
-const OPERATIONS: [&str; 4] = [
+const OPERATIONS: [&str; 6] = [
     "HTTP request, bare handler",
     "HTTP request, replayed by the layer",
     "store replay, small",
     "store replay, async, small",
+    "raw sled get, small",
+    "raw sled get + bincode decode, small",
 ];
 
 /// Operations per run: the second run makes twice as many.
@@ -89,16 +91,46 @@ fn run(operation: usize, n: u64) {
                 }
             });
         }
-        2 | 3 => {
+        2 => {
             store
                 .execute_once("order-1", || Ok::<_, std::io::Error>(ORDER.to_owned()))
                 .expect("recorded");
             for _ in 0..n {
-                let out = match operation {
-                    2 => store.execute_once("order-1", fail),
-                    _ => rt.block_on(store.execute_once_async("order-1", || async { fail() })),
-                };
-                assert!(out.expect("replayed").is_replayed());
+                let out = store.execute_once("order-1", fail).expect("replayed");
+                assert!(out.is_replayed());
+                black_box(out);
+            }
+        }
+        3 => {
+            store
+                .execute_once("order-1", || Ok::<_, std::io::Error>(ORDER.to_owned()))
+                .expect("recorded");
+            // One runtime entry for the whole loop, as a service's task makes many calls.
+            rt.block_on(async {
+                for _ in 0..n {
+                    let out = store
+                        .execute_once_async("order-1", || async { fail() })
+                        .await
+                        .expect("replayed");
+                    assert!(out.is_replayed());
+                    black_box(out);
+                }
+            });
+        }
+        4 | 5 => {
+            let db = sled::open(dir.path().join("raw")).expect("a sled db");
+            let config = bincode::config::standard();
+            let value = bincode::serde::encode_to_vec(ORDER, config).expect("encodes");
+            db.insert("order-1", value).expect("inserted");
+            for _ in 0..n {
+                let got = db.get("order-1").expect("read").expect("present");
+                if operation == 5 {
+                    let (order, _): (String, usize) =
+                        bincode::serde::decode_from_slice(&got, config).expect("decodes");
+                    assert_eq!(order.len(), ORDER.len());
+                    black_box(order);
+                }
+                black_box(got);
             }
         }
         _ => unreachable!("operations are numbered from OPERATIONS"),

@@ -7,6 +7,7 @@
 //! spaces, no quote). More than one `Idempotency-Key` field is refused, never merged.
 
 use http::{HeaderMap, HeaderName};
+use std::borrow::Cow;
 
 /// The header's name.
 pub(crate) const HEADER: &str = "idempotency-key";
@@ -40,29 +41,18 @@ impl BadKey {
     }
 }
 
-/// A key as the request sent it, unquoted: 1 to [`MAX_KEY_LEN`] printable ASCII bytes, held
-/// inline (a request's key costs no allocation).
-pub(crate) struct Key {
-    bytes: [u8; MAX_KEY_LEN],
-    len: usize,
-}
+/// A key as the request sent it, unquoted: borrowed from the header where it needs no
+/// unescaping (a bare key, a quoted one without escapes: no allocation), owned otherwise.
+pub(crate) struct Key<'h>(Cow<'h, [u8]>);
 
-impl Key {
+impl Key<'_> {
     pub(crate) fn as_bytes(&self) -> &[u8] {
-        &self.bytes[..self.len]
-    }
-
-    /// Appends `b`; refused past [`MAX_KEY_LEN`].
-    fn push(&mut self, b: u8) -> Result<(), BadKey> {
-        let slot = self.bytes.get_mut(self.len).ok_or(BadKey::TooLong)?;
-        *slot = b;
-        self.len += 1;
-        Ok(())
+        &self.0
     }
 }
 
 /// The request's idempotency key: `None` if it has none.
-pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<Option<Key>, BadKey> {
+pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<Option<Key<'_>>, BadKey> {
     let mut values = headers.get_all(&HEADER_NAME).iter();
     let Some(value) = values.next() else {
         return Ok(None);
@@ -75,10 +65,16 @@ pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<Option<Key>, BadKey
         Some((b'"', quoted)) => unquote(quoted)?,
         _ => bare(raw)?,
     };
-    match key.len {
+    match key.len() {
         0 => Err(BadKey::Empty),
-        _ => Ok(Some(key)),
+        n if n > MAX_KEY_LEN => Err(BadKey::TooLong),
+        _ => Ok(Some(Key(key))),
     }
+}
+
+/// Whether the request has an `Idempotency-Key` field (well-formed or not).
+pub(crate) fn has_key(headers: &HeaderMap) -> bool {
+    headers.contains_key(&HEADER_NAME)
 }
 
 fn printable(b: u8) -> bool {
@@ -86,16 +82,29 @@ fn printable(b: u8) -> bool {
 }
 
 /// The inside of a structured-field string, from after its opening quote.
-fn unquote(rest: &[u8]) -> Result<Key, BadKey> {
-    let mut key = Key {
-        bytes: [0; MAX_KEY_LEN],
-        len: 0,
-    };
+fn unquote(rest: &[u8]) -> Result<Cow<'_, [u8]>, BadKey> {
+    match rest.iter().position(|&b| b == b'"' || b == b'\\') {
+        // No escape before the closing quote: the key is the bytes up to it.
+        Some(close) if rest[close] == b'"' => {
+            let key = &rest[..close];
+            match close + 1 == rest.len() && key.iter().all(|&b| printable(b)) {
+                true => Ok(Cow::Borrowed(key)),
+                false => Err(BadKey::Malformed),
+            }
+        }
+        Some(_) => unescape(rest).map(Cow::Owned),
+        None => Err(BadKey::Malformed), // no closing quote
+    }
+}
+
+/// A structured-field string with escapes, from after its opening quote.
+fn unescape(rest: &[u8]) -> Result<Vec<u8>, BadKey> {
+    let mut key = Vec::with_capacity(rest.len());
     let mut bytes = rest.iter();
     while let Some(&b) = bytes.next() {
         match b {
             b'\\' => match bytes.next() {
-                Some(&e @ (b'"' | b'\\')) => key.push(e)?,
+                Some(&e @ (b'"' | b'\\')) => key.push(e),
                 _ => return Err(BadKey::Malformed),
             },
             b'"' => {
@@ -104,7 +113,7 @@ fn unquote(rest: &[u8]) -> Result<Key, BadKey> {
                     _ => Err(BadKey::Malformed),
                 }
             }
-            b if printable(b) => key.push(b)?,
+            b if printable(b) => key.push(b),
             _ => return Err(BadKey::Malformed),
         }
     }
@@ -112,22 +121,14 @@ fn unquote(rest: &[u8]) -> Result<Key, BadKey> {
 }
 
 /// A bare key: printable, no quote, no surrounding space.
-fn bare(raw: &[u8]) -> Result<Key, BadKey> {
+fn bare(raw: &[u8]) -> Result<Cow<'_, [u8]>, BadKey> {
     let ok = raw.iter().all(|&b| printable(b) && b != b'"')
         && raw.first() != Some(&b' ')
         && raw.last() != Some(&b' ');
-    if !ok {
-        return Err(BadKey::Malformed);
+    match ok {
+        true => Ok(Cow::Borrowed(raw)),
+        false => Err(BadKey::Malformed),
     }
-    let mut key = Key {
-        bytes: [0; MAX_KEY_LEN],
-        len: raw.len(),
-    };
-    key.bytes
-        .get_mut(..raw.len())
-        .ok_or(BadKey::TooLong)?
-        .copy_from_slice(raw);
-    Ok(key)
 }
 
 #[cfg(test)]

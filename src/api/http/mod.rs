@@ -115,16 +115,30 @@ struct Settings {
 /// ```
 #[allow(private_bounds)]
 pub struct IdempotencyLayer<S: Engine = SledEngine> {
+    /// One reference per request (store and settings together: one count to move).
+    shared: Arc<LayerShared<S>>,
+}
+
+/// What every request of a layer reads.
+struct LayerShared<S: Engine> {
     store: Arc<Store<S>>,
-    settings: Arc<Settings>,
+    settings: Settings,
+}
+
+impl<S: Engine> Clone for LayerShared<S> {
+    fn clone(&self) -> Self {
+        Self {
+            store: Arc::clone(&self.store),
+            settings: self.settings.clone(),
+        }
+    }
 }
 
 #[allow(private_bounds)]
 impl<S: Engine> Clone for IdempotencyLayer<S> {
     fn clone(&self) -> Self {
         Self {
-            store: Arc::clone(&self.store),
-            settings: Arc::clone(&self.settings),
+            shared: Arc::clone(&self.shared),
         }
     }
 }
@@ -133,8 +147,8 @@ impl<S: Engine> Clone for IdempotencyLayer<S> {
 impl<S: Engine> std::fmt::Debug for IdempotencyLayer<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IdempotencyLayer")
-            .field("methods", &self.settings.methods)
-            .field("conflict", &self.settings.conflict)
+            .field("methods", &self.shared.settings.methods)
+            .field("conflict", &self.shared.settings.conflict)
             .finish_non_exhaustive()
     }
 }
@@ -161,39 +175,41 @@ impl<S: Engine> IdempotencyLayer<S> {
             );
         }
         Self {
-            store,
-            settings: Arc::new(Settings {
-                methods: vec![Method::POST, Method::PATCH],
-                require_key: true,
-                tenant: None,
-                fingerprint_headers: Vec::new(),
-                replay_headers: [
-                    header::CONTENT_TYPE,
-                    header::CONTENT_ENCODING,
-                    header::CONTENT_LANGUAGE,
-                    header::CONTENT_DISPOSITION,
-                    header::LOCATION,
-                    header::ETAG,
-                    header::LAST_MODIFIED,
-                    header::CACHE_CONTROL,
-                    header::VARY,
-                ]
-                .to_vec(),
-                max_request_bytes: 1 << 20,
-                // Within the store's default `max_result_bytes` (1 MiB) with room for the
-                // status and headers stored beside the body.
-                max_response_bytes: (1 << 20) - (64 << 10),
-                conflict: Conflict::Reject {
-                    retry_after: Duration::from_secs(1),
+            shared: Arc::new(LayerShared {
+                store,
+                settings: Settings {
+                    methods: vec![Method::POST, Method::PATCH],
+                    require_key: true,
+                    tenant: None,
+                    fingerprint_headers: Vec::new(),
+                    replay_headers: [
+                        header::CONTENT_TYPE,
+                        header::CONTENT_ENCODING,
+                        header::CONTENT_LANGUAGE,
+                        header::CONTENT_DISPOSITION,
+                        header::LOCATION,
+                        header::ETAG,
+                        header::LAST_MODIFIED,
+                        header::CACHE_CONTROL,
+                        header::VARY,
+                    ]
+                    .to_vec(),
+                    max_request_bytes: 1 << 20,
+                    // Within the store's default `max_result_bytes` (1 MiB) with room for the
+                    // status and headers stored beside the body.
+                    max_response_bytes: (1 << 20) - (64 << 10),
+                    conflict: Conflict::Reject {
+                        retry_after: Duration::from_secs(1),
+                    },
+                    ttl: None,
                 },
-                ttl: None,
             }),
         }
     }
 
     /// The settings, to change before the layer is shared.
     fn settings_mut(&mut self) -> &mut Settings {
-        Arc::make_mut(&mut self.settings)
+        &mut Arc::make_mut(&mut self.shared).settings
     }
 
     /// The methods the layer applies to (others pass through untouched).
@@ -354,16 +370,15 @@ where
     ResBody: http_body::Body<Data = Bytes> + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
-    let settings = &layer.settings;
-    let pass = |request: Request<ReqBody>| request.map(boxed);
-    if !settings.methods.contains(request.method()) {
-        return Ok(inner.call(pass(request)).await?.map(boxed));
+    let settings = &layer.shared.settings;
+    if !settings.methods.contains(request.method())
+        || (!settings.require_key && !key::has_key(request.headers()))
+    {
+        return Ok(inner.call(request.map(boxed)).await?.map(boxed));
     }
-    let key = match key::idempotency_key(request.headers()) {
+    let (head, body) = request.into_parts();
+    let key = match key::idempotency_key(&head.headers) {
         Ok(Some(key)) => key,
-        Ok(None) if !settings.require_key => {
-            return Ok(inner.call(pass(request)).await?.map(boxed))
-        }
         Ok(None) => {
             return Ok(problem(
                 StatusCode::BAD_REQUEST,
@@ -381,7 +396,6 @@ where
             ))
         }
     };
-    let (head, body) = request.into_parts();
     let body = match collect_limited(body, settings.max_request_bytes).await {
         Collected::Whole(bytes, _) => bytes,
         Collected::TooLarge { .. } => {
@@ -419,12 +433,15 @@ where
         }
     };
     let store_key = scoped_key(tenant.as_deref(), key.as_bytes());
+    // The key borrows the request's head, which goes on to the handler below.
+    drop(key);
     let fingerprint = request_fingerprint(&head, &body, &settings.fingerprint_headers);
     // A replay read locally is answered here, without a task: a retry costs one read. User
     // code the store calls (its clock, serde) may panic here as in the task: a 500, never a
     // dropped connection.
     let quick_look = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         layer
+            .shared
             .store
             .call(&store_key)
             .fingerprint(fingerprint)
@@ -452,12 +469,9 @@ where
     // to its caller from here; replays are rebuilt from the record.
     let live: Arc<Mutex<Option<Response<IdempotentBody>>>> = Arc::new(Mutex::new(None));
     let run = {
-        let (store, settings, live) = (
-            Arc::clone(&layer.store),
-            Arc::clone(&layer.settings),
-            Arc::clone(&live),
-        );
+        let (shared, live) = (Arc::clone(&layer.shared), Arc::clone(&live));
         async move {
+            let (store, settings) = (&shared.store, &shared.settings);
             let wait = match settings.conflict {
                 Conflict::Reject { .. } => Duration::ZERO,
                 Conflict::Wait(wait) => wait,

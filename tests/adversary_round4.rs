@@ -31,6 +31,12 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+/// A fingerprint case: key, path, `x-f` value, body, the variant's body, what differs.
+type FingerprintCase = (&'static str, String, String, Vec<u8>, Vec<u8>, &'static str);
+
+/// A damage done to a stored record, and its name.
+type Damage = (&'static str, Box<dyn Fn(&mut V2)>);
+
 // ---------------------------------------------------------------------------------------
 // A raw HTTP/1.1 client: what went over the wire, byte for byte.
 // ---------------------------------------------------------------------------------------
@@ -972,7 +978,7 @@ fn key_forms_map_to_records_as_their_unquoted_bytes() {
             ("\"x\\\\y\"".to_string(), "x\\y is not x\"y"),
             ("xy".into(), "xy is neither"),
             (format!("{k254}Y"), "another last character"),
-            (format!("{k254}"), "254 characters"),
+            (k254.to_string(), "254 characters"),
             (
                 format!("\"\\\\\\\\{}\"", "k".repeat(253)),
                 "two backslashes then 253",
@@ -1073,7 +1079,7 @@ fn tenants_and_fields_past_the_stack_buffer_count_every_byte() {
         }
         // Long fields of the fingerprint.
         let long = |c: char| format!("{}{c}", "q".repeat(700));
-        let cases: Vec<(&str, String, String, Vec<u8>, Vec<u8>, &str)> = vec![
+        let cases: Vec<FingerprintCase> = vec![
             // (key, path, x-f value, body) ... then the variant
             (
                 "fp-query",
@@ -1186,7 +1192,7 @@ fn damaged_records_answer_with_a_problem_and_never_run_the_handler() {
     let source = Scratch::new();
     let store = Arc::new(source.open());
     let app = Arc::new(Spec::default());
-    let variants: Vec<(&str, Box<dyn Fn(&mut V2)>)> = vec![
+    let variants: Vec<Damage> = vec![
         (
             "payload one byte short",
             Box::new(|r| {

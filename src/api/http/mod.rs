@@ -490,7 +490,7 @@ where
             // prove it for the spawned future otherwise).
             let running: Pin<Box<dyn Future<Output = _> + Send + '_>> =
                 Box::pin(call.run_from_async(read_absent, |_| {
-                    run_handler(inner, request, &settings, &live)
+                    run_handler(inner, request, settings, &live)
                 }));
             running.await
         }

@@ -58,6 +58,7 @@ pub struct PgOptions {
     connect_timeout: Duration,
     statement_timeout: Option<Duration>,
     io_timeout: Duration,
+    replay_cache: Option<(usize, Duration)>,
 }
 
 impl PgOptions {
@@ -73,6 +74,7 @@ impl PgOptions {
             connect_timeout: Duration::from_secs(10),
             statement_timeout: None,
             io_timeout: Duration::from_secs(30),
+            replay_cache: None,
         }
     }
 
@@ -127,6 +129,33 @@ impl PgOptions {
         self
     }
 
+    /// Keeps up to `capacity` recorded outcomes this process read, each for up to `max_age`
+    /// after its read, so that a retry arriving at this replica again is replayed without a
+    /// round trip (off by default).
+    ///
+    /// **What it may serve.** Within `max_age` of its read, an entry answers for its key as the
+    /// record it holds, even if another replica has since removed the key (an operator's
+    /// `remove`, a `resolve`) or recorded a new outcome for it after that: such a retry gets the
+    /// old outcome (or `FingerprintMismatch` against it) instead of running again. This
+    /// replica's own writes and removals of a key forget its entry first, and a record past
+    /// its expiry is never served. Keep `max_age` at what a stale replay may cost you: seconds,
+    /// not hours.
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), idemstore::Error> {
+    /// use idemstore::{PgOptions, StoreBuilder};
+    /// use std::time::Duration;
+    /// let store = StoreBuilder::default().open_postgres(
+    ///     PgOptions::new("postgres://postgres@127.0.0.1/test")
+    ///         .replay_cache(10_000, Duration::from_secs(5)),
+    /// )?;
+    /// # Ok(()) }
+    /// ```
+    pub fn replay_cache(mut self, capacity: usize, max_age: Duration) -> Self {
+        self.replay_cache = Some((capacity, max_age));
+        self
+    }
+
     fn settings(&self, synchronous_commit: bool) -> Result<PgSettings, Error> {
         let config = tokio_postgres::Config::from_str(&self.url)
             .map_err(|_| Error::InvalidConfig("the PostgreSQL connection string does not parse"))?;
@@ -166,6 +195,9 @@ impl PgOptions {
                 None => self.io_timeout,
             },
             synchronous_commit,
+            replay_cache: self
+                .replay_cache
+                .filter(|&(capacity, max_age)| capacity > 0 && !max_age.is_zero()),
         })
     }
 }

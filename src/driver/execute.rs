@@ -55,6 +55,9 @@ where
     F: FnOnce(&mut Context<'_>) -> Result<T, E>,
 {
     state.check_key(key)?;
+    if let Some(answer) = cached_replay(state, key, options, policy) {
+        return answer;
+    }
     let mut waiting = Waiting::new(state, options);
     loop {
         let first = match state.engine.claims_first() {
@@ -553,6 +556,40 @@ where
         })
     };
     look_once().unwrap_or_else(|e| QuickLook::Answered(Err(ExecuteError::Store(e))))
+}
+
+/// A first look answered from the engine's cache of recorded outcomes (an engine that keeps
+/// one, see [`Engine::cached`]): the rules decide on the cached record as on one just read, with
+/// no writer of this process running (a cached record was committed when it was read). `None`
+/// when nothing is cached or the rules would not replay it (the entry is forgotten): the call
+/// goes on as if there were no cache.
+pub(crate) fn cached_replay<S, T, E, P>(
+    state: &StoreState<S>,
+    key: &[u8],
+    options: &CallOptions,
+    policy: &P,
+) -> Option<Result<Outcome<T>, ExecuteError<E>>>
+where
+    S: Engine,
+    T: Serialize + DeserializeOwned,
+    P: ErrorPolicy<E>,
+{
+    let bytes = state.engine.cached(key)?;
+    let decided = record::decode(&bytes).ok().map(|rec| {
+        let now = state.clock.now_millis();
+        (
+            rules::first_look(Some(&rec.header), now, options, false, false),
+            rec,
+        )
+    });
+    match decided {
+        Some((FirstLook::Replay, rec)) => Some(replayed(state, key, &rec, policy)),
+        Some((FirstLook::Refuse(refusal), _)) => Some(Err(refused(state, key, refusal).into())),
+        _ => {
+            state.engine.forget_cached(key);
+            None
+        }
+    }
 }
 
 /// Counts and logs a claim that takes over an interrupted run.

@@ -40,8 +40,8 @@ use crate::driver::async_context::{
     durable_async, fenced_out_async, AsyncClaim, AsyncContext, StoreLog,
 };
 use crate::driver::execute::{
-    absent_claim, follower_wait, forgets, look, note_takeover, refused, replayed, FollowerWait,
-    Look, ReadAbsent,
+    absent_claim, cached_replay, follower_wait, forgets, look, note_takeover, refused, replayed,
+    FollowerWait, Look, ReadAbsent,
 };
 use crate::driver::registry::{Entry, Leader};
 use crate::driver::state::StoreState;
@@ -70,6 +70,9 @@ where
     Fut: Future<Output = Result<T, E>>,
 {
     state.check_key(key)?;
+    if let Some(answer) = cached_replay(state, key, options, &policy) {
+        return answer;
+    }
     let mut read_absent = read_absent;
     let mut waiting = Waiting::new(state, options);
     // The loop ends with this call's claim written: its leadership, Pending header and

@@ -273,6 +273,17 @@ pub(crate) trait Engine: Send + Sync + 'static {
     /// chooses [`claims_first`](Engine::claims_first) by its traffic.
     fn note_first_look(&self, _found: bool) {}
 
+    /// A recorded outcome of `key` this engine read recently and kept in its process (an
+    /// engine with a replay cache): a call's first look may replay it without a round trip.
+    /// The rules still decide on it; [`forget_cached`](Engine::forget_cached) when they would
+    /// not replay it.
+    fn cached(&self, _key: &[u8]) -> Option<std::sync::Arc<[u8]>> {
+        None
+    }
+
+    /// `key`'s cached record no longer answers a first look.
+    fn forget_cached(&self, _key: &[u8]) {}
+
     /// Claims `key` with `pending` if it has no record, else returns its record; `None` if
     /// neither could be decided (a record that appeared meanwhile: look again).
     fn claim_or_get(

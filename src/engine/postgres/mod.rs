@@ -25,6 +25,7 @@ mod first;
 mod lease;
 mod listen;
 mod ops;
+mod replay_cache;
 mod schema;
 mod tx;
 
@@ -53,6 +54,8 @@ pub(crate) struct PgSettings {
     pub statement_timeout: Option<Duration>,
     pub io_timeout: Duration,
     pub synchronous_commit: bool,
+    /// Capacity and maximum age of the replay cache; `None`: no cache.
+    pub replay_cache: Option<(usize, Duration)>,
 }
 
 /// How long the store's own statements wait for a row lock another transaction holds
@@ -86,6 +89,17 @@ pub(crate) struct Shared {
     claims: batch::Batcher<batched::Claims>,
     outcomes: batch::Batcher<batched::Outcomes>,
     reads: batch::Batcher<batched::Reads>,
+    /// Recorded outcomes read recently, if the store keeps them (see `replay_cache`).
+    pub(crate) cache: Option<replay_cache::ReplayCache>,
+}
+
+impl Shared {
+    /// Forgets `key`'s cached record: this engine is about to write it.
+    pub(crate) fn forget_cached(&self, key: &[u8]) {
+        if let Some(cache) = &self.cache {
+            cache.forget(key);
+        }
+    }
 }
 
 impl Shared {
@@ -193,6 +207,9 @@ pub(crate) fn open(settings: PgSettings) -> Result<OpenedPg, Error> {
         claims: batch::Batcher::new(batched::CLAIMS_IN_FLIGHT, bridge.handle()),
         outcomes: batch::Batcher::new(settings.pool_size, bridge.handle()),
         reads: batch::Batcher::new(batched::READS_IN_FLIGHT, bridge.handle()),
+        cache: settings
+            .replay_cache
+            .map(|(capacity, max_age)| replay_cache::ReplayCache::new(capacity, max_age)),
     });
     let epoch = bridge.run(async {
         let mut client = shared.client().await?;
@@ -450,6 +467,7 @@ pub(crate) mod fixtures {
             statement_timeout: None,
             io_timeout: Duration::from_secs(30),
             synchronous_commit: true,
+            replay_cache: None,
         };
         Some(open(settings).expect("open").engine)
     }

@@ -26,13 +26,18 @@ const PAGE: i64 = 512;
 impl PgEngine {
     pub(crate) async fn get_op(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
         let s = &self.shared;
+        let ticket = s.cache.as_ref().map(|cache| cache.ticket(key));
         let request = ReadRequest { key: key.to_vec() };
-        match s.reads.turn(&self.shared, |s| &s.reads, request) {
+        let read = match s.reads.turn(&self.shared, |s| &s.reads, request) {
             Turn::Queued(queued) => queued.answer().await,
             // A read is sent from this future (dropping it stops nothing that matters); the
             // place in flight is held until it ends.
             Turn::Alone(_place, request) => Reads::run_one(s, &request).await,
+        };
+        if let (Some(cache), Some(ticket), Ok(Some(bytes))) = (&s.cache, ticket, &read) {
+            cache.keep(key, bytes, ticket);
         }
+        read
     }
 
     async fn page_op(&self, after: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error> {
@@ -54,6 +59,7 @@ impl PgEngine {
         expected: Option<&[u8]>,
         pending: Vec<u8>,
     ) -> Result<bool, Error> {
+        self.shared.forget_cached(key);
         let s = &self.shared;
         let claim = NewClaim::of(key, pending, s.lease)?;
         let Some(expected) = expected else {
@@ -112,6 +118,7 @@ impl PgEngine {
         key: &[u8],
         pending: Vec<u8>,
     ) -> Result<Option<ClaimOrGet<Vec<u8>>>, Error> {
+        self.shared.forget_cached(key);
         let s = &self.shared;
         let claim = NewClaim::of(key, pending, s.lease)?;
         // The plain insert first: the cheapest statement for the new keys this way is chosen
@@ -126,6 +133,7 @@ impl PgEngine {
     }
 
     async fn finish_op(&self, held: &Held<'_>, record: Option<&[u8]>) -> Result<bool, Error> {
+        self.shared.forget_cached(held.key);
         let s = &self.shared;
         let held_digest = digest(held.record);
         // Whatever happens below, the holder is done with its claim: stop renewing it.
@@ -197,6 +205,7 @@ impl PgEngine {
     }
 
     async fn remove_record_op(&self, key: &[u8], expected: &[u8]) -> Result<bool, Error> {
+        self.shared.forget_cached(key);
         let s = &self.shared;
         let expected_digest = digest(expected);
         let client = s.client().await?;
@@ -224,6 +233,7 @@ impl PgEngine {
         record: &[u8],
         steps: &[(u32, Vec<u8>)],
     ) -> Result<bool, Error> {
+        self.shared.forget_cached(key);
         let s = &self.shared;
         let row = RecordRow::of(key, record)?;
         let indexes: Vec<i32> = steps
@@ -689,6 +699,14 @@ impl Engine for PgEngine {
 
     fn reads_in_place(&self) -> bool {
         false
+    }
+
+    fn cached(&self, key: &[u8]) -> Option<std::sync::Arc<[u8]>> {
+        self.shared.cache.as_ref()?.get(key)
+    }
+
+    fn forget_cached(&self, key: &[u8]) {
+        self.shared.forget_cached(key);
     }
 
     fn note_first_look(&self, found: bool) {

@@ -96,6 +96,7 @@ impl OpenTx<'_> {
         record: &[u8],
     ) -> Result<bool, Error> {
         let s = &self.engine.shared;
+        s.forget_cached(key);
         let row = RecordRow::of(key, record)?;
         let expected_digest = expected.map(digest);
         let client = self.client();

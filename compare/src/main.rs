@@ -35,6 +35,7 @@ const DEFAULT_POSTGRES: &str = "host=127.0.0.1 user=postgres dbname=test";
 
 /// Row names of the PostgreSQL systems.
 const PG_ENGINE: &str = "idemstore PostgreSQL";
+const PG_ENGINE_CACHED: &str = "idemstore PostgreSQL, replay cache";
 const PG_BY_HAND: &str = "PostgreSQL by hand";
 /// A replay by hand as a request makes it, not knowing it is one: the claim, then the read.
 const PG_BY_HAND_REQUEST: &str = "PostgreSQL by hand, claim then read";
@@ -536,7 +537,13 @@ fn main() {
                 group,
                 PG_ENGINE,
                 t,
-                Box::new(move |_| postgres::engine_replay(server, t, secs)),
+                Box::new(move |_| postgres::engine_replay(server, t, secs, false)),
+            ));
+            plan.push((
+                group,
+                PG_ENGINE_CACHED,
+                t,
+                Box::new(move |_| postgres::engine_replay(server, t, secs, true)),
             ));
             plan.push((
                 group,

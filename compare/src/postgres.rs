@@ -207,10 +207,17 @@ impl Drop for Schema<'_> {
 
 // ---- idemstore's PostgreSQL engine ----
 
-fn open_engine(server: &Server, schema: &Schema<'_>) -> PgStore {
-    let options = PgOptions::new(server.url_named(schema))
+/// What the replay cache keeps when a measurement turns it on: every replayed key, each for
+/// a few seconds (a window is about as long, so entries expire and are read again meanwhile).
+const CACHE: (usize, Duration) = (10_000, Duration::from_secs(5));
+
+fn open_engine(server: &Server, schema: &Schema<'_>, cache: bool) -> PgStore {
+    let mut options = PgOptions::new(server.url_named(schema))
         .schema(schema.name.as_str())
         .pool_size(POOL_SIZE);
+    if cache {
+        options = options.replay_cache(CACHE.0, CACHE.1);
+    }
     StoreBuilder::default()
         .sweep_interval(None)
         .open_postgres(options)
@@ -220,7 +227,7 @@ fn open_engine(server: &Server, schema: &Schema<'_>) -> PgStore {
 /// Durable new keys through idemstore's engine (Immediate: synchronous commits).
 pub fn engine_new_keys(server: &Server, threads: usize, secs: f64) -> f64 {
     let schema = server.fresh_schema();
-    let store = open_engine(server, &schema);
+    let store = open_engine(server, &schema, false);
     let ops = server.window(threads, secs, |t, n| {
         store
             .execute_once(key(t, n), || Ok::<_, std::io::Error>(receipt(VALUE)))
@@ -231,10 +238,10 @@ pub fn engine_new_keys(server: &Server, threads: usize, secs: f64) -> f64 {
     ops
 }
 
-/// Replays of completed keys through idemstore's engine.
-pub fn engine_replay(server: &Server, threads: usize, secs: f64) -> f64 {
+/// Replays of completed keys through idemstore's engine, with its replay cache if `cache`.
+pub fn engine_replay(server: &Server, threads: usize, secs: f64, cache: bool) -> f64 {
     let schema = server.fresh_schema();
-    let store = open_engine(server, &schema);
+    let store = open_engine(server, &schema, cache);
     let keys: Vec<String> = (0..REPLAY_KEYS).map(|i| format!("k{i}")).collect();
     for k in &keys {
         store

@@ -135,11 +135,12 @@ impl PgOptions {
     ///
     /// **What it may serve.** Within `max_age` of its read, an entry answers for its key as the
     /// record it holds, even if another replica has since removed the key (an operator's
-    /// `remove`, a `resolve`) or recorded a new outcome for it after that: such a retry gets the
+    /// `remove`) or recorded a new outcome for it after that: such a retry gets the
     /// old outcome (or `FingerprintMismatch` against it) instead of running again. This
     /// replica's own writes and removals of a key forget its entry first, and a record past
     /// its expiry is never served. Keep `max_age` at what a stale replay may cost you: seconds,
-    /// not hours.
+    /// not hours. Transactional calls ([`PgStore::execute_once_in_tx`]) always read the
+    /// database. A `capacity` or `max_age` of zero is no cache.
     ///
     /// ```no_run
     /// # fn main() -> Result<(), idemstore::Error> {

@@ -431,6 +431,8 @@ impl<S: Engine> Store<S> {
     /// [`Error::Storage`] for I/O failures.
     pub fn remove(&self, key: impl AsRef<[u8]>) -> Result<bool, Error> {
         let (key, engine) = (key.as_ref(), &self.shared().engine);
+        // Whatever the engine holds now, no call of this store replays the key from a cache.
+        engine.forget_cached(key);
         let removed = loop {
             let Some(bytes) = engine.get(key)? else {
                 break false;

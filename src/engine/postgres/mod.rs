@@ -94,11 +94,31 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// Forgets `key`'s cached record: this engine is about to write it.
+    /// Forgets `key`'s cached record.
     pub(crate) fn forget_cached(&self, key: &[u8]) {
         if let Some(cache) = &self.cache {
             cache.forget(key);
         }
+    }
+
+    /// Forgets `key`'s cached record now, before a write of it is sent, and again when the
+    /// returned guard drops, once the write has ended (committed, failed, or given up): a read
+    /// that saw the old record meanwhile is never kept past the write.
+    pub(crate) fn forgetting<'a>(&'a self, key: &'a [u8]) -> Forgetting<'a> {
+        self.forget_cached(key);
+        Forgetting { shared: self, key }
+    }
+}
+
+/// See [`Shared::forgetting`].
+pub(crate) struct Forgetting<'a> {
+    shared: &'a Shared,
+    key: &'a [u8],
+}
+
+impl Drop for Forgetting<'_> {
+    fn drop(&mut self) {
+        self.shared.forget_cached(self.key);
     }
 }
 

@@ -59,7 +59,7 @@ impl PgEngine {
         expected: Option<&[u8]>,
         pending: Vec<u8>,
     ) -> Result<bool, Error> {
-        self.shared.forget_cached(key);
+        let _forgetting = self.shared.forgetting(key);
         let s = &self.shared;
         let claim = NewClaim::of(key, pending, s.lease)?;
         let Some(expected) = expected else {
@@ -118,13 +118,16 @@ impl PgEngine {
         key: &[u8],
         pending: Vec<u8>,
     ) -> Result<Option<ClaimOrGet<Vec<u8>>>, Error> {
-        self.shared.forget_cached(key);
         let s = &self.shared;
         let claim = NewClaim::of(key, pending, s.lease)?;
         // The plain insert first: the cheapest statement for the new keys this way is chosen
         // for; a key that turns out to be taken is read in a second statement (None if its
-        // record went meanwhile: the caller looks again).
-        if self.claim_absent(key, claim).await? {
+        // record went meanwhile: the caller looks again), which may keep what it reads.
+        let inserted = {
+            let _forgetting = self.shared.forgetting(key);
+            self.claim_absent(key, claim).await?
+        };
+        if inserted {
             s.first.saw(false);
             return Ok(Some(ClaimOrGet::Claimed));
         }
@@ -133,7 +136,7 @@ impl PgEngine {
     }
 
     async fn finish_op(&self, held: &Held<'_>, record: Option<&[u8]>) -> Result<bool, Error> {
-        self.shared.forget_cached(held.key);
+        let _forgetting = self.shared.forgetting(held.key);
         let s = &self.shared;
         let held_digest = digest(held.record);
         // Whatever happens below, the holder is done with its claim: stop renewing it.
@@ -205,7 +208,7 @@ impl PgEngine {
     }
 
     async fn remove_record_op(&self, key: &[u8], expected: &[u8]) -> Result<bool, Error> {
-        self.shared.forget_cached(key);
+        let _forgetting = self.shared.forgetting(key);
         let s = &self.shared;
         let expected_digest = digest(expected);
         let client = s.client().await?;
@@ -233,7 +236,7 @@ impl PgEngine {
         record: &[u8],
         steps: &[(u32, Vec<u8>)],
     ) -> Result<bool, Error> {
-        self.shared.forget_cached(key);
+        let _forgetting = self.shared.forgetting(key);
         let s = &self.shared;
         let row = RecordRow::of(key, record)?;
         let indexes: Vec<i32> = steps

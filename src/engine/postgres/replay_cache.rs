@@ -8,10 +8,13 @@
 //! - an entry answers for at most `max_age` after its read. Within that age it may answer for
 //!   a record another replica has since removed or replaced: that staleness is the price of
 //!   the cache, and the documented one;
-//! - this engine's own writes to a key forget it first, and a read that was on its way while
-//!   such a write forgot the key is not kept (a generation per stripe of keys, taken before the
-//!   read and checked when keeping): after this process removes or rewrites a key, its calls
-//!   never replay the old record from here;
+//! - this engine's own writes to a key forget it before they are sent and again once they have
+//!   ended, and a read that was on its way while the key was forgotten is not kept (a
+//!   generation per stripe of keys, taken before the read and checked when keeping): a read
+//!   that saw the old record before the write committed is either dropped or removed by the
+//!   second forget, so after this process removes or rewrites a key, its calls never replay the
+//!   old record from here;
+//! - an entry's age counts from when its read was sent, not from when the answer came;
 //! - at most `capacity` entries; the oldest read goes first.
 
 use parking_lot::Mutex;
@@ -54,6 +57,9 @@ struct Entry {
 pub(crate) struct Ticket {
     stripe: usize,
     generation: u64,
+    /// When the read was about to be sent: an entry's age counts from here, so a slow
+    /// answer never stretches how long it may answer.
+    taken_at: Instant,
 }
 
 impl ReplayCache {
@@ -77,6 +83,7 @@ impl ReplayCache {
         Ticket {
             stripe,
             generation: self.generations[stripe].load(Ordering::Acquire),
+            taken_at: Instant::now(),
         }
     }
 
@@ -98,7 +105,7 @@ impl ReplayCache {
         if !terminal || self.capacity == 0 {
             return;
         }
-        let read_at = Instant::now();
+        let read_at = ticket.taken_at;
         let mut entries = self.entries.lock();
         // Checked under the lock `forget` takes after bumping: a forget either comes before
         // this check (and the read is dropped) or after the insert (and removes it).
@@ -114,7 +121,9 @@ impl ReplayCache {
             },
         );
         entries.order.push_back((key.into(), read_at));
-        while entries.by_key.len() > self.capacity || entries.order.len() > 2 * self.capacity {
+        while entries.by_key.len() > self.capacity
+            || entries.order.len() > self.capacity.saturating_mul(2)
+        {
             let Some((oldest, kept_at)) = entries.order.pop_front() else {
                 break;
             };

@@ -99,6 +99,7 @@ impl<S: Engine> StoreState<S> {
     /// The epoch a fresh one must exceed for a claim that replaces `above`, if this open's
     /// own epoch cannot give a token larger than it (`above` came from another process, or
     /// was moved in by an import).
+    #[cfg(feature = "tokio")]
     pub(crate) fn epoch_floor(&self, above: Option<ClaimToken>) -> Option<u64> {
         let next = ClaimToken {
             epoch: self.epoch.load(Ordering::SeqCst),

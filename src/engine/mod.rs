@@ -265,6 +265,7 @@ pub(crate) trait Engine: Send + Sync + 'static {
 
     /// Whether a read is answered in place, without waiting on a device or a network (an
     /// embedded engine's cache): only such a read may be made from async code synchronously.
+    #[cfg(feature = "tokio")]
     fn reads_in_place(&self) -> bool {
         true
     }

@@ -6,7 +6,7 @@
 mod common;
 
 use common::pg::{pg_url, PgSchema};
-use idemstore::{Error, ExecuteError, Fingerprint, PgStore, StoreBuilder};
+use idemstore::{Error, ExecuteError, Fingerprint, PgStore, RecordState, StoreBuilder};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -148,6 +148,62 @@ fn the_rules_still_decide_on_a_cached_record_fingerprint_and_expiry() {
     std::thread::sleep(ttl.saturating_sub(recorded_at.elapsed()) + Duration::from_millis(200));
     assert!(!run(&a, fp1, ttl).expect("runs again").is_replayed());
     assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
+#[test]
+fn an_outcome_this_replica_recorded_is_kept_as_it_lands() {
+    let Some(url) = pg_url() else { return };
+    let schema = PgSchema::new(&url);
+    let (a, b) = (
+        replica(&schema, Some(Duration::from_secs(60))),
+        replica(&schema, None),
+    );
+    let runs = AtomicUsize::new(0);
+    assert_eq!(call(&a, "k", &runs, "one"), ("one".into(), false));
+    // The first retry that reaches this replica needs no read: the database has no record.
+    assert!(b.remove("k").expect("remove"));
+    assert_eq!(call(&a, "k", &runs, "never"), ("one".into(), true));
+    // A retryable failure is not an outcome: nothing is kept, the next call runs.
+    let failed = a.execute_once("f", || {
+        runs.fetch_add(1, Ordering::SeqCst);
+        Err::<String, _>(std::io::Error::other("try again"))
+    });
+    assert!(failed.is_err());
+    assert_eq!(call(&a, "f", &runs, "ran"), ("ran".into(), false));
+    assert_eq!(runs.load(Ordering::SeqCst), 3);
+}
+
+/// An outcome kept as it lands races this replica's own removal of the key from another
+/// thread: once the removal returns, no call of this replica replays the removed outcome.
+#[test]
+fn an_own_removal_racing_the_outcome_as_it_lands_always_wins() {
+    let Some(url) = pg_url() else { return };
+    let schema = PgSchema::new(&url);
+    let a = replica(&schema, Some(Duration::from_secs(60)));
+    let runs = AtomicUsize::new(0);
+    for i in 0..40 {
+        let key = format!("race-{i}");
+        std::thread::scope(|scope| {
+            scope.spawn(|| call(&a, &key, &runs, "first"));
+            scope.spawn(|| {
+                // Removes the outcome as soon as it is there (a Pending record is left alone).
+                loop {
+                    let info = a.record(&key).expect("record");
+                    if info.is_some_and(|r| r.state == RecordState::Completed) {
+                        assert!(a.remove(&key).expect("remove"));
+                        break;
+                    }
+                    std::thread::yield_now();
+                }
+            });
+        });
+        assert_eq!(
+            call(&a, &key, &runs, "again"),
+            ("again".into(), false),
+            "{key}: the removed outcome was replayed"
+        );
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 80);
 }
 
 #[test]

@@ -129,9 +129,9 @@ impl PgOptions {
         self
     }
 
-    /// Keeps up to `capacity` recorded outcomes this process read, each for up to `max_age`
-    /// after its read, so that a retry arriving at this replica again is replayed without a
-    /// round trip (off by default).
+    /// Keeps up to `capacity` recorded outcomes this process recorded or read, each for up to
+    /// `max_age` after it was written or read, so that a retry arriving at this replica again
+    /// is replayed without a round trip (off by default).
     ///
     /// **What it may serve.** Within `max_age` of its read, an entry answers for its key as the
     /// record it holds, even if another replica has since removed the key (an operator's

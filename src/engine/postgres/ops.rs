@@ -135,8 +135,33 @@ impl PgEngine {
         Ok(self.get_op(key).await?.map(ClaimOrGet::Existing))
     }
 
+    /// Writes the holder's outcome (`record`), or releases its claim (`None`). With a replay
+    /// cache, the key is forgotten before the statement and the outcome kept once it has
+    /// landed, under a ticket taken before it was sent: a removal of the key by this engine in
+    /// the meantime forgets it after, and the outcome is not kept. Anything else forgets the key
+    /// again.
     async fn finish_op(&self, held: &Held<'_>, record: Option<&[u8]>) -> Result<bool, Error> {
-        let _forgetting = self.shared.forgetting(held.key);
+        let Some(cache) = &self.shared.cache else {
+            return self.finish_statement(held, record).await;
+        };
+        cache.forget(held.key);
+        let ticket = cache.ticket(held.key);
+        let finished = self.finish_statement(held, record).await;
+        let kept = match (&finished, record) {
+            (Ok(true), Some(bytes)) => cache.keep(held.key, bytes, ticket),
+            _ => false,
+        };
+        if !kept {
+            cache.forget(held.key);
+        }
+        finished
+    }
+
+    async fn finish_statement(
+        &self,
+        held: &Held<'_>,
+        record: Option<&[u8]>,
+    ) -> Result<bool, Error> {
         let s = &self.shared;
         let held_digest = digest(held.record);
         // Whatever happens below, the holder is done with its claim: stop renewing it.

@@ -1,9 +1,9 @@
-//! A cache of recorded outcomes this process read (off by default; `PgOptions::replay_cache`):
-//! a later call's first look may replay one without a round trip.
+//! A cache of recorded outcomes this process wrote or read (off by default;
+//! `PgOptions::replay_cache`): a later call's first look may replay one without a round trip.
 //!
 //! Invariants:
-//! - it holds only records read from the database, committed, in a terminal state (Completed
-//!   or FailedPermanent); the driver's rules still decide on every entry (expiry by the
+//! - it holds only records read from the database, committed, or written by this engine's own
+//!   outcome statements once they committed, in a terminal state (Completed or FailedPermanent); the driver's rules still decide on every entry (expiry by the
 //!   record's own time, the fingerprint), and an entry they would not replay is forgotten;
 //! - an entry answers for at most `max_age` after its read. Within that age it may answer for
 //!   a record another replica has since removed or replaced: that staleness is the price of
@@ -98,19 +98,19 @@ impl ReplayCache {
         None
     }
 
-    /// Keeps `bytes`, just read as `key`'s record under `ticket`, if it is a recorded outcome
-    /// and `key` was not forgotten since the ticket.
-    pub(crate) fn keep(&self, key: &[u8], bytes: &[u8], ticket: Ticket) {
+    /// Keeps `bytes`, just read (or written) as `key`'s record under `ticket`, if it is a
+    /// recorded outcome and `key` was not forgotten since the ticket; whether it was kept.
+    pub(crate) fn keep(&self, key: &[u8], bytes: &[u8], ticket: Ticket) -> bool {
         let terminal = record::decode(bytes).is_ok_and(|r| rules::is_terminal(r.header.state));
         if !terminal || self.capacity == 0 {
-            return;
+            return false;
         }
         let read_at = ticket.taken_at;
         let mut entries = self.entries.lock();
         // Checked under the lock `forget` takes after bumping: a forget either comes before
         // this check (and the read is dropped) or after the insert (and removes it).
         if self.generations[ticket.stripe].load(Ordering::Acquire) != ticket.generation {
-            return;
+            return false;
         }
         let entries = &mut *entries;
         entries.by_key.insert(
@@ -136,6 +136,7 @@ impl ReplayCache {
                 entries.by_key.remove(&oldest);
             }
         }
+        true
     }
 
     /// Forgets `key`: this engine is about to write it (or the rules would not replay it).

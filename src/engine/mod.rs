@@ -274,8 +274,8 @@ pub(crate) trait Engine: Send + Sync + 'static {
     /// chooses [`claims_first`](Engine::claims_first) by its traffic.
     fn note_first_look(&self, _found: bool) {}
 
-    /// A recorded outcome of `key` this engine read recently and kept in its process (an
-    /// engine with a replay cache): a call's first look may replay it without a round trip.
+    /// A recorded outcome of `key` this engine read or wrote recently and kept in its process
+    /// (an engine with a replay cache): a call's first look may replay it without a round trip.
     /// The rules still decide on it; [`forget_cached`](Engine::forget_cached) when they would
     /// not replay it.
     fn cached(&self, _key: &[u8]) -> Option<std::sync::Arc<[u8]>> {

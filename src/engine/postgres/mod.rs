@@ -89,8 +89,21 @@ pub(crate) struct Shared {
     claims: batch::Batcher<batched::Claims>,
     outcomes: batch::Batcher<batched::Outcomes>,
     reads: batch::Batcher<batched::Reads>,
-    /// Recorded outcomes read recently, if the store keeps them (see `replay_cache`).
+    /// Recorded outcomes read or written recently, if the store keeps them (see
+    /// `replay_cache`).
     pub(crate) cache: Option<replay_cache::ReplayCache>,
+}
+
+/// See [`Shared::forgetting`].
+pub(crate) struct Forgetting<'a> {
+    shared: &'a Shared,
+    key: &'a [u8],
+}
+
+impl Drop for Forgetting<'_> {
+    fn drop(&mut self) {
+        self.shared.forget_cached(self.key);
+    }
 }
 
 impl Shared {
@@ -108,21 +121,7 @@ impl Shared {
         self.forget_cached(key);
         Forgetting { shared: self, key }
     }
-}
 
-/// See [`Shared::forgetting`].
-pub(crate) struct Forgetting<'a> {
-    shared: &'a Shared,
-    key: &'a [u8],
-}
-
-impl Drop for Forgetting<'_> {
-    fn drop(&mut self) {
-        self.shared.forget_cached(self.key);
-    }
-}
-
-impl Shared {
     /// A pooled connection.
     pub(crate) async fn client(&self) -> Result<deadpool_postgres::Client, Error> {
         self.pool.get().await.map_err(pool_error)

@@ -2,20 +2,21 @@
 //! `PgOptions::replay_cache`): a later call's first look may replay one without a round trip.
 //!
 //! Invariants:
-//! - it holds only records read from the database, committed, or written by this engine's own
-//!   outcome statements once they committed, in a terminal state (Completed or FailedPermanent); the driver's rules still decide on every entry (expiry by the
-//!   record's own time, the fingerprint), and an entry they would not replay is forgotten;
-//! - an entry answers for at most `max_age` after its read. Within that age it may answer for
-//!   a record another replica has since removed or replaced: that staleness is the price of
-//!   the cache, and the documented one;
+//! - it holds only terminal records (Completed or FailedPermanent) that were committed: read
+//!   from the database, or written by this engine's own outcome statements once they landed.
+//!   The driver's rules still decide on every entry (expiry by the record's own time, the
+//!   fingerprint), and an entry they would not replay is forgotten;
+//! - an entry answers for at most `max_age` from when its read or write was sent (a slow
+//!   answer never stretches that). Within that age it may answer for a record another replica
+//!   has since removed or replaced: that staleness is the price of the cache, and the
+//!   documented one;
 //! - this engine's own writes to a key forget it before they are sent and again once they have
-//!   ended, and a read that was on its way while the key was forgotten is not kept (a
-//!   generation per stripe of keys, taken before the read and checked when keeping): a read
-//!   that saw the old record before the write committed is either dropped or removed by the
-//!   second forget, so after this process removes or rewrites a key, its calls never replay the
-//!   old record from here;
-//! - an entry's age counts from when its read was sent, not from when the answer came;
-//! - at most `capacity` entries; the oldest read goes first.
+//!   ended (an outcome that landed is kept instead), and a read or outcome that was on its way
+//!   while the key was forgotten is not kept (a generation per stripe of keys, taken before
+//!   the statement and checked when keeping): a read that saw the old record before a write
+//!   committed is either dropped or removed by the second forget, so after this process
+//!   removes or rewrites a key, its calls never replay the old record from here;
+//! - at most `capacity` entries; the oldest goes first.
 
 use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};

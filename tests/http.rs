@@ -377,6 +377,45 @@ fn tenants_never_share_a_key() {
     });
 }
 
+/// With `require_key(false)`, a request without a key passes through: the handler runs every
+/// time and nothing is replayed; a malformed key is still refused, and a keyed request is still
+/// idempotent.
+#[test]
+fn without_require_key_a_request_without_a_key_passes_through() {
+    let scratch = Scratch::new();
+    let store = Arc::new(scratch.builder().open().expect("open"));
+    runtime().block_on(async {
+        let app = Arc::new(App::default());
+        let layer = IdempotencyLayer::new(Arc::clone(&store)).require_key(false);
+        let (addr, server) = serve(router!(layer, Arc::clone(&app))).await;
+        let client = client();
+        for _ in 0..2 {
+            let free = send(&client, addr, "/orders", &[], b"{}").await;
+            assert_eq!(free.status, StatusCode::CREATED);
+            assert!(!free.replayed());
+        }
+        assert_eq!(
+            app.runs.load(Ordering::SeqCst),
+            2,
+            "no key: the handler runs each time"
+        );
+        let bad = send(
+            &client,
+            addr,
+            "/orders",
+            &[("idempotency-key", "\"open")],
+            b"{}",
+        )
+        .await;
+        assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+        let first = send(&client, addr, "/orders", &[("idempotency-key", "k")], b"{}").await;
+        let again = send(&client, addr, "/orders", &[("idempotency-key", "k")], b"{}").await;
+        assert_eq!((again.replayed(), &again.body), (true, &first.body));
+        assert_eq!(app.runs.load(Ordering::SeqCst), 3);
+        server.abort();
+    });
+}
+
 /// A client that disconnects while its request runs: the handler finishes and its response
 /// is recorded; the retry replays it.
 #[test]

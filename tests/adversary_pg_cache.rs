@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::pg::{pg_url, PgSchema};
+use common::pg::{counted_call as call, pg_url, replica, PgSchema};
 use idemstore::{Error, ExecuteError, Fingerprint, PgStore, Resolution, StoreBuilder};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -17,36 +17,12 @@ type Io = std::io::Error;
 
 /// A replica on `schema` with a replay cache of (`capacity`, `max_age`).
 fn cached(schema: &PgSchema, capacity: usize, max_age: Duration) -> PgStore {
-    StoreBuilder::default()
-        .sweep_interval(None)
-        .open_postgres(
-            schema
-                .options()
-                .pool_size(6)
-                .replay_cache(capacity, max_age),
-        )
-        .expect("open a cached replica")
+    replica(schema, |o| o.pool_size(6).replay_cache(capacity, max_age))
 }
 
 /// A replica on `schema` without a cache (the "other replica").
 fn plain(schema: &PgSchema) -> PgStore {
-    StoreBuilder::default()
-        .sweep_interval(None)
-        .open_postgres(schema.options().pool_size(4))
-        .expect("open a plain replica")
-}
-
-/// Runs `key` on `store`; the run answers `answer` and counts itself in `runs`.
-/// Returns (value, replayed).
-fn call(store: &PgStore, key: &str, runs: &AtomicUsize, answer: &str) -> (String, bool) {
-    let out = store
-        .execute_once(key, || {
-            runs.fetch_add(1, Ordering::SeqCst);
-            Ok::<_, Io>(answer.to_owned())
-        })
-        .expect("call");
-    let replayed = out.is_replayed();
-    (out.into_value(), replayed)
+    replica(schema, |o| o.pool_size(4))
 }
 
 /// Rows the database holds for `key` in `schema` (any tenant).

@@ -7,42 +7,23 @@
 
 mod common;
 
-use common::pg::{hex, pg_url, raw_session, PgSchema};
-use idemstore::{Error, ExecuteError, PgOptions, PgStore, StoreBuilder};
+use common::pg::{counted_call as call, hex, pg_url, raw_session, replica, PgSchema};
+use idemstore::{Error, ExecuteError, PgStore};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 type Io = std::io::Error;
 
-fn open(schema: &PgSchema, tune: impl FnOnce(PgOptions) -> PgOptions) -> PgStore {
-    StoreBuilder::default()
-        .sweep_interval(None)
-        .open_postgres(tune(schema.options()))
-        .expect("open a replica")
-}
-
 fn cached(schema: &PgSchema, pool: usize) -> PgStore {
-    open(schema, |o| {
+    replica(schema, |o| {
         o.pool_size(pool)
             .replay_cache(1000, Duration::from_secs(60))
     })
 }
 
 fn plain(schema: &PgSchema) -> PgStore {
-    open(schema, |o| o.pool_size(2))
-}
-
-/// (value, replayed) of a call of `key` on `store` that would answer `answer`.
-fn call(store: &PgStore, key: &str, runs: &AtomicUsize, answer: &str) -> (String, bool) {
-    let out = store
-        .execute_once(key, || {
-            runs.fetch_add(1, Ordering::SeqCst);
-            Ok::<_, Io>(answer.to_owned())
-        })
-        .unwrap_or_else(|e| panic!("call {key}: {e:?}"));
-    let replayed = out.is_replayed();
-    (out.into_value(), replayed)
+    replica(schema, |o| o.pool_size(2))
 }
 
 fn rows(schema: &PgSchema, key: &str) -> i64 {
@@ -269,7 +250,7 @@ fn a_fenced_member_of_an_outcome_batch_is_not_kept() {
 fn an_outcome_canceled_by_the_statement_timeout_in_a_rolled_back_batch_is_not_kept() {
     let Some(url) = pg_url() else { return };
     let schema = PgSchema::new(&url);
-    let a = open(&schema, |o| {
+    let a = replica(&schema, |o| {
         o.pool_size(2)
             .statement_timeout(Duration::from_millis(250))
             .replay_cache(1000, Duration::from_secs(60))

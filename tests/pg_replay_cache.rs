@@ -5,33 +5,17 @@
 
 mod common;
 
-use common::pg::{pg_url, PgSchema};
+use common::pg::{self, counted_call as call, pg_url, PgSchema};
 use idemstore::{Error, ExecuteError, Fingerprint, PgStore, RecordState, StoreBuilder};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-/// A replica on `schema`, with a replay cache of `max_age` if given.
+/// A replica on `schema` (a pool of 4), with a replay cache of `max_age` if given.
 fn replica(schema: &PgSchema, cache: Option<Duration>) -> PgStore {
-    let mut options = schema.options().pool_size(4);
-    if let Some(max_age) = cache {
-        options = options.replay_cache(100, max_age);
-    }
-    StoreBuilder::default()
-        .sweep_interval(None)
-        .open_postgres(options)
-        .expect("open")
-}
-
-/// Runs `key` on `store`, counting runs in `runs`; the run answers `answer`.
-fn call(store: &PgStore, key: &str, runs: &AtomicUsize, answer: &str) -> (String, bool) {
-    let out = store
-        .execute_once(key, || {
-            runs.fetch_add(1, Ordering::SeqCst);
-            Ok::<_, std::io::Error>(answer.to_owned())
-        })
-        .expect("call");
-    let replayed = out.is_replayed();
-    (out.into_value(), replayed)
+    pg::replica(schema, |options| match cache {
+        Some(max_age) => options.pool_size(4).replay_cache(100, max_age),
+        None => options.pool_size(4),
+    })
 }
 
 #[test]

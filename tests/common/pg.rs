@@ -3,7 +3,7 @@
 //! With the variable unset, PostgreSQL tests say once per test binary, on stderr past the
 //! output capture, that they were skipped, and pass.
 
-use idemstore::PgOptions;
+use idemstore::{PgOptions, PgStore, StoreBuilder};
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
@@ -185,4 +185,30 @@ pub fn hold_in_session(
     });
     assert_eq!(ran.recv().expect("the session ran its statement"), 0);
     session
+}
+
+/// A store on `schema` (no sweeper) with `tune` applied to its options: one replica.
+pub fn replica(schema: &PgSchema, tune: impl FnOnce(PgOptions) -> PgOptions) -> PgStore {
+    StoreBuilder::default()
+        .sweep_interval(None)
+        .open_postgres(tune(schema.options()))
+        .expect("open a replica")
+}
+
+/// Runs `key` on `store`, the run counting itself in `runs` and answering `answer`: the value
+/// the call returned, and whether it was a replay.
+pub fn counted_call(
+    store: &PgStore,
+    key: &str,
+    runs: &std::sync::atomic::AtomicUsize,
+    answer: &str,
+) -> (String, bool) {
+    let out = store
+        .execute_once(key, || {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, std::io::Error>(answer.to_owned())
+        })
+        .unwrap_or_else(|e| panic!("call {key}: {e:?}"));
+    let replayed = out.is_replayed();
+    (out.into_value(), replayed)
 }

@@ -150,11 +150,17 @@ where
 /// "async API" but not in "fdatasync".
 fn contains_from_word_start(text: &str, part: &str) -> bool {
     let (text, part) = (text.to_lowercase(), part.to_lowercase());
-    text.match_indices(&part).any(|(i, _)| {
-        text[..i]
+    // A trailing `$` anchors the part at the end: "idemstore PostgreSQL$" is not its cached row.
+    let (part, anchored) = match part.strip_suffix('$') {
+        Some(part) => (part, true),
+        None => (part.as_str(), false),
+    };
+    text.match_indices(part).any(|(i, _)| {
+        let starts_a_word = text[..i]
             .chars()
             .next_back()
-            .is_none_or(|c| !c.is_alphanumeric())
+            .is_none_or(|c| !c.is_alphanumeric());
+        starts_a_word && (!anchored || i + part.len() == text.len())
     })
 }
 
@@ -469,7 +475,7 @@ fn main() {
     };
     let fresh = || tempfile::tempdir_in(std::env::current_dir().unwrap()).unwrap();
     // `--only TEXT` keeps the measurements whose "group: system" contains TEXT, in any case,
-    // from the start of a word.
+    // from the start of a word (and, with a trailing `$`, to the end).
     let wanted = |group: &str, system: &str| {
         s.only
             .as_ref()

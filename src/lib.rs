@@ -77,7 +77,7 @@ pub use driver::async_context::AsyncContext;
 pub use driver::context::{Context, RetryPolicy, StepError};
 pub use driver::transaction::TxResult;
 #[cfg(feature = "memory-engine")]
-pub use engine::memory::MemoryEngine;
+pub use engine::memory::{BarrierStall, MemoryEngine};
 #[cfg(feature = "postgres")]
 pub use engine::postgres::{PgEngine, PgTx};
 pub use engine::sled::SledEngine;

@@ -351,3 +351,183 @@ fn postgres_async_calls_and_a_dropped_holder_free_the_key_at_once() {
         assert_eq!((*taken, taken.record().attempts), (3, 2));
     });
 }
+
+/// A barrier stall held for a test, freed by the test or, if the test never gets to it
+/// (its runtime thread blocked on the stalled barrier), by a watchdog after [`STALL_LIMIT`]:
+/// the thread then resumes and [`StallWatch::freed_by_watchdog`] says so, a failure instead
+/// of a hang.
+struct StallWatch {
+    freed_by_watchdog: Arc<std::sync::atomic::AtomicBool>,
+    release: Option<std::sync::mpsc::Sender<()>>,
+    watchdog: Option<std::thread::JoinHandle<()>>,
+}
+
+const STALL_LIMIT: Duration = Duration::from_secs(30);
+
+impl StallWatch {
+    fn new(stall: idemstore::BarrierStall) -> Self {
+        let freed_by_watchdog = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let flag = Arc::clone(&freed_by_watchdog);
+        let watchdog = std::thread::spawn(move || {
+            if released.recv_timeout(STALL_LIMIT).is_err() {
+                flag.store(true, Ordering::SeqCst);
+            }
+            drop(stall);
+        });
+        Self {
+            freed_by_watchdog,
+            release: Some(release),
+            watchdog: Some(watchdog),
+        }
+    }
+
+    fn freed_by_watchdog(&self) -> bool {
+        self.freed_by_watchdog.load(Ordering::SeqCst)
+    }
+
+    /// Frees the stalled barriers now.
+    fn release(&mut self) {
+        if let Some(release) = self.release.take() {
+            let _ = release.send(());
+        }
+        if let Some(watchdog) = self.watchdog.take() {
+            watchdog.join().expect("watchdog");
+        }
+    }
+}
+
+impl Drop for StallWatch {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// Polls until `engine` has a barrier waiting on its stall.
+async fn until_a_barrier_is_stalled(engine: &idemstore::MemoryEngine) {
+    while engine.stalled_barriers() == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// A call dropped while its written outcome waits for its durability point (a disk slow to
+/// sync) leaves that wait to the blocking pool: its runtime thread goes on at once, a same-key
+/// call waits until the outcome is durable (it never replays one that is not), then replays
+/// it, and the outcome survives a power loss.
+#[test]
+fn a_call_dropped_while_its_outcome_waits_to_be_durable_blocks_no_runtime_thread() {
+    let engine = idemstore::MemoryEngine::new();
+    let store = Arc::new(
+        engine
+            .open(idemstore::Store::builder("memory"))
+            .expect("open"),
+    );
+    let mut watch = StallWatch::new(engine.stall_barriers());
+    let ran_again = Arc::new(AtomicU32::new(0));
+    current_thread().block_on(async {
+        let call = {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                store
+                    .execute_once_async("k", || async { Ok::<u32, String>(1) })
+                    .await
+            })
+        };
+        until_a_barrier_is_stalled(&engine).await;
+        call.abort();
+        assert!(call.await.expect_err("aborted").is_cancelled());
+        assert!(
+            !watch.freed_by_watchdog(),
+            "the dropped call blocked the runtime thread until the barrier was freed"
+        );
+        let second = {
+            let (store, ran_again) = (Arc::clone(&store), Arc::clone(&ran_again));
+            tokio::spawn(async move {
+                store
+                    .execute_once_async("k", || async move {
+                        ran_again.fetch_add(1, Ordering::SeqCst);
+                        Ok::<u32, String>(2)
+                    })
+                    .await
+            })
+        };
+        for _ in 0..20 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(
+            !second.is_finished(),
+            "a same-key call answered before the outcome was durable"
+        );
+        watch.release();
+        let replay = second.await.expect("task").expect("replay");
+        assert_eq!((*replay, replay.is_replayed()), (1, true));
+    });
+    assert_eq!(ran_again.load(Ordering::SeqCst), 0);
+    drop(store);
+    engine.crash();
+    let store = engine
+        .open(idemstore::Store::builder("memory"))
+        .expect("reopen");
+    let after = store
+        .execute_once("k", || Ok::<u32, String>(3))
+        .expect("replay after a power loss");
+    assert_eq!((*after, after.is_replayed()), (1, true));
+}
+
+/// A panic in user code after the run (a `permanent_if` predicate) records a retryable failure without
+/// blocking the runtime thread on its durability point: the panic reaches the caller at once,
+/// a same-key call waits until the failure is durable, then runs the operation again.
+#[test]
+fn a_panic_after_the_run_is_recorded_without_blocking_the_runtime_thread() {
+    let engine = idemstore::MemoryEngine::new();
+    let store = Arc::new(
+        engine
+            .open(idemstore::Store::builder("memory"))
+            .expect("open"),
+    );
+    let mut watch = StallWatch::new(engine.stall_barriers());
+    current_thread().block_on(async {
+        let call = {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                store
+                    .call("p")
+                    .permanent_if(|_: &String| -> bool { panic!("predicate panicked") })
+                    .run_async(|| async { Err::<u32, String>("declined".into()) })
+                    .await
+            })
+        };
+        assert!(call.await.expect_err("panicked").is_panic());
+        assert!(
+            !watch.freed_by_watchdog(),
+            "recording the unwound run blocked the runtime thread until the barrier was freed"
+        );
+        until_a_barrier_is_stalled(&engine).await;
+        let ran = Arc::new(AtomicU32::new(0));
+        let second = {
+            let (store, ran) = (Arc::clone(&store), Arc::clone(&ran));
+            tokio::spawn(async move {
+                store
+                    .execute_once_async("p", || async move {
+                        ran.fetch_add(1, Ordering::SeqCst);
+                        Ok::<u32, String>(7)
+                    })
+                    .await
+            })
+        };
+        for _ in 0..20 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(
+            ran.load(Ordering::SeqCst),
+            0,
+            "a same-key call ran before the unwound run was recorded"
+        );
+        watch.release();
+        let rerun = second.await.expect("task").expect("re-run");
+        assert_eq!(
+            (*rerun, rerun.is_replayed(), rerun.record().attempts),
+            (7, false, 2)
+        );
+    });
+}

@@ -10,11 +10,14 @@
 //!   orphan at once (this process's registry lets go, and a shared engine ends the lease now),
 //!   handled by the orphan policy like an interrupted run (`Rerun` runs the operation again,
 //!   `Report` says `Interrupted`); one dropped while its written outcome awaits its
-//!   durability point finishes that wait (blocking, once) before waiters may replay it. So a
-//!   key is never stuck until its TTL, and nothing runs beyond the contract;
+//!   durability point leaves that wait to a task of the blocking pool, which holds the key's
+//!   leadership until it is done, so waiters replay only a durable outcome and the drop never
+//!   blocks a runtime worker. So a key is never stuck until its TTL, and nothing runs beyond
+//!   the contract;
 //! - a panic in the operation's future is caught and settled as a retryable failure, as in
 //!   the plain driver; a panic in user code the store calls after the run (a predicate, a
-//!   `Serialize`) is recorded as a retryable failure while it unwinds.
+//!   `Serialize`) is recorded as a retryable failure while it unwinds (that write, too, in a
+//!   task of the blocking pool that holds the leadership until it is done).
 
 // Futures are returned as `impl Future + Send` on purpose: declared `Send` where every
 // lifetime is concrete, they stay provably `Send` inside the callers' futures (an `async fn`'s
@@ -43,7 +46,7 @@ use crate::driver::execute::{
     absent_claim, cached_replay, follower_wait, forgets, look, note_takeover, refused, replayed,
     FollowerWait, Look, ReadAbsent,
 };
-use crate::driver::registry::{Entry, Leader};
+use crate::driver::registry::{DetachedLeader, Entry, Leader};
 use crate::driver::state::StoreState;
 use crate::driver::waiting::Waiting;
 use crate::engine::{ClaimOrGet, Engine, Held};
@@ -206,6 +209,7 @@ where
         ttl_ms,
         forget: options.forget_retryable,
         phase: Phase::Claimed,
+        leader: Some(leader),
     };
     if state.settings.claim_must_be_durable(options) {
         if let Err(e) = durable_async(state).await {
@@ -215,7 +219,7 @@ where
             return Err(e.into());
         }
     }
-    leader.claimed();
+    guard.claimed();
 
     Counters::bump(&state.counters.executions);
     tracing::debug!(key = %KeyHash(key), attempts, "running operation");
@@ -245,8 +249,8 @@ where
     // the guard, which records a retryable failure.
     guard.phase = Phase::Settling;
     let settled = settle::settle(key, ran, failure, &policy, codec, limit);
+    // The guard holds the leadership: waiters look once the outcome is recorded.
     let result = record_outcome_async(guard, settled).await;
-    drop(leader);
     match result {
         Finished::Returned(r) => r,
         Finished::Panicked(payload) => panic::resume_unwind(payload),
@@ -458,50 +462,128 @@ struct RunGuard<'a, S: Engine> {
     /// A retryable failure removes the record (`Call::forget_retryable_errors`).
     forget: bool,
     phase: Phase,
+    /// This call's leadership of its key, released (waking waiters) when the guard is dropped,
+    /// or once the work its drop leaves is done (see [`Left`]). Invariant: `Some` until then.
+    leader: Option<Leader<'a>>,
 }
 
-impl<S: Engine> Drop for RunGuard<'_, S> {
+impl<S: Engine> RunGuard<'_, S> {
+    /// The claim is written: wakes the waiters that asked to look again then.
+    fn claimed(&self) {
+        if let Some(leader) = &self.leader {
+            leader.claimed();
+        }
+    }
+
+    /// Leaves `work` to be done before this call's key is released: on tokio's blocking pool
+    /// when this drop runs in a runtime (a drop never blocks a runtime worker on a device or a
+    /// round trip), here otherwise, or when the work cannot block (a durability point that
+    /// waits on no device).
+    fn leave(&mut self, work: LeftWork) {
+        let left = Left {
+            state: Arc::clone(self.state),
+            key: self.held.key.to_vec(),
+            record: self.held.record.to_vec(),
+            token: self.held.token,
+            life: self.held.life,
+            work,
+            _leader: self
+                .leader
+                .take()
+                .map(|leader| leader.detach(Arc::clone(self.state))),
+        };
+        let blocks = match left.work {
+            LeftWork::Durable => self.state.engine.durability_blocks(),
+            LeftWork::RecordUnwound { .. } => true,
+        };
+        match tokio::runtime::Handle::try_current() {
+            // The work is done in `Left`'s drop: if the runtime drops the task unrun (it is
+            // shutting down), it is done wherever that happens.
+            Ok(runtime) if blocks => drop(runtime.spawn_blocking(move || drop(left))),
+            _ => drop(left),
+        }
+    }
+}
+
+/// What a dropped call's guard leaves to do before its key's waiters may look.
+#[derive(Clone, Copy)]
+enum LeftWork {
+    /// The written outcome's durability point: waiters may replay it only once it is durable.
+    Durable,
+    /// User code the store called after the run panicked: record a retryable failure over
+    /// the Pending record `header` (or, for a call that `forget`s them, release the key), as
+    /// the plain driver's claim guard does. No clock (user code).
+    RecordUnwound { header: Header, forget: bool },
+}
+
+/// A dropped call's last work, done when this is dropped, and its leadership, released after
+/// the work (fields are dropped after `drop` runs).
+struct Left<S: Engine> {
+    state: Arc<StoreState<S>>,
+    key: Vec<u8>,
+    /// The claim's exact Pending record.
+    record: Vec<u8>,
+    token: ClaimToken,
+    life: ClaimToken,
+    work: LeftWork,
+    /// Held for its drop, which releases the key.
+    _leader: Option<DetachedLeader<StoreState<S>>>,
+}
+
+impl<S: Engine> Drop for Left<S> {
     fn drop(&mut self) {
-        match self.phase {
-            Phase::Done => {}
-            Phase::Written => {
-                // Waiters may replay the outcome only once it is durable.
-                if let Err(e) = self.state.wait_durable() {
-                    tracing::error!(key = %KeyHash(self.held.key), error = %e, "outcome not durable");
+        let held = Held {
+            key: &self.key,
+            record: &self.record,
+            token: self.token,
+            life: self.life,
+        };
+        let state = &self.state;
+        match self.work {
+            LeftWork::Durable => {
+                if let Err(e) = state.wait_durable() {
+                    tracing::error!(key = %KeyHash(held.key), error = %e, "outcome not durable");
                 }
             }
-            Phase::Settling => {
-                // User code the store called after the run panicked: record a retryable
-                // failure (or, for a call that forgets them, release the key), as the plain
-                // driver's claim guard does. No clock (user code).
-                let header = outcome_header(
-                    self.header,
-                    self.header.updated_ms,
+            LeftWork::RecordUnwound { header, forget } => {
+                let failed = outcome_header(
+                    &header,
+                    header.updated_ms,
                     0,
                     RecordState::FailedRetryable,
                     OutcomeKind::None,
                     Codec::Bincode,
                     None,
                 );
-                let written = match self.forget {
+                let written = match forget {
                     true => {
-                        let steps_of = self.header.has_steps.then_some(self.header.life);
-                        self.state
-                            .engine
-                            .remove_record(self.held.key, self.held.record, steps_of)
+                        let steps_of = header.has_steps.then_some(header.life);
+                        state.engine.remove_record(held.key, held.record, steps_of)
                     }
-                    false => self
-                        .state
+                    false => state
                         .engine
-                        .finish(&self.held, Some(record::encode(&header, &[]))),
+                        .finish(&held, Some(record::encode(&failed, &[]))),
                 }
-                .and_then(|_| self.state.wait_durable());
+                .and_then(|_| state.wait_durable());
                 if let Err(e) = written {
                     // The claim is left to the orphan policy: stop renewing it.
-                    self.state.engine.abandon(&self.held);
-                    tracing::error!(key = %KeyHash(self.held.key), error = %e, "could not record an unwound run");
+                    state.engine.abandon(&held);
+                    tracing::error!(key = %KeyHash(held.key), error = %e, "could not record an unwound run");
                 }
             }
+        }
+    }
+}
+
+impl<S: Engine> Drop for RunGuard<'_, S> {
+    fn drop(&mut self) {
+        match self.phase {
+            Phase::Done => {}
+            Phase::Written => self.leave(LeftWork::Durable),
+            Phase::Settling => self.leave(LeftWork::RecordUnwound {
+                header: *self.header,
+                forget: self.forget,
+            }),
             // The write on its way lands or not; the drop writes nothing and never blocks. The
             // claim's lease is not ended: ended, another replica could take the key over and
             // run the operation again while its outcome is still on its way. If the write

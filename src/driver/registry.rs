@@ -4,7 +4,9 @@
 //! inserted before its leader reads or claims the record (waiters that ask are woken once more
 //! when its claim is written), and removed (waking every waiter) only when the leader is done
 //! with the record (outcome written and, in `Immediate` mode,
-//! durable), including when the leader unwinds from a panic. Because one process owns the
+//! durable), including when the leader unwinds from a panic. A leader may be detached from
+//! the call that took it (a dropped async call's last work goes on in a task): it is then
+//! released once that work is done. Because one process owns the
 //! database, "this key has an entry" is exactly "a call in this process is running it".
 //! Waiting blocks on a condition variable (an async waiter awaits a notification instead): no
 //! spinning, no polling sleeps. Keys hash to one of
@@ -120,8 +122,36 @@ pub(crate) enum Entry<'r> {
 /// Proof of leadership for one key.
 pub(crate) struct Leader<'r> {
     registry: &'r Registry,
+    /// Invariant: `Some` until the leader is dropped or detached.
+    lead: Option<Lead>,
+}
+
+/// A leadership that owns what keeps its registry alive instead of borrowing it, so it can
+/// outlive the call that took it (a dropped async call's last work finishes in a task):
+/// dropping it releases the key as dropping the [`Leader`] would have.
+#[cfg(feature = "tokio")]
+pub(crate) struct DetachedLeader<O: AsRef<Registry>> {
+    owner: Arc<O>,
+    /// Invariant: `Some` until dropped.
+    lead: Option<Lead>,
+}
+
+/// The key a leader runs and its flight.
+struct Lead {
     key: Box<[u8]>,
     flight: Arc<RunningCall>,
+}
+
+impl Lead {
+    /// Removes the key's entry from `registry` and wakes every waiter.
+    fn release(self, registry: &Registry) {
+        registry.shard(&self.key).lock().remove(&self.key);
+        registry.leaders.fetch_sub(1, Ordering::SeqCst);
+        *self.flight.done.lock() = true;
+        self.flight.finished.notify_all();
+        #[cfg(feature = "tokio")]
+        self.flight.finished_async.notify_waiters();
+    }
 }
 
 impl Registry {
@@ -157,8 +187,10 @@ impl Registry {
         map.insert(key.into(), Arc::clone(&flight));
         Entry::Leader(Leader {
             registry: self,
-            key: key.into(),
-            flight,
+            lead: Some(Lead {
+                key: key.into(),
+                flight,
+            }),
         })
     }
 
@@ -174,22 +206,43 @@ impl Registry {
 impl Leader<'_> {
     /// The leader's claim is written: wakes the waiters that asked to look again then.
     pub(crate) fn claimed(&self) {
-        let _done = self.flight.done.lock();
-        self.flight.claimed.store(true, Ordering::SeqCst);
-        self.flight.finished.notify_all();
+        let Some(lead) = &self.lead else { return };
+        let _done = lead.flight.done.lock();
+        lead.flight.claimed.store(true, Ordering::SeqCst);
+        lead.flight.finished.notify_all();
         #[cfg(feature = "tokio")]
-        self.flight.finished_async.notify_waiters();
+        lead.flight.finished_async.notify_waiters();
+    }
+
+    /// This leadership, kept by `owner`, which must hold this leader's registry (it is
+    /// released there).
+    #[cfg(feature = "tokio")]
+    pub(crate) fn detach<O: AsRef<Registry>>(mut self, owner: Arc<O>) -> DetachedLeader<O> {
+        debug_assert!(
+            std::ptr::eq((*owner).as_ref(), self.registry),
+            "a leader is released in its own registry"
+        );
+        DetachedLeader {
+            owner,
+            lead: self.lead.take(),
+        }
     }
 }
 
 impl Drop for Leader<'_> {
     fn drop(&mut self) {
-        self.registry.shard(&self.key).lock().remove(&self.key);
-        self.registry.leaders.fetch_sub(1, Ordering::SeqCst);
-        *self.flight.done.lock() = true;
-        self.flight.finished.notify_all();
-        #[cfg(feature = "tokio")]
-        self.flight.finished_async.notify_waiters();
+        if let Some(lead) = self.lead.take() {
+            lead.release(self.registry);
+        }
+    }
+}
+
+#[cfg(feature = "tokio")]
+impl<O: AsRef<Registry>> Drop for DetachedLeader<O> {
+    fn drop(&mut self) {
+        if let Some(lead) = self.lead.take() {
+            lead.release((*self.owner).as_ref());
+        }
     }
 }
 

@@ -38,6 +38,12 @@ pub(crate) struct StoreState<S> {
     pub durability_failed: AtomicBool,
 }
 
+impl<S> AsRef<Registry> for StoreState<S> {
+    fn as_ref(&self) -> &Registry {
+        &self.registry
+    }
+}
+
 impl<S: Engine> StoreState<S> {
     /// Returns once every write applied before the call is durable (per the mode); remembers
     /// a failure.

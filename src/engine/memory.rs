@@ -10,9 +10,11 @@
 //!   engine goes on working afterwards;
 //! - one write is one atomic change (a compare-and-swap, a fenced step, a removal of a record
 //!   with its steps), so a crash never splits one;
-//! - like sled, one process owns it: a claim is live exactly when a call of its store runs it.
+//! - like sled, one process owns it: a claim is live exactly when a call of its store runs it;
+//! - while a [`BarrierStall`] lives, every barrier waits before it starts (a disk that stops
+//!   answering its syncs); none fails for it, and each goes on once the last stall is dropped.
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
 use std::sync::Arc;
@@ -41,6 +43,7 @@ use crate::format::record::ClaimToken;
 #[derive(Clone, Default)]
 pub struct MemoryEngine {
     state: Arc<Mutex<State>>,
+    stall: Arc<Stall>,
     /// Set for the engine a store holds: barriers sync (`Immediate`) or not (`Periodic`).
     immediate: bool,
 }
@@ -78,6 +81,58 @@ struct Tables {
     steps: BTreeMap<Vec<u8>, Vec<u8>>,
 }
 
+/// Barriers wait here while a [`BarrierStall`] lives.
+#[derive(Default)]
+struct Stall {
+    gate: Mutex<Gate>,
+    freed: Condvar,
+}
+
+#[derive(Default)]
+struct Gate {
+    /// Live stalls.
+    stalls: usize,
+    /// Barriers waiting for the last stall to go.
+    waiting: usize,
+}
+
+impl Stall {
+    fn wait_until_free(&self) {
+        let mut gate = self.gate.lock();
+        if gate.stalls == 0 {
+            return;
+        }
+        gate.waiting += 1;
+        while gate.stalls > 0 {
+            self.freed.wait(&mut gate);
+        }
+        gate.waiting -= 1;
+    }
+}
+
+/// Barriers of a [`MemoryEngine`] wait while this lives (see
+/// [`MemoryEngine::stall_barriers`]); dropping the last one lets them go on.
+#[must_use = "barriers wait only while the stall lives"]
+pub struct BarrierStall {
+    stall: Arc<Stall>,
+}
+
+impl std::fmt::Debug for BarrierStall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BarrierStall").finish_non_exhaustive()
+    }
+}
+
+impl Drop for BarrierStall {
+    fn drop(&mut self) {
+        let mut gate = self.stall.gate.lock();
+        gate.stalls -= 1;
+        if gate.stalls == 0 {
+            self.stall.freed.notify_all();
+        }
+    }
+}
+
 fn fault(what: &str) -> Error {
     let io = std::io::Error::other(format!("injected fault: {what}"));
     Error::Storage(StorageError::new(io, Some(std::io::ErrorKind::Other)))
@@ -104,6 +159,7 @@ impl MemoryEngine {
         };
         let engine = MemoryEngine {
             state: Arc::clone(&self.state),
+            stall: Arc::clone(&self.stall),
             immediate,
         };
         (engine, epoch)
@@ -155,6 +211,38 @@ impl MemoryEngine {
         self.state.lock().barriers
     }
 
+    /// Makes every barrier wait, before it starts, until the returned stall (and every other)
+    /// is dropped: a disk that stops answering its syncs. For tests of what waits on a
+    /// durability point, and of what must not.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use idemstore::{MemoryEngine, Store};
+    /// let engine = MemoryEngine::new();
+    /// let store = engine.open(Store::builder("memory"))?;
+    /// let stall = engine.stall_barriers();
+    /// std::thread::scope(|s| {
+    ///     let call = s.spawn(|| store.execute_once("k", || Ok::<_, std::io::Error>(1u32)));
+    ///     while engine.stalled_barriers() == 0 {
+    ///         std::thread::yield_now(); // the call waits for its outcome's barrier
+    ///     }
+    ///     drop(stall);
+    ///     assert_eq!(*call.join().unwrap().unwrap(), 1);
+    /// });
+    /// # Ok(()) }
+    /// ```
+    pub fn stall_barriers(&self) -> BarrierStall {
+        self.stall.gate.lock().stalls += 1;
+        BarrierStall {
+            stall: Arc::clone(&self.stall),
+        }
+    }
+
+    /// Barriers waiting on a stall now.
+    pub fn stalled_barriers(&self) -> usize {
+        self.stall.gate.lock().waiting
+    }
+
     fn read<R>(&self, f: impl FnOnce(&Tables) -> R) -> Result<R, Error> {
         let state = self.state.lock();
         match state.down {
@@ -177,6 +265,7 @@ impl MemoryEngine {
     }
 
     fn sync(&self) -> Result<(), Error> {
+        self.stall.wait_until_free();
         let mut state = self.state.lock();
         if state.down {
             return Err(fault("the engine crashed"));

@@ -46,7 +46,8 @@ const REPLAY_SMALL: &str = "replay, small result";
 const REPLAY_LARGE: &str = "replay, 4 KiB result";
 
 /// Row groups of the async API against the sync one, at each thread count: the sync side's
-/// callers are threads, the async side's are tasks on a runtime of two workers.
+/// callers are threads, the async side's are tasks on a runtime of one worker per task, up
+/// to two.
 const ASYNC_REPLAY: &str = "async API, replay small result";
 const ASYNC_DURABLE: &str = "async API, new key durable";
 const SYNC_CALLERS: &str = "idemstore sync (threads)";

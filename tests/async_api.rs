@@ -531,3 +531,63 @@ fn a_panic_after_the_run_is_recorded_without_blocking_the_runtime_thread() {
         );
     });
 }
+
+/// Closing a store waits for the work a dropped call left to the blocking pool (here the
+/// retryable failure a panicking `permanent_if` leaves to record, queued behind a busy pool)
+/// and flushes it: once `close` returns, a power loss keeps that record.
+#[test]
+fn closing_a_store_waits_for_what_dropped_calls_left_to_do() {
+    let engine = idemstore::MemoryEngine::new();
+    let store = Arc::new(
+        engine
+            .open(idemstore::Store::builder("memory"))
+            .expect("open"),
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(1)
+        .build()
+        .expect("runtime");
+    // The pool's only thread is busy until `free` goes.
+    let (free, freed) = std::sync::mpsc::channel::<()>();
+    let (started, has_started) = tokio::sync::oneshot::channel::<()>();
+    let blocker = rt.spawn_blocking(move || {
+        let _ = started.send(());
+        let _ = freed.recv_timeout(STALL_LIMIT);
+    });
+    rt.block_on(async {
+        has_started.await.expect("blocker started");
+        let call = {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                store
+                    .call("p")
+                    .permanent_if(|_: &String| -> bool { panic!("predicate panicked") })
+                    .run_async(|| async { Err::<u32, String>("declined".into()) })
+                    .await
+            })
+        };
+        assert!(call.await.expect_err("panicked").is_panic());
+    });
+    let freeing = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        drop(free);
+    });
+    Arc::into_inner(store)
+        .expect("the only handle")
+        .close()
+        .expect("close");
+    engine.crash();
+    freeing.join().expect("freeing thread");
+    rt.block_on(blocker).expect("blocker");
+    drop(rt);
+    let store = engine
+        .open(idemstore::Store::builder("memory"))
+        .expect("reopen");
+    let info = store.record("p").expect("read").expect("recorded");
+    assert_eq!(
+        (info.state, info.attempts),
+        (idemstore::RecordState::FailedRetryable, 1),
+        "the unwound run's record was not durable when close returned"
+    );
+}

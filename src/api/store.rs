@@ -194,6 +194,7 @@ impl<S: Engine> Store<S> {
             epoch: AtomicU64::new(epoch),
             last_claim: AtomicU64::new(0),
             durability_failed: AtomicBool::new(false),
+            left_behind: Default::default(),
         });
         let sweeper = match b.sweep_interval {
             Some(interval) => Some(
@@ -512,8 +513,10 @@ impl<S: Engine> Store<S> {
         self.shared().engine.flush()
     }
 
-    /// Stops the background threads, flushes, and reports whether the final flush succeeded.
-    /// Dropping the store does the same but can only log a failure.
+    /// Stops the background threads, waits for the work that dropped async calls left to
+    /// tokio's blocking pool (their outcome's durability point, or the record of a run whose
+    /// predicate panicked), flushes, and reports whether the final flush succeeded. Dropping
+    /// the store does the same but can only log a failure.
     ///
     /// # Errors
     /// [`Error::Storage`] if the final flush fails.
@@ -526,6 +529,8 @@ impl<S: Engine> Store<S> {
             return Ok(());
         };
         drop(self.sweeper.take());
+        // What dropped async calls left to tasks holds the engine: let it finish, and flush it.
+        shared.left_behind.wait_none();
         let flushed = shared.engine.flush();
         drop(shared);
         if let Some(after_close) = self.after_close.take() {

@@ -447,7 +447,8 @@ enum Phase {
     /// The settled outcome (or the removal a forgetting call makes) is on its way to the
     /// engine: it may land or not.
     Writing,
-    /// The outcome is written; its durability point is pending.
+    /// The outcome (or a forgetting call's removal) is written; its durability point is
+    /// pending.
     Written,
     /// Nothing left to do.
     Done,
@@ -480,6 +481,7 @@ impl<S: Engine> RunGuard<'_, S> {
     /// round trip), here otherwise, or when the work cannot block (a durability point that
     /// waits on no device).
     fn leave(&mut self, work: LeftWork) {
+        self.state.left_behind.enter();
         let left = Left {
             state: Arc::clone(self.state),
             key: self.held.key.to_vec(),
@@ -487,7 +489,7 @@ impl<S: Engine> RunGuard<'_, S> {
             token: self.held.token,
             life: self.held.life,
             work,
-            _leader: self
+            leader: self
                 .leader
                 .take()
                 .map(|leader| leader.detach(Arc::clone(self.state))),
@@ -517,7 +519,8 @@ enum LeftWork {
 }
 
 /// A dropped call's last work, done when this is dropped, and its leadership, released after
-/// the work (fields are dropped after `drop` runs).
+/// the work (fields are dropped after `drop` runs). Counted in the store's `left_behind` from
+/// its making to the end of its drop, so closing the store waits for it.
 struct Left<S: Engine> {
     state: Arc<StoreState<S>>,
     key: Vec<u8>,
@@ -526,8 +529,8 @@ struct Left<S: Engine> {
     token: ClaimToken,
     life: ClaimToken,
     work: LeftWork,
-    /// Held for its drop, which releases the key.
-    _leader: Option<DetachedLeader<StoreState<S>>>,
+    /// The key's leadership, released once the work is done.
+    leader: Option<DetachedLeader<StoreState<S>>>,
 }
 
 impl<S: Engine> Drop for Left<S> {
@@ -572,6 +575,9 @@ impl<S: Engine> Drop for Left<S> {
                 }
             }
         }
+        // The key goes first (waiters may look), then the count (closing may go on).
+        drop(self.leader.take());
+        state.left_behind.exit();
     }
 }
 
@@ -693,9 +699,18 @@ fn write_outcome<'g, 'a, S: Engine>(
                 .engine
                 .remove_record_async(guard.held.key, guard.held.record, steps_of)
                 .await;
-            guard.phase = Phase::Done;
+            // A removal made waits for its durability point as an outcome does: a drop
+            // meanwhile leaves that wait to a task that holds the key.
+            guard.phase = match removed {
+                Ok(true) => Phase::Written,
+                _ => Phase::Done,
+            };
             return match removed {
-                Ok(true) => durable_async(store).await.map(|()| header),
+                Ok(true) => {
+                    let durable = durable_async(store).await;
+                    guard.phase = Phase::Done;
+                    durable.map(|()| header)
+                }
                 Ok(false) => Err(fenced_out_async(store, &guard.held).await),
                 Err(e) => {
                     store.engine.abandon(&guard.held);

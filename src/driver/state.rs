@@ -36,6 +36,41 @@ pub(crate) struct StoreState<S> {
     pub last_claim: AtomicU64,
     /// A durability point has failed since the store opened.
     pub durability_failed: AtomicBool,
+    /// Work dropped async calls left to tasks, not yet done.
+    pub left_behind: LeftBehind,
+}
+
+/// A count of the work dropped async calls left to tasks (their last write and durability
+/// point): closing the store waits until none is pending, so the store lets go of its engine
+/// (and sled its files) only once that work is done, as when a drop did it in place.
+#[derive(Default)]
+pub(crate) struct LeftBehind {
+    pending: parking_lot::Mutex<usize>,
+    done: parking_lot::Condvar,
+}
+
+impl LeftBehind {
+    /// One more piece of work is pending.
+    pub(crate) fn enter(&self) {
+        *self.pending.lock() += 1;
+    }
+
+    /// One piece of work is done.
+    pub(crate) fn exit(&self) {
+        let mut pending = self.pending.lock();
+        *pending = pending.saturating_sub(1);
+        if *pending == 0 {
+            self.done.notify_all();
+        }
+    }
+
+    /// Blocks until no work is pending.
+    pub(crate) fn wait_none(&self) {
+        let mut pending = self.pending.lock();
+        while *pending > 0 {
+            self.done.wait(&mut pending);
+        }
+    }
 }
 
 impl<S> AsRef<Registry> for StoreState<S> {

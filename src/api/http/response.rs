@@ -119,16 +119,129 @@ impl StoredResponse {
     }
 }
 
-/// A stored response read in place: the same encoding as [`StoredResponse`], every field
-/// borrowing the bytes it was read from.
-#[derive(Deserialize)]
+/// A stored response read in place from its bincode bytes (`standard` configuration:
+/// varint integers, length-prefixed strings and byte strings, a tag byte before an option's
+/// value), every field borrowing them: the status, the headers (their count, then their
+/// bytes, walked again by [`StoredHeaders`]), the body, and the limit note.
+///
+/// Invariant: [`StoredResponseRef::read`] accepts exactly what bincode's decode of a
+/// [`StoredResponse`] accepts and reads it as bincode does, or declines (`None`): UTF-8 names,
+/// lengths within the bytes, nothing left over, a payload small enough that bincode's decode
+/// limit cannot be reached. What it declines goes to the store's decode, which decides.
 struct StoredResponseRef<'a> {
     status: u16,
-    #[serde(borrow)]
-    headers: Vec<(&'a str, &'a [u8])>,
+    header_count: usize,
+    headers: &'a [u8],
     body: &'a [u8],
     omitted_after: Option<u64>,
 }
+
+impl<'a> StoredResponseRef<'a> {
+    fn read(payload: &'a [u8]) -> Option<Self> {
+        // bincode counts a `Vec` of N headers as N times a (name, value) pair's size against
+        // its limit, and every byte string's length: a payload this small stays within it.
+        if payload.len() > DECODE_LIMIT / 64 {
+            return None;
+        }
+        let mut rest = Cursor(payload);
+        let status = u16::try_from(rest.varint(Width::U16)?).ok()?;
+        let header_count = usize::try_from(rest.varint(Width::U64)?).ok()?;
+        let headers_start = rest.0;
+        for _ in 0..header_count {
+            std::str::from_utf8(rest.bytes()?).ok()?;
+            rest.bytes()?;
+        }
+        let headers = &headers_start[..headers_start.len() - rest.0.len()];
+        let body = rest.bytes()?;
+        let omitted_after = match rest.byte()? {
+            0 => None,
+            1 => Some(rest.varint(Width::U64)?),
+            _ => return None,
+        };
+        rest.0.is_empty().then_some(Self {
+            status,
+            header_count,
+            headers,
+            body,
+            omitted_after,
+        })
+    }
+}
+
+/// The widest varint a field takes: bincode refuses a wider discriminant for a `u16`.
+#[derive(Clone, Copy, PartialEq)]
+enum Width {
+    U16,
+    U64,
+}
+
+/// Bytes not read yet.
+struct Cursor<'a>(&'a [u8]);
+
+impl<'a> Cursor<'a> {
+    fn byte(&mut self) -> Option<u8> {
+        let (&first, rest) = self.0.split_first()?;
+        self.0 = rest;
+        Some(first)
+    }
+
+    fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
+        let (bytes, rest) = self.0.split_first_chunk::<N>()?;
+        self.0 = rest;
+        Some(*bytes)
+    }
+
+    /// bincode's varint: one byte below 251, else 251 / 252 / 253 and a little-endian
+    /// `u16` / `u32` / `u64`.
+    fn varint(&mut self, width: Width) -> Option<u64> {
+        match self.byte()? {
+            small @ 0..=250 => Some(u64::from(small)),
+            251 => Some(u64::from(u16::from_le_bytes(self.array()?))),
+            252 if width == Width::U64 => Some(u64::from(u32::from_le_bytes(self.array()?))),
+            253 if width == Width::U64 => Some(u64::from_le_bytes(self.array()?)),
+            _ => None,
+        }
+    }
+
+    /// A length-prefixed byte string.
+    fn bytes(&mut self) -> Option<&'a [u8]> {
+        let len = usize::try_from(self.varint(Width::U64)?).ok()?;
+        let (bytes, rest) = self.0.split_at_checked(len)?;
+        self.0 = rest;
+        Some(bytes)
+    }
+}
+
+/// The headers of a [`StoredResponseRef`], parsed for a replay's map.
+struct StoredHeaders<'a> {
+    left: usize,
+    rest: Cursor<'a>,
+}
+
+impl Iterator for StoredHeaders<'_> {
+    type Item = (Option<HeaderName>, Option<HeaderValue>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.left = self.left.checked_sub(1)?;
+        // Invariant: `StoredResponseRef::read` walked these pairs; a pair that is not there
+        // reads as a header that does not parse.
+        let name = self
+            .rest
+            .bytes()
+            .and_then(|n| HeaderName::from_bytes(n).ok());
+        let value = self
+            .rest
+            .bytes()
+            .and_then(|v| HeaderValue::from_bytes(v).ok());
+        Some((name, value))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.left, Some(self.left))
+    }
+}
+
+impl ExactSizeIterator for StoredHeaders<'_> {}
 
 /// The shapes (`format::walk::shape`) a [`StoredResponse`] can have, by whether it has
 /// headers and whether its body was omitted: its fields are fixed and every header has one
@@ -180,20 +293,16 @@ fn replay_in_place(
     if codec != Codec::Bincode {
         return None;
     }
-    let config = bincode::config::standard().with_limit::<DECODE_LIMIT>();
-    let (stored, read): (StoredResponseRef<'_>, usize) =
-        bincode::serde::borrow_decode_from_slice(payload, config).ok()?;
-    let found = shapes[usize::from(!stored.headers.is_empty())]
-        [usize::from(stored.omitted_after.is_some())];
-    if read != payload.len() || shape.is_some_and(|expected| expected != found) {
+    let stored = StoredResponseRef::read(payload)?;
+    let found =
+        shapes[usize::from(stored.header_count > 0)][usize::from(stored.omitted_after.is_some())];
+    if shape.is_some_and(|expected| expected != found) {
         return None;
     }
-    let headers = stored.headers.iter().map(|&(name, value)| {
-        (
-            HeaderName::from_bytes(name.as_bytes()).ok(),
-            HeaderValue::from_bytes(value).ok(),
-        )
-    });
+    let headers = StoredHeaders {
+        left: stored.header_count,
+        rest: Cursor(stored.headers),
+    };
     Some(replay(
         stored.status,
         headers,
@@ -506,6 +615,39 @@ mod tests {
             proptest::prop_assert_eq!(rt.block_on(parts(from_json)), rt.block_on(parts(
                 replay_payload(&encoded.bytes, Codec::Bincode, Some(encoded.shape)).expect("replays"),
             )));
+        }
+
+        /// Whatever the bytes (a stored response damaged: a byte changed, cut short or
+        /// extended, or a non-minimal varint), a response read in place is one the store's
+        /// decode reads the same; bytes the store's decode refuses are never read in place.
+        #[test]
+        fn bytes_read_in_place_are_exactly_those_the_store_decodes(
+            stored in stored_response(),
+            at in proptest::prelude::any::<proptest::sample::Index>(),
+            byte in proptest::prelude::any::<u8>(),
+            damage in 0u8..5,
+        ) {
+            let mut bytes = codec::encode(&stored, Codec::Bincode, 1 << 20).expect("encodes").bytes;
+            let i = at.index(bytes.len());
+            match damage {
+                0 => bytes[i] = byte,
+                1 => bytes.truncate(i),
+                2 => bytes.insert(i, byte),
+                // The status as a non-minimal varint (251, then a little-endian u16), or with a
+                // discriminant too wide for a u16.
+                3 => { let status = bytes.remove(0); bytes.splice(0..0, [251, status, 0]); }
+                _ => { let status = bytes.remove(0); bytes.splice(0..0, [252, status, 0, 0, 0]); }
+            }
+            let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+            let decoded = codec::decode::<StoredResponse>(&bytes, Codec::Bincode, None);
+            match (replay_in_place(&bytes, Codec::Bincode, None), decoded) {
+                (Some(in_place), Ok(decoded)) => proptest::prop_assert_eq!(
+                    rt.block_on(parts(in_place)),
+                    rt.block_on(parts(decoded.replay()))
+                ),
+                (Some(_), Err(e)) => proptest::prop_assert!(false, "read in place, refused by the decode: {}", e),
+                (None, _) => {}
+            }
         }
     }
 }

@@ -385,7 +385,9 @@ impl PgEngine {
         &self,
         f: impl std::future::Future<Output = Result<T, Error>> + Send,
     ) -> Result<T, Error> {
-        self.bridge.run(self.timed(f))
+        // Boxed once: a statement's future (pool, client, timer) is kilobytes, and driving it
+        // moves it through several frames.
+        self.bridge.run(Box::pin(self.timed(f)))
     }
 
     /// `f`, failing with a typed timeout if the database does not answer within the store's

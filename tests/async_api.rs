@@ -591,3 +591,60 @@ fn closing_a_store_waits_for_what_dropped_calls_left_to_do() {
         "the unwound run's record was not durable when close returned"
     );
 }
+
+/// Closing a store from the blocking pool's only thread, while the work a dropped call left
+/// waits for that thread, gives up waiting for the work after a while instead of waiting for
+/// itself forever: the close returns, and the work is done once the thread is free.
+#[test]
+fn closing_a_store_from_the_thread_its_left_work_waits_for_does_not_deadlock() {
+    let engine = idemstore::MemoryEngine::new();
+    let store = Arc::new(
+        engine
+            .open(idemstore::Store::builder("memory"))
+            .expect("open"),
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(1)
+        .build()
+        .expect("runtime");
+    let (go, gone) = std::sync::mpsc::channel::<Arc<idemstore::Store<idemstore::MemoryEngine>>>();
+    let (closed, has_closed) = std::sync::mpsc::channel::<Result<(), idemstore::Error>>();
+    // The pool's only thread waits for the store, then closes it there.
+    let closer = rt.spawn_blocking(move || {
+        let store = gone.recv().expect("the store");
+        let store = Arc::into_inner(store).expect("the only handle");
+        let _ = closed.send(store.close());
+    });
+    rt.block_on(async {
+        let call = {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                store
+                    .call("p")
+                    .permanent_if(|_: &String| -> bool { panic!("predicate panicked") })
+                    .run_async(|| async { Err::<u32, String>("declined".into()) })
+                    .await
+            })
+        };
+        assert!(call.await.expect_err("panicked").is_panic());
+    });
+    go.send(store).expect("closer waiting");
+    let Ok(result) = has_closed.recv_timeout(Duration::from_secs(60)) else {
+        // The pool's thread is stuck: dropping the runtime would wait for it.
+        std::mem::forget(rt);
+        panic!("close waited for work queued behind its own thread");
+    };
+    result.expect("close");
+    rt.block_on(closer).expect("closer");
+    drop(rt);
+    let store = engine
+        .open(idemstore::Store::builder("memory"))
+        .expect("reopen");
+    let info = store.record("p").expect("read").expect("recorded");
+    assert_eq!(
+        (info.state, info.attempts),
+        (idemstore::RecordState::FailedRetryable, 1),
+        "the left work ran once the pool's thread was free"
+    );
+}

@@ -513,9 +513,9 @@ impl<S: Engine> Store<S> {
         self.shared().engine.flush()
     }
 
-    /// Stops the background threads, waits for the work that dropped async calls left to
-    /// tokio's blocking pool (their outcome's durability point, or the record of a run whose
-    /// predicate panicked), flushes, and reports whether the final flush succeeded. Dropping
+    /// Stops the background threads, waits (up to 10 s) for the work that dropped async calls
+    /// left to tokio's blocking pool (their outcome's durability point, or the record of a run
+    /// whose predicate panicked), flushes, and reports whether the final flush succeeded. Dropping
     /// the store does the same but can only log a failure.
     ///
     /// # Errors
@@ -530,7 +530,12 @@ impl<S: Engine> Store<S> {
         };
         drop(self.sweeper.take());
         // What dropped async calls left to tasks holds the engine: let it finish, and flush it.
-        shared.left_behind.wait_none();
+        if !shared
+            .left_behind
+            .wait_none(std::time::Duration::from_secs(10))
+        {
+            tracing::warn!("closing without the work dropped async calls left, not done within 10 s; it goes on, and holds the engine until it is done");
+        }
         let flushed = shared.engine.flush();
         drop(shared);
         if let Some(after_close) = self.after_close.take() {

@@ -64,12 +64,17 @@ impl LeftBehind {
         }
     }
 
-    /// Blocks until no work is pending.
-    pub(crate) fn wait_none(&self) {
+    /// Blocks until no work is pending, or `limit` has passed (false then): the work may wait
+    /// for a thread of a blocking pool that the caller itself holds.
+    pub(crate) fn wait_none(&self, limit: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
         let mut pending = self.pending.lock();
         while *pending > 0 {
-            self.done.wait(&mut pending);
+            if self.done.wait_until(&mut pending, deadline).timed_out() {
+                return *pending == 0;
+            }
         }
+        true
     }
 }
 

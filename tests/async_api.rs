@@ -648,3 +648,45 @@ fn closing_a_store_from_the_thread_its_left_work_waits_for_does_not_deadlock() {
         "the left work ran once the pool's thread was free"
     );
 }
+
+/// PostgreSQL: a run whose `permanent_if` predicate panics has its retryable failure written
+/// from the blocking pool (a round trip, never on the runtime's workers); the panic reaches the
+/// caller, the key is free at once afterwards, and the next call (on another replica too)
+/// runs again as attempt 2.
+#[test]
+fn postgres_a_panic_after_the_run_is_recorded_from_the_blocking_pool() {
+    let Some(url) = pg_url() else { return };
+    let schema = PgSchema::new(&url);
+    let open = || {
+        StoreBuilder::default()
+            .sweep_interval(None)
+            .wait_timeout(Duration::from_secs(5))
+            .open_postgres(schema.options().lease(Duration::from_secs(60)))
+            .expect("open")
+    };
+    let (a, b) = (Arc::new(open()), open());
+    current_thread().block_on(async {
+        let call = {
+            let a = Arc::clone(&a);
+            tokio::spawn(async move {
+                a.call("p")
+                    .permanent_if(|_: &String| -> bool { panic!("predicate panicked") })
+                    .run_async(|| async { Err::<u32, String>("declined".into()) })
+                    .await
+            })
+        };
+        assert!(call.await.expect_err("panicked").is_panic());
+        let again = a
+            .execute_once_async("p", || async { Ok::<u32, String>(7) })
+            .await
+            .expect("re-run on the same replica");
+        assert_eq!(
+            (*again, again.is_replayed(), again.record().attempts),
+            (7, false, 2)
+        );
+    });
+    let replayed = b
+        .execute_once("p", || Ok::<u32, String>(8))
+        .expect("replay on the other replica");
+    assert_eq!((*replayed, replayed.is_replayed()), (7, true));
+}

@@ -201,6 +201,20 @@ pub(crate) fn timed_durable_point<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// As [`timed_durable_point`], for an awaited durability point.
+#[cfg(feature = "tokio")]
+pub(crate) async fn timed_durable_point_async<R>(f: impl std::future::Future<Output = R>) -> R {
+    #[cfg(feature = "metrics")]
+    {
+        let started = std::time::Instant::now();
+        let r = f.await;
+        metrics::histogram!(METRIC_NAMES.histograms[2].0).record(started.elapsed().as_secs_f64());
+        r
+    }
+    #[cfg(not(feature = "metrics"))]
+    f.await
+}
+
 /// A snapshot of the store's counters since it was opened.
 ///
 /// ```

@@ -59,8 +59,9 @@ fn say(line: &str) {
     out.flush().expect("stdout");
 }
 
+/// The policy a loop's name gives (`report...` or `rerun...`).
 fn policy_from(s: &str) -> OrphanPolicy {
-    if s == "report" {
+    if s.starts_with("report") {
         OrphanPolicy::Report
     } else {
         OrphanPolicy::Rerun
@@ -79,6 +80,9 @@ fn crash_loop_child() {
     };
     let dir = PathBuf::from(dir);
     let seed: u64 = seed.parse().expect("seed");
+    // A loop named `...-async` makes every call through the async API, each thread awaiting
+    // its calls on a runtime of its own (so durability points meet across runtimes).
+    let asynchronous = policy.ends_with("-async");
     let policy = policy_from(&policy);
     let failures = dir.join(format!("unexpected-{seed}.log"));
     fail_child_on_panics(failures.clone(), Some(CHILD_PANIC));
@@ -104,6 +108,10 @@ fn crash_loop_child() {
                 };
                 let (mut effects, mut returned) = (log("effects"), log("returned"));
                 let mut rng = XorShift((seed + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (t + 7));
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
                 for n in 0.. {
                     let ttl_key = rng.next().is_multiple_of(6);
                     let key = if ttl_key {
@@ -123,22 +131,27 @@ fn crash_loop_child() {
                     if ttl_key {
                         call = call.ttl(Duration::from_millis(30));
                     }
-                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        call.run(|| match roll {
-                            0..=39 => {
-                                append_synced(&mut effects, &format!("E {key} ok:{value}\n"));
-                                std::thread::sleep(linger);
-                                Ok(value.clone())
-                            }
-                            40..=54 => {
-                                append_synced(&mut effects, &format!("E {key} declined:{value}\n"));
-                                std::thread::sleep(linger);
-                                Err(Declined(value.clone()))
-                            }
-                            55..=84 => Err(Declined(String::new())),
-                            _ => std::panic::panic_any(CHILD_PANIC),
-                        })
-                    }));
+                    let mut operation = || match roll {
+                        0..=39 => {
+                            append_synced(&mut effects, &format!("E {key} ok:{value}\n"));
+                            std::thread::sleep(linger);
+                            Ok(value.clone())
+                        }
+                        40..=54 => {
+                            append_synced(&mut effects, &format!("E {key} declined:{value}\n"));
+                            std::thread::sleep(linger);
+                            Err(Declined(value.clone()))
+                        }
+                        55..=84 => Err(Declined(String::new())),
+                        _ => std::panic::panic_any(CHILD_PANIC),
+                    };
+                    let result =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(
+                            || match asynchronous {
+                                true => runtime.block_on(call.run_async(|| async { operation() })),
+                                false => call.run(operation),
+                            },
+                        ));
                     let line = match result {
                         Ok(Ok(out)) => Some(format!("R {key} ok:{}\n", *out)),
                         Ok(Err(ExecuteError::Operation { error, .. })) if !error.0.is_empty() => {
@@ -355,8 +368,8 @@ fn crash_loop(policy: &str, kills: u64) -> Summary {
         effects_before = effects.clone();
         summary.reruns_after_kill = 0;
         for (key, count) in &effects {
-            let allowed = match policy {
-                "report" => 1,
+            let allowed = match policy_from(policy) {
+                OrphanPolicy::Report => 1,
                 _ => {
                     let orphaned = orphans.get(key).map_or(0, |s| s.len() as u64);
                     1 + orphaned.max(interrupted.get(key).copied().unwrap_or(0))
@@ -412,6 +425,16 @@ fn assert_it_tested_something(s: &Summary) {
 fn crash_loop_rerun_policy() {
     let s = crash_loop("rerun", env_count("IDEMSTORE_CRASH_KILLS", 16));
     report("rerun", &s);
+    assert_it_tested_something(&s);
+}
+
+/// The same loop with every call made through the async API: a durability point awaited
+/// (its flush run by one caller on the blocking pool, others woken when it ends) holds the same
+/// promises as a blocking one.
+#[test]
+fn crash_loop_rerun_policy_async_calls() {
+    let s = crash_loop("rerun-async", env_count("IDEMSTORE_CRASH_KILLS", 10));
+    report("rerun-async", &s);
     assert_it_tested_something(&s);
 }
 

@@ -91,7 +91,8 @@ pub(crate) fn fenced_out_async<'a, S: Engine>(
 }
 
 /// As [`StoreState::wait_durable`], without blocking a runtime worker: an engine whose
-/// durability point waits on a device waits on the blocking pool.
+/// durability point waits on a device is awaited ([`Engine::wait_durable_async`]) or, without
+/// that, waited for on the blocking pool.
 pub(crate) fn durable_async<S: Engine>(
     state: &Arc<StoreState<S>>,
 ) -> impl Future<Output = Result<(), Error>> + Send + 'static {
@@ -99,6 +100,9 @@ pub(crate) fn durable_async<S: Engine>(
     async move {
         if !state.engine.durability_blocks() {
             return state.wait_durable();
+        }
+        if let Some(waiting) = state.engine.wait_durable_async() {
+            return state.waited_durable(waiting).await;
         }
         match tokio::task::spawn_blocking(move || state.wait_durable()).await {
             Ok(done) => done,

@@ -3,8 +3,9 @@
 //!
 //! Invariants (beyond the plain driver's, which all hold here):
 //! - no runtime worker blocks: waiting for a same-key call of this process awaits a
-//!   notification, waiting for a holder elsewhere awaits the engine, and an engine whose
-//!   durability point waits on a device makes it on the blocking pool;
+//!   notification, waiting for a holder elsewhere awaits the engine, and a durability point
+//!   that waits on a device is awaited (sled's flusher thread makes it; an engine without an
+//!   awaitable one has it made on the blocking pool);
 //! - **cancellation**: a call whose future is dropped before its claim leaves nothing; one
 //!   dropped after its claim and before its outcome is written leaves the claim Pending, an
 //!   orphan at once (this process's registry lets go, and a shared engine ends the lease now),

@@ -95,6 +95,19 @@ impl<S: Engine> StoreState<S> {
         synced
     }
 
+    /// As [`StoreState::wait_durable`], awaiting the engine's `waiting` durability point.
+    #[cfg(feature = "tokio")]
+    pub(crate) async fn waited_durable(
+        &self,
+        waiting: impl std::future::Future<Output = Result<(), Error>>,
+    ) -> Result<(), Error> {
+        let synced = crate::stats::timed_durable_point_async(waiting).await;
+        if synced.is_err() {
+            self.durability_failed.store(true, Ordering::SeqCst);
+        }
+        synced
+    }
+
     /// Whether showing a stored record to a caller (a replay, an inspection, an `Interrupted`)
     /// needs a durability point first, so that what is shown survives a crash: after a failed
     /// one; and for a Pending record in `Immediate` mode, whose claim may not be durable on its

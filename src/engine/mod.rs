@@ -317,11 +317,21 @@ pub(crate) trait Engine: Send + Sync + 'static {
         true
     }
 
-    /// Whether [`Engine::wait_durable`] may block on a device (the async driver then runs it
-    /// on the blocking pool).
+    /// Whether [`Engine::wait_durable`] may block on a device (the async driver then awaits
+    /// [`Engine::wait_durable_async`], or runs it on the blocking pool).
     #[cfg(feature = "tokio")]
     fn durability_blocks(&self) -> bool {
         true
+    }
+
+    /// As [`Engine::wait_durable`], awaited without holding a runtime thread while another
+    /// caller's flush covers this one; `None` when the engine has no such way (the driver then
+    /// runs [`Engine::wait_durable`] on the blocking pool).
+    #[cfg(feature = "tokio")]
+    fn wait_durable_async(
+        &self,
+    ) -> Option<impl Future<Output = Result<(), Error>> + Send + 'static> {
+        None::<std::future::Ready<Result<(), Error>>>
     }
 
     /// The holder of a running claim gave up without an outcome (its caller dropped the

@@ -74,7 +74,7 @@ pub struct SledEngine {
     steps: sled::Tree,
     legacy_steps: sled::Tree,
     /// Some in `Immediate` mode.
-    flush: Option<GroupCommit>,
+    flush: Option<Arc<GroupCommit>>,
 }
 
 /// An opened engine plus what opening it learned.
@@ -154,7 +154,10 @@ pub(crate) fn open(
         sync_path(path)?;
     }
     let flush = match immediate {
-        true => Some(GroupCommit::new(Arc::clone(&files), counters)),
+        true => Some(Arc::new(GroupCommit::new(
+            Arc::clone(&files) as Arc<dyn group_commit::MakeDurable>,
+            counters,
+        ))),
         false => None,
     };
     Ok(Opened {
@@ -684,5 +687,18 @@ impl Engine for SledEngine {
             Some(queue) => Ok(queue.wait_durable().map_err(sled_error)?),
             None => Ok(()),
         }
+    }
+
+    #[cfg(feature = "tokio")]
+    fn wait_durable_async(
+        &self,
+    ) -> Option<impl std::future::Future<Output = Result<(), Error>> + Send + 'static> {
+        let queue = self.flush.clone();
+        Some(async move {
+            match queue {
+                Some(queue) => Ok(queue.wait_durable_async().await.map_err(sled_error)?),
+                None => Ok(()),
+            }
+        })
     }
 }

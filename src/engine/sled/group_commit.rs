@@ -16,13 +16,15 @@
 //! async wait, makes the blocking wait above for the highest ticket asked (leading a flush if
 //! none runs). So an async call never depends on any runtime's blocking pool, and only a
 //! running thread ever marks a flush running: a blocking caller is never held up by an async
-//! one. The thread holds the group commit weakly and ends when it goes.
+//! one. The thread holds the group commit weakly and ends when it goes. If it cannot be
+//! started, a caller makes the blocking wait for its own ticket on the blocking pool, and asks
+//! nothing that others would wait on; the next caller tries to start the thread again.
 
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 #[cfg(feature = "tokio")]
-use std::sync::{OnceLock, Weak};
+use std::sync::Weak;
 
 use super::DurableFiles;
 use crate::stats::Counters;
@@ -50,7 +52,7 @@ pub(crate) struct GroupCommit {
     changed: tokio::sync::Notify,
     /// The flusher thread's requests (tickets to make durable), once it is started.
     #[cfg(feature = "tokio")]
-    flusher: OnceLock<Option<crossbeam_channel::Sender<u64>>>,
+    flusher: Mutex<Option<crossbeam_channel::Sender<u64>>>,
     counters: Arc<Counters>,
 }
 
@@ -93,7 +95,7 @@ impl GroupCommit {
             #[cfg(feature = "tokio")]
             changed: tokio::sync::Notify::new(),
             #[cfg(feature = "tokio")]
-            flusher: OnceLock::new(),
+            flusher: Mutex::new(None),
             counters,
         }
     }
@@ -148,6 +150,19 @@ impl GroupCommit {
     #[cfg(feature = "tokio")]
     pub(crate) async fn wait_durable_async(self: Arc<Self>) -> Result<(), sled::Error> {
         let ticket = self.next_ticket.fetch_add(1, Ordering::SeqCst) + 1;
+        let Some(flusher) = self.flusher() else {
+            // No flusher thread: this caller waits on the blocking pool, and nobody waits on it.
+            let commit = Arc::clone(&self);
+            return tokio::task::spawn_blocking(move || {
+                commit.wait_for(ticket, commit.state.lock())
+            })
+            .await
+            .unwrap_or_else(|e| {
+                Err(sled::Error::ReportableBug(format!(
+                    "the durability wait did not finish: {e}"
+                )))
+            });
+        };
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
@@ -164,40 +179,40 @@ impl GroupCommit {
                 }
                 ask
             };
-            if ask && !self.ask_flusher(ticket) {
-                // No flusher thread: wait on the blocking pool instead.
-                let commit = Arc::clone(&self);
-                return tokio::task::spawn_blocking(move || {
-                    commit.wait_for(ticket, commit.state.lock())
-                })
-                .await
-                .unwrap_or_else(|e| {
-                    Err(sled::Error::ReportableBug(format!(
-                        "the durability wait did not finish: {e}"
-                    )))
-                });
+            // Invariant: the thread lives as long as the group commit (its receiver ends only
+            // when every sender is gone, and this one is held here); a send can fail only if it
+            // died, and then the callers that count on this ask are failed by no flush at all,
+            // so say so instead of waiting.
+            if ask && flusher.send(ticket).is_err() {
+                // The next caller starts a new thread.
+                *self.flusher.lock() = None;
+                return Err(sled::Error::ReportableBug(
+                    "the flusher thread is gone".into(),
+                ));
             }
             changed.await;
         }
     }
 
-    /// Asks the flusher thread (started on first use) to settle `ticket`; false if there is no
-    /// such thread (it could not be started).
+    /// The flusher thread's requests, starting the thread if it is not running; `None` if it
+    /// cannot be started (tried again by the next caller).
     #[cfg(feature = "tokio")]
-    fn ask_flusher(self: &Arc<Self>, ticket: u64) -> bool {
-        let flusher = self.flusher.get_or_init(|| {
+    fn flusher(self: &Arc<Self>) -> Option<crossbeam_channel::Sender<u64>> {
+        let mut flusher = self.flusher.lock();
+        if flusher.is_none() {
             let (asks, asked) = crossbeam_channel::unbounded::<u64>();
             let commit = Arc::downgrade(self);
-            std::thread::Builder::new()
+            match std::thread::Builder::new()
                 .name("idemstore-flusher".into())
                 .spawn(move || flush_when_asked(&commit, &asked))
-                .map_err(|e| tracing::error!(error = %e, "no flusher thread; async durability points wait on the blocking pool"))
-                .ok()
-                .map(|_| asks)
-        });
-        flusher
-            .as_ref()
-            .is_some_and(|asks| asks.send(ticket).is_ok())
+            {
+                Ok(_) => *flusher = Some(asks),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no flusher thread; this durability point waits on the blocking pool");
+                }
+            }
+        }
+        flusher.clone()
     }
 }
 

@@ -150,20 +150,21 @@ impl GroupCommit {
     #[cfg(feature = "tokio")]
     pub(crate) async fn wait_durable_async(self: Arc<Self>) -> Result<(), sled::Error> {
         let ticket = self.next_ticket.fetch_add(1, Ordering::SeqCst) + 1;
-        let Some(flusher) = self.flusher() else {
-            // No flusher thread: this caller waits on the blocking pool, and nobody waits on it.
-            let commit = Arc::clone(&self);
-            return tokio::task::spawn_blocking(move || {
-                commit.wait_for(ticket, commit.state.lock())
-            })
-            .await
-            .unwrap_or_else(|e| {
-                Err(sled::Error::ReportableBug(format!(
-                    "the durability wait did not finish: {e}"
-                )))
-            });
-        };
         loop {
+            let Some(flusher) = self.flusher() else {
+                // No flusher thread: this caller waits on the blocking pool, and nobody waits
+                // on it.
+                let commit = Arc::clone(&self);
+                return tokio::task::spawn_blocking(move || {
+                    commit.wait_for(ticket, commit.state.lock())
+                })
+                .await
+                .unwrap_or_else(|e| {
+                    Err(sled::Error::ReportableBug(format!(
+                        "the durability wait did not finish: {e}"
+                    )))
+                });
+            };
             let changed = self.changed.notified();
             tokio::pin!(changed);
             // Registered before looking, so a flush that ends in between is not missed.
@@ -179,16 +180,15 @@ impl GroupCommit {
                 }
                 ask
             };
-            // Invariant: the thread lives as long as the group commit (its receiver ends only
-            // when every sender is gone, and this one is held here); a send can fail only if it
-            // died, and then the callers that count on this ask are failed by no flush at all,
-            // so say so instead of waiting.
             if ask && flusher.send(ticket).is_err() {
-                // The next caller starts a new thread.
+                // The thread is gone (its receiver ends only with it: the group commit, which
+                // this caller holds, keeps a sender). Nothing will answer what was asked of it:
+                // forget the asks, and let every waiter look again; the next look starts a new
+                // thread.
                 *self.flusher.lock() = None;
-                return Err(sled::Error::ReportableBug(
-                    "the flusher thread is gone".into(),
-                ));
+                self.state.lock().asked = 0;
+                self.changed.notify_waiters();
+                continue;
             }
             changed.await;
         }

@@ -13,12 +13,14 @@
 //! Every wait is bounded (a barrier stall is freed by a watchdog after [`STALL_LIMIT`], polls
 //! give up after [`PATIENCE`]): a test fails rather than hangs.
 
+mod common;
+
+use common::stall::{StallWatch, STALL_LIMIT};
 use idemstore::{ExecuteError, MemoryEngine, StepError, Store};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const STALL_LIMIT: Duration = Duration::from_secs(30);
 const PATIENCE: Duration = Duration::from_secs(30);
 
 type MemStore = Store<MemoryEngine>;
@@ -40,52 +42,6 @@ fn multi_thread() -> tokio::runtime::Runtime {
 
 fn open_memory(engine: &MemoryEngine) -> MemStore {
     engine.open(Store::builder("memory")).expect("open")
-}
-
-/// A barrier stall freed by the test or, after [`STALL_LIMIT`], by a watchdog (then
-/// [`StallWatch::freed_by_watchdog`] says so: a blocked thread turns into a failure).
-struct StallWatch {
-    freed_by_watchdog: Arc<AtomicBool>,
-    release: Option<std::sync::mpsc::Sender<()>>,
-    watchdog: Option<std::thread::JoinHandle<()>>,
-}
-
-impl StallWatch {
-    fn new(stall: idemstore::BarrierStall) -> Self {
-        let freed_by_watchdog = Arc::new(AtomicBool::new(false));
-        let (release, released) = std::sync::mpsc::channel::<()>();
-        let flag = Arc::clone(&freed_by_watchdog);
-        let watchdog = std::thread::spawn(move || {
-            if released.recv_timeout(STALL_LIMIT).is_err() {
-                flag.store(true, Ordering::SeqCst);
-            }
-            drop(stall);
-        });
-        Self {
-            freed_by_watchdog,
-            release: Some(release),
-            watchdog: Some(watchdog),
-        }
-    }
-
-    fn freed_by_watchdog(&self) -> bool {
-        self.freed_by_watchdog.load(Ordering::SeqCst)
-    }
-
-    fn release(&mut self) {
-        if let Some(release) = self.release.take() {
-            let _ = release.send(());
-        }
-        if let Some(watchdog) = self.watchdog.take() {
-            watchdog.join().expect("watchdog");
-        }
-    }
-}
-
-impl Drop for StallWatch {
-    fn drop(&mut self) {
-        self.release();
-    }
 }
 
 /// Polls (from a plain thread) until `done`; panics naming `what` after [`PATIENCE`].

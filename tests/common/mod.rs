@@ -3,6 +3,7 @@
 
 pub mod http;
 pub mod pg;
+pub mod stall;
 
 use idemstore::{ManualClock, Store, StoreBuilder};
 use std::io::{BufRead, BufReader};

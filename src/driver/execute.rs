@@ -675,7 +675,7 @@ pub(crate) fn forgets(state: RecordState, forget: bool) -> bool {
 /// Removes the claim's Pending record (and its life's steps), fenced, and waits for it to be
 /// durable: the key is released as if never used. A failed removal leaves the claim to the
 /// orphan policy.
-fn release<S: Engine>(
+pub(crate) fn release<S: Engine>(
     state: &StoreState<S>,
     held: &Held<'_>,
     pending: &Header,

@@ -44,8 +44,8 @@ use crate::driver::async_context::{
     durable_async, fenced_out_async, AsyncClaim, AsyncContext, StoreLog,
 };
 use crate::driver::execute::{
-    absent_claim, cached_replay, follower_wait, forgets, look, note_takeover, refused, replayed,
-    FollowerWait, Look, ReadAbsent,
+    absent_claim, cached_replay, follower_wait, forgets, look, note_takeover, refused, release,
+    replayed, FollowerWait, Look, ReadAbsent,
 };
 use crate::driver::registry::{DetachedLeader, Entry, Leader};
 use crate::driver::state::StoreState;
@@ -560,15 +560,12 @@ impl<S: Engine> Drop for Left<S> {
                     None,
                 );
                 let written = match forget {
-                    true => {
-                        let steps_of = header.has_steps.then_some(header.life);
-                        state.engine.remove_record(held.key, held.record, steps_of)
-                    }
+                    true => release(state, &held, &header),
                     false => state
                         .engine
-                        .finish(&held, Some(record::encode(&failed, &[]))),
-                }
-                .and_then(|_| state.wait_durable());
+                        .finish(&held, Some(record::encode(&failed, &[])))
+                        .and_then(|_| state.wait_durable()),
+                };
                 if let Err(e) = written {
                     // The claim is left to the orphan policy: stop renewing it.
                     state.engine.abandon(&held);

@@ -393,9 +393,25 @@ mod parking_lot_free {
 
 // ---- the disk's limit ----
 
-fn fdatasync_rate(dir: &Path, secs: f64) -> f64 {
+/// How a disk-ceiling row writes before each `fdatasync`.
+#[derive(Clone, Copy)]
+enum DiskWrite {
+    /// 4 KiB blocks over the first 4 MiB of a fresh file: appends at first, then overwrites.
+    Block4K,
+    /// 1 KiB at the end of the file, which grows by each write (as sled's log does).
+    Append,
+    /// The same, waited for with `sync_file_range` first (as sled's flush does).
+    AppendAfterRangeSync,
+    /// 1 KiB over bytes already written and synced: the size stays (as SQLite's WAL after a
+    /// checkpoint).
+    Overwrite,
+}
+
+/// Durable writes per second to one file in `dir`, written as `how` says.
+fn fdatasync_rate(dir: &Path, secs: f64, how: DiskWrite) -> f64 {
     use std::os::unix::fs::FileExt;
     use std::os::unix::io::AsRawFd;
+    const REGION: u64 = 4 << 20;
     let f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(true)
@@ -403,20 +419,47 @@ fn fdatasync_rate(dir: &Path, secs: f64) -> f64 {
         .write(true)
         .open(dir.join("fsync.bin"))
         .unwrap();
+    let fd = f.as_raw_fd();
+    if let DiskWrite::Overwrite = how {
+        f.write_all_at(&vec![0u8; REGION as usize], 0).unwrap();
+        assert_eq!(fdatasync(fd), 0);
+    }
     let block = vec![0x5Au8; 4096];
+    let small = &block[..1024];
+    let appended = std::sync::atomic::AtomicU64::new(0);
     measure(1, secs, |_, n| {
-        f.write_all_at(&block, (n % 1024) * 4096).unwrap();
-        // SAFETY-free: fdatasync on a file descriptor we own.
-        let rc = unsafe_free_fdatasync(f.as_raw_fd());
-        assert_eq!(rc, 0);
+        match how {
+            DiskWrite::Block4K => f.write_all_at(&block, (n * 4096) % REGION).unwrap(),
+            DiskWrite::Overwrite => f.write_all_at(small, (n * 1024) % REGION).unwrap(),
+            DiskWrite::Append | DiskWrite::AppendAfterRangeSync => {
+                let at = appended.fetch_add(1024, std::sync::atomic::Ordering::Relaxed);
+                f.write_all_at(small, at).unwrap();
+                if let DiskWrite::AppendAfterRangeSync = how {
+                    assert_eq!(sync_file_range(fd, at, 1024), 0);
+                }
+            }
+        }
+        assert_eq!(fdatasync(fd), 0);
     })
 }
 
-fn unsafe_free_fdatasync(fd: i32) -> i32 {
+fn fdatasync(fd: i32) -> i32 {
     // libc::fdatasync is an FFI call; it only reads the descriptor.
     #[allow(unsafe_code)]
     unsafe {
         libc::fdatasync(fd)
+    }
+}
+
+/// `sync_file_range` of `len` bytes at `at`, waiting as sled 0.34's log write does.
+fn sync_file_range(fd: i32, at: u64, len: u64) -> i32 {
+    let how = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+        | libc::SYNC_FILE_RANGE_WRITE
+        | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+    // An FFI call that only reads the descriptor and its arguments.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::sync_file_range(fd, at as i64, len as i64, how)
     }
 }
 
@@ -676,12 +719,22 @@ fn main() {
         1,
         Box::new(move |d| sqlite_new_keys(d, "NORMAL", 1, secs)),
     ));
-    plan.push((
-        "disk ceiling",
-        "write 4 KiB + fdatasync",
-        1,
-        Box::new(move |d| fdatasync_rate(d, secs)),
-    ));
+    for (system, how) in [
+        ("write 4 KiB + fdatasync", DiskWrite::Block4K),
+        ("append 1 KiB + fdatasync", DiskWrite::Append),
+        (
+            "append 1 KiB + sync_file_range + fdatasync",
+            DiskWrite::AppendAfterRangeSync,
+        ),
+        ("overwrite 1 KiB + fdatasync", DiskWrite::Overwrite),
+    ] {
+        plan.push((
+            "disk ceiling",
+            system,
+            1,
+            Box::new(move |d| fdatasync_rate(d, secs, how)),
+        ));
+    }
 
     let mut figures: Vec<Vec<f64>> = vec![Vec::new(); plan.len()];
     for round in 1..=s.rounds {

@@ -588,6 +588,46 @@ mod tests {
             })
     }
 
+    /// A payload over the in-place reader's size bound is declined, and replays through the
+    /// store's decode with every byte of its body; one just under the bound is read in place.
+    #[test]
+    fn a_payload_over_the_in_place_bound_replays_through_the_decode() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let bound = DECODE_LIMIT / 64;
+        for (body_len, in_place) in [(bound - 64, true), (bound + 1, false)] {
+            let body: Vec<u8> = (0..body_len).map(|i| (i % 251) as u8).collect();
+            let stored = StoredResponse {
+                status: 201,
+                headers: vec![("content-type".to_owned(), Bytes16(b"text/plain".to_vec()))],
+                body: Bytes16(body.clone()),
+                omitted_after: None,
+            };
+            let encoded = codec::encode(&stored, Codec::Bincode, 1 << 30).expect("encodes");
+            assert_eq!(
+                encoded.bytes.len() <= bound,
+                in_place,
+                "body of {body_len} bytes"
+            );
+            assert_eq!(
+                replay_in_place(&encoded.bytes, Codec::Bincode, Some(encoded.shape)).is_some(),
+                in_place,
+                "body of {body_len} bytes"
+            );
+            let replayed = replay_payload(&encoded.bytes, Codec::Bincode, Some(encoded.shape))
+                .expect("replays");
+            let (status, headers, replayed_body) = rt.block_on(parts(replayed));
+            assert_eq!(status, 201);
+            assert_eq!(headers.get("content-type").expect("kept"), "text/plain");
+            assert_eq!(
+                replayed_body.as_ref(),
+                body.as_slice(),
+                "body of {body_len} bytes"
+            );
+        }
+    }
+
     proptest::proptest! {
         /// Read in place or decoded by the store, a stored response replays the same, and its
         /// shape is the one `SHAPES` predicts; a payload with another shape is refused.

@@ -37,6 +37,8 @@ const DEFAULT_POSTGRES: &str = "host=127.0.0.1 user=postgres dbname=test";
 const PG_ENGINE: &str = "idemstore PostgreSQL";
 const PG_ENGINE_CACHED: &str = "idemstore PostgreSQL, replay cache";
 const PG_BY_HAND: &str = "PostgreSQL by hand";
+/// New keys by hand in a table that also keeps an indexed expiry, so a sweeper can find them.
+const PG_BY_HAND_EXPIRING: &str = "PostgreSQL by hand, expiring rows";
 /// A replay by hand as a request makes it, not knowing it is one: the claim, then the read.
 const PG_BY_HAND_REQUEST: &str = "PostgreSQL by hand, claim then read";
 
@@ -646,7 +648,17 @@ fn main() {
                 group,
                 PG_BY_HAND,
                 t,
-                Box::new(move |_| postgres::by_hand_new_keys(server, t, secs)),
+                Box::new(move |_| {
+                    postgres::by_hand_new_keys(server, t, secs, postgres::Table::Plain)
+                }),
+            ));
+            plan.push((
+                group,
+                PG_BY_HAND_EXPIRING,
+                t,
+                Box::new(move |_| {
+                    postgres::by_hand_new_keys(server, t, secs, postgres::Table::Expiring)
+                }),
             ));
         }
     }

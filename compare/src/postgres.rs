@@ -270,6 +270,17 @@ pub fn engine_replay(server: &Server, threads: usize, secs: f64, cache: bool) ->
 const PENDING: i16 = 0;
 const COMPLETED: i16 = 1;
 
+/// The hand-written table: as the protocol needs it, or with an expiry a sweep can find.
+#[derive(Clone, Copy, PartialEq)]
+pub enum Table {
+    /// Key, state, result and lock: nothing can tell when a row may go.
+    Plain,
+    /// Also an expiry time, set by the claim (a day ahead) and kept by the completion (so the
+    /// update stays a heap-only one), with an index on it, as a table whose rows a sweeper
+    /// deletes needs (idemstore's own table has one).
+    Expiring,
+}
+
 /// The hand-written protocol's statements, on one schema's table.
 struct ByHand {
     pool: deadpool_postgres::Pool,
@@ -280,8 +291,21 @@ struct ByHand {
 
 impl ByHand {
     /// Creates the table in `schema` and a pool for it.
-    fn create(server: &Server, schema: &Schema<'_>) -> ByHand {
+    fn create(server: &Server, schema: &Schema<'_>, table: Table) -> ByHand {
         let s = &schema.name;
+        let (expiry_column, expiry_index, expiry_value) = match table {
+            Table::Plain => ("", String::new(), ""),
+            Table::Expiring => (
+                ", expires_ms bigint NOT NULL",
+                format!("CREATE INDEX ON {s}.idem (expires_ms);"),
+                ", (extract(epoch from now()) * 1000)::bigint + 86400000",
+            ),
+        };
+        let expiry_name = if table == Table::Expiring {
+            ", expires_ms"
+        } else {
+            ""
+        };
         server
             .admin(&format!(
                 "CREATE SCHEMA {s};
@@ -290,15 +314,17 @@ impl ByHand {
                      state        smallint NOT NULL,
                      result       bytea,
                      locked_until timestamptz
-                 );"
+                     {expiry_column}
+                 );
+                 {expiry_index}"
             ))
             .expect("a fresh schema and its table are created");
         ByHand {
             pool: server.pool(schema),
             // The claim is the lookup: a row comes back only when this call inserted it.
             claim: format!(
-                "INSERT INTO {s}.idem (key, state, locked_until) \
-                 VALUES ($1, {PENDING}, now() + interval '10 seconds') \
+                "INSERT INTO {s}.idem (key, state, locked_until{expiry_name}) \
+                 VALUES ($1, {PENDING}, now() + interval '10 seconds'{expiry_value}) \
                  ON CONFLICT DO NOTHING RETURNING 1"
             ),
             complete: format!(
@@ -311,7 +337,7 @@ impl ByHand {
 
     /// A table in `schema` holding `REPLAY_KEYS` completed keys, and those keys.
     fn preloaded(server: &Server, schema: &Schema<'_>) -> (ByHand, Vec<String>) {
-        let by_hand = ByHand::create(server, schema);
+        let by_hand = ByHand::create(server, schema, Table::Plain);
         let keys: Vec<String> = (0..REPLAY_KEYS).map(|i| format!("k{i}")).collect();
         for k in &keys {
             server
@@ -356,10 +382,10 @@ impl ByHand {
     }
 }
 
-/// Durable new keys by hand: claim, run the operation, record its outcome.
-pub fn by_hand_new_keys(server: &Server, threads: usize, secs: f64) -> f64 {
+/// Durable new keys by hand: claim, run the operation, record its outcome, in `table`.
+pub fn by_hand_new_keys(server: &Server, threads: usize, secs: f64, table: Table) -> f64 {
     let schema = server.fresh_schema();
-    let by_hand = ByHand::create(server, &schema);
+    let by_hand = ByHand::create(server, &schema, table);
     let rt = &server.runtime;
     let ops = server.window(threads, secs, |t, n| {
         let k = key(t, n);

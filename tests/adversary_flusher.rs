@@ -201,6 +201,78 @@ fn without_a_flusher_thread_no_call_waits_for_another_runtimes_blocking_pool() {
     blocking_pool_scenario(true);
 }
 
+/// A flusher thread that could not be started is started by a later async call once threads
+/// can be made again (the module doc: "the next caller tries to start the thread again"): the
+/// first call, under the thread limit, falls back to its runtime's blocking pool; after the
+/// limit is lifted, the next call starts exactly one flusher thread, and calls go on.
+#[test]
+fn a_flusher_thread_that_could_not_start_is_started_by_a_later_call() {
+    const NAME: &str = "a_flusher_thread_that_could_not_start_is_started_by_a_later_call";
+    if !is_child(NAME) {
+        if !Path::new(PIDS_CGROUP).join("pids.max").exists()
+            && !Path::new(PIDS_CGROUP).join("cgroup.procs").exists()
+        {
+            println!("SKIPPED: no pids cgroup (v1) at {PIDS_CGROUP}");
+            return;
+        }
+        let (passed, output) = run_in_child(NAME, Some(Path::new(PIDS_CGROUP)));
+        println!("{output}");
+        assert!(passed, "the child failed:\n{output}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_at(&dir.path().join("db")).expect("open");
+    store
+        .execute_once("warm", || Ok::<_, std::io::Error>(0u64))
+        .expect("warm-up");
+    // A runtime whose blocking thread exists before the limit and stays.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .max_blocking_threads(2)
+        .thread_keep_alive(Duration::from_secs(120))
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        tokio::task::spawn_blocking(|| std::thread::sleep(Duration::from_millis(100)))
+            .await
+            .expect("warm blocking thread");
+    });
+    if let Err(why) = forbid_new_threads() {
+        println!("SKIPPED: cannot limit this process's threads: {why}");
+        return;
+    }
+    let first =
+        rt.block_on(async { tokio::time::timeout(CALL_LIMIT, call(&store, "first", 1)).await });
+    assert_eq!(
+        first.ok(),
+        Some(Ok(1)),
+        "a lone async call without a flusher thread"
+    );
+    assert_eq!(
+        flusher_threads(),
+        0,
+        "no flusher thread could start under the limit"
+    );
+    let cgroup = Path::new(PIDS_CGROUP).join(format!("c{}", std::process::id()));
+    std::fs::write(cgroup.join("pids.max"), "max").expect("lift the thread limit");
+    for n in 0..20u64 {
+        let key = format!("after-{n}");
+        let done =
+            rt.block_on(async { tokio::time::timeout(CALL_LIMIT, call(&store, &key, n)).await });
+        assert_eq!(
+            done.ok(),
+            Some(Ok(n)),
+            "an async call after the limit was lifted"
+        );
+    }
+    assert_eq!(
+        flusher_threads(),
+        1,
+        "a later call starts the flusher thread, once"
+    );
+}
+
 /// The control for the test above: the same rounds with a flusher thread (no thread limit)
 /// pass, so what fails there is the fallback.
 #[test]

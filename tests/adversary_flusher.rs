@@ -154,6 +154,25 @@ fn run_in_child(name: &str, cgroup: Option<&Path>) -> (bool, String) {
 
 const PIDS_CGROUP: &str = "/sys/fs/cgroup/pids";
 
+/// In the test process: runs test `name` alone in a child process that may limit its threads
+/// (a pids cgroup, removed afterwards), checks that it passed, and returns false; skipped
+/// (false) where there is no pids cgroup. In that child: true, so the test runs there.
+fn in_thread_limited_child(name: &str) -> bool {
+    if is_child(name) {
+        return true;
+    }
+    if !Path::new(PIDS_CGROUP).join("pids.max").exists()
+        && !Path::new(PIDS_CGROUP).join("cgroup.procs").exists()
+    {
+        println!("SKIPPED: no pids cgroup (v1) at {PIDS_CGROUP}");
+        return false;
+    }
+    let (passed, output) = run_in_child(name, Some(Path::new(PIDS_CGROUP)));
+    println!("{output}");
+    assert!(passed, "the child failed:\n{output}");
+    false
+}
+
 /// In a child: moves this process into a fresh pids cgroup whose limit is the threads it has
 /// now, so no thread can be started any more. `Err` says why it could not.
 fn forbid_new_threads() -> Result<(), String> {
@@ -185,17 +204,9 @@ fn forbid_new_threads() -> Result<(), String> {
 /// one. Every B call must finish while A's pool stays busy.
 #[test]
 fn without_a_flusher_thread_no_call_waits_for_another_runtimes_blocking_pool() {
-    const NAME: &str = "without_a_flusher_thread_no_call_waits_for_another_runtimes_blocking_pool";
-    if !is_child(NAME) {
-        if !Path::new(PIDS_CGROUP).join("pids.max").exists()
-            && !Path::new(PIDS_CGROUP).join("cgroup.procs").exists()
-        {
-            println!("SKIPPED: no pids cgroup (v1) at {PIDS_CGROUP}");
-            return;
-        }
-        let (passed, output) = run_in_child(NAME, Some(Path::new(PIDS_CGROUP)));
-        println!("{output}");
-        assert!(passed, "the child failed:\n{output}");
+    if !in_thread_limited_child(
+        "without_a_flusher_thread_no_call_waits_for_another_runtimes_blocking_pool",
+    ) {
         return;
     }
     blocking_pool_scenario(true);
@@ -207,17 +218,8 @@ fn without_a_flusher_thread_no_call_waits_for_another_runtimes_blocking_pool() {
 /// limit is lifted, the next call starts exactly one flusher thread, and calls go on.
 #[test]
 fn a_flusher_thread_that_could_not_start_is_started_by_a_later_call() {
-    const NAME: &str = "a_flusher_thread_that_could_not_start_is_started_by_a_later_call";
-    if !is_child(NAME) {
-        if !Path::new(PIDS_CGROUP).join("pids.max").exists()
-            && !Path::new(PIDS_CGROUP).join("cgroup.procs").exists()
-        {
-            println!("SKIPPED: no pids cgroup (v1) at {PIDS_CGROUP}");
-            return;
-        }
-        let (passed, output) = run_in_child(NAME, Some(Path::new(PIDS_CGROUP)));
-        println!("{output}");
-        assert!(passed, "the child failed:\n{output}");
+    if !in_thread_limited_child("a_flusher_thread_that_could_not_start_is_started_by_a_later_call")
+    {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

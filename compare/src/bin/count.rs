@@ -15,7 +15,7 @@
 
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::Router;
 use http_body_util::BodyExt;
 use idemstore::http::IdempotencyLayer;
@@ -29,13 +29,15 @@ const BODY: &str = r#"{"sku":"book-1984","quantity":1}"#;
 const ORDER: &str = r#"{"order":"ord_1N8vJkLq2eZvKYlo","status":"created"}"#;
 
 /// Operations counted, by name.
-const OPERATIONS: [&str; 6] = [
+const OPERATIONS: [&str; 8] = [
     "HTTP request, bare handler",
     "HTTP request, replayed by the layer",
     "store replay, small",
     "store replay, async, small",
     "raw sled get, small",
     "raw sled get + bincode decode, small",
+    "HTTP GET passed through by the layer",
+    "HTTP GET, bare handler",
 ];
 
 /// Operations per run: the second run makes twice as many.
@@ -53,13 +55,17 @@ async fn order() -> (
     )
 }
 
-/// Sends one request and reads its whole answer, which must be 201.
+/// Sends one request (a POST with a key, or a GET to `/pass` and `/bare-get`) and reads its
+/// whole answer, which must be 201.
 async fn send(router: &mut Router, path: &str) {
-    let request = Request::post(path)
-        .header(header::CONTENT_TYPE, "application/json")
-        .header("idempotency-key", "\"count-1\"")
-        .body(Body::from(BODY))
-        .expect("a request");
+    let request = match path {
+        "/pass" | "/bare-get" => Request::get(path).body(Body::empty()),
+        _ => Request::post(path)
+            .header(header::CONTENT_TYPE, "application/json")
+            .header("idempotency-key", "\"count-1\"")
+            .body(Body::from(BODY)),
+    }
+    .expect("a request");
     let response = router.call(request).await.expect("an answer");
     assert_eq!(response.status(), StatusCode::CREATED, "{path}");
     black_box(response.into_body().collect().await.expect("a body"));
@@ -78,19 +84,36 @@ fn run(operation: usize, n: u64) {
         .expect("a runtime");
     let fail = || -> Result<String, std::io::Error> { panic!("a replay ran its operation") };
     match operation {
-        0 | 1 => {
+        0 | 1 | 6 | 7 => {
             // Each route gets its state before its layer, as in the wrk comparison's server:
             // a handler still waiting for its state is made into a service again on every
             // request (and a layer over it applied again), which would be counted here.
             let mut router = Router::new()
                 .route("/bare", post(order).with_state(()))
+                .route("/bare-get", get(order).with_state(()))
                 .route(
                     "/idem",
                     post(order)
                         .with_state(())
                         .layer(IdempotencyLayer::new(Arc::new(store))),
+                )
+                .route(
+                    "/pass",
+                    get(order)
+                        .with_state(())
+                        .layer(IdempotencyLayer::new(Arc::new(
+                            Store::builder(dir.path().join("db-pass"))
+                                .sweep_interval(None)
+                                .open()
+                                .expect("a store"),
+                        ))),
                 );
-            let path = ["/bare", "/idem"][operation];
+            let path = match operation {
+                0 => "/bare",
+                1 => "/idem",
+                6 => "/pass",
+                _ => "/bare-get",
+            };
             rt.block_on(async {
                 send(&mut router, path).await;
                 for _ in 0..n {

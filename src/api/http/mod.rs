@@ -338,6 +338,15 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        let settings = &self.layer.shared.settings;
+        if !settings.methods.contains(request.method())
+            || (!settings.require_key && !key::has_key(request.headers()))
+        {
+            // Not an idempotent request: straight to the handler, called here (the service
+            // polled ready), with no clone of it and no part in `handle`'s larger future.
+            let called = self.inner.call(request.map(boxed));
+            return Box::pin(async move { Ok(called.await?.map(boxed)) });
+        }
         // The clone that was polled ready goes with this request (tower's usual swap).
         let fresh = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, fresh);
@@ -354,7 +363,7 @@ enum NotStored<E> {
 }
 
 async fn handle<Svc, S, ReqBody, ResBody>(
-    mut inner: Svc,
+    inner: Svc,
     layer: IdempotencyLayer<S>,
     request: Request<ReqBody>,
 ) -> Result<Response<IdempotentBody>, Svc::Error>
@@ -371,11 +380,6 @@ where
     ResBody::Error: Into<BoxError>,
 {
     let settings = &layer.shared.settings;
-    if !settings.methods.contains(request.method())
-        || (!settings.require_key && !key::has_key(request.headers()))
-    {
-        return Ok(inner.call(request.map(boxed)).await?.map(boxed));
-    }
     let (head, body) = request.into_parts();
     let key = match key::idempotency_key(&head.headers) {
         Ok(Some(key)) => key,

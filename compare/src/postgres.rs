@@ -271,7 +271,7 @@ const PENDING: i16 = 0;
 const COMPLETED: i16 = 1;
 
 /// The hand-written table: as the protocol needs it, or with an expiry a sweep can find.
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy)]
 pub enum Table {
     /// Key, state, result and lock: nothing can tell when a row may go.
     Plain,
@@ -293,18 +293,15 @@ impl ByHand {
     /// Creates the table in `schema` and a pool for it.
     fn create(server: &Server, schema: &Schema<'_>, table: Table) -> ByHand {
         let s = &schema.name;
-        let (expiry_column, expiry_index, expiry_value) = match table {
-            Table::Plain => ("", String::new(), ""),
+        // The expiry's column definition, index, column name and value in the claim.
+        let (expiry_column, expiry_index, expiry_name, expiry_value) = match table {
+            Table::Plain => ("", String::new(), "", ""),
             Table::Expiring => (
                 ", expires_ms bigint NOT NULL",
                 format!("CREATE INDEX ON {s}.idem (expires_ms);"),
+                ", expires_ms",
                 ", (extract(epoch from now()) * 1000)::bigint + 86400000",
             ),
-        };
-        let expiry_name = if table == Table::Expiring {
-            ", expires_ms"
-        } else {
-            ""
         };
         server
             .admin(&format!(

@@ -35,7 +35,7 @@ use std::time::Duration;
 
 use crate::api::store::Store;
 use crate::core::replay::{recorded, Recorded};
-use crate::driver::execute::QuickLook;
+use crate::driver::execute::{QuickLook, ReadAbsent};
 use crate::engine::sled::SledEngine;
 use crate::engine::Engine;
 use crate::error::{Error, ExecuteError};
@@ -350,7 +350,8 @@ where
         // The clone that was polled ready goes with this request (tower's usual swap).
         let fresh = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, fresh);
-        Box::pin(handle(inner, self.layer.clone(), request))
+        let (head, body) = request.into_parts();
+        Box::pin(handle(inner, self.layer.clone(), head, body))
     }
 }
 
@@ -362,10 +363,13 @@ enum NotStored<E> {
     Service(E),
 }
 
+/// An idempotent request (its head and body taken apart by the caller: a request kept whole
+/// would stay in this future's state beside its head).
 async fn handle<Svc, S, ReqBody, ResBody>(
     inner: Svc,
     layer: IdempotencyLayer<S>,
-    request: Request<ReqBody>,
+    head: http::request::Parts,
+    body: ReqBody,
 ) -> Result<Response<IdempotentBody>, Svc::Error>
 where
     Svc: tower_service::Service<Request<IdempotentBody>, Response = Response<ResBody>>
@@ -380,7 +384,6 @@ where
     ResBody::Error: Into<BoxError>,
 {
     let settings = &layer.shared.settings;
-    let (head, body) = request.into_parts();
     let key = match key::idempotency_key(&head.headers) {
         Ok(Some(key)) => key,
         Ok(None) => {
@@ -420,52 +423,13 @@ where
             ));
         }
     };
-    let tenant = match settings.tenant.as_ref() {
-        None => None,
-        Some(tenant) => {
-            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tenant(&head))) {
-                Ok(tenant) => tenant,
-                Err(_) => {
-                    return Ok(problem(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "tenant-unknown",
-                        "Tenant unknown",
-                        "the function that tells this request's tenant failed",
-                    ))
-                }
-            }
-        }
-    };
-    let store_key = scoped_key(tenant.as_deref(), key.as_bytes());
-    // The key borrows the request's head, which goes on to the handler below.
-    drop(key);
-    let fingerprint = request_fingerprint(&head, &body, &settings.fingerprint_headers);
-    // A replay read locally is answered here, without a task: a retry costs one read. User
-    // code the store calls (its clock, serde) may panic here as in the task: a 500, never a
-    // dropped connection.
-    let quick_look = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        layer
-            .shared
-            .store
-            .call(&store_key)
-            .fingerprint(fingerprint)
-            .quick_look_with(|rec| replay_record(&store_key, rec))
-    }));
-    let Ok(quick_look) = quick_look else {
-        return Ok(problem(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "store-panicked",
-            "Idempotency store failed",
-            "code the idempotency store called panicked; the request may be retried with the \
-             same key",
-        ));
-    };
-    let read_absent = match quick_look {
-        QuickLook::Answered(Ok(response)) => return Ok(response),
-        QuickLook::Answered(Err(ExecuteError::Store(e))) => return Ok(store_problem(&e, settings)),
-        QuickLook::Answered(Err(ExecuteError::Operation { error, .. })) => match error {},
-        // Not a replay: the call goes on (from "absent", if the key was).
-        QuickLook::Unanswered(read_absent) => read_absent,
+    let (store_key, fingerprint, read_absent) = match first_look(&layer, &head, key, &body) {
+        FirstLook::Answered(response) => return Ok(response),
+        FirstLook::Run {
+            store_key,
+            fingerprint,
+            read_absent,
+        } => (store_key, fingerprint, read_absent),
     };
     let request = Request::from_parts(head, full(body));
 
@@ -538,6 +502,81 @@ where
             Some(response),
         ) => Ok(response),
         (Err(ExecuteError::Store(e)), _) => Ok(store_problem(&e, settings)),
+    }
+}
+
+/// What the first look at an idempotent request found.
+enum FirstLook {
+    /// A response to give now: a replay, or a problem.
+    Answered(Response<IdempotentBody>),
+    /// Not a replay: what its run needs.
+    Run {
+        store_key: [u8; STORE_KEY_LEN],
+        fingerprint: Fingerprint,
+        read_absent: Option<ReadAbsent>,
+    },
+}
+
+/// The request's tenant, store key and fingerprint, and a replay read locally if the key has
+/// one. Synchronous, and kept out of `handle`, so none of it is part of that future's state.
+fn first_look<S: Engine>(
+    layer: &IdempotencyLayer<S>,
+    head: &http::request::Parts,
+    key: key::Key<'_>,
+    body: &Bytes,
+) -> FirstLook {
+    let settings = &layer.shared.settings;
+    let tenant = match settings.tenant.as_ref() {
+        None => None,
+        Some(tenant) => {
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tenant(head))) {
+                Ok(tenant) => tenant,
+                Err(_) => {
+                    return FirstLook::Answered(problem(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "tenant-unknown",
+                        "Tenant unknown",
+                        "the function that tells this request's tenant failed",
+                    ))
+                }
+            }
+        }
+    };
+    let store_key = scoped_key(tenant.as_deref(), key.as_bytes());
+    let fingerprint = request_fingerprint(head, body, &settings.fingerprint_headers);
+    // A replay read locally is answered here, without a task: a retry costs one read. User
+    // code the store calls (its clock, serde) may panic here as in the task: a 500, never a
+    // dropped connection.
+    let quick_look = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        layer
+            .shared
+            .store
+            .call(&store_key)
+            .fingerprint(fingerprint)
+            .quick_look_with(|rec| replay_record(&store_key, rec))
+    }));
+    let Ok(quick_look) = quick_look else {
+        return FirstLook::Answered(problem(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "store-panicked",
+            "Idempotency store failed",
+            "code the idempotency store called panicked; the request may be retried with the \
+             same key",
+        ));
+    };
+    let read_absent = match quick_look {
+        QuickLook::Answered(Ok(response)) => return FirstLook::Answered(response),
+        QuickLook::Answered(Err(ExecuteError::Store(e))) => {
+            return FirstLook::Answered(store_problem(&e, settings))
+        }
+        QuickLook::Answered(Err(ExecuteError::Operation { error, .. })) => match error {},
+        // Not a replay: the call goes on (from "absent", if the key was).
+        QuickLook::Unanswered(read_absent) => read_absent,
+    };
+    FirstLook::Run {
+        store_key,
+        fingerprint,
+        read_absent,
     }
 }
 

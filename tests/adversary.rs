@@ -1448,54 +1448,7 @@ fn a_corrupt_step_never_reruns_anything_and_bad_input_is_refused() {
 // ---------------------------------------------------------------------------------------------
 // A full disk (a tmpfs this test mounts, as tests/faults.rs does): what a replay returns after
 // an outcome's barrier failed.
-struct Tmpfs {
-    mountpoint: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    fn mount(size: &str) -> Option<Self> {
-        let dir = tempfile::tempdir().ok()?;
-        let mountpoint = dir.path().join("mnt");
-        std::fs::create_dir(&mountpoint).ok()?;
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(&mountpoint)
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !ok {
-            assert!(std::env::var_os("CI").is_none(), "cannot mount a tmpfs");
-            eprintln!("skipped: cannot mount a tmpfs here");
-            return None;
-        }
-        Some(Self {
-            mountpoint,
-            _dir: dir,
-        })
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.mountpoint)
-            .status();
-    }
-}
-
-fn fill_leaving(dir: &std::path::Path, room: u64) -> std::path::PathBuf {
-    use std::io::Write;
-    let path = dir.join("filler");
-    let mut f = std::fs::File::create(&path).unwrap();
-    let chunk = vec![0xA5u8; 64 * 1024];
-    while f.write_all(&chunk).is_ok() && f.sync_all().is_ok() {}
-    while f.write_all(&[0]).is_ok() && f.sync_all().is_ok() {}
-    let len = f.metadata().unwrap().len();
-    f.set_len(len - room).unwrap();
-    f.sync_all().unwrap();
-    path
-}
+use common::disk::{fill_leaving, SmallDisk};
 
 // DEFECT. Promise (design §1: "No recorded outcome is lost. In Immediate mode ... every byte an
 // outcome depends on is on stable storage ... before execute_once returns it, and before any
@@ -1511,17 +1464,17 @@ fn fill_leaving(dir: &std::path::Path, room: u64) -> std::path::PathBuf {
 // Rerun `f` runs again for a key whose outcome a caller already received.
 #[test]
 fn a_replay_never_returns_an_outcome_whose_barrier_failed() {
-    let Some(disk) = Tmpfs::mount("16m") else {
+    let Some(disk) = SmallDisk::mount_or_skip("16m") else {
         return;
     };
-    let db = disk.mountpoint.join("db");
+    let db = disk.path().join("db");
     let store = idemstore::Store::open(&db).unwrap();
     for i in 0..20u32 {
         store
             .execute_once(format!("before-{i}"), || Ok::<_, ServiceError>(i))
             .unwrap();
     }
-    let filler = fill_leaving(&disk.mountpoint, 1 << 20);
+    let filler = fill_leaving(disk.path(), 1 << 20);
     let mut wall = None;
     for i in 0..5_000u32 {
         let key = format!("full-{i}");

@@ -14,9 +14,12 @@
 //! ~30 s): a bug shows as a failure, not a hang. A runtime that may have a stuck thread is
 //! forgotten before the test panics.
 
+mod common;
+
+use common::disk::{fill_up, SmallDisk};
 use idemstore::{ExecuteError, Store};
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -805,44 +808,6 @@ fn back_to_back_lone_async_calls_on_fresh_runtimes_never_hang() {
 // ---------------------------------------------------------------------------------------
 // Promise 5: a full disk.
 
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(size: &str) -> Option<(Self, tempfile::TempDir)> {
-        let holder = tempfile::tempdir().ok()?;
-        let mountpoint = holder.path().join("fs");
-        std::fs::create_dir(&mountpoint).ok()?;
-        let status = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(&mountpoint)
-            .status()
-            .ok()?;
-        status.success().then(|| (Self(mountpoint), holder))
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
-/// Fills the filesystem at `dir` until a write fails; returns the filler's path.
-fn fill_up(dir: &Path) -> PathBuf {
-    use std::io::Write;
-    let path = dir.join("filler");
-    let mut file = std::fs::File::create(&path).expect("filler");
-    let chunk = vec![0xA5u8; 64 << 10];
-    while file.write_all(&chunk).is_ok() {}
-    let small = [0u8; 512];
-    while file.write_all(&small).is_ok() {}
-    let _ = file.sync_all();
-    path
-}
-
 /// Promises 1 and 5: on a full disk, with only async callers (so the flusher thread leads the
 /// flushes) on two runtimes, nothing hangs; the store is closed and dropped while the disk is
 /// still full (so no later flush can save what a failed one lost); after space comes back,
@@ -857,11 +822,10 @@ fn fill_up(dir: &Path) -> PathBuf {
 #[test]
 #[ignore = "sled 0.34's flush can wait forever for a log write that failed on a full disk"]
 fn a_full_disk_under_the_flusher_thread_fails_callers_and_loses_no_returned_value() {
-    let Some((fs, _holder)) = Tmpfs::mount("24m") else {
-        println!("SKIPPED: cannot mount a tmpfs here");
+    let Some(fs) = SmallDisk::mount_or_skip("24m") else {
         return;
     };
-    let path = fs.0.join("db");
+    let path = fs.path().join("db");
     let store = Arc::new(
         Store::builder(&path)
             .sweep_interval(None)
@@ -872,7 +836,7 @@ fn a_full_disk_under_the_flusher_thread_fails_callers_and_loses_no_returned_valu
     store
         .execute_once("warm", || Ok::<_, std::io::Error>(0u64))
         .expect("warm-up");
-    let filler = fill_up(&fs.0);
+    let filler = fill_up(fs.path());
     let returned = Arc::new(std::sync::Mutex::new(Vec::<(String, u64)>::new()));
     let errors = Arc::new(AtomicU64::new(0));
     let (done_tx, done) = mpsc::channel::<()>();

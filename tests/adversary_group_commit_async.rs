@@ -14,6 +14,9 @@
 //! Every wait is bounded (at most ~30 s): a bug shows as a failure, not a hang. A runtime that
 //! may have a stuck thread is forgotten before the test panics.
 
+mod common;
+
+use common::disk::{fill_up, SmallDisk};
 use idemstore::{ExecuteError, Store};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -479,45 +482,6 @@ fn outcomes_returned_from_a_burst_of_async_callers_survive_reopening() {
     }
 }
 
-/// Unmounts a tmpfs when dropped.
-struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    fn mount(size: &str) -> Option<(Self, tempfile::TempDir)> {
-        let holder = tempfile::tempdir().ok()?;
-        let mountpoint = holder.path().join("fs");
-        std::fs::create_dir(&mountpoint).ok()?;
-        let status = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(&mountpoint)
-            .status()
-            .ok()?;
-        status.success().then(|| (Self(mountpoint), holder))
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
-/// Fills the filesystem at `dir` until a write fails; returns the filler's path.
-fn fill_up(dir: &std::path::Path) -> std::path::PathBuf {
-    use std::io::Write;
-    let path = dir.join("filler");
-    let mut file = std::fs::File::create(&path).expect("filler");
-    let chunk = vec![0xA5u8; 64 << 10];
-    while file.write_all(&chunk).is_ok() {}
-    let small = [0u8; 512];
-    while file.write_all(&small).is_ok() {}
-    let _ = file.sync_all();
-    path
-}
-
 /// Promise 5 (failed flushes): on a full filesystem, sync and async callers whose flush
 /// fails must get errors (not hang, not a value that is lost on reopening); after space comes
 /// back, later calls succeed or fail cleanly; whatever a call returned as a value replays
@@ -531,11 +495,10 @@ fn a_full_disk_fails_sync_and_async_callers_cleanly_and_nothing_hangs() {
 }
 
 fn full_disk_scenario(value_bytes: usize) {
-    let Some((fs, _holder)) = Tmpfs::mount("24m") else {
-        println!("SKIPPED: cannot mount a tmpfs here");
+    let Some(fs) = SmallDisk::mount_or_skip("24m") else {
         return;
     };
-    let path = fs.0.join("db");
+    let path = fs.path().join("db");
     let returned = Arc::new(std::sync::Mutex::new(Vec::<(String, Vec<u8>)>::new()));
     let errors = Arc::new(AtomicU64::new(0));
     let (done_tx, done) = mpsc::channel::<&'static str>();
@@ -551,7 +514,7 @@ fn full_disk_scenario(value_bytes: usize) {
     store
         .execute_once("warm", || Ok::<_, std::io::Error>(vec![1u8; 16]))
         .expect("warm-up");
-    let filler = fill_up(&fs.0);
+    let filler = fill_up(fs.path());
 
     let big = move |seed: u64| vec![(seed % 251) as u8; value_bytes];
     // Async callers on two runtimes, sync callers on threads, all while the disk is full.

@@ -7,91 +7,13 @@
 
 mod common;
 
+use common::disk::{fill_leaving, SmallDisk};
 use common::ServiceError;
 use idemstore::{Error, ExecuteError, OrphanPolicy, RecordState, Store};
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// Bytes given back after filling the disk: room for some calls before the engine runs out.
 const ROOM: u64 = 1 << 20;
-
-/// A tmpfs mounted for one test, unmounted on drop.
-struct SmallDisk {
-    mountpoint: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl SmallDisk {
-    /// Mounts a tmpfs of `size`, or says why that is not possible here.
-    fn mount(size: &str) -> Result<Self, String> {
-        let dir = tempfile::tempdir().map_err(|e| format!("no temp dir: {e}"))?;
-        let mountpoint = dir.path().join("mnt");
-        std::fs::create_dir(&mountpoint).map_err(|e| format!("no mount point: {e}"))?;
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(&mountpoint)
-            .output()
-            .map_err(|e| format!("cannot run mount: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "cannot mount a tmpfs ({}): the test needs root with CAP_SYS_ADMIN",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        Ok(Self {
-            mountpoint,
-            _dir: dir,
-        })
-    }
-
-    /// The disk, or None where it cannot be had: skipped with a message that reaches the
-    /// terminal on a developer's machine, but a failure under CI (environment variable `CI`
-    /// set), where the test must run.
-    fn mount_or_skip(size: &str) -> Option<Self> {
-        match Self::mount(size) {
-            Ok(disk) => Some(disk),
-            Err(why) if std::env::var_os("CI").is_some_and(|v| !v.is_empty()) => {
-                panic!("CI must run the full-disk test, but {why}")
-            }
-            Err(why) => {
-                // Straight to the process's stderr: eprintln! would be captured and hidden.
-                let _ = writeln!(std::io::stderr(), "SKIPPED the full-disk test: {why}");
-                None
-            }
-        }
-    }
-
-    fn path(&self) -> &Path {
-        &self.mountpoint
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = Command::new("umount")
-            .arg("-l")
-            .arg(&self.mountpoint)
-            .status();
-    }
-}
-
-/// Fills the file system with a file until it refuses, then gives `room` bytes back; returns
-/// the file's path.
-fn fill_leaving(dir: &Path, room: u64) -> PathBuf {
-    let path = dir.join("filler");
-    let mut f = std::fs::File::create(&path).unwrap();
-    let chunk = vec![0xA5u8; 64 * 1024];
-    while f.write_all(&chunk).is_ok() && f.sync_all().is_ok() {}
-    // Byte by byte, to the very last block.
-    while f.write_all(&[0]).is_ok() && f.sync_all().is_ok() {}
-    let len = f.metadata().unwrap().len();
-    assert!(len > room, "the disk had less than {room} bytes free");
-    f.set_len(len - room).unwrap();
-    f.sync_all().unwrap();
-    path
-}
 
 /// Fills a small disk with calls whose outcomes are `outcome_bytes` long. Large outcomes
 /// make the outcome write the one that hits the wall (after the operation ran); tiny ones,

@@ -15,6 +15,7 @@
 
 mod common;
 
+use common::calls::{current_thread, multi_thread};
 use common::stall::{StallWatch, STALL_LIMIT};
 use idemstore::{ExecuteError, MemoryEngine, StepError, Store};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -24,21 +25,6 @@ use std::time::{Duration, Instant};
 const PATIENCE: Duration = Duration::from_secs(30);
 
 type MemStore = Store<MemoryEngine>;
-
-fn current_thread() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
-fn multi_thread() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
 
 fn open_memory(engine: &MemoryEngine) -> MemStore {
     engine.open(Store::builder("memory")).expect("open")
@@ -275,7 +261,7 @@ fn shutdown_background_after_an_abort_keeps_the_key_until_the_outcome_is_durable
     let engine = MemoryEngine::new();
     let store = Arc::new(open_memory(&engine));
     let mut watch = StallWatch::new(engine.stall_barriers());
-    let rt = multi_thread();
+    let rt = multi_thread(2);
     let call = {
         let store = Arc::clone(&store);
         rt.spawn(async move {
@@ -327,7 +313,7 @@ fn many_dropped_calls_on_a_multi_thread_runtime() {
     let mut watch = StallWatch::new(engine.stall_barriers());
     let same_runs = Arc::new(AtomicU32::new(0));
     let ran_again = Arc::new(AtomicU32::new(0));
-    let rt = multi_thread();
+    let rt = multi_thread(2);
     let (leader_value, sync_follower) = rt.block_on(async {
         let mut calls = Vec::new();
         for i in 0..DISTINCT {
@@ -778,7 +764,7 @@ fn sled_calls_aborted_at_varied_points_then_the_path_reopened() {
     let path = dir.path().join("db");
     let store = Arc::new(Store::open(&path).expect("open"));
     let runs: Arc<Vec<AtomicU32>> = Arc::new((0..KEYS).map(|_| AtomicU32::new(0)).collect());
-    let rt = multi_thread();
+    let rt = multi_thread(2);
     let answers: Vec<(u32, bool)> = rt.block_on(async {
         let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
         for i in 0..KEYS {

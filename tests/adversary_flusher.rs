@@ -16,8 +16,9 @@
 
 mod common;
 
+use common::calls::{current_thread, describe, multi_thread, sole_owner, CallResult};
 use common::disk::{fill_up, SmallDisk};
-use idemstore::{ExecuteError, Store};
+use idemstore::Store;
 use std::io::Read;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,29 +32,8 @@ const BLOCKER_LIMIT: Duration = Duration::from_secs(25);
 /// Set (to the test's name) in a child process that runs one test alone.
 const CHILD_ENV: &str = "IDEMSTORE_ADVERSARY_FLUSHER_CHILD";
 
-type CallResult = Result<u64, String>;
-
 fn open_at(path: &Path) -> Result<Store, idemstore::Error> {
     Store::builder(path).sweep_interval(None).open()
-}
-
-fn multi_thread(workers: usize) -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
-fn current_thread() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
-fn describe<E: std::fmt::Debug>(r: Result<idemstore::Outcome<u64>, ExecuteError<E>>) -> CallResult {
-    r.map(|o| *o).map_err(|e| format!("{e:?}"))
 }
 
 async fn call(store: &Store, key: &str, value: u64) -> CallResult {
@@ -62,18 +42,6 @@ async fn call(store: &Store, key: &str, value: u64) -> CallResult {
             .execute_once_async(key, || async move { Ok::<_, std::io::Error>(value) })
             .await,
     )
-}
-
-/// The store once every task and thread holding it has let it go (bounded).
-fn sole_owner(mut store: Arc<Store>) -> Store {
-    for _ in 0..1000 {
-        match Arc::try_unwrap(store) {
-            Ok(store) => return store,
-            Err(shared) => store = shared,
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("the store is still shared after 10 s");
 }
 
 /// Threads of this process named `idemstore-flusher` (`comm` keeps 15 bytes of a name).

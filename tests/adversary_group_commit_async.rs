@@ -16,8 +16,9 @@
 
 mod common;
 
+use common::calls::{describe, multi_thread, sole_owner, CallResult};
 use common::disk::{fill_up, SmallDisk};
-use idemstore::{ExecuteError, Store};
+use idemstore::Store;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -27,8 +28,6 @@ use std::time::Duration;
 const CALL_LIMIT: Duration = Duration::from_secs(10);
 /// The longest any blocker holds a blocking thread (a fail-safe, so nothing hangs forever).
 const BLOCKER_LIMIT: Duration = Duration::from_secs(25);
-
-type CallResult = Result<u64, String>;
 
 fn open(dir: &tempfile::TempDir) -> Store {
     Store::builder(dir.path().join("db"))
@@ -45,18 +44,6 @@ fn tiny_pool_runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .expect("runtime")
-}
-
-fn plain_runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
-fn describe<E: std::fmt::Debug>(r: Result<idemstore::Outcome<u64>, ExecuteError<E>>) -> CallResult {
-    r.map(|o| *o).map_err(|e| format!("{e:?}"))
 }
 
 /// Occupies the only blocking thread of `rt` until released (or [`BLOCKER_LIMIT`]); returns
@@ -110,7 +97,7 @@ fn bounded_async_call(store: &Arc<Store>, key: &str, value: u64) -> Option<CallR
     let store = Arc::clone(store);
     let key = key.to_owned();
     std::thread::spawn(move || {
-        let rt = plain_runtime();
+        let rt = multi_thread(2);
         let r = rt.block_on(async {
             tokio::time::timeout(
                 CALL_LIMIT,
@@ -128,18 +115,6 @@ fn bounded_async_call(store: &Arc<Store>, key: &str, value: u64) -> Option<CallR
         }
     });
     rx.recv_timeout(CALL_LIMIT + Duration::from_secs(5)).ok()
-}
-
-/// The store once the threads of bounded calls have let it go (bounded).
-fn sole_owner(mut store: Arc<Store>) -> Store {
-    for _ in 0..1000 {
-        match Arc::try_unwrap(store) {
-            Ok(store) => return store,
-            Err(shared) => store = shared,
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("the store is still shared after 10 s");
 }
 
 /// Runs one sync call of `key` on its own thread, bounded by [`CALL_LIMIT`].
@@ -191,7 +166,7 @@ fn a_blocking_task_waiting_for_another_runtimes_async_call_does_not_deadlock() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(open(&dir));
     let rt_a = tiny_pool_runtime();
-    let rt_b = plain_runtime();
+    let rt_b = multi_thread(2);
 
     let (bridge_started_tx, bridge_started) = mpsc::channel::<()>();
     let (go_b_tx, go_b) = mpsc::channel::<()>();
@@ -298,7 +273,7 @@ fn a_turn_dropped_unrun_at_shutdown_takes_its_mark_back() {
 fn a_turn_refused_by_a_shut_down_runtime_does_not_wedge_later_calls() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(open(&dir));
-    let rt_a = plain_runtime();
+    let rt_a = multi_thread(2);
     let handle = rt_a.handle().clone();
     rt_a.shutdown_background();
     let (tx, rx) = mpsc::channel::<CallResult>();
@@ -354,7 +329,7 @@ fn many_runtimes_sync_threads_timeouts_and_aborts_never_hang() {
                     .build()
                     .unwrap(),
                 1 => tiny_pool_runtime(),
-                _ => plain_runtime(),
+                _ => multi_thread(2),
             };
             rt.block_on(async {
                 let mut tasks = Vec::new();
@@ -444,7 +419,7 @@ fn outcomes_returned_from_a_burst_of_async_callers_survive_reopening() {
     let mut expected = Vec::new();
     for round in 0..3u64 {
         let store = Arc::new(open(&dir));
-        let rt = plain_runtime();
+        let rt = multi_thread(2);
         let out = rt.block_on(async {
             let mut tasks = Vec::new();
             for t in 0..32u64 {
@@ -526,7 +501,7 @@ fn full_disk_scenario(value_bytes: usize) {
             done_tx.clone(),
         );
         std::thread::spawn(move || {
-            let rt = plain_runtime();
+            let rt = multi_thread(2);
             rt.block_on(async {
                 let mut tasks = Vec::new();
                 for t in 0..4u64 {

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests: real sled databases in temp dirs.
 #![allow(dead_code)]
 
+pub mod calls;
 pub mod disk;
 pub mod http;
 pub mod pg;

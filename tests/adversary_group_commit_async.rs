@@ -90,6 +90,39 @@ fn spawn_call_on(
     done
 }
 
+/// Runtime A with its only blocking thread held by a user's task, and an async call of key
+/// "a" (value 1) whose durability turn is queued behind it.
+struct BusyRuntime {
+    rt: tokio::runtime::Runtime,
+    release: mpsc::Sender<()>,
+    a_done: mpsc::Receiver<CallResult>,
+}
+
+impl BusyRuntime {
+    fn start(store: &Arc<Store>) -> Self {
+        let rt = tiny_pool_runtime();
+        let release = occupy_blocking_pool(&rt);
+        let a_done = spawn_call_on(&rt, store, "a", 1);
+        Self {
+            rt,
+            release,
+            a_done,
+        }
+    }
+
+    /// Frees A's blocking thread and returns A's call's result (bounded). The runtime is
+    /// leaked, not shut down, if A's call or the other call (`other_finished` false) may have
+    /// a stuck thread.
+    fn finish(self, other_finished: bool) -> Result<CallResult, mpsc::RecvTimeoutError> {
+        let _ = self.release.send(());
+        let a = self.a_done.recv_timeout(CALL_LIMIT);
+        if !other_finished || a.is_err() {
+            std::mem::forget(self.rt);
+        }
+        a
+    }
+}
+
 /// Runs one async call of `key` on a fresh runtime on its own thread, bounded by
 /// [`CALL_LIMIT`]; `None` if it did not finish in time (the runtime is then leaked).
 fn bounded_async_call(store: &Arc<Store>, key: &str, value: u64) -> Option<CallResult> {
@@ -137,18 +170,10 @@ fn bounded_sync_call(store: &Arc<Store>, key: &str, value: u64) -> Option<CallRe
 fn an_async_call_is_not_held_hostage_by_another_runtimes_busy_blocking_pool() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(open(&dir));
-    let rt_a = tiny_pool_runtime();
-    let release = occupy_blocking_pool(&rt_a);
-    let a_done = spawn_call_on(&rt_a, &store, "a", 1);
-
+    let busy = BusyRuntime::start(&store);
     let b = bounded_async_call(&store, "b", 2);
-
     // Unblock A whatever happened, then check both.
-    let _ = release.send(());
-    let a = a_done.recv_timeout(CALL_LIMIT);
-    if b.is_none() || a.is_err() {
-        std::mem::forget(rt_a);
-    }
+    let a = busy.finish(b.is_some());
     assert_eq!(
         b,
         Some(Ok(2)),
@@ -221,10 +246,8 @@ fn a_blocking_task_waiting_for_another_runtimes_async_call_does_not_deadlock() {
 fn shutting_down_a_runtime_with_a_queued_turn_frees_the_other_runtimes() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(open(&dir));
-    let rt_a = tiny_pool_runtime();
-    let release = occupy_blocking_pool(&rt_a);
-    let _a_done = spawn_call_on(&rt_a, &store, "a", 1);
-    rt_a.shutdown_background();
+    let BusyRuntime { rt, release, .. } = BusyRuntime::start(&store);
+    rt.shutdown_background();
 
     let b = bounded_async_call(&store, "b", 2);
     let _ = release.send(());
@@ -242,10 +265,8 @@ fn shutting_down_a_runtime_with_a_queued_turn_frees_the_other_runtimes() {
 fn a_turn_dropped_unrun_at_shutdown_takes_its_mark_back() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(open(&dir));
-    let rt_a = tiny_pool_runtime();
-    let release = occupy_blocking_pool(&rt_a);
-    let _a_done = spawn_call_on(&rt_a, &store, "a", 1);
-    rt_a.shutdown_background();
+    let BusyRuntime { rt, release, .. } = BusyRuntime::start(&store);
+    rt.shutdown_background();
     // The blocker ends; A's pool thread then drains its queue, dropping the turn unrun.
     release.send(()).unwrap();
     std::thread::sleep(Duration::from_millis(300));
@@ -620,15 +641,9 @@ fn full_disk_scenario(value_bytes: usize) {
 fn a_sync_call_is_not_held_up_by_a_queued_turn() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(open(&dir));
-    let rt_a = tiny_pool_runtime();
-    let release = occupy_blocking_pool(&rt_a);
-    let a_done = spawn_call_on(&rt_a, &store, "a", 1);
+    let busy = BusyRuntime::start(&store);
     let s = bounded_sync_call(&store, "s", 2);
-    let _ = release.send(());
-    let a = a_done.recv_timeout(CALL_LIMIT);
-    if s.is_none() || a.is_err() {
-        std::mem::forget(rt_a);
-    }
+    let a = busy.finish(s.is_some());
     assert_eq!(s, Some(Ok(2)), "a sync call while an async turn was queued");
     assert_eq!(a, Ok(Ok(1)));
 }

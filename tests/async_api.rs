@@ -308,19 +308,23 @@ fn a_dropped_call_is_an_interruption_never_a_stuck_key() {
     });
 }
 
+/// A replica on `schema`: a 60 s lease (only a holder's own end frees a key early), waits of
+/// up to 5 s.
+fn open_replica(schema: &PgSchema) -> idemstore::PgStore {
+    StoreBuilder::default()
+        .sweep_interval(None)
+        .wait_timeout(Duration::from_secs(5))
+        .open_postgres(schema.options().lease(Duration::from_secs(60)))
+        .expect("open")
+}
+
 /// PostgreSQL: the async API works across replicas, and a call dropped while it holds its
 /// claim ends its lease at once, so another replica takes over without waiting it out.
 #[test]
 fn postgres_async_calls_and_a_dropped_holder_free_the_key_at_once() {
     let Some(url) = pg_url() else { return };
     let schema = PgSchema::new(&url);
-    let open = || {
-        StoreBuilder::default()
-            .sweep_interval(None)
-            .wait_timeout(Duration::from_secs(5))
-            .open_postgres(schema.options().lease(Duration::from_secs(60)))
-            .expect("open")
-    };
+    let open = || open_replica(&schema);
     let (a, b) = (open(), open());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -588,13 +592,7 @@ fn closing_a_store_from_the_thread_its_left_work_waits_for_does_not_deadlock() {
 fn postgres_a_panic_after_the_run_is_recorded_from_the_blocking_pool() {
     let Some(url) = pg_url() else { return };
     let schema = PgSchema::new(&url);
-    let open = || {
-        StoreBuilder::default()
-            .sweep_interval(None)
-            .wait_timeout(Duration::from_secs(5))
-            .open_postgres(schema.options().lease(Duration::from_secs(60)))
-            .expect("open")
-    };
+    let open = || open_replica(&schema);
     let (a, b) = (Arc::new(open()), open());
     current_thread().block_on(async {
         unwind_after_the_run!(&a, "p");

@@ -29,6 +29,7 @@ use axum::routing::any;
 use axum::Router;
 use bytes::Bytes;
 use common::http::{client, runtime, send, send_method, serve, try_send, try_send_method};
+use common::http::{digest_field, documented_store_key};
 use common::Scratch;
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
@@ -1038,29 +1039,6 @@ fn a_broken_request_body_is_a_400_when_idempotent_and_the_handlers_to_see_when_p
 // Records: the bytes they are filed under
 // ---------------------------------------------------------------------------------------
 
-/// A field as the layer's digests take it: its length (u64, little-endian), then its bytes.
-fn field(out: &mut Vec<u8>, bytes: &[u8]) {
-    out.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
-    out.extend_from_slice(bytes);
-}
-
-/// The store key the layer files (tenant, key) under, by the documented construction.
-fn expected_store_key(tenant: Option<&str>, key: &[u8]) -> Vec<u8> {
-    let k = blake3::derive_key("idemstore 2026-11 http idempotency key v2", b"");
-    let mut pair = Vec::new();
-    match tenant {
-        Some(t) => {
-            pair.push(1);
-            field(&mut pair, t.as_bytes());
-        }
-        None => pair.push(0),
-    }
-    pair.extend_from_slice(key);
-    let mut out = b"http:".to_vec();
-    out.extend_from_slice(blake3::keyed_hash(&k, &pair).as_bytes());
-    out
-}
-
 /// The fingerprint of a POST to /orders?x=1 with header `x-account: a1` (a fingerprint header)
 /// and `body`, by the documented construction.
 fn expected_fingerprint(body: &[u8]) -> Fingerprint {
@@ -1074,10 +1052,10 @@ fn expected_fingerprint(body: &[u8]) -> Fingerprint {
         &1u64.to_le_bytes(),
         b"a1",
     ] {
-        field(&mut fields, f);
+        digest_field(&mut fields, f);
     }
     if body.len() <= 1024 {
-        field(&mut fields, body);
+        digest_field(&mut fields, body);
     } else {
         fields.extend_from_slice(&(body.len() as u64).to_le_bytes());
         fields.extend_from_slice(body);
@@ -1143,7 +1121,7 @@ fn records_are_filed_under_the_documented_key_and_fingerprint() {
                 answer.body
             );
             let detail = store
-                .inspect(expected_store_key(tenant, key))
+                .inspect(documented_store_key(tenant, key))
                 .expect("inspect")
                 .unwrap_or_else(|| {
                     panic!("{header} tenant {tenant:?}: no record under the documented store key")

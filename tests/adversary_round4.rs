@@ -10,6 +10,8 @@
 
 mod common;
 
+use common::http::documented_store_key;
+
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
@@ -443,24 +445,6 @@ fn assert_problem(r: &Raw, status: u16, what: &str) {
 // Records by hand: the store key, export lines, record bytes.
 // ---------------------------------------------------------------------------------------
 
-/// The layer's store key for (tenant, key), as documented in `scoped_key`.
-fn store_key(tenant: Option<&str>, key: &[u8]) -> Vec<u8> {
-    let derived = blake3::derive_key("idemstore 2026-11 http idempotency key v2", b"");
-    let mut pair = Vec::new();
-    match tenant {
-        Some(t) => {
-            pair.push(1);
-            pair.extend_from_slice(&(t.len() as u64).to_le_bytes());
-            pair.extend_from_slice(t.as_bytes());
-        }
-        None => pair.push(0),
-    }
-    pair.extend_from_slice(key);
-    let mut out = b"http:".to_vec();
-    out.extend_from_slice(blake3::keyed_hash(&derived, &pair).as_bytes());
-    out
-}
-
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -656,7 +640,7 @@ fn json_default_codec_replays_are_byte_identical() {
     });
     let records = exported(&store);
     let rec = records
-        .get(&store_key(None, b"json-many-chunks"))
+        .get(&documented_store_key(None, b"json-many-chunks"))
         .expect("the record, under the documented store key");
     assert_eq!(
         V2::split(rec).codec(),
@@ -881,7 +865,7 @@ fn request_bodies_over_the_limit_in_many_chunks_get_413() {
             );
             assert_eq!(
                 store
-                    .record(store_key(None, key.as_bytes()))
+                    .record(documented_store_key(None, key.as_bytes()))
                     .expect("record")
                     .map(|r| r.state),
                 Some(idemstore::RecordState::Completed)
@@ -1158,7 +1142,7 @@ fn records_of_an_older_format_replay_as_the_original() {
         first
     });
     assert_eq!(first.status, 201);
-    let key = store_key(None, b"legacy-1");
+    let key = documented_store_key(None, b"legacy-1");
     let rec = exported(&store).remove(&key).expect("the layer's record");
     let v2 = V2::split(&rec);
     assert_eq!(v2.codec(), 1, "bincode");
@@ -1266,12 +1250,12 @@ fn damaged_records_answer_with_a_problem_and_never_run_the_handler() {
     let mut records = exported(&store);
     let mut damaged = Vec::new();
     for (i, (_, damage)) in variants.iter().enumerate() {
-        let key = store_key(None, format!("bad-{i}").as_bytes());
+        let key = documented_store_key(None, format!("bad-{i}").as_bytes());
         let mut rec = V2::split(&records.remove(&key).expect("record"));
         damage(&mut rec);
         damaged.push((key, rec.join()));
     }
-    let crc_key = store_key(None, format!("bad-{}", variants.len()).as_bytes());
+    let crc_key = documented_store_key(None, format!("bad-{}", variants.len()).as_bytes());
     let crc_rec = records.remove(&crc_key).expect("record");
     drop(store);
 

@@ -153,3 +153,27 @@ pub async fn send(
 ) -> Reply {
     send_method(client, Method::POST, addr, path, headers, body).await
 }
+
+/// A field as the layer's digests take it: its length (u64, little-endian), then its bytes.
+pub fn digest_field(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+    out.extend_from_slice(bytes);
+}
+
+/// The store key the HTTP layer files (tenant, key) under, computed here by the documented
+/// construction (`scoped_key` in src/api/http/mod.rs), not by calling it.
+pub fn documented_store_key(tenant: Option<&str>, key: &[u8]) -> Vec<u8> {
+    let derived = blake3::derive_key("idemstore 2026-11 http idempotency key v2", b"");
+    let mut pair = Vec::new();
+    match tenant {
+        Some(t) => {
+            pair.push(1);
+            digest_field(&mut pair, t.as_bytes());
+        }
+        None => pair.push(0),
+    }
+    pair.extend_from_slice(key);
+    let mut out = b"http:".to_vec();
+    out.extend_from_slice(blake3::keyed_hash(&derived, &pair).as_bytes());
+    out
+}

@@ -13,7 +13,9 @@
 //!   count of statements in flight change only together, under one lock, and whoever ends a
 //!   statement in flight with requests queued starts the task that drains them;
 //! - a batch never holds two requests for the same key (the later one waits for the next
-//!   batch), so each request's answer is the one row its key matched;
+//!   batch), so each request's answer is the one row its key matched; except for a kind
+//!   that shares answers ([`BatchKind::SHARES_ANSWERS`]: reads), whose requests for one key
+//!   in one batch all get the row its statement read, which lies within each of their calls;
 //! - a batch statement is bounded by the store's I/O timeout, like every statement.
 
 use std::future::Future;
@@ -34,6 +36,10 @@ pub(crate) trait BatchKind: Send + Sync + Sized + 'static {
     type Request: Send + 'static;
     /// What one caller is told.
     type Answer: Send + 'static;
+
+    /// Whether requests for one key may share a batch, each answered with what the statement
+    /// found for the key (only for statements that write nothing).
+    const SHARES_ANSWERS: bool = false;
 
     /// The key a request is about.
     fn key(request: &Self::Request) -> &[u8];
@@ -136,17 +142,18 @@ impl<K: BatchKind> Batcher<K> {
         Turn::Queued(Queued { answer })
     }
 
-    /// The next batch: up to [`MAX_BATCH`] queued requests with distinct keys, oldest first
-    /// (empty when none is queued).
+    /// The next batch: up to [`MAX_BATCH`] queued requests, oldest first, with distinct keys
+    /// unless the kind shares answers (empty when none is queued).
     fn next_batch(&self) -> Vec<Waiting<K>> {
         let mut queue = self.queue.lock();
         let mut batch: Vec<Waiting<K>> = Vec::new();
         let mut left = Vec::new();
         for waiting in queue.waiting.drain(..) {
             let taken = batch.len() >= MAX_BATCH
-                || batch
-                    .iter()
-                    .any(|b| K::key(&b.request) == K::key(&waiting.request));
+                || (!K::SHARES_ANSWERS
+                    && batch
+                        .iter()
+                        .any(|b| K::key(&b.request) == K::key(&waiting.request)));
             if taken {
                 left.push(waiting);
             } else {

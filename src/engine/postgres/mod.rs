@@ -21,7 +21,9 @@
 mod batch;
 mod batched;
 mod bridge;
+mod connect;
 mod first;
+mod lanes;
 mod lease;
 mod listen;
 mod ops;
@@ -89,6 +91,8 @@ pub(crate) struct Shared {
     claims: batch::Batcher<batched::Claims>,
     outcomes: batch::Batcher<batched::Outcomes>,
     reads: batch::Batcher<batched::Reads>,
+    /// The connections reads are sent on, many at once (see `lanes`).
+    lanes: lanes::Lanes,
     /// Recorded outcomes read or written recently, if the store keeps them (see
     /// `replay_cache`).
     pub(crate) cache: Option<replay_cache::ReplayCache>,
@@ -197,9 +201,9 @@ pub(crate) fn open(settings: PgSettings) -> Result<OpenedPg, Error> {
         ));
     }
     config.options(options.trim_start());
-    let manager = Manager::from_config(
+    let manager = Manager::from_connect(
         config.clone(),
-        tokio_postgres::NoTls,
+        connect::OnEngineRuntime(bridge.handle()),
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
@@ -226,6 +230,7 @@ pub(crate) fn open(settings: PgSettings) -> Result<OpenedPg, Error> {
         claims: batch::Batcher::new(batched::CLAIMS_IN_FLIGHT, bridge.handle()),
         outcomes: batch::Batcher::new(settings.pool_size, bridge.handle()),
         reads: batch::Batcher::new(batched::READS_IN_FLIGHT, bridge.handle()),
+        lanes: lanes::Lanes::new(workers, config.clone(), bridge.handle()),
         cache: settings
             .replay_cache
             .map(|(capacity, max_age)| replay_cache::ReplayCache::new(capacity, max_age)),

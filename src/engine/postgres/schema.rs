@@ -172,8 +172,8 @@ pub(crate) struct Statements {
     pub page: String,
     pub claim_new: String,
     pub claim_new_batch: String,
-    pub finish_batch: String,
     pub get_batch: String,
+    pub finish_batch: String,
     pub claim_over: String,
     pub finish: String,
     pub release: String,
@@ -248,8 +248,14 @@ impl Statements {
                  WHERE r.scope = $1 AND r.key = t.key AND r.digest = t.held \
                  RETURNING r.key, r.waiters"
             ),
+            // Several reads in one statement: one primary-key probe per key, whatever the
+            // plan. (`key = ANY($2)`, whose cached generic plan, with no statistics yet, could
+            // scan every row of the scope, is not used; OFFSET 0 keeps the lookup a
+            // per-key subquery the planner cannot turn into a scan.)
             get_batch: format!(
-                "SELECT key, record FROM \"{s}\".records WHERE scope = $1 AND key = ANY($2)"
+                "SELECT k.key, r.record FROM unnest($2::bytea[]) AS k(key) \
+                 CROSS JOIN LATERAL (SELECT record FROM \"{s}\".records \
+                     WHERE scope = $1 AND key = k.key OFFSET 0) AS r"
             ),
             claim_over: format!(
                 "UPDATE \"{s}\".records SET record = $3, digest = $4, state = 0, \

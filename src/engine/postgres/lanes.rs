@@ -1,0 +1,255 @@
+//! Read lanes: a few connections of the engine's own that carry its record reads, many at once.
+//!
+//! Invariants:
+//! - only reads go down a lane: statements that probe the primary key (one key, or a batch of
+//!   them) and commit nothing, so a lane needs no transaction state and a read never waits for
+//!   another caller's commit;
+//! - a lane is shared: callers send their reads on it without waiting for each other's answers
+//!   (tokio-postgres pipelines them; PostgreSQL answers a connection's statements in order, and
+//!   the client hands each answer to the caller whose statement it is). Several reads then
+//!   share a round trip and a server wake-up, where pooled connections would take one each;
+//! - a lane whose connection is lost is replaced by the next read that picks it (one connect
+//!   at a time per lane). A read that finds its lane's connection lost is sent once more on a
+//!   new one: a read changes nothing, so sending it again is safe, and a lane that sat idle
+//!   while the server closed it costs no caller an error. Any other error is the caller's;
+//! - lane connections are made and driven on the engine's runtime, whichever runtime the read
+//!   runs on (see `connect`), and end with it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use tokio_postgres::{Client, Config, Row, Statement};
+
+use super::connect::connect_on;
+use super::pg_error;
+use super::schema::Statements;
+use crate::error::{Error, StorageKind};
+
+/// One connection that carries reads, with the reads' statements prepared on it.
+struct Lane {
+    client: Client,
+    get: Statement,
+    get_batch: Statement,
+}
+
+/// A read a lane carries: one key's record, or several keys' in one statement.
+#[derive(Clone, Copy)]
+enum Read<'a> {
+    One(&'a str, &'a [u8]),
+    Many(&'a str, &'a [&'a [u8]]),
+}
+
+/// The engine's lanes, and how to make a new one.
+pub(crate) struct Lanes {
+    slots: Box<[Slot]>,
+    /// Which lane the next read takes (round robin).
+    next: AtomicUsize,
+    config: Config,
+    runtime: tokio::runtime::Handle,
+}
+
+#[derive(Default)]
+struct Slot {
+    /// The lane in use, if one was made and has not been seen lost.
+    current: Mutex<Option<Arc<Lane>>>,
+    /// Held while a new lane for this slot is connecting, so one connect serves every read
+    /// that found the slot empty.
+    connecting: tokio::sync::Mutex<()>,
+}
+
+impl Slot {
+    fn open_lane(&self) -> Option<Arc<Lane>> {
+        self.current
+            .lock()
+            .as_ref()
+            .filter(|lane| !lane.client.is_closed())
+            .map(Arc::clone)
+    }
+
+    /// Forgets `lost` if it is still this slot's lane.
+    fn forget(&self, lost: &Arc<Lane>) {
+        let mut current = self.current.lock();
+        if current.as_ref().is_some_and(|lane| Arc::ptr_eq(lane, lost)) {
+            *current = None;
+        }
+    }
+}
+
+impl Lanes {
+    /// `count` lanes (at least one) connecting with `config` (the pool's, so sessions are set
+    /// up alike), made and driven on `runtime`. Nothing connects until the first read.
+    pub(crate) fn new(count: usize, config: Config, runtime: tokio::runtime::Handle) -> Self {
+        Self {
+            slots: (0..count.max(1)).map(|_| Slot::default()).collect(),
+            next: AtomicUsize::new(0),
+            config,
+            runtime,
+        }
+    }
+
+    /// `key`'s record in `scope`, if it has one, read on the next lane.
+    ///
+    /// # Errors
+    /// [`Error::Storage`] if the read failed (on a second connection, if the first was lost),
+    /// or no lane could be connected.
+    pub(crate) async fn get(
+        &self,
+        sql: &Statements,
+        scope: &str,
+        key: &[u8],
+    ) -> Result<Option<Vec<u8>>, Error> {
+        let mut rows = self.read(sql, Read::One(scope, key)).await?;
+        Ok(rows.pop().map(|r| r.get(0)))
+    }
+
+    /// The records of `keys` in `scope` (`None` where a key has none), in the order of `keys`,
+    /// read in one statement on the next lane. A key given twice gets its record twice.
+    ///
+    /// # Errors
+    /// As [`get`](Self::get).
+    pub(crate) async fn get_many(
+        &self,
+        sql: &Statements,
+        scope: &str,
+        keys: &[&[u8]],
+    ) -> Result<Vec<Option<Vec<u8>>>, Error> {
+        let rows = self.read(sql, Read::Many(scope, keys)).await?;
+        let found: HashMap<Vec<u8>, Vec<u8>> = rows
+            .into_iter()
+            .map(|r| (r.get::<_, Vec<u8>>(0), r.get::<_, Vec<u8>>(1)))
+            .collect();
+        Ok(keys.iter().map(|k| found.get(*k).cloned()).collect())
+    }
+
+    /// Sends `read` on the next lane, and once more on a new connection if that lane's was lost.
+    async fn read(&self, sql: &Statements, read: Read<'_>) -> Result<Vec<Row>, Error> {
+        let slot = &self.slots[self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len()];
+        let mut sent_before = false;
+        loop {
+            let lane = self.lane(slot, sql).await?;
+            let sent = match read {
+                Read::One(scope, key) => lane.client.query(&lane.get, &[&scope, &key]).await,
+                Read::Many(scope, keys) => {
+                    lane.client.query(&lane.get_batch, &[&scope, &keys]).await
+                }
+            };
+            match sent.map_err(pg_error) {
+                Ok(rows) => return Ok(rows),
+                Err(Error::Storage(e)) if e.kind() == StorageKind::Connection && !sent_before => {
+                    slot.forget(&lane);
+                    sent_before = true;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// `slot`'s lane, connected now if it has none.
+    async fn lane(&self, slot: &Slot, sql: &Statements) -> Result<Arc<Lane>, Error> {
+        if let Some(lane) = slot.open_lane() {
+            return Ok(lane);
+        }
+        let _connecting = slot.connecting.lock().await;
+        if let Some(lane) = slot.open_lane() {
+            return Ok(lane);
+        }
+        let lane = Arc::new(self.connect(sql).await?);
+        *slot.current.lock() = Some(Arc::clone(&lane));
+        Ok(lane)
+    }
+
+    async fn connect(&self, sql: &Statements) -> Result<Lane, Error> {
+        let (client, _driver) = connect_on(&self.runtime, &self.config)
+            .await
+            .map_err(pg_error)?;
+        let get = client.prepare(&sql.get).await.map_err(pg_error)?;
+        let get_batch = client.prepare(&sql.get_batch).await.map_err(pg_error)?;
+        Ok(Lane {
+            client,
+            get,
+            get_batch,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! A read whose lane is lost under it is sent again on a new connection, and lanes live on
+    //! the engine's runtime, not the caller's. Needs `IDEMSTORE_TEST_POSTGRES`.
+
+    use super::*;
+    use crate::engine::postgres::fixtures::{drop_schema, engine, record};
+    use crate::engine::postgres::PgEngine;
+    use crate::engine::Engine;
+    use crate::format::record::RecordState;
+
+    /// One lane, beside `engine`'s own, on the test server.
+    fn one_lane(engine: &PgEngine) -> Lanes {
+        let url = std::env::var("IDEMSTORE_TEST_POSTGRES").expect("the engine opened on it");
+        Lanes::new(
+            1,
+            url.parse().expect("a connection string"),
+            engine.bridge.handle(),
+        )
+    }
+
+    #[test]
+    fn a_read_queued_behind_its_lanes_end_is_sent_again_on_a_new_connection() {
+        let schema = format!("unit_lanes_lost_{}", std::process::id());
+        let Some(engine) = engine(&schema, 2) else {
+            return;
+        };
+        let pending = record(RecordState::Pending, 7);
+        assert!(engine.claim(b"k", None, pending.clone()).expect("claim"));
+        let lanes = one_lane(&engine);
+        let s = &engine.shared;
+        let (killed, read) = engine
+            .run(async {
+                let lane = lanes.lane(&lanes.slots[0], &s.sql).await?;
+                // The lane's backend ends itself; the read is pipelined right behind that
+                // statement, on the same connection, so the server never answers it there.
+                let kill = lane
+                    .client
+                    .simple_query("SELECT pg_terminate_backend(pg_backend_pid())");
+                let read = lanes.get(&s.sql, &s.scope, b"k");
+                let (killed, read) = tokio::join!(kill, read);
+                Ok((killed.is_err(), read))
+            })
+            .expect("the lane connects");
+        assert!(killed, "the terminating statement ends its own connection");
+        assert_eq!(read.expect("the read is sent again"), Some(pending));
+        let lane = lanes.slots[0].open_lane().expect("a new lane");
+        assert!(!lane.client.is_closed());
+        drop_schema(&engine, &schema);
+    }
+
+    #[test]
+    fn a_lane_made_by_a_read_on_another_runtime_outlives_that_runtime() {
+        let schema = format!("unit_lanes_runtime_{}", std::process::id());
+        let Some(engine) = engine(&schema, 2) else {
+            return;
+        };
+        let pending = record(RecordState::Pending, 3);
+        assert!(engine.claim(b"k", None, pending.clone()).expect("claim"));
+        let lanes = one_lane(&engine);
+        let s = &engine.shared;
+        let callers = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let read = callers.block_on(lanes.get(&s.sql, &s.scope, b"k"));
+        assert_eq!(read.expect("read"), Some(pending.clone()));
+        drop(callers);
+        let lane = lanes.slots[0]
+            .open_lane()
+            .expect("the lane's connection is driven by the engine's runtime");
+        assert!(!lane.client.is_closed());
+        let again = engine.run(lanes.get(&s.sql, &s.scope, b"k"));
+        assert_eq!(again.expect("read"), Some(pending));
+        let same = lanes.slots[0].open_lane().expect("the lane");
+        assert!(Arc::ptr_eq(&lane, &same), "no reconnect was needed");
+        drop_schema(&engine, &schema);
+    }
+}

@@ -13,6 +13,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use tokio_postgres::types::Type;
+
 use super::batch::BatchKind;
 use super::ops::{retry_busy, NewClaim};
 use super::{columns, digest, listen, pg_error, prepared, Columns, RecordRow, Shared};
@@ -203,22 +205,25 @@ impl BatchKind for Outcomes {
                 ls.push(c.life.1);
             }
             let client = shared.client().await?;
-            let statement = prepared(&client, &shared.sql.finish_batch).await?;
+            // Sent unnamed (parsed, planned and run in one round trip), so the server plans it
+            // for this batch's scope every time: a cached generic plan, made without knowing
+            // the scope, may scan the whole scope for the rows to lock (design §13).
+            let (bytes, int8) = (Type::BYTEA_ARRAY, Type::INT8_ARRAY);
             let rows = client
-                .query(
-                    &statement,
+                .query_typed(
+                    &shared.sql.finish_batch,
                     &[
-                        &shared.scope,
-                        &keys,
-                        &records,
-                        &digests,
-                        &states,
-                        &expires,
-                        &ce,
-                        &cs,
-                        &le,
-                        &ls,
-                        &held,
+                        (&shared.scope, Type::TEXT),
+                        (&keys, bytes.clone()),
+                        (&records, bytes.clone()),
+                        (&digests, bytes.clone()),
+                        (&states, Type::INT2_ARRAY),
+                        (&expires, int8.clone()),
+                        (&ce, int8.clone()),
+                        (&cs, int8.clone()),
+                        (&le, int8.clone()),
+                        (&ls, int8),
+                        (&held, bytes),
                     ],
                 )
                 .await

@@ -13,7 +13,11 @@
 //!   new one: a read changes nothing, so sending it again is safe, and a lane that sat idle
 //!   while the server closed it costs no caller an error. Any other error is the caller's;
 //! - lane connections are made and driven on the engine's runtime, whichever runtime the read
-//!   runs on (see `connect`), and end with it.
+//!   runs on (see `connect`), and end with it;
+//! - a lane is only ever read by futures that are polled to their end: a connection stops
+//!   reading its socket while one answer waits for a receiver that is not polled, which would
+//!   hold up every read behind it, so async callers' reads run in tasks of the engine's
+//!   runtime (`ops::get_op`), never in the caller's own future.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};

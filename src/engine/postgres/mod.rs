@@ -272,7 +272,9 @@ pub(crate) fn pg_error(e: tokio_postgres::Error) -> Error {
             if code.code().starts_with("08")
                 || *code == SqlState::ADMIN_SHUTDOWN
                 || *code == SqlState::CRASH_SHUTDOWN
-                || *code == SqlState::CANNOT_CONNECT_NOW =>
+                || *code == SqlState::CANNOT_CONNECT_NOW
+                // The server ended a session that sat idle past its `idle_session_timeout`.
+                || *code == SqlState::IDLE_SESSION_TIMEOUT =>
         {
             StorageKind::Connection
         }

@@ -23,16 +23,36 @@ use crate::format::record::ClaimToken;
 /// Records are read a page at a time, in key order.
 const PAGE: i64 = 512;
 
+/// Who drives a statement's future: a sync call's thread, which polls it to its end, or an
+/// async call, whose future may be left unpolled at any await or dropped.
+#[derive(Clone, Copy)]
+pub(crate) enum Caller {
+    Sync,
+    Async,
+}
+
 impl PgEngine {
-    pub(crate) async fn get_op(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+    /// `key`'s record. A sync caller (`caller`) sends a lone read from its own future, which
+    /// its thread drives to the end; an async caller's future may sit unpolled at any await,
+    /// so its read goes in a task of the engine's runtime: a shared lane is never held up by
+    /// an answer nobody reads, and the read's place in flight is never kept by a future nobody
+    /// polls.
+    pub(crate) async fn get_op(
+        &self,
+        key: &[u8],
+        caller: Caller,
+    ) -> Result<Option<Vec<u8>>, Error> {
         let s = &self.shared;
         let ticket = s.cache.as_ref().map(|cache| cache.ticket(key));
         let request = ReadRequest { key: key.to_vec() };
         let read = match s.reads.turn(&self.shared, |s| &s.reads, request) {
             Turn::Queued(queued) => queued.answer().await,
-            // A read is sent from this future (dropping it stops nothing that matters); the
-            // place in flight is held until it ends.
-            Turn::Alone(_place, request) => Reads::run_one(s, &request).await,
+            Turn::Alone(place, request) => match caller {
+                Caller::Async => place.send(request).await,
+                // Dropping this future stops nothing that matters; the place in flight is
+                // held until the read ends.
+                Caller::Sync => Reads::run_one(s, &request).await,
+            },
         };
         if let (Some(cache), Some(ticket), Ok(Some(bytes))) = (&s.cache, ticket, &read) {
             cache.keep(key, bytes, ticket);
@@ -117,6 +137,7 @@ impl PgEngine {
         &self,
         key: &[u8],
         pending: Vec<u8>,
+        caller: Caller,
     ) -> Result<Option<ClaimOrGet<Vec<u8>>>, Error> {
         let s = &self.shared;
         let claim = NewClaim::of(key, pending, s.lease)?;
@@ -132,7 +153,7 @@ impl PgEngine {
             return Ok(Some(ClaimOrGet::Claimed));
         }
         s.first.saw(true);
-        Ok(self.get_op(key).await?.map(ClaimOrGet::Existing))
+        Ok(self.get_op(key, caller).await?.map(ClaimOrGet::Existing))
     }
 
     /// Writes the holder's outcome (`record`), or releases its claim (`None`). With a replay
@@ -493,7 +514,7 @@ impl Engine for PgEngine {
     type Bytes = Vec<u8>;
 
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
-        self.run(self.get_op(key))
+        self.run(self.get_op(key, Caller::Sync))
     }
 
     fn records(&self) -> RecordIter<'_, Vec<u8>> {
@@ -634,7 +655,7 @@ impl Engine for PgEngine {
         &'a self,
         key: &'a [u8],
     ) -> impl std::future::Future<Output = Result<Option<Vec<u8>>, Error>> + Send + 'a {
-        self.timed(self.get_op(key))
+        self.timed(self.get_op(key, Caller::Async))
     }
 
     fn claim_async<'a>(
@@ -746,7 +767,7 @@ impl Engine for PgEngine {
         key: &[u8],
         pending: Vec<u8>,
     ) -> Result<Option<ClaimOrGet<Vec<u8>>>, Error> {
-        self.run(self.claim_or_get_op(key, pending))
+        self.run(self.claim_or_get_op(key, pending, Caller::Sync))
     }
 
     fn claim_or_get_async<'a>(
@@ -755,6 +776,6 @@ impl Engine for PgEngine {
         pending: Vec<u8>,
     ) -> impl std::future::Future<Output = Result<Option<ClaimOrGet<Vec<u8>>>, Error>> + Send + 'a
     {
-        self.timed(self.claim_or_get_op(key, pending))
+        self.timed(self.claim_or_get_op(key, pending, Caller::Async))
     }
 }

@@ -66,7 +66,7 @@ fn sessions(schema: &PgSchema, app: &str, extra: &str) -> Vec<i32> {
         .collect()
 }
 
-/// Promise (design §13 "Read lanes"; tests/pg_runtimes.rs; commit 29d8ecf): callers do not
+/// Promise (design §13 "Read lanes"; tests/pg_runtimes.rs): callers do not
 /// wait for each other's answers, and a caller's runtime that stops being driven stalls none
 /// of the store's later statements. An async replay of a large record is polled once (its
 /// read is sent down a lane) and its runtime's only thread then goes on to other work for a
@@ -881,7 +881,7 @@ fn async_calls_cancelled_while_lanes_connect_leave_no_stray_session_or_broken_re
     );
 }
 
-/// Promise (design §13 "Batching", commit ad6e0f9): a batched outcome (sent unnamed, planned
+/// Promise (design §13 "Batching"): a batched outcome (sent unnamed, planned
 /// for its batch's scope) is fenced and lands on its own key in its own scope. With one pooled
 /// connection per store, outcomes of concurrent calls in three tenants of one schema are
 /// batched; every call's outcome, and every later replay, is its own.

@@ -22,9 +22,8 @@ use tokio_postgres::{Client, Config, NoTls};
 /// caller's own bound (the pool's create timeout, the store's I/O timeout) ends the wait.
 pub(crate) async fn connect_on(
     runtime: &Handle,
-    config: &Config,
+    config: Config,
 ) -> Result<(Client, JoinHandle<()>), tokio_postgres::Error> {
-    let config = config.clone();
     let made = runtime
         .spawn(async move {
             let (client, connection) = config.connect(NoTls).await?;
@@ -58,7 +57,6 @@ impl deadpool_postgres::Connect for OnEngineRuntime {
                 + '_,
         >,
     > {
-        let config = config.clone();
-        Box::pin(async move { connect_on(&self.0, &config).await })
+        Box::pin(connect_on(&self.0, config.clone()))
     }
 }

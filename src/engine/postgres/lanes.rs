@@ -41,8 +41,8 @@ struct Lane {
 /// A read a lane carries: one key's record, or several keys' in one statement.
 #[derive(Clone, Copy)]
 enum Read<'a> {
-    One(&'a str, &'a [u8]),
-    Many(&'a str, &'a [&'a [u8]]),
+    One(&'a [u8]),
+    Many(&'a [&'a [u8]]),
 }
 
 /// The engine's lanes, and how to make a new one.
@@ -104,7 +104,7 @@ impl Lanes {
         scope: &str,
         key: &[u8],
     ) -> Result<Option<Vec<u8>>, Error> {
-        let mut rows = self.read(sql, Read::One(scope, key)).await?;
+        let mut rows = self.read(sql, scope, Read::One(key)).await?;
         Ok(rows.pop().map(|r| r.get(0)))
     }
 
@@ -119,7 +119,7 @@ impl Lanes {
         scope: &str,
         keys: &[&[u8]],
     ) -> Result<Vec<Option<Vec<u8>>>, Error> {
-        let rows = self.read(sql, Read::Many(scope, keys)).await?;
+        let rows = self.read(sql, scope, Read::Many(keys)).await?;
         let found: HashMap<Vec<u8>, Vec<u8>> = rows
             .into_iter()
             .map(|r| (r.get::<_, Vec<u8>>(0), r.get::<_, Vec<u8>>(1)))
@@ -127,17 +127,16 @@ impl Lanes {
         Ok(keys.iter().map(|k| found.get(*k).cloned()).collect())
     }
 
-    /// Sends `read` on the next lane, and once more on a new connection if that lane's was lost.
-    async fn read(&self, sql: &Statements, read: Read<'_>) -> Result<Vec<Row>, Error> {
+    /// Sends `read` in `scope` on the next lane, and once more on a new connection if that
+    /// lane's was lost.
+    async fn read(&self, sql: &Statements, scope: &str, read: Read<'_>) -> Result<Vec<Row>, Error> {
         let slot = &self.slots[self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len()];
         let mut sent_before = false;
         loop {
             let lane = self.lane(slot, sql).await?;
             let sent = match read {
-                Read::One(scope, key) => lane.client.query(&lane.get, &[&scope, &key]).await,
-                Read::Many(scope, keys) => {
-                    lane.client.query(&lane.get_batch, &[&scope, &keys]).await
-                }
+                Read::One(key) => lane.client.query(&lane.get, &[&scope, &key]).await,
+                Read::Many(keys) => lane.client.query(&lane.get_batch, &[&scope, &keys]).await,
             };
             match sent.map_err(pg_error) {
                 Ok(rows) => return Ok(rows),
@@ -165,7 +164,7 @@ impl Lanes {
     }
 
     async fn connect(&self, sql: &Statements) -> Result<Lane, Error> {
-        let (client, _driver) = connect_on(&self.runtime, &self.config)
+        let (client, _driver) = connect_on(&self.runtime, self.config.clone())
             .await
             .map_err(pg_error)?;
         let get = client.prepare(&sql.get).await.map_err(pg_error)?;
@@ -189,25 +188,24 @@ mod tests {
     use crate::engine::Engine;
     use crate::format::record::RecordState;
 
-    /// One lane, beside `engine`'s own, on the test server.
-    fn one_lane(engine: &PgEngine) -> Lanes {
+    /// An engine in a fresh schema named after `test`, whose key `k` holds a Pending record
+    /// (returned), and one lane beside the engine's own; `None` without a test server.
+    fn one_lane_over_k(test: &str) -> Option<(PgEngine, String, Lanes, Vec<u8>)> {
+        let schema = format!("unit_lanes_{test}_{}", std::process::id());
+        let engine = engine(&schema, 2)?;
+        let pending = record(RecordState::Pending, 7);
+        assert!(engine.claim(b"k", None, pending.clone()).expect("claim"));
         let url = std::env::var("IDEMSTORE_TEST_POSTGRES").expect("the engine opened on it");
-        Lanes::new(
-            1,
-            url.parse().expect("a connection string"),
-            engine.bridge.handle(),
-        )
+        let config = url.parse().expect("a connection string");
+        let lanes = Lanes::new(1, config, engine.bridge.handle());
+        Some((engine, schema, lanes, pending))
     }
 
     #[test]
     fn a_read_queued_behind_its_lanes_end_is_sent_again_on_a_new_connection() {
-        let schema = format!("unit_lanes_lost_{}", std::process::id());
-        let Some(engine) = engine(&schema, 2) else {
+        let Some((engine, schema, lanes, pending)) = one_lane_over_k("lost") else {
             return;
         };
-        let pending = record(RecordState::Pending, 7);
-        assert!(engine.claim(b"k", None, pending.clone()).expect("claim"));
-        let lanes = one_lane(&engine);
         let s = &engine.shared;
         let (killed, read) = engine
             .run(async {
@@ -231,13 +229,9 @@ mod tests {
 
     #[test]
     fn a_lane_made_by_a_read_on_another_runtime_outlives_that_runtime() {
-        let schema = format!("unit_lanes_runtime_{}", std::process::id());
-        let Some(engine) = engine(&schema, 2) else {
+        let Some((engine, schema, lanes, pending)) = one_lane_over_k("runtime") else {
             return;
         };
-        let pending = record(RecordState::Pending, 3);
-        assert!(engine.claim(b"k", None, pending.clone()).expect("claim"));
-        let lanes = one_lane(&engine);
         let s = &engine.shared;
         let callers = tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -175,10 +175,12 @@ impl<K: BatchKind> Alone<K> {
         let shared = Arc::clone(&self.shared);
         let (reply, answer) = oneshot::channel();
         let place = self;
-        runtime.spawn(async move {
+        // Boxed: the statement's future is kilobytes, and a task's cell would copy it in
+        // and out again on every spawn.
+        runtime.spawn(Box::pin(async move {
             let _place = place;
             answer_one::<K>(&shared, request, reply).await;
-        });
+        }));
         answer.await.unwrap_or_else(|_| Err(closed()))
     }
 }

@@ -22,10 +22,15 @@ use crate::error::Error;
 
 /// How many claims may be in flight before callers queue: a few callers never wait for each
 /// other, a crowd shares statements and commits (measured on 2 cores at 4 to 64 threads: 4 did
-/// better than 1, 2, 8 and 16). Outcomes queue only once every pooled connection is busy: with
-/// 4 in flight they measured 0.5-0.65x the unbatched rate at 16 and 64 threads (the batched
-/// update locks its rows in key order before it writes them).
+/// better than 1, 2, 8 and 16).
 pub(crate) const CLAIMS_IN_FLIGHT: usize = 4;
+
+/// How many outcomes may be in flight before callers queue (fewer if the pool is smaller: each
+/// one in flight alone holds a pooled connection). Measured on 2 cores, new keys at 16 and 64
+/// threads: 16 ran as fast as never batching at 16 threads and 1.1-1.2x as fast at 64; 4 and 8
+/// batched too early, 0.8-0.9x at 16 threads. (With the batch's cached generic plan, which
+/// scanned the scope to lock its rows, any batching ran at half speed.)
+pub(crate) const OUTCOMES_IN_FLIGHT: usize = 16;
 
 /// How many reads may be in flight before callers queue: reads commit nothing and the lanes
 /// pipeline them, so many run side by side before sharing a statement pays (measured on 2

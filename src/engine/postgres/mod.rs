@@ -228,7 +228,10 @@ pub(crate) fn open(settings: PgSettings) -> Result<OpenedPg, Error> {
         hub: Arc::new(listen::Hub::default()),
         channel: channel.clone(),
         claims: batch::Batcher::new(batched::CLAIMS_IN_FLIGHT, bridge.handle()),
-        outcomes: batch::Batcher::new(settings.pool_size, bridge.handle()),
+        outcomes: batch::Batcher::new(
+            settings.pool_size.min(batched::OUTCOMES_IN_FLIGHT),
+            bridge.handle(),
+        ),
         reads: batch::Batcher::new(batched::READS_IN_FLIGHT, bridge.handle()),
         lanes: lanes::Lanes::new(workers, config.clone(), bridge.handle()),
         cache: settings

@@ -500,7 +500,7 @@ fn async_replays_cancelled_mid_read_leave_every_later_answer_right() {
 }
 
 /// Promise (`PgOptions::pool_size`): the store uses at most pool_size connections, plus one
-/// for notifications, one for renewing leases and one read lane per core (2 to 8); and
+/// for notifications, one for renewing leases and one read lane; and
 /// dropping the store ends them all (bridge.rs: its runtime shuts down, ending the engine's
 /// connections).
 #[test]
@@ -509,7 +509,7 @@ fn a_busy_store_keeps_to_its_connection_budget_and_ends_every_session_when_dropp
     let schema = PgSchema::new(&url);
     let app = format!("advc_{}", schema.name);
     let pool = 2usize;
-    let lanes = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8));
+    let lanes = 1usize;
     let budget = pool + 2 + lanes;
     let store = open(named(&schema, &app).pool_size(pool));
     for k in 0..8u64 {
@@ -834,7 +834,7 @@ fn async_calls_cancelled_while_lanes_connect_leave_no_stray_session_or_broken_re
     }
     let app = format!("advx_{}", schema.name);
     let pool = 2usize;
-    let lanes = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8));
+    let lanes = 1usize;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

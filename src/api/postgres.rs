@@ -93,9 +93,9 @@ impl PgOptions {
     }
 
     /// The most connections the store's claims, outcomes, steps and transactions use at once
-    /// (1 to 1024). The store also keeps connections of its own beside the pool: one for
-    /// notifications, one for renewing leases, and one read lane per core of the client machine
-    /// (2 to 8), on which every record read is sent, many callers' reads at once.
+    /// (1 to 1024). The store also keeps three connections of its own beside the pool: one
+    /// for notifications, one for renewing leases, and one read lane, on which every record
+    /// read is sent, many callers' reads at once.
     pub fn pool_size(mut self, size: usize) -> Self {
         self.pool_size = size;
         self

@@ -233,7 +233,7 @@ pub(crate) fn open(settings: PgSettings) -> Result<OpenedPg, Error> {
             bridge.handle(),
         ),
         reads: batch::Batcher::new(batched::READS_IN_FLIGHT, bridge.handle()),
-        lanes: lanes::Lanes::new(workers, config.clone(), bridge.handle()),
+        lanes: lanes::Lanes::new(lanes::LANES, config.clone(), bridge.handle()),
         cache: settings
             .replay_cache
             .map(|(capacity, max_age)| replay_cache::ReplayCache::new(capacity, max_age)),

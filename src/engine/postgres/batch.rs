@@ -12,6 +12,10 @@
 //! - while the queue holds a request, a statement in flight will drain it: the queue and the
 //!   count of statements in flight change only together, under one lock, and whoever ends a
 //!   statement in flight with requests queued starts the task that drains them;
+//! - a batch holds at most [`MAX_BATCH`] requests and, past its first, at most
+//!   [`MAX_BATCH_BYTES`] of their bytes, so a batch's statement costs about what its largest
+//!   request's would alone, never a crowd's worth of large records under one I/O timeout; a
+//!   batch of one request is sent as that request's own one-row statement;
 //! - a batch never holds two requests for the same key (the later one waits for the next
 //!   batch), so each request's answer is the one row its key matched; except for a kind
 //!   that shares answers ([`BatchKind::SHARES_ANSWERS`]: reads), whose requests for one key
@@ -30,6 +34,9 @@ use crate::error::{Error, StorageError, StorageKind};
 /// The most requests one batch statement carries.
 const MAX_BATCH: usize = 128;
 
+/// The most bytes (keys and records) the requests of one batch carry, past its first request.
+const MAX_BATCH_BYTES: usize = 1 << 20;
+
 /// One kind of statement that can be batched.
 pub(crate) trait BatchKind: Send + Sync + Sized + 'static {
     /// What one caller asks, owning its bytes (it waits in a queue).
@@ -43,6 +50,11 @@ pub(crate) trait BatchKind: Send + Sync + Sized + 'static {
 
     /// The key a request is about.
     fn key(request: &Self::Request) -> &[u8];
+
+    /// The bytes a request carries to the server (its key, by default).
+    fn bytes(request: &Self::Request) -> usize {
+        Self::key(request).len()
+    }
 
     /// Runs `requests` (distinct keys) as one statement: one answer per request, in order.
     fn run<'a>(
@@ -142,14 +154,19 @@ impl<K: BatchKind> Batcher<K> {
         Turn::Queued(Queued { answer })
     }
 
-    /// The next batch: up to [`MAX_BATCH`] queued requests, oldest first, with distinct keys
-    /// unless the kind shares answers (empty when none is queued).
+    /// The next batch: queued requests, oldest first, up to [`MAX_BATCH`] of them and (past
+    /// the first) [`MAX_BATCH_BYTES`] of their bytes, with distinct keys unless the kind
+    /// shares answers (empty when none is queued).
     fn next_batch(&self) -> Vec<Waiting<K>> {
         let mut queue = self.queue.lock();
         let mut batch: Vec<Waiting<K>> = Vec::new();
+        let mut bytes = 0usize;
         let mut left = Vec::new();
         for waiting in queue.waiting.drain(..) {
-            let taken = batch.len() >= MAX_BATCH
+            let size = K::bytes(&waiting.request);
+            let full = !batch.is_empty()
+                && (batch.len() >= MAX_BATCH || bytes.saturating_add(size) > MAX_BATCH_BYTES);
+            let taken = full
                 || (!K::SHARES_ANSWERS
                     && batch
                         .iter()
@@ -157,6 +174,7 @@ impl<K: BatchKind> Batcher<K> {
             if taken {
                 left.push(waiting);
             } else {
+                bytes = bytes.saturating_add(size);
                 batch.push(waiting);
             }
         }
@@ -250,9 +268,13 @@ fn drain<K: BatchKind>(shared: Arc<Shared>, batcher: fn(&Shared) -> &Batcher<K>)
     runtime.spawn(async move {
         let _place = place.0.take();
         loop {
-            let batch = batcher(&shared).next_batch();
-            if batch.is_empty() {
-                return;
+            let mut batch = batcher(&shared).next_batch();
+            if batch.len() <= 1 {
+                // One request goes as a lone caller's does, as its own one-row statement
+                // (so an outcome the server gives up for a row lock is sent again).
+                let Some(only) = batch.pop() else { return };
+                answer_one::<K>(&shared, only.request, only.reply).await;
+                continue;
             }
             let (requests, replies): (Vec<_>, Vec<_>) =
                 batch.into_iter().map(|w| (w.request, w.reply)).unzip();
@@ -269,7 +291,7 @@ fn drain<K: BatchKind>(shared: Arc<Shared>, batcher: fn(&Shared) -> &Batcher<K>)
                 // the statement timeout; nothing of it written): only the callers whose own
                 // rows were the cause should hear it, so each request goes again as its own
                 // statement, side by side.
-                Err(e) if rolled_back(&e) && requests.len() > 1 => {
+                Err(e) if rolled_back(&e) => {
                     for (request, reply) in requests.into_iter().zip(replies) {
                         let shared = Arc::clone(&shared);
                         tokio::spawn(async move { answer_one::<K>(&shared, request, reply).await });

@@ -55,6 +55,10 @@ impl BatchKind for Claims {
         &request.key
     }
 
+    fn bytes(request: &ClaimRequest) -> usize {
+        request.key.len() + request.claim.pending.len()
+    }
+
     fn run<'a>(
         shared: &'a Shared,
         requests: &'a [ClaimRequest],
@@ -179,6 +183,10 @@ impl BatchKind for Outcomes {
 
     fn key(request: &OutcomeRequest) -> &[u8] {
         &request.key
+    }
+
+    fn bytes(request: &OutcomeRequest) -> usize {
+        request.key.len() + request.record.len()
     }
 
     fn run<'a>(

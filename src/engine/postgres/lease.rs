@@ -6,7 +6,8 @@
 //! record is still the holder's exact Pending record (same digest), using the database's
 //! clock, every third of the lease, on a connection of its own (a busy pool never delays
 //! it), so a live holder's lease never runs out unless the process stops (killed, paused, cut
-//! off from the database) for longer than about two thirds of it. A claim whose record changed (taken over, removed) is dropped from the set at
+//! off from the database) for longer than about two thirds of it. A renewal that takes longer
+//! than a beat is given up, cancelled on the server and its connection replaced. A claim whose record changed (taken over, removed) is dropped from the set at
 //! the next beat. A claim younger than a beat is left for the next one (renewed by the time it
 //! is two thirds of a lease old). The heartbeat never writes anything else.
 
@@ -73,11 +74,16 @@ pub(crate) async fn heartbeat(
         let Some(shared) = shared.upgrade() else {
             return;
         };
+        // The connection's cancel token, once it has one: a renewal given up is cancelled on
+        // the server too, so its backend ends at once instead of running beside the next
+        // beat's (a store keeps one renewal session, not one per late beat).
+        let mut cancel: Option<tokio_postgres::CancelToken> = None;
         let beat = async {
             let client = match connection.take() {
                 Some(client) if !client.is_closed() => client,
                 _ => connect(&config).await?,
             };
+            cancel = Some(client.cancel_token());
             beat(&shared, &client, every).await?;
             Ok::<_, crate::error::Error>(client)
         };
@@ -87,7 +93,15 @@ pub(crate) async fn heartbeat(
                 tracing::warn!(error = %e, "could not renew idemstore leases; will retry")
             }
             Err(_) => {
-                tracing::warn!("renewing idemstore leases took longer than a beat; reconnecting")
+                tracing::warn!("renewing idemstore leases took longer than a beat; reconnecting");
+                if let Some(token) = cancel {
+                    let cancelled = token.cancel_query(tokio_postgres::NoTls);
+                    if !matches!(tokio::time::timeout(every, cancelled).await, Ok(Ok(()))) {
+                        tracing::debug!(
+                            "could not cancel a late lease renewal; it ends on its own"
+                        );
+                    }
+                }
             }
         }
     }

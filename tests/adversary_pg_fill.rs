@@ -15,7 +15,7 @@ mod common;
 use common::pg::{hex, hold_in_session, pg_url, raw_session, PgSchema};
 use common::wait_until;
 use idemstore::{Error, ExecuteError, PgOptions, PgStore, StorageKind, StoreBuilder};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};

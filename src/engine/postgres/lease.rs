@@ -7,9 +7,10 @@
 //! clock, every third of the lease, on a connection of its own (a busy pool never delays
 //! it), so a live holder's lease never runs out unless the process stops (killed, paused, cut
 //! off from the database) for longer than about two thirds of it. A renewal that takes longer
-//! than a beat is given up, cancelled on the server and its connection replaced. A claim whose record changed (taken over, removed) is dropped from the set at
-//! the next beat. A claim younger than a beat is left for the next one (renewed by the time it
-//! is two thirds of a lease old). The heartbeat never writes anything else.
+//! than a beat is given up, cancelled on the server (without holding up the next beat) and its
+//! connection replaced. A claim whose record changed (taken over, removed) is dropped from the
+//! set at the next beat. A claim younger than a beat is left for the next one (renewed by the
+//! time it is two thirds of a lease old). The heartbeat never writes anything else.
 
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -94,13 +95,15 @@ pub(crate) async fn heartbeat(
             }
             Err(_) => {
                 tracing::warn!("renewing idemstore leases took longer than a beat; reconnecting");
+                // In a task of its own: a server too slow to answer the renewal may be as slow
+                // to take the cancel, and the next beat must not wait for it.
                 if let Some(token) = cancel {
-                    let cancelled = token.cancel_query(tokio_postgres::NoTls);
-                    if !matches!(tokio::time::timeout(every, cancelled).await, Ok(Ok(()))) {
-                        tracing::debug!(
-                            "could not cancel a late lease renewal; it ends on its own"
-                        );
-                    }
+                    tokio::spawn(async move {
+                        let cancelled = token.cancel_query(tokio_postgres::NoTls);
+                        if !matches!(tokio::time::timeout(every, cancelled).await, Ok(Ok(()))) {
+                            tracing::debug!("could not cancel a late lease renewal; it ends alone");
+                        }
+                    });
                 }
             }
         }

@@ -27,7 +27,7 @@ pub(crate) const CLAIMS_IN_FLIGHT: usize = 4;
 
 /// How many outcomes may be in flight before callers queue (fewer if the pool is smaller: each
 /// one in flight alone holds a pooled connection). Measured on 2 cores, new keys at 16 and 64
-/// threads: 16 ran as fast as never batching at 16 threads and 1.1-1.2x as fast at 64; 4 and 8
+/// threads: 16 ran as fast as never batching at 16 threads and 1.1-1.5x as fast at 64; 4 and 8
 /// batched too early, 0.8-0.9x at 16 threads. (With the batch's cached generic plan, which
 /// scanned the scope to lock its rows, any batching ran at half speed.)
 pub(crate) const OUTCOMES_IN_FLIGHT: usize = 16;

@@ -1,7 +1,7 @@
-//! Adversarial tests of two changes to the PostgreSQL engine (docs/design.md §13):
-//! outcomes queue for a shared batch statement once 16 are in flight (not only once every
-//! pooled connection is busy), so with a pool of 32 or more crowds of outcomes go out as
-//! batches; and every record read goes down ONE shared, pipelined read lane.
+//! Adversarial tests of the PostgreSQL engine's outcome batching and its read lane
+//! (docs/design.md §13): outcomes queue for a shared batch statement once 16 are in flight,
+//! so with a pool of 32 or more crowds of outcomes go out as batches; and every record read
+//! goes down one shared, pipelined read lane.
 //!
 //! To reach the batch path deterministically, the outcome tests make the server slow for the
 //! outcome writes of some keys (a trigger that sleeps in them): sixteen of those sent alone
@@ -697,7 +697,7 @@ fn a_batch_of_outcomes_notifies_every_marked_key() {
 /// requests past its first, so its statement costs about what its largest request's would
 /// alone, never a crowd's worth of large records under one I/O timeout).
 ///
-/// Before the byte limit, one batch carried up to 128 outcomes whatever their size: measured
+/// Without the byte limit, one batch would carry up to 128 outcomes whatever their size: measured
 /// on this machine, outcomes of results near `max_result_bytes` (16 MiB) took over 30 s, the
 /// default I/O timeout, in batches of 16 to 52, while one alone takes about 0.2 s, and every
 /// caller of such a batch got `Timeout` while the batch went on to commit. Here 16 holders
@@ -1335,8 +1335,7 @@ fn a_large_pool_under_batched_outcomes_and_reads_keeps_to_its_budget_and_ends_ev
 /// Promise (README: "A store so holds up to `pool_size` + 3 connections (the lane, one for
 /// notifications, one for lease renewals): size the server's `max_connections` for every
 /// replica's total"; `PgOptions::pool_size`: "The store also keeps three connections of its
-/// own beside the pool"). Commit 031772f tightened this bound from pool_size + 2 + one lane
-/// per core (2 to 8) to pool_size + 3.
+/// own beside the pool").
 ///
 /// A store with a full pool (2), its lane, its listener and its heartbeat (5 sessions), and
 /// a running holder with the shortest lease (300 ms: renewed every 100 ms). Another session

@@ -309,7 +309,7 @@ impl BatchKind for Reads {
         s: &'a Shared,
         request: &'a ReadRequest,
     ) -> impl std::future::Future<Output = Result<Option<Vec<u8>>, Error>> + Send + 'a {
-        s.lanes.get(&s.sql, &s.scope, &request.key)
+        s.lane.get(&s.sql, &s.scope, &request.key)
     }
 
     fn key(request: &ReadRequest) -> &[u8] {
@@ -322,7 +322,7 @@ impl BatchKind for Reads {
     ) -> impl std::future::Future<Output = Result<Vec<Option<Vec<u8>>>, Error>> + Send + 'a {
         async move {
             let keys: Vec<&[u8]> = requests.iter().map(|r| r.key.as_slice()).collect();
-            s.lanes.get_many(&s.sql, &s.scope, &keys).await
+            s.lane.get_many(&s.sql, &s.scope, &keys).await
         }
     }
 }

@@ -1,26 +1,25 @@
-//! Read lanes: a few connections of the engine's own that carry its record reads, many at once.
+//! The read lane: a connection of the engine's own that carries its record reads, many at once.
 //!
 //! Invariants:
-//! - only reads go down a lane: statements that probe the primary key (one key, or a batch of
-//!   them) and commit nothing, so a lane needs no transaction state and a read never waits for
-//!   another caller's commit;
-//! - a lane is shared: callers send their reads on it without waiting for each other's answers
+//! - only reads go down the lane: statements that probe the primary key (one key, or a batch
+//!   of them) and commit nothing, so the lane needs no transaction state and a read never waits
+//!   for another caller's commit;
+//! - the lane is shared: callers send their reads on it without waiting for each other's answers
 //!   (tokio-postgres pipelines them; PostgreSQL answers a connection's statements in order, and
 //!   the client hands each answer to the caller whose statement it is). Several reads then
 //!   share a round trip and a server wake-up, where pooled connections would take one each;
-//! - a lane whose connection is lost is replaced by the next read that picks it (one connect
-//!   at a time per lane). A read that finds its lane's connection lost is sent once more on a
-//!   new one: a read changes nothing, so sending it again is safe, and a lane that sat idle
-//!   while the server closed it costs no caller an error. Any other error is the caller's;
-//! - lane connections are made and driven on the engine's runtime, whichever runtime the read
-//!   runs on (see `connect`), and end with it;
-//! - a lane is only ever read by futures that are polled to their end: a connection stops
+//! - a lost connection is replaced by the next read (one connect at a time). A read that
+//!   finds the lane's connection lost is sent once more on a new one: a read changes nothing,
+//!   so sending it again is safe, and a lane that sat idle while the server closed it costs no
+//!   caller an error. Any other error is the caller's;
+//! - the lane's connections are made and driven on the engine's runtime, whichever runtime the
+//!   read runs on (see `connect`), and end with it;
+//! - the lane is only ever read by futures that are polled to their end: a connection stops
 //!   reading its socket while one answer waits for a receiver that is not polled, which would
 //!   hold up every read behind it, so async callers' reads run in tasks of the engine's
 //!   runtime (`ops::get_op`), never in the caller's own future.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -31,77 +30,50 @@ use super::pg_error;
 use super::schema::Statements;
 use crate::error::{Error, StorageKind};
 
-/// How many lanes the engine reads on: one. Measured on 2 cores, replays at 1 to 64 threads:
-/// one lane ran 1.1-1.3x as fast as one per worker of the engine's runtime (2 here), taken in
-/// turn or least busy first, at every thread count. One backend that finds a run of pipelined
-/// reads waiting answers them in one wake-up and one write; two share the same reads and wake
-/// twice as often. At most [`READS_IN_FLIGHT`](super::batched::READS_IN_FLIGHT) read statements
-/// are in flight, and a crowd shares batch statements, so one connection is not a bottleneck.
-pub(crate) const LANES: usize = 1;
-
 /// One connection that carries reads, with the reads' statements prepared on it.
-struct Lane {
+struct LaneConnection {
     client: Client,
     get: Statement,
     get_batch: Statement,
 }
 
-/// A read a lane carries: one key's record, or several keys' in one statement.
+/// A read the lane carries: one key's record, or several keys' in one statement.
 #[derive(Clone, Copy)]
 enum Read<'a> {
     One(&'a [u8]),
     Many(&'a [&'a [u8]]),
 }
 
-/// The engine's lanes, and how to make a new one.
-pub(crate) struct Lanes {
-    slots: Box<[Slot]>,
-    /// Which lane the next read takes (round robin).
-    next: AtomicUsize,
+/// The engine's read lane: one connection, and how to make a new one when it is lost.
+///
+/// One, not one per worker of the engine's runtime: measured on 2 cores, replays at 1 to 64
+/// threads, one lane ran 1.1-1.3x as fast as two (taken in turn or least busy first) at every
+/// thread count. One backend that finds a run of pipelined reads waiting answers them in one
+/// wake-up and one write; two share the same reads and wake twice as often. At most
+/// [`READS_IN_FLIGHT`](super::batched::READS_IN_FLIGHT) read statements are in flight, and a
+/// crowd shares batch statements, so one connection is not a bottleneck.
+pub(crate) struct ReadLane {
+    /// The connection in use, if one was made and has not been seen lost.
+    current: Mutex<Option<Arc<LaneConnection>>>,
+    /// Held while a new connection is made, so one connect serves every read that found none.
+    connecting: tokio::sync::Mutex<()>,
     config: Config,
     runtime: tokio::runtime::Handle,
 }
 
-#[derive(Default)]
-struct Slot {
-    /// The lane in use, if one was made and has not been seen lost.
-    current: Mutex<Option<Arc<Lane>>>,
-    /// Held while a new lane for this slot is connecting, so one connect serves every read
-    /// that found the slot empty.
-    connecting: tokio::sync::Mutex<()>,
-}
-
-impl Slot {
-    fn open_lane(&self) -> Option<Arc<Lane>> {
-        self.current
-            .lock()
-            .as_ref()
-            .filter(|lane| !lane.client.is_closed())
-            .map(Arc::clone)
-    }
-
-    /// Forgets `lost` if it is still this slot's lane.
-    fn forget(&self, lost: &Arc<Lane>) {
-        let mut current = self.current.lock();
-        if current.as_ref().is_some_and(|lane| Arc::ptr_eq(lane, lost)) {
-            *current = None;
-        }
-    }
-}
-
-impl Lanes {
-    /// `count` lanes (at least one) connecting with `config` (the pool's, so sessions are set
-    /// up alike), made and driven on `runtime`. Nothing connects until the first read.
-    pub(crate) fn new(count: usize, config: Config, runtime: tokio::runtime::Handle) -> Self {
+impl ReadLane {
+    /// A lane connecting with `config` (the pool's, so sessions are set up alike), made and
+    /// driven on `runtime`. Nothing connects until the first read.
+    pub(crate) fn new(config: Config, runtime: tokio::runtime::Handle) -> Self {
         Self {
-            slots: (0..count.max(1)).map(|_| Slot::default()).collect(),
-            next: AtomicUsize::new(0),
+            current: Mutex::new(None),
+            connecting: tokio::sync::Mutex::new(()),
             config,
             runtime,
         }
     }
 
-    /// `key`'s record in `scope`, if it has one, read on the next lane.
+    /// `key`'s record in `scope`, if it has one, read on the lane.
     ///
     /// # Errors
     /// [`Error::Storage`] if the read failed (on a second connection, if the first was lost),
@@ -117,7 +89,7 @@ impl Lanes {
     }
 
     /// The records of `keys` in `scope` (`None` where a key has none), in the order of `keys`,
-    /// read in one statement on the next lane. A key given twice gets its record twice.
+    /// read in one statement on the lane. A key given twice gets its record twice.
     ///
     /// # Errors
     /// As [`get`](Self::get).
@@ -135,13 +107,12 @@ impl Lanes {
         Ok(keys.iter().map(|k| found.get(*k).cloned()).collect())
     }
 
-    /// Sends `read` in `scope` on the next lane, and once more on a new connection if that
-    /// lane's was lost.
+    /// Sends `read` in `scope` on the lane, and once more on a new connection if the lane's
+    /// was lost.
     async fn read(&self, sql: &Statements, scope: &str, read: Read<'_>) -> Result<Vec<Row>, Error> {
-        let slot = &self.slots[self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len()];
         let mut sent_before = false;
         loop {
-            let lane = self.lane(slot, sql).await?;
+            let lane = self.connection(sql).await?;
             let sent = match read {
                 Read::One(key) => lane.client.query(&lane.get, &[&scope, &key]).await,
                 Read::Many(keys) => lane.client.query(&lane.get_batch, &[&scope, &keys]).await,
@@ -149,7 +120,7 @@ impl Lanes {
             match sent.map_err(pg_error) {
                 Ok(rows) => return Ok(rows),
                 Err(Error::Storage(e)) if e.kind() == StorageKind::Connection && !sent_before => {
-                    slot.forget(&lane);
+                    self.forget(&lane);
                     sent_before = true;
                 }
                 Err(e) => return Err(e),
@@ -157,27 +128,44 @@ impl Lanes {
         }
     }
 
-    /// `slot`'s lane, connected now if it has none.
-    async fn lane(&self, slot: &Slot, sql: &Statements) -> Result<Arc<Lane>, Error> {
-        if let Some(lane) = slot.open_lane() {
+    /// The lane's connection, if it has one that is not closed.
+    fn open_connection(&self) -> Option<Arc<LaneConnection>> {
+        self.current
+            .lock()
+            .as_ref()
+            .filter(|lane| !lane.client.is_closed())
+            .map(Arc::clone)
+    }
+
+    /// Forgets `lost` if it is still the lane's connection.
+    fn forget(&self, lost: &Arc<LaneConnection>) {
+        let mut current = self.current.lock();
+        if current.as_ref().is_some_and(|lane| Arc::ptr_eq(lane, lost)) {
+            *current = None;
+        }
+    }
+
+    /// The lane's connection, made now if it has none.
+    async fn connection(&self, sql: &Statements) -> Result<Arc<LaneConnection>, Error> {
+        if let Some(lane) = self.open_connection() {
             return Ok(lane);
         }
-        let _connecting = slot.connecting.lock().await;
-        if let Some(lane) = slot.open_lane() {
+        let _connecting = self.connecting.lock().await;
+        if let Some(lane) = self.open_connection() {
             return Ok(lane);
         }
         let lane = Arc::new(self.connect(sql).await?);
-        *slot.current.lock() = Some(Arc::clone(&lane));
+        *self.current.lock() = Some(Arc::clone(&lane));
         Ok(lane)
     }
 
-    async fn connect(&self, sql: &Statements) -> Result<Lane, Error> {
+    async fn connect(&self, sql: &Statements) -> Result<LaneConnection, Error> {
         let (client, _driver) = connect_on(&self.runtime, self.config.clone())
             .await
             .map_err(pg_error)?;
         let get = client.prepare(&sql.get).await.map_err(pg_error)?;
         let get_batch = client.prepare(&sql.get_batch).await.map_err(pg_error)?;
-        Ok(Lane {
+        Ok(LaneConnection {
             client,
             get,
             get_batch,
@@ -198,14 +186,14 @@ mod tests {
 
     /// An engine in a fresh schema named after `test`, whose key `k` holds a Pending record
     /// (returned), and one lane beside the engine's own; `None` without a test server.
-    fn one_lane_over_k(test: &str) -> Option<(PgEngine, String, Lanes, Vec<u8>)> {
+    fn one_lane_over_k(test: &str) -> Option<(PgEngine, String, ReadLane, Vec<u8>)> {
         let schema = format!("unit_lanes_{test}_{}", std::process::id());
         let engine = engine(&schema, 2)?;
         let pending = record(RecordState::Pending, 7);
         assert!(engine.claim(b"k", None, pending.clone()).expect("claim"));
         let url = std::env::var("IDEMSTORE_TEST_POSTGRES").expect("the engine opened on it");
         let config = url.parse().expect("a connection string");
-        let lanes = Lanes::new(1, config, engine.bridge.handle());
+        let lanes = ReadLane::new(config, engine.bridge.handle());
         Some((engine, schema, lanes, pending))
     }
 
@@ -217,7 +205,7 @@ mod tests {
         let s = &engine.shared;
         let (killed, read) = engine
             .run(async {
-                let lane = lanes.lane(&lanes.slots[0], &s.sql).await?;
+                let lane = lanes.connection(&s.sql).await?;
                 // The lane's backend ends itself; the read is pipelined right behind that
                 // statement, on the same connection, so the server never answers it there.
                 let kill = lane
@@ -230,7 +218,7 @@ mod tests {
             .expect("the lane connects");
         assert!(killed, "the terminating statement ends its own connection");
         assert_eq!(read.expect("the read is sent again"), Some(pending));
-        let lane = lanes.slots[0].open_lane().expect("a new lane");
+        let lane = lanes.open_connection().expect("a new lane");
         assert!(!lane.client.is_closed());
         drop_schema(&engine, &schema);
     }
@@ -248,13 +236,13 @@ mod tests {
         let read = callers.block_on(lanes.get(&s.sql, &s.scope, b"k"));
         assert_eq!(read.expect("read"), Some(pending.clone()));
         drop(callers);
-        let lane = lanes.slots[0]
-            .open_lane()
+        let lane = lanes
+            .open_connection()
             .expect("the lane's connection is driven by the engine's runtime");
         assert!(!lane.client.is_closed());
         let again = engine.run(lanes.get(&s.sql, &s.scope, b"k"));
         assert_eq!(again.expect("read"), Some(pending));
-        let same = lanes.slots[0].open_lane().expect("the lane");
+        let same = lanes.open_connection().expect("the lane");
         assert!(Arc::ptr_eq(&lane, &same), "no reconnect was needed");
         drop_schema(&engine, &schema);
     }

@@ -91,8 +91,8 @@ pub(crate) struct Shared {
     claims: batch::Batcher<batched::Claims>,
     outcomes: batch::Batcher<batched::Outcomes>,
     reads: batch::Batcher<batched::Reads>,
-    /// The connections reads are sent on, many at once (see `lanes`).
-    lanes: lanes::Lanes,
+    /// The connection record reads are sent on, many at once (see `lanes`).
+    lane: lanes::ReadLane,
     /// Recorded outcomes read or written recently, if the store keeps them (see
     /// `replay_cache`).
     pub(crate) cache: Option<replay_cache::ReplayCache>,
@@ -233,7 +233,7 @@ pub(crate) fn open(settings: PgSettings) -> Result<OpenedPg, Error> {
             bridge.handle(),
         ),
         reads: batch::Batcher::new(batched::READS_IN_FLIGHT, bridge.handle()),
-        lanes: lanes::Lanes::new(lanes::LANES, config.clone(), bridge.handle()),
+        lane: lanes::ReadLane::new(config.clone(), bridge.handle()),
         cache: settings
             .replay_cache
             .map(|(capacity, max_age)| replay_cache::ReplayCache::new(capacity, max_age)),

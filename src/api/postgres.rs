@@ -92,10 +92,12 @@ impl PgOptions {
         self
     }
 
-    /// The most connections the store's claims, outcomes, steps and transactions use at once
-    /// (1 to 1024). The store also keeps three connections of its own beside the pool: one
-    /// for notifications, one for renewing leases, and one read lane, on which every record
-    /// read is sent, many callers' reads at once.
+    /// The most connections the store's claims, outcomes, reads, steps and transactions use
+    /// at once (1 to 1024). A quarter of them (rounded down) are kept for sync callers whose
+    /// claim, outcome or read goes alone: such a caller's own thread drives the connection, so
+    /// no other thread is woken on the way; the rest are pooled. The store also keeps three
+    /// connections of its own beside these: one for notifications, one for renewing leases,
+    /// and one read lane, on which other record reads are sent, many callers' reads at once.
     pub fn pool_size(mut self, size: usize) -> Self {
         self.pool_size = size;
         self
@@ -320,6 +322,13 @@ impl Store<PgEngine> {
     pub fn __claims_first(&self) -> bool {
         use crate::engine::Engine;
         self.shared().engine.claims_first()
+    }
+
+    /// How many connections sync callers drive on their own threads are open (design §13,
+    /// "Own connections"). For tests.
+    #[doc(hidden)]
+    pub fn __own_connections(&self) -> usize {
+        self.shared().engine.own_connections()
     }
 }
 

@@ -125,6 +125,13 @@ impl<K: BatchKind> Batcher<K> {
         }
     }
 
+    /// Whether a request made now would queue (its kind's limit in flight, or others
+    /// queued): a hint, which may be stale by the time the request is made.
+    pub(crate) fn busy(&self) -> bool {
+        let queue = self.queue.lock();
+        queue.in_flight >= self.limit || !queue.waiting.is_empty()
+    }
+
     /// The caller's turn for `request`. `batcher` finds this batcher in `shared`.
     pub(crate) fn turn(
         &self,

@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use tokio_postgres::types::Type;
+use tokio_postgres::{Client, Statement};
 
 use super::batch::BatchKind;
 use super::ops::{retry_busy, NewClaim};
@@ -113,12 +114,7 @@ impl BatchKind for Claims {
         async move {
             let client = s.client().await?;
             let statement = prepared(&client, &s.sql.claim_new).await?;
-            let key = request.key.as_slice();
-            let row = client
-                .query_opt(&statement, &request.claim.params(&s.scope, &key))
-                .await
-                .map_err(pg_error)?;
-            Ok(row.is_some())
+            claim_on(s, &client, &statement, request).await
         }
     }
 
@@ -265,29 +261,56 @@ impl BatchKind for Outcomes {
         // another transaction holds for a while: it goes again until the lock is gone (the
         // caller bounds the whole by the I/O timeout).
         retry_busy(move || async move {
-            let row = RecordRow {
-                record: &request.record,
-                digest: request.digest.clone(),
-                columns: request.columns,
-            };
-            let key = request.key.as_slice();
             let client = s.client().await?;
             let statement = prepared(&client, &s.sql.finish).await?;
-            let mut params = row.params(&s.scope, &key).to_vec();
-            params.push(&request.held_digest);
-            let written = client
-                .query_opt(&statement, &params)
-                .await
-                .map_err(pg_error)?;
-            let Some(written) = written else {
-                return Ok(false);
-            };
-            if written.get::<_, bool>(0) {
-                s.notify(&client, key).await;
-            }
-            Ok(true)
+            finish_on(s, &client, &statement, request).await
         })
     }
+}
+
+/// Sends `request`'s claim (`statement`: the one-row `claim_new`) on `client`: whether it
+/// was inserted.
+pub(crate) async fn claim_on(
+    s: &Shared,
+    client: &Client,
+    statement: &Statement,
+    request: &ClaimRequest,
+) -> Result<bool, Error> {
+    let key = request.key.as_slice();
+    let row = client
+        .query_opt(statement, &request.claim.params(&s.scope, &key))
+        .await
+        .map_err(pg_error)?;
+    Ok(row.is_some())
+}
+
+/// Sends `request`'s outcome (`statement`: the one-row `finish`) on `client`, and tells the
+/// key's waiters if one marked it: whether it was written (false: fenced out).
+pub(crate) async fn finish_on(
+    s: &Shared,
+    client: &Client,
+    statement: &Statement,
+    request: &OutcomeRequest,
+) -> Result<bool, Error> {
+    let row = RecordRow {
+        record: &request.record,
+        digest: request.digest.clone(),
+        columns: request.columns,
+    };
+    let key = request.key.as_slice();
+    let mut params = row.params(&s.scope, &key).to_vec();
+    params.push(&request.held_digest);
+    let written = client
+        .query_opt(statement, &params)
+        .await
+        .map_err(pg_error)?;
+    let Some(written) = written else {
+        return Ok(false);
+    };
+    if written.get::<_, bool>(0) {
+        s.notify(client, key).await;
+    }
+    Ok(true)
 }
 
 /// A read of one key's record.

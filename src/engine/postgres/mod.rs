@@ -27,6 +27,7 @@ mod lanes;
 mod lease;
 mod listen;
 mod ops;
+mod own;
 mod replay_cache;
 mod schema;
 mod tx;
@@ -93,6 +94,8 @@ pub(crate) struct Shared {
     reads: batch::Batcher<batched::Reads>,
     /// The connection record reads are sent on, many at once (see `lanes`).
     lane: lanes::ReadLane,
+    /// Connections sync callers drive on their own threads (see `own`).
+    own: own::OwnConnections,
     /// Recorded outcomes read or written recently, if the store keeps them (see
     /// `replay_cache`).
     pub(crate) cache: Option<replay_cache::ReplayCache>,
@@ -132,14 +135,14 @@ impl Shared {
     }
 
     /// Tells waiters in every replica that `key`'s record changed (only when one marked it).
-    pub(crate) async fn notify(&self, client: &deadpool_postgres::Client, key: &[u8]) {
+    pub(crate) async fn notify(&self, client: &tokio_postgres::Client, key: &[u8]) {
         let tag = listen::tag_text(&listen::tag(&self.scope, key));
         self.notify_all(client, &[tag]).await;
     }
 
     /// Tells waiters in every replica that the records of `tags` (see `listen::tag_text`)
     /// changed. A notification that cannot be sent is left: waiters poll.
-    async fn notify_all(&self, client: &deadpool_postgres::Client, tags: &[String]) {
+    async fn notify_all(&self, client: &tokio_postgres::Client, tags: &[String]) {
         let sent = client
             .execute(
                 "SELECT pg_notify($1, t) FROM unnest($2::text[]) AS t",
@@ -208,8 +211,10 @@ pub(crate) fn open(settings: PgSettings) -> Result<OpenedPg, Error> {
             recycling_method: RecyclingMethod::Fast,
         },
     );
+    // A share of the pool's connections is kept for sync callers' own connections.
+    let own_max = own::share_of(settings.pool_size);
     let pool = Pool::builder(manager)
-        .max_size(settings.pool_size)
+        .max_size(settings.pool_size - own_max)
         .runtime(deadpool_postgres::Runtime::Tokio1)
         .wait_timeout(Some(settings.connect_timeout))
         .create_timeout(Some(settings.connect_timeout))
@@ -234,6 +239,7 @@ pub(crate) fn open(settings: PgSettings) -> Result<OpenedPg, Error> {
         ),
         reads: batch::Batcher::new(batched::READS_IN_FLIGHT, bridge.handle()),
         lane: lanes::ReadLane::new(config.clone(), bridge.handle()),
+        own: own::OwnConnections::new(own_max, config.clone(), settings.connect_timeout),
         cache: settings
             .replay_cache
             .map(|(capacity, max_age)| replay_cache::ReplayCache::new(capacity, max_age)),
@@ -400,6 +406,19 @@ impl PgEngine {
         self.bridge.run(Box::pin(self.timed(f)))
     }
 
+    /// Runs a sync call's operation `op`, made for the own connection `own` if it has one
+    /// (see `own`): on that connection's runtime, on this thread; through the bridge if not.
+    fn run_sync<T: Send>(
+        &self,
+        own: Option<&own::OwnConnection>,
+        op: impl std::future::Future<Output = Result<T, Error>> + Send,
+    ) -> Result<T, Error> {
+        match own {
+            Some(own) => own.block_on(self.timed(op)),
+            None => self.run(op),
+        }
+    }
+
     /// `f`, failing with a typed timeout if the database does not answer within the store's
     /// I/O timeout (a dead connection the server never saw, a lock held for long).
     pub(crate) fn timed<T>(
@@ -422,6 +441,11 @@ impl PgEngine {
                 .map_err(pg_error)?;
             Ok(())
         })
+    }
+
+    /// How many own connections are open (see `own`).
+    pub(crate) fn own_connections(&self) -> usize {
+        self.shared.own.open()
     }
 
     /// The schema this engine's tables live in.

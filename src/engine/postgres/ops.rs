@@ -11,8 +11,11 @@
 
 use std::time::Duration;
 
-use super::batch::{closed, BatchKind, Turn};
-use super::batched::{ClaimRequest, Claims, OutcomeRequest, ReadRequest, Reads};
+use super::batch::{closed, BatchKind, Batcher, Turn};
+use super::batched::{
+    claim_on, finish_on, ClaimRequest, Claims, OutcomeRequest, ReadRequest, Reads,
+};
+use super::own::{OwnConnection, Taken};
 use super::{
     big, columns, digest, listen, millis, pg_error, prepared, schema, Param, PgEngine, RecordRow,
 };
@@ -23,24 +26,25 @@ use crate::format::record::ClaimToken;
 /// Records are read a page at a time, in key order.
 const PAGE: i64 = 512;
 
-/// Who drives a statement's future: a sync call's thread, which polls it to its end, or an
-/// async call, whose future may be left unpolled at any await or dropped.
+/// Who drives a statement's future: a sync call's thread, which polls it to its end (with the
+/// own connection that thread drives, if it took one: see `own`), or an async call, whose
+/// future may be left unpolled at any await or dropped.
 #[derive(Clone, Copy)]
-pub(crate) enum Caller {
-    Sync,
+pub(crate) enum Caller<'c> {
+    Sync(Option<&'c OwnConnection>),
     Async,
 }
 
 impl PgEngine {
     /// `key`'s record. A sync caller (`caller`) sends a lone read from its own future, which
-    /// its thread drives to the end; an async caller's future may sit unpolled at any await,
-    /// so its read goes in a task of the engine's runtime: a shared lane is never held up by
-    /// an answer nobody reads, and the read's place in flight is never kept by a future nobody
-    /// polls.
+    /// its thread drives to the end (on its own connection if it has one, on the lane if
+    /// not); an async caller's future may sit unpolled at any await, so its read goes in a
+    /// task of the engine's runtime: a shared lane is never held up by an answer nobody reads,
+    /// and the read's place in flight is never kept by a future nobody polls.
     pub(crate) async fn get_op(
         &self,
         key: &[u8],
-        caller: Caller,
+        caller: Caller<'_>,
     ) -> Result<Option<Vec<u8>>, Error> {
         let s = &self.shared;
         let ticket = s.cache.as_ref().map(|cache| cache.ticket(key));
@@ -51,7 +55,15 @@ impl PgEngine {
                 Caller::Async => place.send(request).await,
                 // Dropping this future stops nothing that matters; the place in flight is
                 // held until the read ends.
-                Caller::Sync => Reads::run_one(s, &request).await,
+                Caller::Sync(None) => Reads::run_one(s, &request).await,
+                Caller::Sync(Some(own)) => match own_get(s, own, key).await {
+                    // A read changes nothing: one whose connection was lost goes again, on the
+                    // lane (which sends it once more on a new connection if it must).
+                    Err(Error::Storage(e)) if e.kind() == StorageKind::Connection => {
+                        Reads::run_one(s, &request).await
+                    }
+                    read => read,
+                },
             },
         };
         if let (Some(cache), Some(ticket), Ok(Some(bytes))) = (&s.cache, ticket, &read) {
@@ -83,7 +95,7 @@ impl PgEngine {
         let s = &self.shared;
         let claim = NewClaim::of(key, pending, s.lease)?;
         let Some(expected) = expected else {
-            return self.claim_absent(key, claim).await;
+            return self.claim_absent(key, claim, Caller::Async).await;
         };
         // A takeover of the exact record read. As a claim of an absent key, the statement runs
         // in a task of the engine's runtime, so a caller dropped while it is on its way cannot
@@ -113,19 +125,30 @@ impl PgEngine {
 
     /// Claims `key`, which has no record: whether the claim was inserted (batched with other
     /// callers' claims when some are on their way). The statement runs in a task of the
-    /// engine's runtime either way, never in this future: a caller dropped while its claim is
-    /// on its way (an async call cancelled, a timeout) cannot stop the statement half-way, and
-    /// a claim written for a caller that has gone has its lease ended as soon as it lands.
-    async fn claim_absent(&self, key: &[u8], claim: NewClaim) -> Result<bool, Error> {
+    /// engine's runtime, never in this future: a caller dropped while its claim is on its way
+    /// (an async call cancelled, a timeout) cannot stop the statement half-way, and a claim
+    /// written for a caller that has gone has its lease ended as soon as it lands. Except a
+    /// sync caller's lone claim on its own connection, which its thread drives to the end.
+    async fn claim_absent(
+        &self,
+        key: &[u8],
+        claim: NewClaim,
+        caller: Caller<'_>,
+    ) -> Result<bool, Error> {
         let s = &self.shared;
         let claim_digest = claim.digest.clone();
         let request = ClaimRequest {
             key: key.to_vec(),
             claim,
         };
-        let inserted = match s.claims.turn(&self.shared, |s| &s.claims, request) {
-            Turn::Queued(queued) => queued.answer().await?,
-            Turn::Alone(place, request) => place.send(request).await?,
+        let inserted = match (s.claims.turn(&self.shared, |s| &s.claims, request), caller) {
+            (Turn::Queued(queued), _) => queued.answer().await?,
+            (Turn::Alone(_place, request), Caller::Sync(Some(own))) => {
+                let statement = own.statement(&s.sql.claim_new).await?;
+                own.drive(claim_on(s, own.client(), &statement, &request))
+                    .await?
+            }
+            (Turn::Alone(place, request), _) => place.send(request).await?,
         };
         if inserted {
             s.leases.hold(key, claim_digest);
@@ -137,7 +160,7 @@ impl PgEngine {
         &self,
         key: &[u8],
         pending: Vec<u8>,
-        caller: Caller,
+        caller: Caller<'_>,
     ) -> Result<Option<ClaimOrGet<Vec<u8>>>, Error> {
         let s = &self.shared;
         let claim = NewClaim::of(key, pending, s.lease)?;
@@ -146,7 +169,7 @@ impl PgEngine {
         // record went meanwhile: the caller looks again), which may keep what it reads.
         let inserted = {
             let _forgetting = self.shared.forgetting(key);
-            self.claim_absent(key, claim).await?
+            self.claim_absent(key, claim, caller).await?
         };
         if inserted {
             s.first.saw(false);
@@ -161,13 +184,18 @@ impl PgEngine {
     /// landed, under a ticket taken before it was sent: a removal of the key by this engine in
     /// the meantime forgets it after, and the outcome is not kept. Anything else forgets the key
     /// again.
-    async fn finish_op(&self, held: &Held<'_>, record: Option<&[u8]>) -> Result<bool, Error> {
+    async fn finish_op(
+        &self,
+        held: &Held<'_>,
+        record: Option<&[u8]>,
+        caller: Caller<'_>,
+    ) -> Result<bool, Error> {
         let Some(cache) = &self.shared.cache else {
-            return self.finish_statement(held, record).await;
+            return self.finish_statement(held, record, caller).await;
         };
         cache.forget(held.key);
         let ticket = cache.ticket(held.key);
-        let finished = self.finish_statement(held, record).await;
+        let finished = self.finish_statement(held, record, caller).await;
         let kept = match (&finished, record) {
             (Ok(true), Some(bytes)) => cache.keep(held.key, bytes, ticket),
             _ => false,
@@ -178,10 +206,13 @@ impl PgEngine {
         finished
     }
 
+    /// As [`finish_op`](Self::finish_op), without the cache. An outcome goes as a claim does
+    /// (see [`claim_absent`](Self::claim_absent)).
     async fn finish_statement(
         &self,
         held: &Held<'_>,
         record: Option<&[u8]>,
+        caller: Caller<'_>,
     ) -> Result<bool, Error> {
         let s = &self.shared;
         let held_digest = digest(held.record);
@@ -206,9 +237,17 @@ impl PgEngine {
             });
         };
         let request = OutcomeRequest::of(key, bytes, held_digest)?;
-        match s.outcomes.turn(&self.shared, |s| &s.outcomes, request) {
-            Turn::Queued(queued) => queued.answer().await,
-            Turn::Alone(place, request) => place.send(request).await,
+        match (
+            s.outcomes.turn(&self.shared, |s| &s.outcomes, request),
+            caller,
+        ) {
+            (Turn::Queued(queued), _) => queued.answer().await,
+            (Turn::Alone(_place, request), Caller::Sync(Some(own))) => {
+                let statement = own.statement(&s.sql.finish).await?;
+                own.drive(finish_on(s, own.client(), &statement, &request))
+                    .await
+            }
+            (Turn::Alone(place, request), _) => place.send(request).await,
         }
     }
 
@@ -494,6 +533,35 @@ impl NewClaim {
     }
 }
 
+/// `key`'s record, read on the own connection `own`.
+async fn own_get(
+    s: &super::Shared,
+    own: &OwnConnection,
+    key: &[u8],
+) -> Result<Option<Vec<u8>>, Error> {
+    let statement = own.statement(&s.sql.get).await?;
+    own.drive(async {
+        let row = own
+            .client()
+            .query_opt(&statement, &[&s.scope, &key])
+            .await
+            .map_err(pg_error)?;
+        Ok(row.map(|r| r.get::<_, Vec<u8>>(0)))
+    })
+    .await
+}
+
+impl PgEngine {
+    /// An own connection for a sync call whose statement goes through `batcher`, unless that
+    /// statement would queue for a batch now (it would not use the connection).
+    fn own_for<K: BatchKind>(&self, batcher: &Batcher<K>) -> Option<Taken<'_>> {
+        if batcher.busy() {
+            return None;
+        }
+        self.shared.own.take()
+    }
+}
+
 /// Runs `op` again while a row it needs stays locked by another transaction: a holder's own
 /// write is refused only by fencing or a failure, never by a passing lock (the caller bounds
 /// the whole by the I/O timeout).
@@ -514,7 +582,11 @@ impl Engine for PgEngine {
     type Bytes = Vec<u8>;
 
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
-        self.run(self.get_op(key, Caller::Sync))
+        let own = self.own_for(&self.shared.reads);
+        self.run_sync(
+            own.as_deref(),
+            self.get_op(key, Caller::Sync(own.as_deref())),
+        )
     }
 
     fn records(&self) -> RecordIter<'_, Vec<u8>> {
@@ -549,7 +621,10 @@ impl Engine for PgEngine {
     }
 
     fn finish(&self, held: &Held<'_>, record: Option<Vec<u8>>) -> Result<bool, Error> {
-        self.run(retry_busy(|| self.finish_op(held, record.as_deref())))
+        let own = self.own_for(&self.shared.outcomes);
+        let caller = Caller::Sync(own.as_deref());
+        let op = retry_busy(|| self.finish_op(held, record.as_deref(), caller));
+        self.run_sync(own.as_deref(), op)
     }
 
     fn write_step(&self, held: &Held<'_>, index: u32, step: Vec<u8>) -> Result<bool, Error> {
@@ -673,8 +748,10 @@ impl Engine for PgEngine {
         record: Option<Vec<u8>>,
     ) -> impl std::future::Future<Output = Result<bool, Error>> + Send + 'a {
         async move {
-            self.timed(retry_busy(|| self.finish_op(held, record.as_deref())))
-                .await
+            self.timed(retry_busy(|| {
+                self.finish_op(held, record.as_deref(), Caller::Async)
+            }))
+            .await
         }
     }
 
@@ -767,7 +844,9 @@ impl Engine for PgEngine {
         key: &[u8],
         pending: Vec<u8>,
     ) -> Result<Option<ClaimOrGet<Vec<u8>>>, Error> {
-        self.run(self.claim_or_get_op(key, pending, Caller::Sync))
+        let own = self.own_for(&self.shared.claims);
+        let op = self.claim_or_get_op(key, pending, Caller::Sync(own.as_deref()));
+        self.run_sync(own.as_deref(), op)
     }
 
     fn claim_or_get_async<'a>(

@@ -5,7 +5,9 @@
 //!   (`pool_size + 3`); every session ends with the store;
 //! - an own connection the server ended while it sat idle costs no call an error and no
 //!   operation a second run;
-//! - a store holding own connections can be dropped inside a tokio runtime.
+//! - a store holding own connections can be dropped inside a tokio runtime;
+//! - an own connection whose statement the I/O timeout cut off serves again once that
+//!   statement has ended on the server (no new connection is opened meanwhile).
 
 mod common;
 
@@ -221,4 +223,88 @@ fn a_store_with_own_connections_drops_inside_a_runtime() {
     wait_until("every session of the dropped store ended", || {
         sessions(&schema, &app) == 0
     });
+}
+
+#[test]
+fn an_own_connection_cut_off_by_the_io_timeout_serves_again_once_its_statement_ended() {
+    let Some(url) = pg_url() else { return };
+    let schema = PgSchema::new(&url);
+    let app = format!("own_{}", schema.name);
+    let store = StoreBuilder::default()
+        .sweep_interval(None)
+        .open_postgres(
+            idemstore::PgOptions::new(format!("{} application_name={app}", schema.url))
+                .schema(&schema.name)
+                .pool_size(4)
+                .io_timeout(Duration::from_millis(300)),
+        )
+        .expect("open");
+    // The claim of `slow` sleeps a second on the server.
+    schema.sql(
+        "CREATE FUNCTION {s}.slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           IF NEW.key = convert_to('slow', 'UTF8') THEN PERFORM pg_sleep(1); END IF; \
+           RETURN NEW; END $$",
+    );
+    schema.sql(
+        "CREATE TRIGGER slow BEFORE INSERT ON {s}.records FOR EACH ROW \
+         EXECUTE FUNCTION {s}.slow()",
+    );
+    store
+        .execute_once("warm", || Ok::<_, Io>(0))
+        .expect("a new key");
+    assert_eq!(
+        store.__own_connections(),
+        1,
+        "the one own connection is open"
+    );
+    // The own connection is the only session that wrote an outcome.
+    let own: Vec<i32> = schema
+        .sql(&format!(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = '{app}' \
+             AND query LIKE 'UPDATE%records%'"
+        ))
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(own.len(), 1, "one session wrote the outcome: {own:?}");
+    let own = own[0];
+    let cut = store.execute_once("slow", || Ok::<_, Io>(1));
+    assert!(
+        matches!(&cut, Err(idemstore::ExecuteError::Store(idemstore::Error::Storage(e)))
+            if e.kind() == idemstore::StorageKind::Timeout),
+        "the I/O timeout cut the claim off: {:?}",
+        cut.map(|o| *o)
+    );
+    wait_until("the cut-off claim ended on the server", || {
+        let state: Vec<String> = schema
+            .sql(&format!(
+                "SELECT state FROM pg_stat_activity WHERE pid = {own}"
+            ))
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        state == ["idle"]
+    });
+    let since: Vec<f64> = schema
+        .sql("SELECT extract(epoch from clock_timestamp())::float8")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for k in 0..5 {
+        let out = store
+            .execute_once(format!("after-{k}"), || Ok::<_, Io>(k))
+            .expect("a new key after the cut-off");
+        assert_eq!(*out, k);
+    }
+    let ran_again: i64 = schema.sql(&format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE pid = {own} \
+         AND extract(epoch from query_start) > {} AND query LIKE 'UPDATE%records%'",
+        since[0]
+    ))[0]
+        .get(0);
+    assert_eq!(
+        ran_again, 1,
+        "the cut-off own connection wrote outcomes again once its statement had ended"
+    );
+    assert_eq!(store.__own_connections(), 1, "and no other was opened");
 }

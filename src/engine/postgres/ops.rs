@@ -128,7 +128,9 @@ impl PgEngine {
     /// engine's runtime, never in this future: a caller dropped while its claim is on its way
     /// (an async call cancelled, a timeout) cannot stop the statement half-way, and a claim
     /// written for a caller that has gone has its lease ended as soon as it lands. Except a
-    /// sync caller's lone claim on its own connection, which its thread drives to the end.
+    /// sync caller's lone claim on its own connection, which its thread drives until it is
+    /// answered or the I/O timeout cuts it off (a claim that lands after that is left to its
+    /// lease, as one cut off inside such a task is).
     async fn claim_absent(
         &self,
         key: &[u8],

@@ -12,9 +12,12 @@
 //! - an own connection serves one operation at a time, on a thread outside any runtime: it is
 //!   taken from the idle set for that operation, and only that operation's `block_on` of its
 //!   runtime drives it;
-//! - it goes back to the idle set only whole: its connection future still there (no statement
-//!   cut off half-way by a timeout) and not ended (no connection error); otherwise it is
-//!   dropped, which ends its session;
+//! - it goes back to the idle set unless it has ended (a connection error, or the server
+//!   closed it: then it is dropped) or its last statement was cut off by the I/O timeout.
+//!   Such a statement stays on it, as on a pooled connection (the server runs it to its end,
+//!   and its backend stays within the budget); the connection waits among the draining ones,
+//!   an empty statement sent behind the cut-off one, until that is answered (every earlier
+//!   answer then read), so no later call's statement waits behind a slow one;
 //! - an idle connection is looked at before it is used: one the server ended while it sat
 //!   idle (its socket says so) is dropped, not handed out;
 //! - at most `max` exist (a share of the pool size, taken from the pool, so the engine's
@@ -27,6 +30,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -38,6 +43,19 @@ use crate::error::{Error, StorageKind};
 
 /// A connection's future: it moves the connection's messages while it is polled.
 type Driver = Pin<Box<dyn Future<Output = Result<(), tokio_postgres::Error>> + Send>>;
+
+/// An empty statement's answer: whether it came (false: the connection failed).
+type Marker = Pin<Box<dyn Future<Output = bool> + Send>>;
+
+/// Where a cut-off connection stands.
+enum Settled {
+    /// Every answer read: it can serve again.
+    Clean,
+    /// Still waiting for the cut-off statement's answer.
+    Busy,
+    /// The connection ended.
+    Ended,
+}
 
 /// How long no new own connection is tried after one could not be made (the pooled path
 /// serves meanwhile), so a server that is down costs a call one failed connect, not two.
@@ -52,11 +70,17 @@ pub(crate) fn share_of(pool_size: usize) -> usize {
 pub(crate) struct OwnConnection {
     /// Invariant: `Some` until dropped.
     runtime: Option<tokio::runtime::Runtime>,
-    client: Client,
-    /// `None` while a statement drives it, and for good once a statement was cut off.
+    client: Arc<Client>,
+    /// Whether a statement is being driven: still set when the operation ends, the statement
+    /// was cut off (its answer is yet to be read).
+    busy: AtomicBool,
+    /// After a cut-off: an empty statement sent behind it, answered once every earlier
+    /// statement's answer has been read (answers come in order).
+    marker: Mutex<Option<Marker>>,
+    /// `None` once the connection has ended.
     driver: Mutex<Option<Driver>>,
-    /// Whether the connection ended (an error, or the server closed it).
-    ended: std::sync::atomic::AtomicBool,
+    /// Whether the connection has ended (an error, or the server closed it).
+    ended: AtomicBool,
     /// Statements prepared on this connection, by the address of their text (the engine's
     /// statements live as long as the engine, and an own connection no longer).
     prepared: Mutex<Vec<(usize, Statement)>>,
@@ -75,38 +99,52 @@ impl OwnConnection {
         self.runtime().block_on(operation)
     }
 
-    /// `f`'s output, this connection's messages moved while it runs.
+    /// `f`'s output, this connection's messages moved while it runs. If this future is
+    /// dropped first (the I/O timeout), the statement stays on the connection, as a pooled
+    /// connection's does: the server runs it to its end, and its answer is read and dropped
+    /// the next time the connection is driven, before the answers of later statements.
     ///
     /// # Errors
-    /// `f`'s own; [`StorageKind::Connection`] if the connection ended first, or was left
-    /// unusable by an earlier statement cut off half-way.
+    /// `f`'s own; [`StorageKind::Connection`] if the connection ended first.
     pub(crate) async fn drive<T>(
         &self,
         f: impl Future<Output = Result<T, Error>>,
     ) -> Result<T, Error> {
-        let mut driver = self.driver.lock().take().ok_or_else(lost)?;
+        if self.ended.load(Ordering::Relaxed) {
+            return Err(lost());
+        }
+        self.busy.store(true, Ordering::Relaxed);
         let mut f = std::pin::pin!(f);
         let done = std::future::poll_fn(|cx| {
             if let Poll::Ready(out) = f.as_mut().poll(cx) {
                 return Poll::Ready(Some(out));
             }
-            if driver.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(None);
+            let ended = self.poll_driver(cx);
+            // The connection may have just handed `f` its answer, even as it ended.
+            match f.as_mut().poll(cx) {
+                Poll::Ready(out) => Poll::Ready(Some(out)),
+                Poll::Pending if ended => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
             }
-            // The connection may have just handed `f` its answer.
-            f.as_mut().poll(cx).map(Some)
         })
         .await;
-        match done {
-            Some(out) => {
-                *self.driver.lock() = Some(driver);
-                out
-            }
-            None => {
-                self.ended.store(true, std::sync::atomic::Ordering::Relaxed);
-                Err(lost())
-            }
+        self.busy.store(false, Ordering::Relaxed);
+        done.unwrap_or_else(|| Err(lost()))
+    }
+
+    /// Moves the connection's messages; true once it has ended (its driver is then dropped,
+    /// never polled again).
+    fn poll_driver(&self, cx: &mut std::task::Context<'_>) -> bool {
+        let mut driver = self.driver.lock();
+        let Some(running) = driver.as_mut() else {
+            return true;
+        };
+        if running.as_mut().poll(cx).is_pending() {
+            return false;
         }
+        *driver = None;
+        self.ended.store(true, Ordering::Relaxed);
+        true
     }
 
     /// `sql` prepared on this connection (once; its statement is kept).
@@ -127,22 +165,63 @@ impl OwnConnection {
         &self.client
     }
 
-    /// Whether the connection can serve another operation: whole, and not ended by the
-    /// server while it sat idle (the socket is read without waiting).
+    /// Whether the connection can serve another operation: not ended, also not by the server
+    /// while it sat idle (one turn of its runtime reads what its socket received).
     fn usable(&self) -> bool {
-        if self.ended.load(std::sync::atomic::Ordering::Relaxed) {
+        if self.ended.load(Ordering::Relaxed) {
             return false;
         }
-        let mut guard = self.driver.lock();
-        let Some(driver) = guard.as_mut() else {
-            return false;
-        };
         let ended = self.runtime().block_on(async {
-            // One turn of the runtime first, so what the socket received is seen.
             tokio::task::yield_now().await;
-            std::future::poll_fn(|cx| Poll::Ready(driver.as_mut().poll(cx).is_ready())).await
+            std::future::poll_fn(|cx| Poll::Ready(self.poll_driver(cx))).await
         });
         !ended
+    }
+}
+
+impl OwnConnection {
+    /// Sends the marker behind a cut-off statement (see [`OwnConnection::marker`]).
+    fn send_marker(&self) {
+        let client = Arc::clone(&self.client);
+        *self.marker.lock() = Some(Box::pin(
+            async move { client.simple_query("").await.is_ok() },
+        ));
+    }
+
+    /// Reads what a cut-off connection has received, without waiting: whether its marker
+    /// has been answered.
+    fn settle(&self) -> Settled {
+        let mut marker = self.marker.lock();
+        let Some(waiting) = marker.as_mut() else {
+            return Settled::Clean;
+        };
+        let answered = self.runtime().block_on(async {
+            tokio::task::yield_now().await;
+            std::future::poll_fn(|cx| {
+                if let Poll::Ready(ok) = waiting.as_mut().poll(cx) {
+                    return Poll::Ready(Some(ok));
+                }
+                let ended = self.poll_driver(cx);
+                match waiting.as_mut().poll(cx) {
+                    Poll::Ready(ok) => Poll::Ready(Some(ok)),
+                    Poll::Pending if ended => Poll::Ready(Some(false)),
+                    Poll::Pending => Poll::Ready(None),
+                }
+            })
+            .await
+        });
+        match answered {
+            None => Settled::Busy,
+            Some(true) => {
+                *marker = None;
+                self.busy.store(false, Ordering::Relaxed);
+                Settled::Clean
+            }
+            Some(false) => {
+                self.ended.store(true, Ordering::Relaxed);
+                Settled::Ended
+            }
+        }
     }
 }
 
@@ -166,6 +245,8 @@ pub(crate) struct OwnConnections {
 
 struct State {
     idle: Vec<OwnConnection>,
+    /// Connections whose last operation was cut off, until the answers on their way are read.
+    draining: Vec<OwnConnection>,
     /// Own connections that exist, idle or in use.
     open: usize,
     /// No new one is made before this (one could not be made lately).
@@ -177,6 +258,7 @@ impl OwnConnections {
         Self {
             state: Mutex::new(State {
                 idle: Vec::new(),
+                draining: Vec::new(),
                 open: 0,
                 not_before: None,
             }),
@@ -200,6 +282,7 @@ impl OwnConnections {
         if self.max == 0 || tokio::runtime::Handle::try_current().is_ok() {
             return None;
         }
+        self.settle_draining();
         loop {
             let mut state = self.state.lock();
             if let Some(idle) = state.idle.pop() {
@@ -228,13 +311,35 @@ impl OwnConnections {
         }
     }
 
-    /// Takes `own` back after an operation: kept if whole, dropped (its session ended)
-    /// otherwise.
+    /// Moves the draining connections whose answers are all in back to the idle set, and
+    /// drops those that ended.
+    fn settle_draining(&self) {
+        let draining = std::mem::take(&mut self.state.lock().draining);
+        for own in draining {
+            let settled = own.settle();
+            let mut state = self.state.lock();
+            match settled {
+                Settled::Clean => state.idle.push(own),
+                Settled::Busy => state.draining.push(own),
+                Settled::Ended => {
+                    state.open -= 1;
+                    drop(state);
+                    drop(own);
+                }
+            }
+        }
+    }
+
+    /// Takes `own` back after an operation: idle again; draining if its last statement was
+    /// cut off (a later statement would wait behind it); dropped if it ended.
     fn give_back(&self, own: OwnConnection) {
-        let whole =
-            !own.ended.load(std::sync::atomic::Ordering::Relaxed) && own.driver.lock().is_some();
+        if own.busy.load(Ordering::Relaxed) && !own.ended.load(Ordering::Relaxed) {
+            own.send_marker();
+            self.state.lock().draining.push(own);
+            return;
+        }
         let mut state = self.state.lock();
-        if whole {
+        if !own.ended.load(Ordering::Relaxed) {
             state.idle.push(own);
         } else {
             state.open -= 1;
@@ -260,9 +365,11 @@ impl OwnConnections {
         }))?;
         Ok(OwnConnection {
             runtime: Some(runtime),
-            client,
+            client: Arc::new(client),
+            busy: AtomicBool::new(false),
+            marker: Mutex::new(None),
             driver: Mutex::new(Some(Box::pin(connection))),
-            ended: std::sync::atomic::AtomicBool::new(false),
+            ended: AtomicBool::new(false),
             prepared: Mutex::new(Vec::new()),
         })
     }

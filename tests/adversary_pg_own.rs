@@ -1,5 +1,5 @@
 //! Adversarial tests of the PostgreSQL engine's own connections (docs/design.md §13, "Own
-//! connections"; src/engine/postgres/own.rs): a sync caller whose claim, outcome or read goes
+//! connections"; src/engine/postgres/own.rs): a sync caller whose claim or outcome goes
 //! alone drives a connection of its own on its own thread.
 //!
 //! Promises attacked here, each on the real server:

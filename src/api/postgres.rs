@@ -92,12 +92,12 @@ impl PgOptions {
         self
     }
 
-    /// The most connections the store's claims, outcomes, reads, steps and transactions use
-    /// at once (1 to 1024). A quarter of them (rounded down) are kept for sync callers whose
-    /// claim, outcome or read goes alone: such a caller's own thread drives the connection, so
+    /// The most connections the store's claims, outcomes, steps and transactions use at once
+    /// (1 to 1024). A quarter of them (rounded down) are kept for sync callers whose
+    /// claim or outcome goes alone: such a caller's own thread drives the connection, so
     /// no other thread is woken on the way; the rest are pooled. The store also keeps three
     /// connections of its own beside these: one for notifications, one for renewing leases,
-    /// and one read lane, on which other record reads are sent, many callers' reads at once.
+    /// and one read lane, on which every record read is sent, many callers' reads at once.
     pub fn pool_size(mut self, size: usize) -> Self {
         self.pool_size = size;
         self

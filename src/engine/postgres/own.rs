@@ -2,8 +2,8 @@
 //!
 //! A statement on a pooled connection crosses threads twice: the caller hands it to a worker
 //! of the engine's runtime, which writes it, is woken by the answer and wakes the caller. A
-//! synchronous caller that sends a claim, an outcome or a read alone (no other of its kind
-//! in flight, `batch::Turn::Alone`) sends it instead on an own connection, whose socket
+//! synchronous caller that sends a claim or an outcome alone (no other of its kind queued
+//! or at its limit in flight, `batch::Turn::Alone`) sends it instead on an own connection, whose socket
 //! belongs to a current-thread runtime of that connection: the caller's thread drives it
 //! (`block_on`), writes the statement and sleeps in the kernel until the answer comes, and no
 //! other thread is woken.

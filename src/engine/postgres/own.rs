@@ -14,10 +14,12 @@
 //!   runtime drives it;
 //! - it goes back to the idle set unless it has ended (a connection error, or the server
 //!   closed it: then it is dropped) or its last statement was cut off by the I/O timeout.
-//!   Such a statement stays on it, as on a pooled connection (the server runs it to its end,
-//!   and its backend stays within the budget); the connection waits among the draining ones,
-//!   an empty statement sent behind the cut-off one, until that is answered (every earlier
-//!   answer then read), so no later call's statement waits behind a slow one;
+//!   Such a statement stays on it, as on a pooled connection: a thread of its own drives the
+//!   connection until an empty statement sent behind the cut-off one is answered (every
+//!   earlier answer then read), so the server can run it to its end and send its answer
+//!   whatever its size, its backend stays counted within the budget meanwhile, and no later
+//!   call's statement waits behind it; then it is idle again (or dropped, if it ended or the
+//!   engine closed: closing stops every such thread);
 //! - an idle connection is looked at before it is used: one the server ended while it sat
 //!   idle (its socket says so) is dropped, not handed out;
 //! - at most `max` exist (a share of the pool size, taken from the pool, so the engine's
@@ -44,19 +46,6 @@ use crate::error::{Error, StorageKind};
 /// A connection's future: it moves the connection's messages while it is polled.
 type Driver = Pin<Box<dyn Future<Output = Result<(), tokio_postgres::Error>> + Send>>;
 
-/// An empty statement's answer: whether it came (false: the connection failed).
-type Marker = Pin<Box<dyn Future<Output = bool> + Send>>;
-
-/// Where a cut-off connection stands.
-enum Settled {
-    /// Every answer read: it can serve again.
-    Clean,
-    /// Still waiting for the cut-off statement's answer.
-    Busy,
-    /// The connection ended.
-    Ended,
-}
-
 /// How long no new own connection is tried after one could not be made (the pooled path
 /// serves meanwhile), so a server that is down costs a call one failed connect, not two.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -74,9 +63,6 @@ pub(crate) struct OwnConnection {
     /// Whether a statement is being driven: still set when the operation ends, the statement
     /// was cut off (its answer is yet to be read).
     busy: AtomicBool,
-    /// After a cut-off: an empty statement sent behind it, answered once every earlier
-    /// statement's answer has been read (answers come in order).
-    marker: Mutex<Option<Marker>>,
     /// `None` once the connection has ended.
     driver: Mutex<Option<Driver>>,
     /// Whether the connection has ended (an error, or the server closed it).
@@ -180,48 +166,32 @@ impl OwnConnection {
 }
 
 impl OwnConnection {
-    /// Sends the marker behind a cut-off statement (see [`OwnConnection::marker`]).
-    fn send_marker(&self) {
+    /// Drives a cut-off connection until every answer on its way has been read (an empty
+    /// statement sent behind them is answered: answers come in order), or it ends, or the
+    /// engine closes: whether it can serve again.
+    fn drain(&self, inner: &Inner) -> bool {
         let client = Arc::clone(&self.client);
-        *self.marker.lock() = Some(Box::pin(
-            async move { client.simple_query("").await.is_ok() },
-        ));
-    }
-
-    /// Reads what a cut-off connection has received, without waiting: whether its marker
-    /// has been answered.
-    fn settle(&self) -> Settled {
-        let mut marker = self.marker.lock();
-        let Some(waiting) = marker.as_mut() else {
-            return Settled::Clean;
-        };
-        let answered = self.runtime().block_on(async {
-            tokio::task::yield_now().await;
+        let marker = async move { client.simple_query("").await.is_ok() };
+        self.runtime().block_on(async {
+            let closing = inner.closing.notified();
+            let mut closing = std::pin::pin!(closing);
+            let mut marker = std::pin::pin!(marker);
             std::future::poll_fn(|cx| {
-                if let Poll::Ready(ok) = waiting.as_mut().poll(cx) {
-                    return Poll::Ready(Some(ok));
+                if inner.closed.load(Ordering::Relaxed) || closing.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(false);
+                }
+                if let Poll::Ready(answered) = marker.as_mut().poll(cx) {
+                    return Poll::Ready(answered);
                 }
                 let ended = self.poll_driver(cx);
-                match waiting.as_mut().poll(cx) {
-                    Poll::Ready(ok) => Poll::Ready(Some(ok)),
-                    Poll::Pending if ended => Poll::Ready(Some(false)),
-                    Poll::Pending => Poll::Ready(None),
+                match marker.as_mut().poll(cx) {
+                    Poll::Ready(answered) => Poll::Ready(answered),
+                    Poll::Pending if ended => Poll::Ready(false),
+                    Poll::Pending => Poll::Pending,
                 }
             })
             .await
-        });
-        match answered {
-            None => Settled::Busy,
-            Some(true) => {
-                *marker = None;
-                self.busy.store(false, Ordering::Relaxed);
-                Settled::Clean
-            }
-            Some(false) => {
-                self.ended.store(true, Ordering::Relaxed);
-                Settled::Ended
-            }
-        }
+        })
     }
 }
 
@@ -237,17 +207,23 @@ impl Drop for OwnConnection {
 
 /// The engine's own connections, idle and counted.
 pub(crate) struct OwnConnections {
-    state: Mutex<State>,
+    inner: Arc<Inner>,
     max: usize,
     config: Config,
     connect_timeout: Duration,
 }
 
+/// What the engine's calls and the threads that drain cut-off connections share.
+struct Inner {
+    state: Mutex<State>,
+    /// Set (and `closing` notified) when the engine closes: draining threads stop.
+    closed: AtomicBool,
+    closing: tokio::sync::Notify,
+}
+
 struct State {
     idle: Vec<OwnConnection>,
-    /// Connections whose last operation was cut off, until the answers on their way are read.
-    draining: Vec<OwnConnection>,
-    /// Own connections that exist, idle or in use.
+    /// Own connections that exist: idle, in use, or draining.
     open: usize,
     /// No new one is made before this (one could not be made lately).
     not_before: Option<Instant>,
@@ -256,11 +232,14 @@ struct State {
 impl OwnConnections {
     pub(crate) fn new(max: usize, config: Config, connect_timeout: Duration) -> Self {
         Self {
-            state: Mutex::new(State {
-                idle: Vec::new(),
-                draining: Vec::new(),
-                open: 0,
-                not_before: None,
+            inner: Arc::new(Inner {
+                state: Mutex::new(State {
+                    idle: Vec::new(),
+                    open: 0,
+                    not_before: None,
+                }),
+                closed: AtomicBool::new(false),
+                closing: tokio::sync::Notify::new(),
             }),
             max,
             config,
@@ -282,15 +261,14 @@ impl OwnConnections {
         if self.max == 0 || tokio::runtime::Handle::try_current().is_ok() {
             return None;
         }
-        self.settle_draining();
         loop {
-            let mut state = self.state.lock();
+            let mut state = self.inner.state.lock();
             if let Some(idle) = state.idle.pop() {
                 drop(state);
                 if idle.usable() {
                     return Some(idle);
                 }
-                self.state.lock().open -= 1;
+                self.inner.state.lock().open -= 1;
                 continue;
             }
             if state.open >= self.max || state.not_before.is_some_and(|t| Instant::now() < t) {
@@ -302,7 +280,7 @@ impl OwnConnections {
                 Ok(made) => Some(made),
                 Err(e) => {
                     tracing::debug!(error = %e, "no own connection; using the pool");
-                    let mut state = self.state.lock();
+                    let mut state = self.inner.state.lock();
                     state.open -= 1;
                     state.not_before = Some(Instant::now() + RETRY_AFTER);
                     None
@@ -311,46 +289,41 @@ impl OwnConnections {
         }
     }
 
-    /// Moves the draining connections whose answers are all in back to the idle set, and
-    /// drops those that ended.
-    fn settle_draining(&self) {
-        let draining = std::mem::take(&mut self.state.lock().draining);
-        for own in draining {
-            let settled = own.settle();
-            let mut state = self.state.lock();
-            match settled {
-                Settled::Clean => state.idle.push(own),
-                Settled::Busy => state.draining.push(own),
-                Settled::Ended => {
-                    state.open -= 1;
-                    drop(state);
-                    drop(own);
-                }
-            }
-        }
-    }
-
-    /// Takes `own` back after an operation: idle again; draining if its last statement was
-    /// cut off (a later statement would wait behind it); dropped if it ended.
+    /// Takes `own` back after an operation: idle again; if its last statement was cut off,
+    /// first drained on a thread of its own (so the server can finish sending its answer,
+    /// and no later statement waits behind it); dropped if it ended.
     fn give_back(&self, own: OwnConnection) {
         if own.busy.load(Ordering::Relaxed) && !own.ended.load(Ordering::Relaxed) {
-            own.send_marker();
-            self.state.lock().draining.push(own);
+            let inner = Arc::clone(&self.inner);
+            let (sent, kept) = std::sync::mpsc::channel();
+            let drainer = std::thread::Builder::new()
+                .name("idemstore-postgres-drain".into())
+                .spawn(move || {
+                    // Invariant: the connection is sent before anything else happens.
+                    let Ok(own) = kept.recv() else { return };
+                    let own: OwnConnection = own;
+                    let whole = own.drain(&inner);
+                    inner.put_back(own, whole);
+                });
+            match drainer {
+                Ok(_) => {
+                    let _ = sent.send(own);
+                }
+                // No thread: dropped, which ends its session once its statement has.
+                Err(e) => {
+                    tracing::debug!(error = %e, "no thread to drain an own connection");
+                    self.inner.put_back(own, false);
+                }
+            }
             return;
         }
-        let mut state = self.state.lock();
-        if !own.ended.load(Ordering::Relaxed) {
-            state.idle.push(own);
-        } else {
-            state.open -= 1;
-            drop(state);
-            drop(own);
-        }
+        let whole = !own.ended.load(Ordering::Relaxed);
+        self.inner.put_back(own, whole);
     }
 
-    /// How many own connections exist, idle or in use.
+    /// How many own connections exist, idle, in use or draining.
     pub(crate) fn open(&self) -> usize {
-        self.state.lock().open
+        self.inner.state.lock().open
     }
 
     /// A new own connection, connected on its own runtime.
@@ -367,11 +340,32 @@ impl OwnConnections {
             runtime: Some(runtime),
             client: Arc::new(client),
             busy: AtomicBool::new(false),
-            marker: Mutex::new(None),
             driver: Mutex::new(Some(Box::pin(connection))),
             ended: AtomicBool::new(false),
             prepared: Mutex::new(Vec::new()),
         })
+    }
+}
+
+impl Drop for OwnConnections {
+    fn drop(&mut self) {
+        self.inner.closed.store(true, Ordering::Relaxed);
+        self.inner.closing.notify_waiters();
+    }
+}
+
+impl Inner {
+    /// Puts `own` back in the idle set if `whole` and the engine is open; drops it (which
+    /// ends its session) otherwise.
+    fn put_back(&self, own: OwnConnection, whole: bool) {
+        let mut state = self.state.lock();
+        if whole && !self.closed.load(Ordering::Relaxed) {
+            state.idle.push(own);
+            return;
+        }
+        state.open -= 1;
+        drop(state);
+        drop(own);
     }
 }
 

@@ -299,15 +299,18 @@ impl OwnConnections {
             let drainer = std::thread::Builder::new()
                 .name("idemstore-postgres-drain".into())
                 .spawn(move || {
-                    // Invariant: the connection is sent before anything else happens.
                     let Ok(own) = kept.recv() else { return };
                     let own: OwnConnection = own;
                     let whole = own.drain(&inner);
+                    own.busy.store(false, Ordering::Relaxed);
                     inner.put_back(own, whole);
                 });
             match drainer {
                 Ok(_) => {
-                    let _ = sent.send(own);
+                    // The thread waits for it; were it gone, the connection comes back here.
+                    if let Err(unsent) = sent.send(own) {
+                        self.inner.put_back(unsent.0, false);
+                    }
                 }
                 // No thread: dropped, which ends its session once its statement has.
                 Err(e) => {

@@ -275,6 +275,7 @@ fn an_own_connection_cut_off_by_the_io_timeout_serves_again_once_its_statement_e
         "the I/O timeout cut the claim off: {:?}",
         cut.map(|o| *o)
     );
+    // Ended on the server: its session idle again (or gone, which the check below refuses).
     wait_until("the cut-off claim ended on the server", || {
         let state: Vec<String> = schema
             .sql(&format!(
@@ -283,7 +284,7 @@ fn an_own_connection_cut_off_by_the_io_timeout_serves_again_once_its_statement_e
             .iter()
             .map(|r| r.get(0))
             .collect();
-        state == ["idle"]
+        state != ["active"]
     });
     let since: Vec<f64> = schema
         .sql("SELECT extract(epoch from clock_timestamp())::float8")

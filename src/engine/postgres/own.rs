@@ -59,7 +59,7 @@ pub(crate) fn share_of(pool_size: usize) -> usize {
 pub(crate) struct OwnConnection {
     /// Invariant: `Some` until dropped.
     runtime: Option<tokio::runtime::Runtime>,
-    client: Arc<Client>,
+    client: Client,
     /// Whether a statement is being driven: still set when the operation ends, the statement
     /// was cut off (its answer is yet to be read).
     busy: AtomicBool,
@@ -163,32 +163,21 @@ impl OwnConnection {
         });
         !ended
     }
-}
 
-impl OwnConnection {
     /// Drives a cut-off connection until every answer on its way has been read (an empty
     /// statement sent behind them is answered: answers come in order), or it ends, or the
     /// engine closes: whether it can serve again.
     fn drain(&self, inner: &Inner) -> bool {
-        let client = Arc::clone(&self.client);
-        let marker = async move { client.simple_query("").await.is_ok() };
         self.runtime().block_on(async {
             let closing = inner.closing.notified();
             let mut closing = std::pin::pin!(closing);
+            let marker = self.drive(async { self.client.simple_query("").await.map_err(pg_error) });
             let mut marker = std::pin::pin!(marker);
             std::future::poll_fn(|cx| {
                 if inner.closed.load(Ordering::Relaxed) || closing.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(false);
                 }
-                if let Poll::Ready(answered) = marker.as_mut().poll(cx) {
-                    return Poll::Ready(answered);
-                }
-                let ended = self.poll_driver(cx);
-                match marker.as_mut().poll(cx) {
-                    Poll::Ready(answered) => Poll::Ready(answered),
-                    Poll::Pending if ended => Poll::Ready(false),
-                    Poll::Pending => Poll::Pending,
-                }
+                marker.as_mut().poll(cx).map(|answered| answered.is_ok())
             })
             .await
         })
@@ -341,7 +330,7 @@ impl OwnConnections {
         }))?;
         Ok(OwnConnection {
             runtime: Some(runtime),
-            client: Arc::new(client),
+            client,
             busy: AtomicBool::new(false),
             driver: Mutex::new(Some(Box::pin(connection))),
             ended: AtomicBool::new(false),

@@ -12,7 +12,9 @@
 
 mod common;
 
-use common::pg::{hex, hold_in_session, pg_url, raw_session, PgSchema};
+use common::pg::{
+    hex, hold_in_session, named, open_waiting as open, pg_url, raw_session, PgSchema,
+};
 use common::wait_until;
 use idemstore::{Error, ExecuteError, PgOptions, PgStore, StorageKind, StoreBuilder};
 use std::collections::HashSet;
@@ -30,20 +32,6 @@ const IN_FLIGHT: usize = 16;
 fn serial() -> MutexGuard<'static, ()> {
     static SERIAL: Mutex<()> = Mutex::new(());
     SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// A store on `options` with no sweeper, whose calls wait up to `wait` for another holder.
-fn open(options: PgOptions, wait: Duration) -> PgStore {
-    StoreBuilder::default()
-        .sweep_interval(None)
-        .wait_timeout(wait)
-        .open_postgres(options)
-        .expect("open")
-}
-
-/// Options for a store in `schema` whose sessions carry `app` as their application name.
-fn named(schema: &PgSchema, app: &str) -> PgOptions {
-    PgOptions::new(format!("{} application_name={app}", schema.url)).schema(&schema.name)
 }
 
 /// `key` as a bytea literal.

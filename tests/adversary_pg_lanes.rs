@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::pg::{hold_in_session, pg_url, PgSchema};
+use common::pg::{hold_in_session, named, pg_url, PgSchema};
 use common::wait_until;
 use idemstore::{Error, ExecuteError, PgOptions, PgStore, StorageKind, StoreBuilder};
 use std::future::Future;
@@ -22,11 +22,6 @@ fn open(options: PgOptions) -> PgStore {
         .sweep_interval(None)
         .open_postgres(options)
         .expect("open")
-}
-
-/// Options for a store in `schema` whose sessions carry `app` as their application name.
-fn named(schema: &PgSchema, app: &str) -> PgOptions {
-    PgOptions::new(format!("{} application_name={app}", schema.url)).schema(&schema.name)
 }
 
 /// The storage kind of a store error, if it is one.

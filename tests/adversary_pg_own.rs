@@ -18,7 +18,9 @@
 
 mod common;
 
-use common::pg::{hold_in_session, pg_url, uncommitted_rows, PgSchema};
+use common::pg::{
+    hold_in_session, named, open_waiting as open, pg_url, uncommitted_rows, PgSchema,
+};
 use common::wait_until;
 use idemstore::{Durability, Error, ExecuteError, PgOptions, PgStore, StorageKind, StoreBuilder};
 use std::collections::BTreeMap;
@@ -34,19 +36,6 @@ type Io = std::io::Error;
 fn serial() -> MutexGuard<'static, ()> {
     static SERIAL: Mutex<()> = Mutex::new(());
     SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// Options for a store in `schema` whose sessions carry `app` as their application name.
-fn named(schema: &PgSchema, app: &str) -> PgOptions {
-    PgOptions::new(format!("{} application_name={app}", schema.url)).schema(&schema.name)
-}
-
-fn open(options: PgOptions, wait: Duration) -> PgStore {
-    StoreBuilder::default()
-        .sweep_interval(None)
-        .wait_timeout(wait)
-        .open_postgres(options)
-        .expect("open")
 }
 
 /// Client sessions named `app`.

@@ -23,9 +23,9 @@
 
 mod common;
 
-use common::pg::{pg_url, PgSchema};
+use common::pg::{named, open_waiting as open, pg_url, PgSchema};
 use common::wait_until;
-use idemstore::{Error, ExecuteError, PgOptions, PgStore, StorageKind, StoreBuilder};
+use idemstore::{Error, ExecuteError, PgStore, StorageKind};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -37,19 +37,6 @@ type Io = std::io::Error;
 fn serial() -> MutexGuard<'static, ()> {
     static SERIAL: Mutex<()> = Mutex::new(());
     SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// Options for a store in `schema` whose sessions carry `app` as their application name.
-fn named(schema: &PgSchema, app: &str) -> PgOptions {
-    PgOptions::new(format!("{} application_name={app}", schema.url)).schema(&schema.name)
-}
-
-fn open(options: PgOptions, wait: Duration) -> PgStore {
-    StoreBuilder::default()
-        .sweep_interval(None)
-        .wait_timeout(wait)
-        .open_postgres(options)
-        .expect("open")
 }
 
 /// One client session of the store, as the server sees it.

@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::pg::{pg_url, PgSchema};
+use common::pg::{named, pg_url, PgSchema};
 use common::wait_until;
 use idemstore::{PgStore, StoreBuilder};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -23,11 +23,7 @@ type Io = std::io::Error;
 fn store(schema: &PgSchema, app: &str, pool_size: usize) -> PgStore {
     StoreBuilder::default()
         .sweep_interval(None)
-        .open_postgres(
-            idemstore::PgOptions::new(format!("{} application_name={app}", schema.url))
-                .schema(&schema.name)
-                .pool_size(pool_size),
-        )
+        .open_postgres(named(schema, app).pool_size(pool_size))
         .expect("open")
 }
 
@@ -233,8 +229,7 @@ fn an_own_connection_cut_off_by_the_io_timeout_serves_again_once_its_statement_e
     let store = StoreBuilder::default()
         .sweep_interval(None)
         .open_postgres(
-            idemstore::PgOptions::new(format!("{} application_name={app}", schema.url))
-                .schema(&schema.name)
+            named(&schema, &app)
                 .pool_size(4)
                 .io_timeout(Duration::from_millis(300)),
         )

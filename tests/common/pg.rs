@@ -187,6 +187,21 @@ pub fn hold_in_session(
     session
 }
 
+/// Options for a store in `schema` whose sessions are named `app` (so a test finds them in
+/// `pg_stat_activity`).
+pub fn named(schema: &PgSchema, app: &str) -> PgOptions {
+    PgOptions::new(format!("{} application_name={app}", schema.url)).schema(&schema.name)
+}
+
+/// A store (no sweeper) with `options`, whose calls wait up to `wait` for a running one.
+pub fn open_waiting(options: PgOptions, wait: std::time::Duration) -> PgStore {
+    StoreBuilder::default()
+        .sweep_interval(None)
+        .wait_timeout(wait)
+        .open_postgres(options)
+        .expect("open")
+}
+
 /// A store on `schema` (no sweeper) with `tune` applied to its options: one replica.
 pub fn replica(schema: &PgSchema, tune: impl FnOnce(PgOptions) -> PgOptions) -> PgStore {
     StoreBuilder::default()
